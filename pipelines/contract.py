@@ -1,0 +1,104 @@
+"""The pipeline output contract and configuration shared by every backend (DALI GPU/CPU, torch).
+
+Every loader yields ``Batch`` objects: images N×C×H×W in ``torch.channels_last`` memory format on
+the engine's device, normalised, in the engine's dtype; ``labels`` int64 N; ``targets`` float32
+multi-hot N×num_classes where the split has multi-labels (else None). Training batches have a
+fixed N (the last partial batch of an epoch is dropped) so captured CUDA graphs can be replayed;
+evaluation batches cover every sample of the rank's share exactly once (the last may be smaller).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKENDS = ("auto", "dali", "torch")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation. ``random_resized_crop=False`` and ``flip=False`` give a plain resize
+    (the digit grid trains that way: a crop can remove a digit and a flip mirrors one)."""
+
+    random_resized_crop: bool = True
+    scale_min: float = 0.08
+    scale_max: float = 1.0
+    ratio_min: float = 3 / 4
+    ratio_max: float = 4 / 3
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.scale_min <= self.scale_max <= 1.0:
+            raise ValueError(f"crop scale range must satisfy 0 < min <= max <= 1, got ({self.scale_min}, {self.scale_max})")
+        if not 0.0 < self.ratio_min <= self.ratio_max:
+            raise ValueError(f"crop ratio range must satisfy 0 < min <= max, got ({self.ratio_min}, {self.ratio_max})")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What a loader produces and where; one config for every backend."""
+
+    batch_size: int = 256  # per rank
+    image_size_px: int = 224
+    train: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval_crop_fraction: float = 0.875  # eval: resize shorter side to size/fraction, centre-crop size
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    backend: str = "auto"  # auto = DALI when installed, else torch
+    num_workers: int = 2  # decoding threads (DALI) or processes (torch)
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"  # "cpu" or "cuda[:i]"
+    dtype: torch.dtype = torch.float32
+    shuffle_buffer: int = 4096  # DALI's initial_fill; the torch backend shuffles the whole epoch
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.image_size_px < 8:
+            raise ValueError(f"image_size_px must be >= 8, got {self.image_size_px}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        if not 0.0 < self.eval_crop_fraction <= 1.0:
+            raise ValueError(f"eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
+
+
+@dataclass
+class Batch:
+    """One device batch (see the module docstring for the contract)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+class Loader(Protocol):
+    """What every backend provides."""
+
+    num_classes: int
+    num_samples: int  # this rank's samples per epoch
+    batches_per_epoch: int  # this rank's batches per epoch (train: full batches only)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches of epoch ``epoch`` (shuffle fixed by seed and epoch), from batch ``start_batch``."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's contiguous share of sample positions, the split DALI's reader uses
+    (``shard_id``/``num_shards``): [floor(N*r/W), floor(N*(r+1)/W))."""
+    return num_samples * rank // world_size, num_samples * (rank + 1) // world_size

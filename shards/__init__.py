@@ -1,0 +1,1 @@
+"""The shard format: sample schema, writer, manifest, index files, verification and dataset sources."""

@@ -1,0 +1,1 @@
+"""Dataset sources: each turns a dataset layout into ``SourceItem`` lists for ``shards.writer``."""

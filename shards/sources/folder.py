@@ -1,0 +1,122 @@
+"""Generic source: an image folder plus a CSV or JSONL label file (``path,label[,labels]``).
+
+Paths are relative to the image folder. ``label`` is a class name or integer; ``labels`` (optional)
+is the multi-label set, names separated by ``;`` or spaces in CSV, a list in JSONL. Classes are the
+sorted names found (integers keep their value), or those of a split already in the output
+manifest, so every split of one dataset shares one class index.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from shards.format import LabelKind, safe_key
+from shards.manifest import ShardError, load_splits, manifest_path
+from shards.writer import SourceItem, SplitSpec
+
+
+class LabelFileError(ShardError):
+    """A label file that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int
+    path: str
+    label: str
+    labels: tuple[str, ...] | None
+
+
+def read_rows(labels_file: Path) -> list[Row]:
+    """Parse a CSV (with a header row) or JSONL label file."""
+    if not labels_file.is_file():
+        raise LabelFileError(f"label file {labels_file} does not exist")
+    if labels_file.suffix.lower() in (".jsonl", ".ndjson"):
+        rows = _read_jsonl(labels_file)
+    else:
+        rows = _read_csv(labels_file)
+    if not rows:
+        raise LabelFileError(f"{labels_file}: no rows")
+    return rows
+
+
+def _read_csv(path: Path) -> list[Row]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        for column in ("path", "label"):
+            if column not in header:
+                raise LabelFileError(f"{path}:1: header {header} has no {column!r} column (expected path,label[,labels])")
+        rows = []
+        for record in reader:
+            line = reader.line_num
+            labels = record.get("labels")
+            split_labels = tuple(labels.replace(";", " ").split()) if labels and labels.strip() else None
+            rows.append(Row(line, _field(path, line, record, "path"), _field(path, line, record, "label"), split_labels))
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    for line, text in enumerate(path.read_text().splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise LabelFileError(f"{path}:{line}: not JSON ({error})") from None
+        labels = record.get("labels")
+        labels = tuple(str(x) for x in labels) if labels is not None else None
+        rows.append(Row(line, _field(path, line, record, "path"), _field(path, line, record, "label"), labels))
+    return rows
+
+
+def _field(path: Path, line: int, record: dict, name: str) -> str:
+    value = record.get(name)
+    if value is None or str(value).strip() == "":
+        raise LabelFileError(f"{path}:{line}: missing {name!r}")
+    return str(value).strip()
+
+
+def class_names_for(rows: list[Row], out: Path) -> list[str]:
+    """Reuse an existing split's classes, else sorted names (integer labels keep their value)."""
+    if manifest_path(out).is_file():
+        splits = load_splits(out)
+        if splits:
+            return next(iter(splits.values())).class_names
+    names = {row.label for row in rows} | {name for row in rows for name in (row.labels or ())}
+    if all(name.lstrip("-").isdigit() for name in names):
+        values = sorted(int(name) for name in names)
+        if values[0] < 0:
+            raise LabelFileError(f"negative class index {values[0]} in the label file")
+        return [str(i) for i in range(values[-1] + 1)]
+    return sorted(names)
+
+
+def folder_items(images: Path, labels_file: Path, out: Path) -> tuple[list[SourceItem], list[str], LabelKind]:
+    """Items, class names and label kind; every structural problem is an error naming the line."""
+    if not images.is_dir():
+        raise ShardError(f"image folder {images} does not exist")
+    rows = read_rows(labels_file)
+    class_names = class_names_for(rows, out)
+    index = {name: i for i, name in enumerate(class_names)}
+    kind = LabelKind.MULTI if any(row.labels is not None for row in rows) else LabelKind.SINGLE
+    items = []
+    for row in rows:
+        where = f"{labels_file}:{row.line}"
+        file = images / row.path
+        if not file.is_file():
+            raise LabelFileError(f"{where}: image {row.path!r} not found under {images}")
+        for name in (row.label, *(row.labels or ())):
+            if name not in index:
+                raise LabelFileError(f"{where}: class {name!r} is not among the dataset's {len(class_names)} classes")
+        labels = tuple(sorted({index[n] for n in row.labels})) if row.labels is not None else ()
+        items.append(SourceItem(key=safe_key(row.path), label=index[row.label], source=row.path, path=str(file), labels=labels))
+    return items, class_names, kind
+
+
+def folder_spec(split: str, class_names: list[str], kind: LabelKind, labels_file: Path) -> SplitSpec:
+    return SplitSpec(name=split, label_kind=kind, class_names=class_names, extra={"source": "folder", "labels_file": labels_file.name})
