@@ -1,0 +1,57 @@
+"""Input pipelines: shards -> normalised channels-last device batches (DALI, or torch where DALI is absent).
+
+``build_loader`` is the one entry point. DALI is imported only when a DALI loader is built, so
+this package imports and works without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.contract import AugmentConfig, Batch, Loader, LoaderConfig, rank_range
+from shards.manifest import validate_split
+
+__all__ = ["AugmentConfig", "Batch", "Loader", "LoaderConfig", "build_loader", "dali_import_error", "rank_range", "resolve_backend"]
+
+
+def dali_import_error() -> str | None:
+    """None when NVIDIA DALI imports here, else why it does not."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except (ImportError, OSError) as error:  # OSError: the wheel is there but a shared library is not
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def resolve_backend(requested: str) -> str:
+    """"auto" -> "dali" when DALI is importable, else "torch"; "dali" without DALI is a clear error."""
+    if requested == "torch":
+        return "torch"
+    reason = dali_import_error()
+    if reason is None:
+        return "dali"
+    if requested == "auto":
+        return "torch"
+    raise RuntimeError(
+        f"backend 'dali' was asked for but NVIDIA DALI cannot be imported ({reason}). Install it with "
+        "`pip install nvidia-dali-cuda120` (Linux x86-64 only), or use backend 'torch' (or 'auto')."
+    )
+
+
+def build_loader(root: Path, split: str, config: LoaderConfig) -> Loader:
+    """A loader over split ``split`` of the shard folder ``root`` (validated against its manifest;
+    checksums are the converters' job, so only presence and sizes are checked here)."""
+    manifest = validate_split(Path(root), split, check_hash=False)
+    if config.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {config.device!r} asked for, but CUDA is not available here")
+    if resolve_backend(config.backend) == "dali":
+        from pipelines.dali_backend import DaliLoader
+
+        return DaliLoader(Path(root), manifest, config)
+    from pipelines.torch_backend import TorchLoader
+
+    return TorchLoader(Path(root), manifest, config)

@@ -102,3 +102,13 @@ def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """This rank's contiguous share of sample positions, the split DALI's reader uses
     (``shard_id``/``num_shards``): [floor(N*r/W), floor(N*(r+1)/W))."""
     return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
+
+
+def batches_per_epoch(num_samples: int, config: LoaderConfig) -> int:
+    """Batches per epoch on ``config.rank``, the same rule for every backend. Training: full batches
+    of the smallest rank share, so every rank steps equally often (DDP would hang otherwise).
+    Evaluation: this rank's whole share, the last batch possibly partial."""
+    if config.train:
+        return (num_samples // config.world_size) // config.batch_size
+    start, stop = rank_range(num_samples, config.rank, config.world_size)
+    return -(-(stop - start) // config.batch_size)

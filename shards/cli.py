@@ -9,7 +9,9 @@ import typer
 
 from shards.images import ImagePolicy
 from shards.manifest import ShardError
-from shards.sources import digits_grid, folder
+from shards.sources import celeba, digits_grid, folder, imagenet, webvision
+from shards.sources.common import parse_splits, write_planned
+from shards.verify import format_report, verify_root
 from shards.writer import WriterSettings, write_split
 
 app = typer.Typer(
@@ -27,6 +29,8 @@ ShardSamplesOption = typer.Option(1000, "--shard-samples", min=1, help="Maximum 
 ShardMbOption = typer.Option(512, "--shard-mb", min=1, help="Maximum size of a tar shard in MiB.")
 MaxSideOption = typer.Option(None, "--max-side", min=8, help="Shrink images whose longer side exceeds PX (re-encodes).")
 QualityOption = typer.Option(90, "--quality", min=1, max=100, help="JPEG quality when an image is re-encoded.")
+RootOption = typer.Option(..., "--root", help="The dataset's top folder, as downloaded.")
+SplitsOption = typer.Option(None, "--splits", help="Comma-separated splits to write (default: every split found).")
 
 
 def writer_settings(workers: int, seed: int, shard_samples: int, shard_mb: int, max_side: int | None, quality: int) -> WriterSettings:
@@ -44,7 +48,7 @@ def digits_grid_command(
     out: Path = OutOption,
     train_size: int = typer.Option(20000, "--train-size", min=1, help="Number of training grids."),
     val_size: int = typer.Option(2000, "--val-size", min=1, help="Number of validation grids."),
-    cell_px: int = typer.Option(16, "--cell-px", min=4, max=64, help="Side of one digit cell in pixels."),
+    cell_px: int = typer.Option(8, "--cell-px", min=4, max=64, help="Side of one digit cell in pixels."),
     seed: int = SeedOption,
     workers: int = WorkersOption,
     shard_samples: int = ShardSamplesOption,
@@ -71,15 +75,102 @@ def folder_command(
     quality: int = QualityOption,
 ) -> None:
     """Any image folder plus a label file; run again with another --split to add splits."""
-    items, class_names, kind = folder.folder_items(images, labels, out)
+    items, class_names, kind = folder.folder_items(images, labels, out, split)
     spec = folder.folder_spec(split, class_names, kind, labels)
     write_split(out, spec, items, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+
+
+@app.command("imagenet")
+def imagenet_command(
+    root: Path = RootOption,
+    out: Path = OutOption,
+    splits: str | None = SplitsOption,
+    val_layout: str = typer.Option("auto", "--val-layout", help="Val layout: auto, folders, kaggle (LOC_val_solution.csv) or devkit."),
+    val_labels: Path | None = typer.Option(None, "--val-labels", help="Val label file (Kaggle CSV or devkit ground truth) if not found by itself."),
+    devkit_synsets: Path | None = typer.Option(None, "--devkit-synsets", help="Devkit meta.mat, or WNIDs in ILSVRC2012_ID order (default: meta.mat beside the ground truth)."),
+    real_labels: Path | None = typer.Option(None, "--real-labels", help="ReaL labels JSON for val (default: the copy timm bundles)."),
+    no_real: bool = typer.Option(False, "--no-real", help="Write val with single labels only, no ReaL sets."),
+    subset: Path | None = typer.Option(None, "--subset", help="Keep only the train files listed (SimCLR 1%/10% list: one file name per line)."),
+    fraction: float | None = typer.Option(None, "--fraction", help="Keep this fraction of each train class, chosen with --seed (e.g. 0.05)."),
+    classes: int | None = typer.Option(None, "--classes", help="Only the first N sorted WNIDs present; class index = position among them."),
+    class_list: Path | None = typer.Option(None, "--class-list", help="Only these WNIDs (one per line); class index = position in the file."),
+    seed: int = SeedOption,
+    workers: int = WorkersOption,
+    shard_samples: int = ShardSamplesOption,
+    shard_mb: int = ShardMbOption,
+    max_side: int | None = MaxSideOption,
+    quality: int = QualityOption,
+) -> None:
+    """ImageNet-1k: train class folders; val in folders, Kaggle-CSV or devkit layout, with ReaL sets."""
+    options = imagenet.ImageNetOptions(
+        root=root, splits=parse_splits(splits, imagenet.SPLITS), val_layout=val_layout, val_labels=val_labels,
+        devkit_synsets=devkit_synsets, real_labels=real_labels, use_real=not no_real, subset=subset,
+        fraction=fraction, seed=seed, num_classes=classes, class_list=class_list,
+    )  # fmt: skip
+    planned = imagenet.imagenet_plan(options)
+    write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+
+
+@app.command("webvision")
+def webvision_command(
+    root: Path = RootOption,
+    out: Path = OutOption,
+    mini: bool = typer.Option(False, "--mini", help="mini-WebVision: Google images of the first 50 classes."),
+    sources: str | None = typer.Option(None, "--sources", help="Comma-separated train sources: google,flickr (default: both; google with --mini)."),
+    splits: str | None = SplitsOption,
+    write_class_list: Path | None = typer.Option(None, "--write-class-list", help="Also write the classes' WNIDs here, for `imagenet --class-list`."),
+    seed: int = SeedOption,
+    workers: int = WorkersOption,
+    shard_samples: int = ShardSamplesOption,
+    shard_mb: int = ShardMbOption,
+    max_side: int | None = MaxSideOption,
+    quality: int = QualityOption,
+) -> None:
+    """WebVision 1.0 (or --mini): info/ file lists, Google/Flickr train images, val_images_256/."""
+    source_names = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources is not None else None
+    options = webvision.WebVisionOptions(root, mini, source_names, parse_splits(splits, webvision.SPLITS))
+    planned = webvision.webvision_plan(options)
+    if write_class_list is not None:
+        webvision.write_class_list(write_class_list, planned[0].spec.class_names)
+    write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+
+
+@app.command("celeba")
+def celeba_command(
+    root: Path = RootOption,
+    out: Path = OutOption,
+    splits: str | None = SplitsOption,
+    seed: int = SeedOption,
+    workers: int = WorkersOption,
+    shard_samples: int = ShardSamplesOption,
+    shard_mb: int = ShardMbOption,
+    max_side: int | None = MaxSideOption,
+    quality: int = QualityOption,
+) -> None:
+    """CelebA: the 40 attributes as a multi-label target, official train/val/test partition."""
+    options = celeba.CelebAOptions(root, parse_splits(splits, celeba.SPLITS))
+    planned = celeba.celeba_plan(options)
+    write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+
+
+@app.command("verify")
+def verify_command(
+    root: Path = typer.Argument(..., help="Shard folder (holding manifest.json)."),
+    sample: float = typer.Option(1.0, "--sample", min=0.0, max=1.0, help="Fraction of images to decode (checksums and counts are always checked in full)."),
+    seed: int = SeedOption,
+    workers: int = WorkersOption,
+) -> None:
+    """Re-hash every shard, check counts against the manifest and index files, decode the images."""
+    report = verify_root(root, sample_fraction=sample, seed=seed, workers=workers)
+    typer.echo(format_report(report))
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:
     try:
         app()
-    except (ShardError, ValueError) as error:
+    except (ShardError, ValueError, OSError) as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
 

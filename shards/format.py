@@ -61,7 +61,7 @@ class FormatError(ValueError):
 
 def check_key(key: str) -> str:
     """Keys become tar member stems, so they must be unique and free of dots and slashes."""
-    if not _KEY_PATTERN.match(key):
+    if not _KEY_PATTERN.fullmatch(key):  # fullmatch: '$' alone would accept a trailing newline
         raise FormatError(f"invalid sample key {key!r}: use letters, digits, '_' or '-' only")
     return key
 

@@ -125,6 +125,17 @@ def save_split(root: Path, split: SplitManifest) -> None:
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
+def remove_split(root: Path, name: str) -> None:
+    """Drop one split from ``root/manifest.json`` (nothing to do when it is not there)."""
+    path = manifest_path(root)
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    if name in data.get("splits", {}):
+        del data["splits"][name]
+        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -49,12 +49,8 @@ class TarShardFile:
     def add_sample(self, members: list[tuple[str, bytes]]) -> None:
         entries = []
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = _FIXED_MTIME
-            info.mode = 0o644
-            header_bytes = len(info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors))
-            offset_data = self._tar.offset + header_bytes
+            info = _member_info(name, len(data))
+            offset_data = self._tar.offset + self._header_bytes(info)
             self._tar.addfile(info, io.BytesIO(data))
             entries.append(Member(split_name(name)[1], offset_data, info.size, name))
         self.samples.append(entries)
@@ -63,10 +59,34 @@ class TarShardFile:
     def num_bytes(self) -> int:
         return self._tar.offset
 
+    def size_with(self, members: list[tuple[str, bytes]]) -> int:
+        """Bytes the closed tar would have with ``members`` added: headers, padding and end blocks."""
+        offset = self._tar.offset
+        for name, data in members:
+            offset += self._header_bytes(_member_info(name, len(data))) + _round_up(len(data), tarfile.BLOCKSIZE)
+        # close() writes two zero blocks, then pads the file to a whole tar record
+        return _round_up(offset + 2 * tarfile.BLOCKSIZE, tarfile.RECORDSIZE)
+
+    def _header_bytes(self, info: tarfile.TarInfo) -> int:
+        # GNU long names take extra header blocks: measure, do not assume 512
+        return len(info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors))
+
     def close(self) -> None:
         self._tar.close()
         with open(self.path, "rb+") as handle:
             os.fsync(handle.fileno())
+
+
+def _member_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = _FIXED_MTIME
+    info.mode = 0o644
+    return info
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def format_index(samples: list[list[Member]]) -> str:

@@ -29,6 +29,7 @@ from shards.manifest import (
     atomic_write_text,
     check_shard,
     load_splits,
+    remove_split,
     save_split,
     sha256_file,
 )
@@ -166,6 +167,8 @@ def write_split(root: Path, spec: SplitSpec, items: list[SourceItem], settings: 
     if done is not None:
         print(f"split {spec.name}: already complete in {root} ({done.num_samples} samples), nothing to do")
         return done
+    # The old entry would list shards about to be deleted or replaced: drop it before touching them.
+    remove_split(root, spec.name)
     progress = _resume_progress(split_dir, fingerprint, root)
     _remove_unlisted_shards(split_dir, spec.name, progress)
     _write_remaining(root, split_dir, spec, ordered, settings, progress)
@@ -210,10 +213,9 @@ class _ShardInProgress:
     def is_full(self, members: list[tuple[str, bytes]], settings: WriterSettings) -> bool:
         if self.tar is None:
             return False
-        incoming = sum(len(data) + 1024 for _, data in members)  # + tar headers and padding
         return (
             len(self.tar.samples) >= settings.max_samples_per_shard
-            or self.tar.num_bytes + incoming > settings.max_bytes_per_shard
+            or self.tar.size_with(members) > settings.max_bytes_per_shard
         )
 
     def add(self, result: Prepared) -> None:
@@ -279,7 +281,9 @@ def _finish(root: Path, spec: SplitSpec, settings: WriterSettings, progress: _Pr
 
 def _fingerprint(spec: SplitSpec, ordered: list[SourceItem], settings: WriterSettings) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([spec.name, spec.label_kind.value, spec.class_names, settings.recorded()], default=str).encode())
+    # spec.extra holds source settings that change pixels but not keys (e.g. the grid's cell size)
+    head = [spec.name, spec.label_kind.value, spec.class_names, spec.extra, settings.recorded()]
+    digest.update(json.dumps(head, default=str, sort_keys=True).encode())
     for item in ordered:
         digest.update(item.fingerprint().encode())
     return digest.hexdigest()

@@ -44,7 +44,8 @@ def read_rows(labels_file: Path) -> list[Row]:
 
 
 def _read_csv(path: Path) -> list[Row]:
-    with open(path, newline="") as handle:
+    # utf-8-sig: spreadsheet programs save "CSV UTF-8" with a byte-order mark before the header
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
         for column in ("path", "label"):
@@ -68,10 +69,22 @@ def _read_jsonl(path: Path) -> list[Row]:
             record = json.loads(text)
         except json.JSONDecodeError as error:
             raise LabelFileError(f"{path}:{line}: not JSON ({error})") from None
-        labels = record.get("labels")
-        labels = tuple(str(x) for x in labels) if labels is not None else None
+        if not isinstance(record, dict):
+            raise LabelFileError(f"{path}:{line}: expected a JSON object with path and label, got {text[:60]!r}")
+        labels = _jsonl_labels(path, line, record.get("labels"))
         rows.append(Row(line, _field(path, line, record, "path"), _field(path, line, record, "label"), labels))
     return rows
+
+
+def _jsonl_labels(path: Path, line: int, labels: object) -> tuple[str, ...] | None:
+    """A JSONL multi-label set: a list, or a string separated like the CSV column."""
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        return tuple(labels.replace(";", " ").split()) or None
+    if not isinstance(labels, list):
+        raise LabelFileError(f"{path}:{line}: 'labels' must be a list of classes, got {labels!r}")
+    return tuple(str(x) for x in labels)
 
 
 def _field(path: Path, line: int, record: dict, name: str) -> str:
@@ -81,12 +94,16 @@ def _field(path: Path, line: int, record: dict, name: str) -> str:
     return str(value).strip()
 
 
-def class_names_for(rows: list[Row], out: Path) -> list[str]:
-    """Reuse an existing split's classes, else sorted names (integer labels keep their value)."""
+def class_names_for(rows: list[Row], out: Path, split: str | None = None) -> list[str]:
+    """Reuse the classes of another split in ``out``, else sorted names (integer labels keep their value).
+
+    The split being (re)written does not count: re-running it after fixing a class name in the
+    label file must not bring the old classes back.
+    """
     if manifest_path(out).is_file():
-        splits = load_splits(out)
-        if splits:
-            return next(iter(splits.values())).class_names
+        others = [s for name, s in load_splits(out).items() if name != split]
+        if others:
+            return others[0].class_names
     names = {row.label for row in rows} | {name for row in rows for name in (row.labels or ())}
     if all(name.lstrip("-").isdigit() for name in names):
         values = sorted(int(name) for name in names)
@@ -96,12 +113,14 @@ def class_names_for(rows: list[Row], out: Path) -> list[str]:
     return sorted(names)
 
 
-def folder_items(images: Path, labels_file: Path, out: Path) -> tuple[list[SourceItem], list[str], LabelKind]:
-    """Items, class names and label kind; every structural problem is an error naming the line."""
+def folder_items(
+    images: Path, labels_file: Path, out: Path, split: str | None = None
+) -> tuple[list[SourceItem], list[str], LabelKind]:
+    """Items, class names and label kind of ``split``; every structural problem is an error naming the line."""
     if not images.is_dir():
         raise ShardError(f"image folder {images} does not exist")
     rows = read_rows(labels_file)
-    class_names = class_names_for(rows, out)
+    class_names = class_names_for(rows, out, split)
     index = {name: i for i, name in enumerate(class_names)}
     kind = LabelKind.MULTI if any(row.labels is not None for row in rows) else LabelKind.SINGLE
     items = []
@@ -115,7 +134,20 @@ def folder_items(images: Path, labels_file: Path, out: Path) -> tuple[list[Sourc
                 raise LabelFileError(f"{where}: class {name!r} is not among the dataset's {len(class_names)} classes")
         labels = tuple(sorted({index[n] for n in row.labels})) if row.labels is not None else ()
         items.append(SourceItem(key=safe_key(row.path), label=index[row.label], source=row.path, path=str(file), labels=labels))
+    _check_unique_keys(items, rows, labels_file)
     return items, class_names, kind
+
+
+def _check_unique_keys(items: list[SourceItem], rows: list[Row], labels_file: Path) -> None:
+    """A path listed twice, or two paths that make one key (``a/b.jpg``, ``a_b.jpg``), names both lines."""
+    first_line: dict[str, int] = {}
+    for item, row in zip(items, rows):
+        if item.key in first_line:
+            raise LabelFileError(
+                f"{labels_file}:{row.line}: {row.path!r} gives the same sample key {item.key!r} as line "
+                f"{first_line[item.key]}; list each image once"
+            )
+        first_line[item.key] = row.line
 
 
 def folder_spec(split: str, class_names: list[str], kind: LabelKind, labels_file: Path) -> SplitSpec:

@@ -1,0 +1,73 @@
+"""Where training data comes from: the shard folder a run names, or the embedded digit grid."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from engine.config import DataConfig, RunConfig
+from pipelines import build_loader
+from pipelines.contract import AugmentConfig, Loader, LoaderConfig
+from shards.manifest import ShardError, load_splits
+
+DIGITS_CACHE_ENV = "MILE_CACHE"
+
+
+def default_digits_root() -> Path:
+    """The embedded digit grid's shard folder: $MILE_CACHE/digits-grid, else ~/.cache/mile-trainer/."""
+    cache = os.environ.get(DIGITS_CACHE_ENV) or Path.home() / ".cache" / "mile-trainer"
+    return Path(cache) / "digits-grid"
+
+
+def ensure_digit_grid(root: Path) -> Path:
+    """Build the embedded digit-grid shards on first use (the writer skips complete splits)."""
+    from shards.sources import digits_grid
+    from shards.writer import WriterSettings, write_split
+
+    config = digits_grid.GridConfig()
+    settings = WriterSettings(seed=config.seed, workers=1, progress=False)
+    for split, items in digits_grid.grid_items(config).items():
+        write_split(root, digits_grid.grid_spec(split, config), items, settings)
+    return root
+
+
+def resolve_data_root(data: DataConfig) -> Path:
+    if not data.root:
+        root = default_digits_root()
+        complete = (root / "manifest.json").is_file() and {"train", "val"} <= set(load_splits(root))
+        return root if complete else ensure_digit_grid(root)
+    root = Path(data.root)
+    if not root.is_dir():
+        raise ShardError(f"--data {root} does not exist")
+    return root
+
+
+def loader_config(config: RunConfig, train: bool, rank: int, world_size: int, device: torch.device) -> LoaderConfig:
+    data = config.data
+    per_rank_batch = config.global_batch_size // world_size
+    augment = AugmentConfig(random_resized_crop=data.augment, flip=data.augment, scale_min=data.crop_scale_min)
+    # bf16 runs take bf16 images: half the host-to-device bytes, and autocast would cast anyway
+    dtype = torch.bfloat16 if (device.type == "cuda" and config.bf16) else torch.float32
+    return LoaderConfig(
+        batch_size=per_rank_batch,
+        image_size_px=data.image_size_px,
+        train=train,
+        augment=augment,
+        backend=data.backend,
+        num_workers=data.num_workers,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        device=str(device),
+        dtype=dtype,
+    )
+
+
+def build_loaders(config: RunConfig, root: Path, rank: int, world_size: int, device: torch.device) -> tuple[Loader, Loader]:
+    if config.global_batch_size % world_size:
+        raise ValueError(f"--batch-size {config.global_batch_size} is not divisible by {world_size} processes")
+    train = build_loader(root, config.data.train_split, loader_config(config, True, rank, world_size, device))
+    evaluation = build_loader(root, config.data.eval_split, loader_config(config, False, rank, world_size, device))
+    return train, evaluation

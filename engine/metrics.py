@@ -1,0 +1,378 @@
+"""Evaluation metrics of DESIGN §3, accumulated on device over a whole eval split.
+
+Owns: ``EvalAccumulator`` (top-1/top-5, ReaL-style accuracy, F1@theta, label coverage@theta,
+secondary-label recovery mAP, and for attribute splits per-sample F1@theta and per-attribute balanced
+accuracy), ``average_precision_per_class`` (scikit-learn's average precision, ties included, in torch)
+and ``metric_key`` (the one spelling of threshold-suffixed metric names).
+
+``update`` does only device work (no ``.item()``, no branching on tensor values), so it can sit in the
+eval loop without stalling the device. ``compute`` is the one deliberate host sync; under
+``torch.distributed`` it all-reduces the sums and all-gathers the per-image scores first, so every
+rank must call it. All rates are fractions in [0, 1]; coverage is a mean set size; counts are ints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+METHOD_KINDS = ("softmax", "sigmoid")
+# Excluded (image, class) entries of the secondary-label AP are stored with this score: it sorts below
+# every sigmoid output, so excluded entries never rank above an included one.
+_EXCLUDED_SCORE = float("-inf")
+# Bound on elements per class chunk of the AP computation: ~100 bytes of temporaries per element, so
+# ~400 MB at most (ImageNet val: 12 chunks of ~90 classes).
+_AP_CHUNK_ELEMENTS = 1 << 22
+
+
+def metric_key(name: str, theta: float) -> str:
+    """Name of a threshold-dependent metric, e.g. ``metric_key("f1", 0.25) == "f1@0.25"``."""
+    return f"{name}@{float(theta)!r}"
+
+
+class EvalAccumulator:
+    """Device-side sums (and per-image scores for the secondary-label mAP) over one eval split.
+
+    ``method_kind`` is how the model was trained: ``"softmax"`` (prediction set = {argmax}) or
+    ``"sigmoid"`` (MILe too: prediction set = {argmax} ∪ {c : sigmoid(z_c) > theta}).
+    ``has_multilabels``: ``update`` receives multi-hot targets (ReaL sets, grid digits, attributes).
+    ``attributes``: the targets are independent binary attributes (CelebA); reports per-sample F1
+    without a forced argmax and per-attribute balanced accuracy instead of the classification metrics.
+    ``keep_scores_for_map``: keep N×C sigmoid scores in ``score_dtype`` (float16 halves the memory;
+    AP is then exactly scikit-learn's on the float16-rounded scores, rounding creating ties).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        thetas: tuple[float, ...],
+        method_kind: str,
+        has_multilabels: bool,
+        attributes: bool = False,
+        keep_scores_for_map: bool = True,
+        score_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        _validate_config(num_classes, tuple(thetas), method_kind, has_multilabels, attributes, score_dtype)
+        self.num_classes = num_classes
+        self.thetas = tuple(float(t) for t in thetas)
+        self.method_kind = method_kind
+        self.has_multilabels = has_multilabels
+        self.attributes = attributes
+        self.keeps_map_scores = keep_scores_for_map and has_multilabels and not attributes
+        self.score_dtype = score_dtype
+        # device=None: live on the device of the first batch. Pass it explicitly under NCCL, where a rank
+        # without samples would otherwise hold CPU sums that NCCL cannot reduce.
+        self._device_is_fixed = device is not None
+        self.device = torch.device("cpu" if device is None else device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated (reuse one accumulator for every evaluation)."""
+        self._is_empty = True
+        self._sums = {
+            name: torch.zeros(shape, dtype=torch.float64, device=self.device)
+            for name, shape in self._sum_shapes().items()
+        }
+        self._map_scores: list[torch.Tensor] = []
+        self._map_positives: list[torch.Tensor] = []
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The keys ``compute`` returns, in order (for table and CSV headers)."""
+        if self.attributes:
+            per_theta = [metric_key(n, t) for n in ("f1", "balanced_acc") for t in self.thetas]
+            return ("num_images", *per_theta)
+        names = ["num_images", "top1"] + (["top5"] if self.num_classes >= 5 else [])
+        if self.has_multilabels:
+            names += ["num_evaluated", "real_top1"] + [metric_key("f1", t) for t in self.thetas]
+        names += [metric_key("coverage", t) for t in self.thetas]
+        return tuple(names + (["secondary_map"] if self.keeps_map_scores else []))
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        """Add one batch: ``logits`` N×C (any float dtype), ``labels`` int64 N (-1 = no single label),
+        ``targets`` multi-hot N×C (float or bool; > 0.5 counts as present) when the split has them."""
+        if self._is_empty and not self._device_is_fixed and logits.device != self.device:
+            self.device = logits.device
+            self.reset()  # fresh zeros there: nothing to copy, no sync
+        self._check_inputs(logits, labels, targets)
+        self._is_empty = False
+        z = logits.float()  # bf16 autocast logits: argmax is unchanged, sigmoid gains precision
+        probs = torch.sigmoid(z)
+        truth = None if targets is None else targets > 0.5
+        self._sums["num_images"] += z.shape[0]
+        if self.attributes:
+            self._update_attributes(probs, truth)
+        else:
+            self._update_classification(z, probs, labels, truth)
+
+    def merge(self, other: EvalAccumulator) -> EvalAccumulator:
+        """Fold ``other`` (same configuration and device) into this accumulator; returns self."""
+        if self._config() != other._config():
+            raise ValueError(f"cannot merge accumulators with different settings: "
+                             f"{self._config()} vs {other._config()}")
+        self._is_empty = self._is_empty and other._is_empty
+        for name, value in other._sums.items():
+            self._sums[name] += value
+        self._map_scores += other._map_scores
+        self._map_positives += other._map_positives
+        return self
+
+    @torch.no_grad()
+    def compute(self, process_group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """Metrics over everything accumulated (over all ranks when torch.distributed is initialised;
+        then every rank of ``process_group``, default the world, must call this)."""
+        flat = torch.cat([value.reshape(-1) for value in self._sums.values()])
+        scores, positives = self._gathered_map_buffers(process_group)
+        if _distributed():
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+        if scores is not None:
+            mean_ap = torch.nanmean(average_precision_per_class(scores, positives))
+            flat = torch.cat([flat, mean_ap.to(flat.dtype).reshape(1)])
+        # Deliberate host sync: the one device-to-host copy of every sum (and the mAP) at once.
+        values = flat.cpu().tolist()
+        sums, offset = {}, 0
+        for name, value in self._sums.items():
+            sums[name] = values[offset] if value.ndim == 0 else values[offset : offset + value.numel()]
+            offset += value.numel()
+        results = self._attribute_results(sums) if self.attributes else self._classification_results(sums)
+        if scores is not None:
+            results["secondary_map"] = values[-1]
+        return results
+
+    # -- accumulation ---------------------------------------------------------------------------
+
+    def _sum_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {"num_images": ()}
+        if self.attributes:
+            shapes["positives"] = (self.num_classes,)
+            for theta in self.thetas:
+                shapes[metric_key("f1_sum", theta)] = ()
+                shapes[metric_key("true_pos", theta)] = (self.num_classes,)
+                shapes[metric_key("pred_pos", theta)] = (self.num_classes,)
+            return shapes
+        shapes.update(num_labelled=(), top1_hits=())
+        if self.num_classes >= 5:
+            shapes["top5_hits"] = ()
+        if self.has_multilabels:
+            shapes.update(num_evaluated=(), real_top1_hits=())
+            shapes.update({metric_key("f1_sum", theta): () for theta in self.thetas})
+        shapes.update({metric_key("coverage_sum", theta): () for theta in self.thetas})
+        return shapes
+
+    def _update_classification(
+        self, z: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, truth: torch.Tensor | None
+    ) -> None:
+        sums = self._sums
+        top1 = z.argmax(dim=1)
+        labelled = labels >= 0
+        sums["num_labelled"] += labelled.sum()
+        sums["top1_hits"] += (labelled & (top1 == labels)).sum()
+        if self.num_classes >= 5:
+            top5 = z.topk(5, dim=1).indices
+            sums["top5_hits"] += (labelled & (top5 == labels[:, None]).any(dim=1)).sum()
+        classes = torch.arange(self.num_classes, device=z.device)
+        argmax_set = classes == top1[:, None]
+        # Coverage is over E where the split has multi-labels, over all images where it has none.
+        evaluated = torch.ones_like(labelled) if truth is None else truth.any(dim=1)
+        if truth is not None:
+            sums["num_evaluated"] += evaluated.sum()
+            sums["real_top1_hits"] += (evaluated & truth.gather(1, top1[:, None]).squeeze(1)).sum()
+        for theta in self.thetas:
+            predicted = argmax_set if self.method_kind == "softmax" else argmax_set | (probs > theta)
+            set_size = predicted.sum(dim=1)
+            sums[metric_key("coverage_sum", theta)] += (set_size * evaluated).sum()
+            if truth is not None:
+                # Inside E, |P| >= 1 and |T| >= 1, so the clamp only guards the images outside E.
+                f1 = 2 * (predicted & truth).sum(dim=1).double() / (set_size + truth.sum(dim=1)).clamp(min=1)
+                sums[metric_key("f1_sum", theta)] += (f1 * evaluated).sum()
+        if truth is not None and self.keeps_map_scores:
+            self._keep_map_buffers(probs, labels, truth, evaluated)
+
+    def _keep_map_buffers(
+        self, probs: torch.Tensor, labels: torch.Tensor, truth: torch.Tensor, evaluated: torch.Tensor
+    ) -> None:
+        # Entry (i, c) takes part in class c's AP iff i is in E and its own label is not c; storing
+        # the exclusion in the score keeps one N×C buffer instead of scores, targets and labels.
+        own_label = torch.arange(self.num_classes, device=labels.device) == labels[:, None]  # none for -1
+        included = evaluated[:, None] & ~own_label
+        self._map_scores.append(probs.masked_fill(~included, _EXCLUDED_SCORE).to(self.score_dtype))
+        self._map_positives.append(truth & included)
+
+    def _update_attributes(self, probs: torch.Tensor, truth: torch.Tensor) -> None:
+        sums = self._sums
+        sums["positives"] += truth.sum(dim=0)
+        truth_size = truth.sum(dim=1)
+        for theta in self.thetas:
+            predicted = probs > theta  # no forced argmax: attributes are independent
+            hits = predicted & truth
+            denominator = predicted.sum(dim=1) + truth_size
+            # Empty P and empty T is a perfect answer for an image without any attribute.
+            f1 = torch.where(denominator > 0, 2 * hits.sum(dim=1).double() / denominator.clamp(min=1), 1.0)
+            sums[metric_key("f1_sum", theta)] += f1.sum()
+            sums[metric_key("true_pos", theta)] += hits.sum(dim=0)
+            sums[metric_key("pred_pos", theta)] += predicted.sum(dim=0)
+
+    def _check_inputs(self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> None:
+        n = logits.shape[0]
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits must be N×{self.num_classes}, got shape {tuple(logits.shape)}")
+        if labels.shape != (n,) or labels.dtype != torch.int64:
+            raise ValueError(f"labels must be int64 of shape ({n},), got {labels.dtype} {tuple(labels.shape)}")
+        if self.has_multilabels != (targets is not None):
+            state = "is" if targets is None else "is not"
+            raise ValueError(f"has_multilabels={self.has_multilabels} but targets {state} None")
+        if targets is not None and targets.shape != logits.shape:
+            raise ValueError(f"targets must match logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}")
+        for name, tensor in (("logits", logits), ("labels", labels), ("targets", targets)):
+            if tensor is not None and tensor.device.type != self.device.type:
+                raise ValueError(f"{name} on {tensor.device}, accumulator on {self.device}")
+
+    # -- results ----------------------------------------------------------------------------------
+
+    def _classification_results(self, sums: dict) -> dict[str, float]:
+        results: dict[str, float] = {"num_images": int(sums["num_images"])}
+        results["top1"] = _ratio(sums["top1_hits"], sums["num_labelled"])
+        if self.num_classes >= 5:
+            results["top5"] = _ratio(sums["top5_hits"], sums["num_labelled"])
+        coverage_count = sums["num_images"]
+        if self.has_multilabels:
+            coverage_count = sums["num_evaluated"]
+            results["num_evaluated"] = int(coverage_count)
+            results["real_top1"] = _ratio(sums["real_top1_hits"], coverage_count)
+            for theta in self.thetas:
+                results[metric_key("f1", theta)] = _ratio(sums[metric_key("f1_sum", theta)], coverage_count)
+        for theta in self.thetas:
+            results[metric_key("coverage", theta)] = _ratio(sums[metric_key("coverage_sum", theta)], coverage_count)
+        return results
+
+    def _attribute_results(self, sums: dict) -> dict[str, float]:
+        num_images = sums["num_images"]
+        results: dict[str, float] = {"num_images": int(num_images)}
+        for theta in self.thetas:
+            results[metric_key("f1", theta)] = _ratio(sums[metric_key("f1_sum", theta)], num_images)
+        for theta in self.thetas:
+            per_attribute = [
+                _balanced_accuracy(true_pos, pred_pos, positives, num_images)
+                for true_pos, pred_pos, positives in zip(
+                    sums[metric_key("true_pos", theta)], sums[metric_key("pred_pos", theta)], sums["positives"]
+                )
+            ]
+            results[metric_key("balanced_acc", theta)] = _ratio(sum(per_attribute), len(per_attribute))
+        return results
+
+    def _config(self) -> tuple:
+        return (self.num_classes, self.thetas, self.method_kind, self.has_multilabels, self.attributes,
+                self.keeps_map_scores, self.score_dtype, self.device)
+
+    def _gathered_map_buffers(
+        self, process_group: dist.ProcessGroup | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        if not self.keeps_map_scores:
+            return None, None
+        scores = _cat_rows(self._map_scores, (0, self.num_classes), self.score_dtype, self.device)
+        positives = _cat_rows(self._map_positives, (0, self.num_classes), torch.bool, self.device)
+        if _distributed():
+            scores = _all_gather_rows(scores, process_group)
+            # uint8 rather than bool: not every backend all-gathers bool tensors.
+            positives = _all_gather_rows(positives.to(torch.uint8), process_group).bool()
+        return scores, positives
+
+
+def average_precision_per_class(
+    scores: torch.Tensor, positives: torch.Tensor, included: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Average precision of each column, exactly as ``sklearn.metrics.average_precision_score``.
+
+    ``scores`` N×C (real; -inf marks an excluded entry), ``positives`` bool N×C, ``included`` optional
+    bool N×C (entries outside it take no part). Returns float64 C, NaN for a column with no positive.
+    AP = sum over positives of the precision at the *last* row of the positive's tie group: scikit-learn
+    steps through distinct score thresholds, so tied scores enter the ranking together.
+    """
+    if included is not None:
+        scores = scores.masked_fill(~included, _EXCLUDED_SCORE)
+        positives = positives & included
+    num_rows, num_classes = scores.shape
+    chunk = max(1, _AP_CHUNK_ELEMENTS // max(num_rows, 1))
+    parts = [
+        _average_precision_columns(scores[:, start : start + chunk], positives[:, start : start + chunk])
+        for start in range(0, num_classes, chunk)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=scores.device)
+
+
+def _average_precision_columns(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    num_rows = scores.shape[0]
+    if num_rows == 0:
+        return torch.full((scores.shape[1],), math.nan, dtype=torch.float64, device=scores.device)
+    # float32 sorts on every backend and holds float16 scores exactly.
+    sorted_scores, order = scores.float().sort(dim=0, descending=True)
+    hits = positives.gather(0, order).to(torch.float64)
+    ranks = torch.arange(1, num_rows + 1, dtype=torch.float64, device=scores.device)[:, None]
+    precision = hits.cumsum(dim=0) / ranks
+    group_end = torch.ones_like(sorted_scores, dtype=torch.bool)
+    group_end[:-1] = sorted_scores[:-1] != sorted_scores[1:]
+    rows = torch.arange(num_rows, device=scores.device)[:, None].expand_as(sorted_scores)
+    # Each row's tie-group end = the first group end at or below it: a reversed running minimum.
+    end_row = torch.where(group_end, rows, num_rows).flip(0).cummin(dim=0).values.flip(0)
+    num_positives = hits.sum(dim=0)
+    ap = (hits * precision.gather(0, end_row)).sum(dim=0) / num_positives.clamp(min=1)
+    return torch.where(num_positives > 0, ap, math.nan)
+
+
+def _balanced_accuracy(true_pos: float, pred_pos: float, positives: float, num_images: float) -> float:
+    """(TPR + TNR) / 2 for one attribute; where one rate is undefined (no positives, or no negatives)
+    the other alone, as ``sklearn.metrics.balanced_accuracy_score`` does; NaN with no images."""
+    negatives = num_images - positives
+    true_neg = negatives - (pred_pos - true_pos)
+    rates = ([true_pos / positives] if positives > 0 else []) + ([true_neg / negatives] if negatives > 0 else [])
+    return _ratio(sum(rates), len(rates))
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.nan
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _cat_rows(
+    parts: list[torch.Tensor], empty_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(empty_shape, dtype=dtype, device=device)
+
+
+def _all_gather_rows(tensor: torch.Tensor, process_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenate every rank's rows (rank order); ranks may hold different numbers of rows."""
+    world_size = dist.get_world_size(process_group)
+    count = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count, group=process_group)
+    # Deliberate host sync: the row counts size the padded buffers of the gather below.
+    sizes = [int(c) for c in torch.cat(counts).cpu().tolist()]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded, group=process_group)
+    return torch.cat([part[:size] for part, size in zip(gathered, sizes)])
+
+
+def _validate_config(
+    num_classes: int, thetas: tuple[float, ...], method_kind: str, has_multilabels: bool, attributes: bool,
+    score_dtype: torch.dtype,
+) -> None:
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not thetas or any(not 0.0 < t < 1.0 for t in thetas):
+        raise ValueError(f"thetas must be a non-empty tuple of values in (0, 1), got {thetas}")
+    if len(set(thetas)) != len(thetas):
+        raise ValueError(f"thetas must be distinct, got {thetas}")
+    if method_kind not in METHOD_KINDS:
+        raise ValueError(f"method_kind must be one of {METHOD_KINDS} (MILe is 'sigmoid'), got {method_kind!r}")
+    if attributes and not has_multilabels:
+        raise ValueError("attributes=True needs has_multilabels=True (attribute targets come as multi-hot)")
+    if not score_dtype.is_floating_point:
+        raise ValueError(f"score_dtype must be a floating dtype, got {score_dtype}")

@@ -1,0 +1,185 @@
+"""Training steps: one capturable function per phase (forward, loss, backward, optimizer step).
+
+On CUDA each phase's step is captured once as a CUDA graph over static input buffers and replayed;
+on CPU, or with graphs off, or where capture fails, the same function runs eagerly (the reason is
+logged). The learning rate lives in a device tensor read by fused SGD, so nothing in a step needs
+the host: no ``.item()``, no Python branching on tensor values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from engine.losses import bce_multi_hot, bce_one_hot, bce_pseudo_labels, logit, softmax_cross_entropy
+from engine.phases import STUDENT, TEACHER, TRAIN, module_state
+
+log = logging.getLogger(__name__)
+GRAPH_WARMUP_ITERS = 3  # eager iterations on a side stream before capture, as the CUDA-graph docs ask
+
+
+@dataclass
+class StepResult:
+    """What every step returns, whatever the method: device tensors, valid until the next step."""
+
+    loss: torch.Tensor  # 0-d float32
+    logits: torch.Tensor  # N×C, the learner's
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    method: str  # softmax | sigmoid | mile
+    rho: float
+    attributes: bool  # supervised targets are multi-hot attributes (CelebA), not single labels
+    autocast_dtype: torch.dtype | None  # bf16 on CUDA, None = full precision
+    device_type: str
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], StepResult]
+
+
+def supervised_loss(settings: StepSettings) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    if settings.attributes:
+        return lambda logits, labels, targets: bce_multi_hot(logits, targets)
+    if settings.method == "softmax":
+        return lambda logits, labels, targets: softmax_cross_entropy(logits, labels)
+    return lambda logits, labels, targets: bce_one_hot(logits, labels)
+
+
+def autocast_context(dtype: torch.dtype | None, device_type: str):
+    """bf16 autocast on CUDA; nothing (full precision) where ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    # cache off: CUDA graphs and the autocast weight cache do not mix (PyTorch CUDA-graph notes)
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
+
+
+def make_step(
+    phase: str, learner: nn.Module, teacher: nn.Module | None, optimizer: torch.optim.Optimizer, settings: StepSettings
+) -> StepFn:
+    """The step function of one phase; the loop calls it the same way for every method."""
+    loss_on_labels = supervised_loss(settings)
+    logit_rho = logit(settings.rho)
+
+    def step(images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> StepResult:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(settings.autocast_dtype, settings.device_type):
+            logits = learner(images)
+            if phase == STUDENT:
+                with torch.no_grad():
+                    teacher_logits = teacher(images)  # same augmented batch, teacher in eval mode
+                loss = bce_pseudo_labels(logits, teacher_logits, logit_rho)
+            else:
+                loss = loss_on_labels(logits, labels, targets)
+        loss.backward()
+        optimizer.step()
+        return StepResult(loss.detach(), logits.detach())
+
+    return step
+
+
+class StaticInputs:
+    """Fixed device buffers a graph reads; ``fill`` names exactly what changed when a batch does not fit."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> None:
+        self.images = images.clone(memory_format=torch.preserve_format)
+        self.labels = labels.clone()
+        self.targets = targets.clone() if targets is not None else None
+
+    def fill(self, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> None:
+        for name, static, new in (("images", self.images, images), ("labels", self.labels, labels), ("targets", self.targets, targets)):
+            if static is None and new is None:
+                continue
+            if static is None or new is None:
+                raise ValueError(f"captured step: {name} was {'absent' if static is None else 'present'} at capture, now it is not")
+            if (static.shape, static.dtype, static.device) != (new.shape, new.dtype, new.device):
+                raise ValueError(
+                    f"captured step: {name} changed from {tuple(static.shape)} {static.dtype} {static.device} "
+                    f"to {tuple(new.shape)} {new.dtype} {new.device}; training batches must keep one shape"
+                )
+            if static.stride() != new.stride():
+                raise ValueError(f"captured step: {name} changed strides from {static.stride()} to {new.stride()} (memory format)")
+            static.copy_(new, non_blocking=True)
+
+
+class GraphedStep:
+    """A step function captured as a CUDA graph, replayed with new inputs copied into static buffers."""
+
+    def __init__(self, fn: StepFn, inputs: StaticInputs, pool=None) -> None:
+        self.inputs = inputs
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.result = fn(inputs.images, inputs.labels, inputs.targets)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> StepResult:
+        self.inputs.fill(images, labels, targets)
+        self.graph.replay()
+        return self.result
+
+
+class Stepper:
+    """Owns the per-phase step functions, captured as CUDA graphs where possible."""
+
+    def __init__(self, steps: dict[str, StepFn]) -> None:
+        self.steps: dict[str, StepFn] = dict(steps)
+        self.graphed = False
+
+    def __call__(self, phase: str, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> StepResult:
+        return self.steps[phase](images, labels, targets)
+
+    def capture(self, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], learner: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Capture every phase's step; state changed by the warm-up iterations is put back."""
+        saved = _snapshot(learner, optimizer)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for fn in self.steps.values():
+                for _ in range(GRAPH_WARMUP_ITERS):
+                    fn(*sample)
+        torch.cuda.current_stream().wait_stream(side)
+        _restore(saved, learner, optimizer)
+        # one private memory pool per graph: phases replay in any order, so their pools must not alias
+        self.steps = {phase: GraphedStep(fn, StaticInputs(*sample)) for phase, fn in self.steps.items()}
+        self.graphed = True
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+
+
+def _snapshot(learner: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in module_state(learner) + _optimizer_tensors(optimizer)]
+
+
+@torch.no_grad()
+def _restore(saved: list[torch.Tensor], learner: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    torch._foreach_copy_(module_state(learner) + _optimizer_tensors(optimizer), saved)
+
+
+def build_stepper(
+    phases: tuple[str, ...], learner: nn.Module, teacher: nn.Module | None, optimizer: torch.optim.Optimizer, settings: StepSettings
+) -> Stepper:
+    for phase in phases:
+        if phase not in (TRAIN, TEACHER, STUDENT):
+            raise ValueError(f"unknown phase {phase!r}")
+    return Stepper({phase: make_step(phase, learner, teacher, optimizer, settings) for phase in phases})
+
+
+def init_momentum(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Create SGD momentum buffers up front (zeros give the same first update as none: buf = grad),
+    so their addresses exist before graph capture and phase mirrors can include them."""
+    buffers = []
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) == 0:
+            continue
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if "momentum_buffer" not in state or state["momentum_buffer"] is None:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            buffers.append(state["momentum_buffer"])
+    return buffers

@@ -1,0 +1,193 @@
+"""The NVIDIA DALI input pipeline: webdataset reader, decode (nvJPEG "mixed" on GPU, CPU otherwise), augment.
+
+Labels arrive as fixed binary fields (``KEY.lbl`` int32, ``KEY.tgt`` uint8 multi-hot), so no
+per-sample Python runs anywhere. Sharding is DALI's own sample-level ``shard_id``/``num_shards``
+split, which is ``pipelines.contract.rank_range`` (verified by tests against the torch backend).
+
+Epochs and resume. A DALI reader cannot seek and carries its shuffle state from epoch to epoch,
+so an epoch of a long-lived pipeline depends on every epoch before it. Instead, ``epoch(e)`` builds
+a fresh pipeline seeded from (seed, e, rank): DALI's outputs are then a function of those numbers
+alone (checked: identical for any thread count), and ``epoch(e, start_batch=k)`` gives exactly
+the tail of ``epoch(e)`` by running and discarding the first k batches (they are read and
+decoded: resuming late in an epoch costs that share of an epoch's loader time). Differences from
+the torch backend, by design of the DALI reader:
+
+- shuffling is local: a buffer of ``shuffle_buffer`` samples (``initial_fill``) over tars read in
+  order (hence the writer's shuffle across classes), not a global permutation;
+- in training, rank r reads the contiguous share of rank (r + e) mod world_size in epoch e, which
+  is what one long-lived DALI reader does with ``stick_to_shard=False``; evaluation always reads
+  the rank's own share (``stick_to_shard=True``), like the torch backend;
+- augmentation draws from DALI's generators, so the crops differ from the torch backend's (same
+  distributions), and a pipeline build (and shuffle-buffer fill) happens at the start of every epoch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.data_node import DataNode
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from pipelines.contract import Batch, LoaderConfig, batches_per_epoch, rank_range
+from pipelines.transforms import Mode, TransformSpec, transform_spec
+from shards.format import FIELD_IMAGE, FIELD_LABEL, FIELD_TARGETS
+from shards.manifest import SplitManifest
+
+READER_NAME = "Reader"
+_CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Everything a pipeline graph depends on (no globals)."""
+
+    tar_paths: tuple[str, ...]
+    index_paths: tuple[str, ...]
+    has_targets: bool
+    transform: TransformSpec
+    mean_255: tuple[float, ...]
+    std_255: tuple[float, ...]
+    output_dtype: Any  # types.DALIDataType of the images
+    shuffle_buffer: int
+    gpu: bool
+
+
+def read_samples(spec: PipelineSpec, shard_id: int, num_shards: int) -> list[DataNode]:
+    """[jpegs, labels, (targets)] from the webdataset reader; eval pads the shard's last batch
+    (the iterator drops the padding) and sticks to the rank's own shard."""
+    train = spec.transform.mode is not Mode.EVAL
+    exts = [FIELD_IMAGE, FIELD_LABEL] + ([FIELD_TARGETS] if spec.has_targets else [])
+    return fn.readers.webdataset(
+        paths=list(spec.tar_paths),
+        index_paths=list(spec.index_paths),
+        ext=exts,
+        dtypes=[types.UINT8, types.INT32, types.UINT8][: len(exts)],
+        missing_component_behavior="error",
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=train,
+        initial_fill=spec.shuffle_buffer,
+        pad_last_batch=not train,
+        stick_to_shard=not train,
+        name=READER_NAME,
+    )
+
+
+def decode_and_augment(jpegs: DataNode, spec: PipelineSpec) -> DataNode:
+    """The one augmentation helper: JPEG bytes -> normalised S×S×3 images (HWC), per the mode."""
+    t = spec.transform
+    size = t.image_size_px
+    decoder = "mixed" if spec.gpu else "cpu"
+    crop: dict[str, Any] = {}
+    if t.mode is Mode.TRAIN and t.augment.random_resized_crop:
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            device=decoder,
+            output_type=types.RGB,
+            random_area=[t.augment.scale_min, t.augment.scale_max],
+            random_aspect_ratio=[t.augment.ratio_min, t.augment.ratio_max],
+            num_attempts=_CROP_ATTEMPTS,
+        )
+    else:
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+    if t.mode is Mode.EVAL:
+        # subpixel_scale=False: map the whole image onto the rounded output size, as torchvision does
+        images = fn.resize(images, resize_shorter=t.eval_resize_px, subpixel_scale=False)
+        crop = {"crop": (size, size)}  # centred: crop_pos_x = crop_pos_y = 0.5
+    else:
+        images = fn.resize(images, resize_x=size, resize_y=size)
+    mirror = fn.random.coin_flip(probability=0.5) if t.mode is Mode.TRAIN and t.augment.flip else 0
+    return fn.crop_mirror_normalize(
+        images, mirror=mirror, mean=list(spec.mean_255), std=list(spec.std_255), dtype=spec.output_dtype, output_layout="HWC", **crop
+    )
+
+
+@pipeline_def
+def loader_pipeline(spec: PipelineSpec, shard_id: int, num_shards: int) -> tuple[DataNode, ...]:
+    jpegs, *labels = read_samples(spec, shard_id, num_shards)
+    if spec.gpu:
+        labels = [field.gpu() for field in labels]  # land on the device with the images: no host copy later
+    return (decode_and_augment(jpegs, spec), *labels)
+
+
+class DaliLoader:
+    """``Loader`` built on DALI; see the module docstring for epoch and resume behaviour."""
+
+    def __init__(self, root: Path, manifest: SplitManifest, config: LoaderConfig) -> None:
+        self.config = config
+        self.num_classes = manifest.num_classes
+        self._num_total = manifest.num_samples
+        start, stop = rank_range(manifest.num_samples, config.rank, config.world_size)
+        self.num_samples = stop - start
+        self.batches_per_epoch = batches_per_epoch(manifest.num_samples, config)
+        self._device = torch.device(config.device)
+        self._spec = _pipeline_spec(root, manifest, config, gpu=self._device.type == "cuda")
+        self._outputs = ["images", "labels"] + (["targets"] if self._spec.has_targets else [])
+
+    def build_pipeline(self, epoch: int) -> Pipeline:
+        """The pipeline of one epoch: its shard and seed depend only on (seed, epoch, rank)."""
+        config = self.config
+        train = config.train
+        shard_id = (config.rank + epoch) % config.world_size if train else config.rank
+        seed = int(np.random.SeedSequence([config.seed, epoch, config.rank]).generate_state(1)[0] & 0x7FFFFFFF)
+        device_id = None
+        if self._spec.gpu:
+            device_id = self._device.index if self._device.index is not None else torch.cuda.current_device()
+        return loader_pipeline(
+            spec=self._spec,
+            shard_id=shard_id,
+            num_shards=config.world_size,
+            batch_size=config.batch_size,
+            num_threads=max(1, config.num_workers),
+            device_id=device_id,
+            seed=seed,
+        )
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches of ``epoch`` from ``start_batch`` on (earlier batches are produced and dropped)."""
+        if self.batches_per_epoch == 0:
+            return
+        pipe = self.build_pipeline(epoch)
+        policy = LastBatchPolicy.DROP if self.config.train else LastBatchPolicy.PARTIAL
+        iterator = DALIGenericIterator([pipe], self._outputs, reader_name=READER_NAME, last_batch_policy=policy)
+        try:
+            for number, outputs in enumerate(itertools.islice(iterator, self.batches_per_epoch)):
+                if number >= start_batch:
+                    yield self._to_batch(outputs[0])
+        finally:
+            del iterator, pipe  # free the pipeline's buffers before the next epoch builds its own
+
+    def _to_batch(self, outputs: dict[str, torch.Tensor]) -> Batch:
+        # N×H×W×C in memory; the NCHW view of it is exactly the channels-last layout.
+        images = outputs["images"].permute(0, 3, 1, 2)
+        if images.dtype != self.config.dtype:
+            images = images.to(self.config.dtype)
+        labels = outputs["labels"].view(-1).to(torch.int64)
+        targets = outputs.get("targets")
+        if targets is not None:
+            targets = targets.to(torch.float32)
+        return Batch(images=images, labels=labels, targets=targets)
+
+    def close(self) -> None:
+        """Nothing to release between epochs: each epoch's pipeline is freed when it ends."""
+
+
+def _pipeline_spec(root: Path, manifest: SplitManifest, config: LoaderConfig, gpu: bool) -> PipelineSpec:
+    return PipelineSpec(
+        tar_paths=tuple(str(Path(root) / s.path) for s in manifest.shards),
+        index_paths=tuple(str(Path(root) / s.index_path) for s in manifest.shards),
+        has_targets=manifest.label_kind.has_targets,
+        transform=transform_spec(config),
+        mean_255=tuple(255.0 * m for m in config.mean),
+        std_255=tuple(255.0 * s for s in config.std),
+        output_dtype=types.FLOAT16 if config.dtype == torch.float16 else types.FLOAT,
+        shuffle_buffer=config.shuffle_buffer,
+        gpu=gpu,
+    )

@@ -1,0 +1,179 @@
+"""The torch input pipeline: random-access reads from the shards, torchvision decoding and augmentation.
+
+How it works:
+
+- The main process plans each epoch as a list of batches of sample indices: in training a global
+  permutation fixed by (seed, epoch), of which this rank takes its ``rank_range`` slice, cut into
+  full batches (the same count on every rank); in evaluation the rank's ``rank_range`` in file
+  order, the last batch possibly partial. ``epoch(e, start_batch=k)`` simply starts at batch k.
+- DataLoader worker processes (persistent across epochs) turn a planned batch into tensors: they
+  read member bytes with ``pread`` through the ``.idx`` offsets and, when the device is the CPU,
+  decode (``torchvision.io.decode_jpeg``) and augment each image, returning a uint8 N×C×S×S batch.
+  Augmentation draws from a generator seeded by (seed, epoch, sample index): the images do not
+  depend on ``num_workers``.
+- When the device is CUDA, workers return the raw JPEG bytes only; the main process decodes the
+  whole batch with nvJPEG (``decode_jpeg(list, device=...)``) and augments on the GPU.
+- The main process moves the batch to the device and converts it to a normalised, channels-last
+  tensor of the configured dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from pipelines.contract import Batch, LoaderConfig, batches_per_epoch, rank_range
+from pipelines.sample_table import SampleTable, ShardReader, build_sample_table
+from pipelines.transforms import Mode, TransformSpec, epoch_permutation, sample_rng, transform_image, transform_spec
+from shards.manifest import SplitManifest
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One planned batch: the epoch (for augmentation seeds) and the sample indices, in file order numbering."""
+
+    epoch: int
+    indices: np.ndarray
+
+
+class _EpochPlan:
+    """The DataLoader's sampler: the current epoch's batch requests, replaced by ``TorchLoader.epoch``.
+
+    DataLoader iterates its sampler in the main process at the start of every pass, so a new plan
+    takes effect on the next ``iter(loader)`` while the persistent workers stay alive."""
+
+    def __init__(self) -> None:
+        self.requests: list[BatchRequest] = []
+
+    def __iter__(self) -> Iterator[BatchRequest]:
+        return iter(self.requests)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class BatchReader(Dataset):
+    """Runs in DataLoader workers: a ``BatchRequest`` -> dict of batch tensors (CPU)."""
+
+    def __init__(self, table: SampleTable, spec: TransformSpec, seed: int, decode: bool) -> None:
+        self.reader = ShardReader(table)
+        self.spec, self.seed, self.decode = spec, seed, decode
+
+    def __len__(self) -> int:
+        return len(self.reader.table)
+
+    def __getitem__(self, request: BatchRequest) -> dict[str, Any]:
+        indices = [int(i) for i in request.indices]
+        out: dict[str, Any] = {
+            "indices": torch.as_tensor(request.indices, dtype=torch.int64),
+            "labels": torch.tensor([self.reader.label(i) for i in indices], dtype=torch.int64),
+        }
+        if self.reader.table.targets_offset is not None:
+            out["targets"] = torch.from_numpy(np.stack([self.reader.targets(i) for i in indices]))
+        encoded = [torch.frombuffer(self.reader.image_bytes(i), dtype=torch.uint8) for i in indices]
+        if not self.decode:
+            out["images"] = encoded  # decoded on the GPU by the main process
+            return out
+        out["images"] = torch.stack(
+            [self._decode_one(data, request.epoch, i) for data, i in zip(encoded, indices)]
+        )
+        return out
+
+    def _decode_one(self, data: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        image = decode_jpeg(data, mode=ImageReadMode.RGB)
+        rng = sample_rng(self.seed, epoch, index) if self.spec.mode is Mode.TRAIN else None
+        return transform_image(image, self.spec, rng)
+
+
+class TorchLoader:
+    """``Loader`` over one split with DataLoader workers; see the module docstring."""
+
+    def __init__(self, root: Path, manifest: SplitManifest, config: LoaderConfig) -> None:
+        self.config = config
+        self.table = build_sample_table(root, manifest)
+        self.num_classes = manifest.num_classes
+        self._range = rank_range(manifest.num_samples, config.rank, config.world_size)
+        self.num_samples = self._range[1] - self._range[0]
+        self.batches_per_epoch = batches_per_epoch(manifest.num_samples, config)
+        self._device = torch.device(config.device)
+        self._gpu_decode = self._device.type == "cuda"
+        self._spec = transform_spec(config)
+        self._scale, self._bias = _normalisation(config, self._device)
+        self._plan = _EpochPlan()
+        self._dataloader: DataLoader | None = _make_dataloader(
+            BatchReader(self.table, self._spec, config.seed, decode=not self._gpu_decode), self._plan, config, self._gpu_decode
+        )
+
+    def batch_indices(self, epoch: int) -> list[np.ndarray]:
+        """Sample indices (file order numbering) of every batch of ``epoch`` on this rank."""
+        start, stop = self._range
+        batch = self.config.batch_size
+        if not self.config.train:
+            return [np.arange(i, min(i + batch, stop)) for i in range(start, stop, batch)]
+        order = epoch_permutation(len(self.table), self.config.seed, epoch)[start:stop]
+        return [order[i * batch : (i + 1) * batch] for i in range(self.batches_per_epoch)]
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches of ``epoch`` from ``start_batch`` on; one epoch at a time per loader."""
+        if self._dataloader is None:
+            raise RuntimeError("loader is closed")
+        self._plan.requests = [BatchRequest(epoch, idx) for idx in self.batch_indices(epoch)[start_batch:]]
+        for raw in self._dataloader:
+            yield self._to_batch(raw, epoch)
+
+    def _to_batch(self, raw: dict[str, Any], epoch: int) -> Batch:
+        # non_blocking: the DataLoader pinned these tensors when the device is CUDA.
+        if self._gpu_decode:
+            images = self._decode_on_device(raw["images"], raw["indices"], epoch)
+        else:
+            images = raw["images"].to(self._device, non_blocking=True)
+        labels = raw["labels"].to(self._device, non_blocking=True)
+        targets = raw.get("targets")
+        if targets is not None:
+            targets = targets.to(self._device, non_blocking=True).to(torch.float32)
+        return Batch(images=normalise(images, self._scale, self._bias, self.config.dtype), labels=labels, targets=targets)
+
+    def _decode_on_device(self, encoded: list[torch.Tensor], indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """nvJPEG-decode the batch in one call, then augment per image on the GPU (sizes differ until resized)."""
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self._device)
+        train = self._spec.mode is Mode.TRAIN
+        rngs = [sample_rng(self.config.seed, epoch, int(i)) if train else None for i in indices.tolist()]
+        return torch.stack([transform_image(image, self._spec, rng) for image, rng in zip(images, rngs)])
+
+    def close(self) -> None:
+        # Dropping the DataLoader drops its persistent iterator, whose destructor stops the workers.
+        self._dataloader = None
+
+
+def normalise(images_uint8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 N×C×H×W -> ``dtype`` channels-last ``x * scale + bias`` (i.e. (x/255 - mean) / std)."""
+    images = images_uint8.to(torch.float32, memory_format=torch.channels_last)
+    images.mul_(scale).add_(bias)  # in place: keeps the channels-last strides
+    return images if dtype == torch.float32 else images.to(dtype)
+
+
+def _normalisation(config: LoaderConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    std_255 = torch.tensor(config.std, dtype=torch.float32) * 255.0
+    mean_255 = torch.tensor(config.mean, dtype=torch.float32) * 255.0
+    scale = (1.0 / std_255).view(1, 3, 1, 1).to(device)
+    bias = (-mean_255 / std_255).view(1, 3, 1, 1).to(device)
+    return scale, bias
+
+
+def _make_dataloader(reader: BatchReader, plan: _EpochPlan, config: LoaderConfig, pin: bool) -> DataLoader:
+    # batch_size=None: each sampler item is already a whole batch, read and collated by one worker.
+    # Persistent workers keep their open shard descriptors and skip the fork cost every epoch.
+    return DataLoader(
+        reader,
+        batch_size=None,
+        sampler=plan,
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
+        pin_memory=pin,
+    )

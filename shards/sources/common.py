@@ -1,0 +1,183 @@
+"""Helpers shared by the dataset sources: listing folders, reading label lists, planning splits."""
+
+from __future__ import annotations
+
+import os
+import pkgutil
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Sequence
+
+from shards.format import safe_key
+from shards.manifest import SplitManifest, ShardError
+from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
+
+# Extensions listed as images; the bytes are still checked by decoding (a .JPEG may hold a PNG).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+WNID_PATTERN = re.compile(r"^n\d{8}$")
+_EXISTENCE_PROBES = 64  # listed files stat-ed up front to tell a wrong --root from a few missing files
+
+
+class SourceError(ShardError):
+    """A dataset layout that cannot be converted as it is; the message names the file or folder."""
+
+
+@dataclass(frozen=True)
+class LabelledLine:
+    """One ``relpath label`` line of a list file (WebVision lists, CelebA partition)."""
+
+    line: int
+    relpath: str
+    label: int
+
+
+@dataclass(frozen=True)
+class PlannedSplit:
+    """A split fully listed and checked, ready to be written."""
+
+    spec: SplitSpec
+    items: list[SourceItem]
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise SourceError(f"{what} {path} does not exist or is not a folder")
+    return path
+
+
+def find_file(name: str, folders: Iterable[Path]) -> Path | None:
+    """The first ``folder/name`` that exists, or None."""
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def require_file(name: str, folders: Sequence[Path], what: str) -> Path:
+    found = find_file(name, folders)
+    if found is None:
+        raise SourceError(f"{what} {name} not found; looked in {', '.join(str(f) for f in folders)}")
+    return found
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """Text lines of a label file; an unreadable file is a clear error, not a traceback."""
+    try:
+        return path.read_text(encoding="utf-8", errors="strict").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SourceError(f"{what} {path} is unreadable: {error}") from None
+
+
+def read_labelled_lines(path: Path, what: str) -> list[LabelledLine]:
+    """Parse ``relpath label`` lines (blank lines ignored); errors name the file and line."""
+    out = []
+    for number, text in enumerate(read_lines(path, what), start=1):
+        if not text.strip():
+            continue
+        parts = text.strip().rsplit(maxsplit=1)  # rsplit: a path may contain spaces, the label cannot
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise SourceError(f"{path}:{number}: expected 'path label', got {text.strip()[:80]!r}")
+        out.append(LabelledLine(number, parts[0], int(parts[1])))
+    if not out:
+        raise SourceError(f"{what} {path} lists no images")
+    return out
+
+
+def read_wnid_list(path: Path, what: str) -> list[str]:
+    """WNIDs, the first token of each non-empty line (so ``nXXXXXXXX name ...`` lines work too)."""
+    wnids = []
+    for number, text in enumerate(read_lines(path, what), start=1):
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        token = text.split()[0]
+        if not WNID_PATTERN.match(token):
+            raise SourceError(f"{path}:{number}: {token!r} is not a WordNet ID (nXXXXXXXX)")
+        wnids.append(token)
+    duplicates = sorted(w for w, n in Counter(wnids).items() if n > 1)
+    if duplicates:
+        raise SourceError(f"{what} {path} lists {duplicates[:3]} more than once")
+    if not wnids:
+        raise SourceError(f"{what} {path} lists no WordNet IDs")
+    return wnids
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1,000 ImageNet-1k WNIDs in sorted order (class index = position), as timm ships them."""
+    data = pkgutil.get_data("timm.data", "_info/imagenet_synsets.txt")
+    if data is None:  # pragma: no cover - only with a broken timm install
+        raise SourceError("timm does not ship data/_info/imagenet_synsets.txt; reinstall timm")
+    wnids = data.decode("ascii").split()
+    if len(wnids) != 1000 or wnids != sorted(wnids):
+        raise SourceError("timm's imagenet_synsets.txt is not the sorted list of 1,000 WNIDs")
+    return wnids
+
+
+def list_subfolders(parent: Path, pattern: re.Pattern[str] | None = None) -> list[str]:
+    """Sorted names of the sub-folders of ``parent`` (matching ``pattern`` when given)."""
+    with os.scandir(parent) as entries:
+        names = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    return sorted(n for n in names if pattern is None or pattern.match(n))
+
+
+def list_image_files(folder: Path) -> list[str]:
+    """Sorted image file names in ``folder``; only directory entries are read, never the bytes."""
+    with os.scandir(folder) as entries:
+        names = [
+            e.name
+            for e in entries
+            if not e.name.startswith(".") and Path(e.name).suffix.lower() in IMAGE_SUFFIXES and e.is_file()
+        ]
+    return sorted(names)
+
+
+def key_from_relpath(relpath: str) -> str:
+    """A sample key from a path relative to the dataset root, without its extension."""
+    return safe_key(str(PurePosixPath(relpath).with_suffix("")))
+
+
+def file_item(
+    root: Path, relpath: str, key: str, label: int, labels: tuple[int, ...] | None = None, meta: dict | None = None
+) -> SourceItem:
+    """A ``SourceItem`` for ``root/relpath``; the manifest records only the relative path."""
+    return SourceItem(key=key, label=label, source=relpath, path=str(root / relpath), labels=labels, meta=meta or {})
+
+
+def check_listed_files_exist(items: Sequence[SourceItem], listed_in: str) -> None:
+    """Fail early when none of a sample of listed files exists (a wrong --root, not a few bad files).
+
+    Individually missing files are not an error: the writer skips them with a reason, like any
+    unreadable file.
+    """
+    if not items:
+        return
+    step = max(1, len(items) // _EXISTENCE_PROBES)
+    probes = items[::step][:_EXISTENCE_PROBES]
+    if not any(os.path.isfile(item.path or "") for item in probes):
+        raise SourceError(
+            f"none of {len(probes)} files listed in {listed_in} exists (e.g. {probes[0].path}); "
+            "is --root the dataset's top folder?"
+        )
+
+
+def parse_splits(text: str | None, known: Sequence[str]) -> tuple[str, ...] | None:
+    """``--splits a,b`` as a tuple (None = every split found); unknown names are an error."""
+    if text is None:
+        return None
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in names if s not in known]
+    if unknown or not names:
+        raise SourceError(f"--splits {text!r}: choose from {', '.join(known)}")
+    return names
+
+
+def write_planned(out: Path, planned: Sequence[PlannedSplit], settings: WriterSettings) -> list[SplitManifest]:
+    """Write every planned split; an empty split is refused before anything is written."""
+    for split in planned:
+        if not split.items:
+            raise SourceError(f"split {split.spec.name}: no images found to convert")
+        duplicates = [key for key, n in Counter(item.key for item in split.items).items() if n > 1]
+        if duplicates:
+            raise SourceError(f"split {split.spec.name}: several files map to the sample keys {duplicates[:3]}")
+    return [write_split(out, split.spec, split.items, settings) for split in planned]

@@ -1,0 +1,115 @@
+"""The digit grid: the label rule in numbers, disjoint digit pools, determinism, and the CLI end to end."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shards.format import LabelKind, decode_sample
+from shards.manifest import load_splits, validate_split
+from shards.sources.digits_grid import (
+    CENTRE_CELL,
+    CENTRE_PROBABILITY,
+    GridConfig,
+    grid_items,
+    grid_spec,
+    load_digit_cells,
+    split_digit_pools,
+)
+from shards.writer import WriterSettings, write_split
+
+REPO = Path(__file__).resolve().parents[1]
+CHI2_7DOF_P001 = 24.32  # chi-square critical value, 7 degrees of freedom, p = 0.001
+
+
+@pytest.fixture(scope="module")
+def many_train_grids():
+    """20,000 training grids in memory (4 px cells: only labels matter here)."""
+    return grid_items(GridConfig(train_size=20_000, val_size=10, cell_px=4))["train"]
+
+
+def test_label_is_the_digit_at_the_label_cell_and_the_centre_with_probability_0_6(many_train_grids):
+    cells = np.array([item.meta["label_cell"] for item in many_train_grids])
+    assert all(item.label == item.meta["grid"][item.meta["label_cell"]] for item in many_train_grids)
+    n = len(cells)
+    std = np.sqrt(CENTRE_PROBABILITY * (1 - CENTRE_PROBABILITY) / n)
+    assert abs(np.mean(cells == CENTRE_CELL) - CENTRE_PROBABILITY) < 4 * std
+
+
+def test_other_label_cells_are_uniform_over_the_eight_neighbours(many_train_grids):
+    cells = np.array([item.meta["label_cell"] for item in many_train_grids])
+    counts = np.bincount(cells[cells != CENTRE_CELL], minlength=9)
+    others = np.delete(counts, CENTRE_CELL)
+    assert counts[CENTRE_CELL] == 0 and others.min() > 0
+    expected = others.sum() / 8
+    assert ((others - expected) ** 2 / expected).sum() < CHI2_7DOF_P001, others
+
+
+def test_multi_label_set_is_every_digit_present_and_holds_the_label(many_train_grids):
+    for item in many_train_grids:
+        assert item.labels == tuple(sorted(set(item.meta["grid"])))
+        assert item.label in item.labels
+
+
+def cells_of(pixels: np.ndarray, cell_px: int) -> list[bytes]:
+    """The nine cells of a grid, row-major, as raw bytes."""
+    return [pixels[r * cell_px : (r + 1) * cell_px, c * cell_px : (c + 1) * cell_px].tobytes() for r in range(3) for c in range(3)]
+
+
+def test_grids_draw_only_from_their_own_disjoint_digit_pool():
+    config = GridConfig(train_size=150, val_size=150, seed=3, cell_px=16)
+    cells, classes = load_digit_cells(config.cell_px)
+    train_pool, val_pool = split_digit_pools(len(cells), config)
+    assert not set(train_pool) & set(val_pool) and len(train_pool) + len(val_pool) == len(cells)
+    pools = {"train": set(train_pool.tolist()), "val": set(val_pool.tolist())}
+    lookup = {cell.tobytes(): i for i, cell in enumerate(cells)}
+    for split, items in grid_items(config).items():
+        for item in items:
+            digit_ids = [lookup[cell] for cell in cells_of(item.pixels, config.cell_px)]  # KeyError: not a digit
+            assert set(digit_ids) <= pools[split]
+            assert classes[digit_ids].tolist() == item.meta["grid"]  # labels describe the pixels
+
+
+def test_same_seed_gives_the_same_grids_and_another_seed_does_not():
+    def draw(seed: int) -> tuple[np.ndarray, list[int]]:
+        val = grid_items(GridConfig(train_size=5, val_size=50, seed=seed, cell_px=4))["val"]
+        return np.stack([item.pixels for item in val]), [item.label for item in val]
+
+    (pixels_a, labels_a), (pixels_b, labels_b), (pixels_c, _) = draw(1), draw(1), draw(2)
+    assert np.array_equal(pixels_a, pixels_b) and labels_a == labels_b
+    assert not np.array_equal(pixels_a, pixels_c)
+
+
+def test_a_new_cell_size_rewrites_the_shards(tmp_path):
+    settings = WriterSettings(progress=False)
+    for cell_px in (8, 12):
+        config = GridConfig(train_size=5, val_size=5, cell_px=cell_px)
+        write_split(tmp_path, grid_spec("val", config), grid_items(config)["val"], settings)
+    shard = load_splits(tmp_path)["val"].shards[0]
+    with tarfile.open(tmp_path / shard.path) as tar:
+        jpeg = tar.extractfile(tar.getmembers()[0]).read()
+    assert Image.open(io.BytesIO(jpeg)).size == (36, 36)
+
+
+def test_cli_writes_a_manifest_with_train_and_val(tmp_path):
+    out = tmp_path / "grid"
+    command = [sys.executable, "tools/make_shards.py", "digits-grid", "--out", str(out), "--train-size", "60",
+               "--val-size", "20", "--cell-px", "16", "--shard-samples", "25", "--workers", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    splits = load_splits(out)
+    assert sorted(splits) == ["train", "val"]
+    assert [s.num_samples for s in splits["train"].shards] == [25, 25, 10] and splits["val"].num_samples == 20
+    assert splits["val"].label_kind is LabelKind.MULTI and splits["val"].class_names == [str(d) for d in range(10)]
+    validate_split(out, "val")
+    with tarfile.open(out / splits["val"].shards[0].path) as tar:
+        members = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()[:5]}
+    sample = decode_sample("first", members)
+    assert sample.label in sample.labels and Image.open(io.BytesIO(sample.jpeg)).size == (48, 48)

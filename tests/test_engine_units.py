@@ -1,0 +1,187 @@
+"""Engine pieces on their own: fused losses, the phase machine, phase switches, schedule, config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import ConfigError, MethodConfig, OptimConfig, RunConfig, build_config
+from engine.losses import bce_one_hot, bce_pseudo_labels, logit, softmax_cross_entropy
+from engine.models import build_model, classifier_of
+from engine.phases import STUDENT, TEACHER, TRAIN, PhasePlan, PhaseSwitch, module_state
+from engine.schedule import lr_at, peak_lr
+
+
+def two_step_pseudo_bce(student: torch.Tensor, teacher: torch.Tensor, rho: float) -> torch.Tensor:
+    """The plain computation the fused loss must equal: threshold the sigmoid, then BCE."""
+    targets = (torch.sigmoid(teacher.double()) > rho).double()
+    per_class = F.binary_cross_entropy_with_logits(student.double(), targets, reduction="none")
+    return per_class.sum(dim=1).mean()
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.25, 0.9, 1e-6, 1 - 1e-6])
+def test_fused_pseudo_label_bce_equals_two_step(rho: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(64, 17, generator=generator) * 4
+    teacher = torch.randn(64, 17, generator=generator) * 4
+    fused = bce_pseudo_labels(student, teacher, logit(rho))
+    assert torch.allclose(fused.double(), two_step_pseudo_bce(student, teacher, rho), rtol=1e-5, atol=1e-5)
+
+
+def test_pseudo_label_threshold_edges() -> None:
+    """Teacher logit exactly at logit(rho) is not a positive (strict '>'), just above it is."""
+    rho = 0.5
+    student = torch.zeros(1, 3)
+    teacher = torch.tensor([[0.0, 1e-4, -1e-4]])  # sigmoid = 0.5, >0.5, <0.5
+    expected = two_step_pseudo_bce(student, teacher, rho)
+    assert torch.allclose(bce_pseudo_labels(student, teacher, logit(rho)).double(), expected)
+    # with student logits 0 every class costs log 2; a positive target does not change that, so
+    # check the positives through the gradient instead: d/dz = sigmoid(z) - y
+    z = torch.zeros(1, 3, requires_grad=True)
+    bce_pseudo_labels(z, teacher, logit(rho)).backward()
+    assert torch.allclose(z.grad, torch.tensor([[0.5, -0.5, 0.5]]))
+
+
+def test_pseudo_labels_saturated_teacher() -> None:
+    """Huge teacher logits: the fused form is finite and matches float64."""
+    student = torch.tensor([[30.0, -30.0, 0.0]])
+    teacher = torch.tensor([[80.0, -80.0, 20.0]])
+    for rho in (1e-6, 0.5, 1 - 1e-6):
+        fused = bce_pseudo_labels(student, teacher, logit(rho))
+        assert torch.isfinite(fused)
+        assert torch.allclose(fused.double(), two_step_pseudo_bce(student, teacher, rho), atol=1e-5)
+
+
+def test_bce_one_hot_and_softmax_match_torch() -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(32, 10, generator=generator)
+    labels = torch.randint(0, 10, (32,), generator=generator)
+    one_hot = F.one_hot(labels, 10).float()
+    reference = F.binary_cross_entropy_with_logits(logits, one_hot, reduction="sum") / 32
+    assert torch.allclose(bce_one_hot(logits, labels), reference, atol=1e-5)
+    assert torch.allclose(softmax_cross_entropy(logits, labels), F.cross_entropy(logits, labels))
+
+
+def test_logit_rejects_out_of_range() -> None:
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            logit(bad)
+
+
+def mile(k_t: int = 3, k_s: int = 2, warmup: int = 0, init: str = "teacher") -> PhasePlan:
+    return PhasePlan(MethodConfig(name="mile", k_teacher_steps=k_t, k_student_steps=k_s, warmup_steps=warmup, student_init=init))
+
+
+def test_phases_run_exactly_k_steps() -> None:
+    plan = mile(k_t=3, k_s=2)
+    phases = [plan.position(s).phase for s in range(13)]
+    assert phases == [TEACHER] * 3 + [STUDENT] * 2 + [TEACHER] * 3 + [STUDENT] * 2 + [TEACHER] * 3
+    assert [plan.position(s).step_in_phase for s in range(8)] == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert [plan.position(s).cycle for s in (0, 3, 5, 8, 10)] == [0, 0, 1, 1, 2]
+
+
+def test_warmup_extends_first_teacher_phase_only() -> None:
+    plan = mile(k_t=2, k_s=1, warmup=4)
+    phases = [plan.position(s).phase for s in range(10)]
+    assert phases == [TEACHER] * 6 + [STUDENT] + [TEACHER] * 2 + [STUDENT]
+
+
+def test_baselines_have_one_phase() -> None:
+    plan = PhasePlan(MethodConfig(name="sigmoid"))
+    assert {plan.position(s).phase for s in range(50)} == {TRAIN}
+    assert all(plan.transitions_before(s) == () for s in range(50))
+
+
+def test_transitions() -> None:
+    teacher_init = mile(k_t=2, k_s=2)
+    assert teacher_init.transitions_before(0) == ()
+    assert teacher_init.transitions_before(2) == ("snapshot_teacher",)
+    assert teacher_init.transitions_before(4) == ()
+    previous = mile(k_t=2, k_s=2, init="previous")
+    assert previous.transitions_before(0) == ("save_student",)
+    assert previous.transitions_before(2) == ("snapshot_teacher", "restore_student")
+    assert previous.transitions_before(4) == ("save_student",)
+    assert previous.transitions_before(3) == ()
+
+
+def _perturb(module: torch.nn.Module, amount: float) -> None:
+    with torch.no_grad():
+        for tensor in module_state(module):
+            if tensor.is_floating_point():
+                tensor.add_(amount)
+
+
+def test_phase_switch_copies_parameters_and_buffers_in_place() -> None:
+    learner, teacher = build_model("grid_cnn", 10, True), build_model("grid_cnn", 10, True)
+    learner.train()(torch.randn(4, 3, 24, 24))  # moves BatchNorm running statistics
+    teacher_ptrs = [t.data_ptr() for t in module_state(teacher)]
+    switch = PhaseSwitch(learner, teacher, [])
+    switch.apply(("snapshot_teacher",))
+    for mine, theirs in zip(module_state(learner), module_state(teacher)):
+        assert torch.equal(mine, theirs)
+    assert [t.data_ptr() for t in module_state(teacher)] == teacher_ptrs  # no re-allocation
+
+
+def test_previous_student_restores_weights_and_momentum() -> None:
+    learner, teacher = build_model("grid_cnn", 10, True), build_model("grid_cnn", 10, True)
+    momentum = [torch.zeros_like(p) for p in learner.parameters()]
+    switch = PhaseSwitch(learner, teacher, momentum)
+    before = [t.clone() for t in module_state(learner)]
+    switch.apply(("save_student",))
+    _perturb(learner, 1.0)  # the teacher phase trains the learner on ground truth
+    for buffer in momentum:
+        buffer.add_(3.0)
+    switch.apply(("snapshot_teacher", "restore_student"))
+    for restored, original in zip(module_state(learner), before):
+        assert torch.equal(restored, original)
+    assert all(torch.count_nonzero(b) == 0 for b in momentum)
+    for trained, original in zip(module_state(teacher), before):  # the teacher kept the trained weights
+        if trained.is_floating_point():
+            assert torch.allclose(trained, original + 1.0)
+
+
+def test_sigmoid_head_bias() -> None:
+    model = build_model("grid_cnn", 10, multi_label_head=True)
+    assert torch.allclose(classifier_of(model).bias, torch.full((10,), -math.log(10)))
+    resnet = build_model("resnet18", 1000, multi_label_head=True)
+    assert torch.allclose(classifier_of(resnet).bias, torch.full((1000,), -math.log(1000)))
+
+
+def test_schedule_warmup_cosine_and_scaling() -> None:
+    optim = OptimConfig(lr_per_256=0.1, warmup_lr_steps=10, schedule="cosine")
+    assert peak_lr(optim, 512) == pytest.approx(0.2)
+    assert lr_at(0, 100, optim, 256) == pytest.approx(0.01)
+    assert lr_at(9, 100, optim, 256) == pytest.approx(0.1)
+    assert lr_at(10, 100, optim, 256) == pytest.approx(0.1)
+    assert lr_at(55, 100, optim, 256) == pytest.approx(0.05)
+    assert lr_at(99, 100, optim, 256) < 0.001
+    step = OptimConfig(lr_per_256=0.1, schedule="step", step_decay_every=30, step_decay_factor=0.1)
+    assert lr_at(29, 100, step, 256) == pytest.approx(0.1)
+    assert lr_at(30, 100, step, 256) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"method.rho": 1.0}, "--rho"),
+        ({"method.rho": 0.0}, "--rho"),
+        ({"method.k_teacher_steps": 0}, "--k-teacher-steps"),
+        ({"method.k_student_steps": 0}, "--k-student-steps"),
+        ({"method.name": "softmaxx"}, "--method"),
+        ({"eval_thetas": [0.5, 1.2]}, "--theta"),
+        ({"method.student_init": "random"}, "--student-init"),
+        ({"num_steps": 0}, "--steps"),
+    ],
+)
+def test_bad_options_name_the_option(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config({}, overrides)
+
+
+def test_flags_override_file_values() -> None:
+    config = build_config({"num_steps": 10, "method": {"rho": 0.3, "k_teacher_steps": 7}}, {"method.rho": 0.4, "num_steps": None})
+    assert config.method.rho == 0.4 and config.method.k_teacher_steps == 7 and config.num_steps == 10
+    assert isinstance(config, RunConfig)

@@ -1,0 +1,345 @@
+"""Every metric of engine/metrics.py (DESIGN §3) against an independent implementation."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from sklearn.metrics import (
+    average_precision_score,
+    balanced_accuracy_score,
+    f1_score,
+    top_k_accuracy_score,
+)
+
+from engine.metrics import EvalAccumulator, average_precision_per_class, metric_key
+
+THETAS = (0.25, 0.5)
+SEEDS = (0, 1, 2, 3)
+REAL_JSON = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "real.json"
+
+
+# -- inputs and references ---------------------------------------------------------------------------
+
+
+def random_split(seed: int, n: int = 200, c: int = 12) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits, labels (some -1) and multi-hot sets (some empty; labels sometimes inside, sometimes not)."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.normal(0.0, 2.0, (n, c)) - 1.0).astype(np.float32)
+    targets = rng.random((n, c)) < rng.uniform(0.05, 0.35, (n, 1))
+    targets[rng.random(n) < 0.15] = False
+    labels = rng.integers(0, c, n)
+    for i in np.flatnonzero((rng.random(n) < 0.6) & targets.any(axis=1)):
+        labels[i] = rng.choice(np.flatnonzero(targets[i]))
+    labels[rng.random(n) < 0.05] = -1
+    assert (~targets.any(axis=1)).sum() > 0 and (labels == -1).sum() > 0
+    return logits, labels, targets
+
+
+def accumulate(logits, labels, targets, method_kind="sigmoid", batch_size=None, **kwargs) -> dict[str, float]:
+    has_multilabels = targets is not None
+    acc = EvalAccumulator(logits.shape[1], THETAS, method_kind, has_multilabels, **kwargs)
+    n = logits.shape[0]
+    batch_size = batch_size or n
+    for start in range(0, n, batch_size):
+        part = slice(start, start + batch_size)
+        acc.update(
+            torch.from_numpy(logits[part]),
+            torch.from_numpy(labels[part]).long(),
+            None if targets is None else torch.from_numpy(targets[part]).float(),
+        )
+    return acc.compute()
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+def prediction_sets(logits: np.ndarray, theta: float, method_kind: str) -> np.ndarray:
+    predicted = np.zeros(logits.shape, dtype=bool)
+    if method_kind == "sigmoid":
+        predicted = sigmoid(logits) > theta
+    predicted[np.arange(len(logits)), logits.argmax(axis=1)] = True
+    return predicted
+
+
+def reference_secondary_map(scores: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> float:
+    evaluated = targets.any(axis=1)
+    aps = []
+    for c in range(targets.shape[1]):
+        rows = evaluated & (labels != c)
+        if targets[rows, c].any():
+            aps.append(average_precision_score(targets[rows, c], scores[rows, c]))
+    return float(np.mean(aps))
+
+
+def assert_same(actual: dict, expected: dict, rel: float = 1e-9) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, rel=rel, abs=1e-12, nan_ok=True), key
+
+
+# -- classification splits -----------------------------------------------------------------------------
+
+
+def test_metric_key_spelling():
+    assert metric_key("f1", 0.25) == "f1@0.25"
+    assert metric_key("coverage", 0.5) == "coverage@0.5"
+    assert metric_key("balanced_acc", 0.1) == "balanced_acc@0.1"
+
+
+@pytest.mark.parametrize("method_kind", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_multilabel_metrics_match_independent_references(seed, method_kind):
+    logits, labels, targets = random_split(seed)
+    got = accumulate(logits, labels, targets, method_kind)
+    evaluated = targets.any(axis=1)
+    labelled = labels >= 0
+    argmax = logits.argmax(axis=1)
+    classes = np.arange(logits.shape[1])
+    assert got["num_images"] == len(labels)
+    assert got["num_evaluated"] == evaluated.sum()
+    assert got["top1"] == pytest.approx(
+        top_k_accuracy_score(labels[labelled], logits[labelled], k=1, labels=classes), rel=1e-12)
+    assert got["top5"] == pytest.approx(
+        top_k_accuracy_score(labels[labelled], logits[labelled], k=5, labels=classes), rel=1e-12)
+    real_hits = [targets[i, argmax[i]] for i in range(len(labels)) if evaluated[i]]
+    assert got["real_top1"] == pytest.approx(np.mean(real_hits), rel=1e-12)
+    for theta in THETAS:
+        predicted = prediction_sets(logits, theta, method_kind)
+        expected_f1 = f1_score(targets[evaluated], predicted[evaluated], average="samples")
+        assert got[metric_key("f1", theta)] == pytest.approx(expected_f1, rel=1e-9)
+        sizes = [predicted[i].sum() for i in range(len(labels)) if evaluated[i]]
+        assert got[metric_key("coverage", theta)] == pytest.approx(np.mean(sizes), rel=1e-12)
+        if method_kind == "softmax":
+            assert got[metric_key("coverage", theta)] == 1.0
+    expected_map = reference_secondary_map(sigmoid(logits), labels, targets)
+    assert got["secondary_map"] == pytest.approx(expected_map, rel=1e-9)
+
+
+def test_sigmoid_prediction_set_always_holds_the_argmax():
+    # All sigmoid scores below theta: P = {argmax}, so F1 and coverage equal the softmax ones.
+    logits, labels, targets = random_split(7)
+    logits = logits - 20.0
+    assert_same(accumulate(logits, labels, targets, "sigmoid"), accumulate(logits, labels, targets, "softmax"))
+
+
+def test_split_without_multilabels_reports_coverage_over_all_images():
+    logits, labels, _ = random_split(4)
+    got = accumulate(logits, labels, None, "sigmoid")
+    assert set(got) == {"num_images", "top1", "top5"} | {metric_key("coverage", t) for t in THETAS}
+    for theta in THETAS:
+        sizes = [prediction_sets(logits, theta, "sigmoid")[i].sum() for i in range(len(labels))]
+        assert got[metric_key("coverage", theta)] == pytest.approx(np.mean(sizes), rel=1e-12)
+    softmax = accumulate(logits, labels, None, "softmax")
+    assert all(softmax[metric_key("coverage", t)] == 1.0 for t in THETAS)
+
+
+def test_top5_needs_five_classes_and_unlabelled_samples_are_skipped():
+    logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [5.0, 0.0, 0.0]], dtype=np.float32)
+    got = accumulate(logits, np.array([0, 2, -1]), None, "softmax")
+    assert "top5" not in got
+    assert got["top1"] == 0.5 and got["num_images"] == 3
+
+
+def test_hand_worked_example():
+    # Image 0: P@0.5 = {0, 1}, T = {1}: argmax 0 not in T, F1 = 2/3. Image 1: empty T, outside E.
+    # Image 2: P@0.5 = {2}, T = {2, 3}: F1 = 2/3, real hit. Image 3: P = {3}, T = {3}: F1 = 1.
+    logits = np.array([[3, 1, -5, -5], [2, -5, -5, -5], [-5, -5, 4, -1], [-3, -3, -3, 2]], dtype=np.float32)
+    labels = np.array([0, 0, 3, 3])
+    targets = np.array([[0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]], dtype=bool)
+    got = accumulate(logits, labels, targets, "sigmoid")
+    assert got["num_evaluated"] == 3
+    assert got["real_top1"] == pytest.approx(2 / 3)
+    assert got[metric_key("f1", 0.5)] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    assert got[metric_key("coverage", 0.5)] == pytest.approx(4 / 3)
+    # Secondary classes: class 1 (image 0, label 0) ranks first among E minus label-1 images: AP 1.
+    # Class 3 excludes images 2 and 3 (label 3), so it has no positive; classes 0 and 2 neither.
+    assert got["secondary_map"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_batches_and_merges_equal_one_big_batch(seed):
+    logits, labels, targets = random_split(seed)
+    for kwargs in ({"method_kind": "sigmoid"}, {"method_kind": "softmax"}, {"attributes": True}):
+        whole = accumulate(logits, labels, targets, **kwargs)
+        assert_same(accumulate(logits, labels, targets, batch_size=37, **kwargs), whole)
+    halves = [EvalAccumulator(12, THETAS, "sigmoid", True) for _ in range(2)]
+    for acc, part in zip(halves, (slice(0, 71), slice(71, None))):
+        acc.update(torch.from_numpy(logits[part]), torch.from_numpy(labels[part]), torch.from_numpy(targets[part]))
+    assert_same(halves[0].merge(halves[1]).compute(), accumulate(logits, labels, targets))
+
+
+def test_metric_names_are_the_computed_keys():
+    logits, labels, targets = random_split(0)
+    for kwargs in ({"method_kind": "softmax"}, {"attributes": True}, {"keep_scores_for_map": False}):
+        acc = EvalAccumulator(12, THETAS, kwargs.pop("method_kind", "sigmoid"), True, **kwargs)
+        acc.update(torch.from_numpy(logits), torch.from_numpy(labels), torch.from_numpy(targets))
+        assert tuple(acc.compute()) == acc.metric_names()
+    assert "secondary_map" not in acc.metric_names()
+
+
+# -- average precision -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_average_precision_with_ties_matches_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, (150, 9)).astype(np.float32) / 5  # few distinct values: many ties
+    positives = rng.random((150, 9)) < 0.3
+    included = rng.random((150, 9)) < 0.8
+    positives[:, 0] = False  # a class without positives -> NaN, left out of the mean
+    got = average_precision_per_class(torch.from_numpy(scores), torch.from_numpy(positives), torch.from_numpy(included))
+    assert math.isnan(got[0])
+    for c in range(1, 9):
+        rows = included[:, c]
+        assert got[c].item() == pytest.approx(average_precision_score(positives[rows, c], scores[rows, c]), rel=1e-12)
+
+
+def test_float16_score_storage_is_sklearn_ap_of_the_rounded_scores():
+    logits, labels, targets = random_split(5)
+    got = accumulate(logits, labels, targets, score_dtype=torch.float16)
+    rounded = torch.sigmoid(torch.from_numpy(logits)).half().float().numpy()
+    assert len(np.unique(rounded)) < rounded.size  # rounding did create ties
+    assert got["secondary_map"] == pytest.approx(reference_secondary_map(rounded, labels, targets), rel=1e-9)
+
+
+# -- attribute splits (CelebA) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("degenerate", ["nobody", "everybody"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_attribute_metrics_match_sklearn(seed, degenerate):
+    logits, labels, targets = random_split(seed)
+    logits[:10] = -30.0  # empty P; rows 0-4 also have empty T (score 1), rows 5-9 may not (score 0)
+    targets[:5] = False
+    if degenerate == "nobody":
+        targets[:, 3] = False  # balanced accuracy of this attribute is the TNR alone
+    else:
+        targets[:, 4] = True  # the TPR alone (no empty T any more)
+    got = accumulate(logits, labels, targets, attributes=True)
+    assert got["num_images"] == len(labels)
+    for theta in THETAS:
+        predicted = sigmoid(logits) > theta
+        expected_f1 = f1_score(targets, predicted, average="samples", zero_division=1.0)
+        assert got[metric_key("f1", theta)] == pytest.approx(expected_f1, rel=1e-9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn warns about the one-class attributes
+            per_attribute = [balanced_accuracy_score(targets[:, c], predicted[:, c]) for c in range(12)]
+        assert got[metric_key("balanced_acc", theta)] == pytest.approx(np.mean(per_attribute), rel=1e-12)
+
+
+def test_attribute_f1_scores_empty_prediction_and_empty_truth_as_one():
+    logits = np.array([[-9.0, -9.0, -9.0], [9.0, -9.0, -9.0], [-9.0, -9.0, -9.0]], dtype=np.float32)
+    targets = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=bool)  # perfect, perfect, missed
+    got = accumulate(logits, np.full(3, -1), targets, attributes=True)
+    assert got[metric_key("f1", 0.5)] == pytest.approx(2 / 3)
+
+
+# -- ReaL labels ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not REAL_JSON.exists(), reason=f"{REAL_JSON} not present")
+def test_real_labels_on_imagenet_val_prefix():
+    from timm.data import RealLabelsImagenet
+
+    real_sets = json.loads(REAL_JSON.read_text())
+    n, c = 2000, 1000
+    targets = np.zeros((n, c), dtype=bool)
+    for i, classes in enumerate(real_sets[:n]):
+        targets[i, classes] = True
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(n, c)).astype(np.float32)
+    labels = np.array([s[0] if s else rng.integers(c) for s in real_sets[:n]])
+    got = accumulate(logits, labels, targets, batch_size=512)
+    empty = [i for i, s in enumerate(real_sets[:n]) if not s]
+    assert 0 < len(empty) and got["num_evaluated"] == n - len(empty)
+    argmax = logits.argmax(axis=1)
+    expected = np.mean([argmax[i] in real_sets[i] for i in range(n) if real_sets[i]])
+    assert got["real_top1"] == pytest.approx(expected, rel=1e-12)
+    names = [f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i in range(len(real_sets))]
+    timm_real = RealLabelsImagenet(names, real_json=str(REAL_JSON), topk=(1,))
+    timm_real.add_result(torch.from_numpy(logits))
+    assert got["real_top1"] == pytest.approx(timm_real.get_accuracy(k=1) / 100, rel=1e-12)
+
+
+# -- distributed -------------------------------------------------------------------------------------------------
+
+
+def _distributed_worker(rank: int, folder: str, shares: list[tuple[int, ...]]) -> None:
+    """One rank: for each way of sharing the split, accumulate this rank's part and compute."""
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2)
+    try:
+        logits, labels, targets = random_split(6)
+        results = []
+        for bounds in shares:
+            part = slice(bounds[rank], bounds[rank + 1])
+            acc = EvalAccumulator(12, THETAS, "sigmoid", True, score_dtype=torch.float16)
+            if bounds[rank] < bounds[rank + 1]:
+                acc.update(torch.from_numpy(logits[part]), torch.from_numpy(labels[part]),
+                           torch.from_numpy(targets[part]))
+            results.append(acc.compute())
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_compute_equals_single_process(tmp_path):
+    shares = [(0, 23, 200), (0, 0, 200)]  # unequal shares; a rank with no samples at all
+    mp.spawn(_distributed_worker, args=(str(tmp_path), shares), nprocs=2)  # 2 processes: CI has 2 cores
+    expected = accumulate(*random_split(6), score_dtype=torch.float16)
+    for rank in range(2):
+        for got in json.loads((tmp_path / f"rank{rank}.json").read_text()):
+            assert_same(got, expected)
+
+
+# -- device -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_update_never_syncs_and_matches_cpu():
+    logits, labels, targets = random_split(0)
+    expected = accumulate(logits, labels, targets)
+    acc = EvalAccumulator(12, THETAS, "sigmoid", True)  # adopts the first batch's device
+    batch = [torch.from_numpy(x).cuda() for x in (logits, labels, targets)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside update raises
+    try:
+        for _ in range(2):  # second update: nothing lazily initialised hides a sync
+            acc.update(*batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got = acc.compute()
+    assert got.pop("num_images") == 2 * expected.pop("num_images")
+    assert got.pop("num_evaluated") == 2 * expected.pop("num_evaluated")
+    assert_same(got, expected, rel=1e-6)
+
+
+# -- validation -------------------------------------------------------------------------------------------------
+
+
+def test_bad_settings_and_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="thetas"):
+        EvalAccumulator(10, (0.0,), "sigmoid", True)
+    with pytest.raises(ValueError, match="method_kind"):
+        EvalAccumulator(10, THETAS, "mile", True)
+    with pytest.raises(ValueError, match="attributes"):
+        EvalAccumulator(10, THETAS, "sigmoid", False, attributes=True)
+    acc = EvalAccumulator(10, THETAS, "sigmoid", True)
+    with pytest.raises(ValueError, match="targets"):
+        acc.update(torch.zeros(4, 10), torch.zeros(4, dtype=torch.int64), None)
+    with pytest.raises(ValueError, match="logits"):
+        acc.update(torch.zeros(4, 9), torch.zeros(4, dtype=torch.int64), torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="labels"):
+        acc.update(torch.zeros(4, 10), torch.zeros(4, dtype=torch.int32), torch.zeros(4, 10))
+    with pytest.raises(ValueError, match="meta"):
+        EvalAccumulator(10, THETAS, "sigmoid", False, device="meta").update(
+            torch.zeros(4, 10), torch.zeros(4, dtype=torch.int64))

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""``tools/bench.py``: performance measurements, one subcommand per area; see ``--help``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Measure the trainer's parts side by side; prints a table and writes JSON.", no_args_is_help=True)
+
+
+@app.callback()
+def main() -> None:
+    """Subcommands: loaders (input pipelines)."""
+
+
+@app.command("loaders")
+def loaders(
+    out: Path | None = typer.Option(None, "--out", help="Write the results as JSON to FILE."),
+    num_images: int = typer.Option(512, "--num-images", min=8, help="Synthetic ~500x375 photo JPEGs to stream."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch (every loader)."),
+    image_size: int = typer.Option(224, "--image-size", min=8, help="Output side in pixels."),
+    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader processes / DALI threads (every loader)."),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed epochs per loader."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed epochs first."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic photos and the loaders."),
+) -> None:
+    """Train-mode decode+augment images/s: DALI CPU, torch backend, PIL DataLoader (and GPU decode with CUDA)."""
+    from pipelines import bench_loaders
+
+    config = bench_loaders.LoaderBenchConfig(num_images, batch_size, image_size, workers, repeats, warmup, seed)
+    results = bench_loaders.run_loader_bench(config)
+    typer.echo(bench_loaders.format_table(results))
+    if out is not None:
+        bench_loaders.write_json(out, config, results)
+        typer.echo(f"wrote {out}")
+
+
+@app.command("convert")
+def convert(
+    out: Path | None = typer.Option(None, "--out", help="Write the results as JSON to FILE."),
+    num_images: int = typer.Option(1000, "--num-images", min=1, help="Synthetic photo JPEGs (~500x375) to convert."),
+    large_fraction: float = typer.Option(0.3, "--large-fraction", min=0.0, max=1.0, help="Share enlarged to 800x600."),
+    max_side: int = typer.Option(500, "--max-side", min=8, help="--max-side of the resizing conversion."),
+    workers: str = typer.Option("1,2", "--workers", help="Comma-separated worker counts to measure."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per configuration."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic photos."),
+) -> None:
+    """make_shards conversion images/s (pass-through and --max-side) and verify seconds per 1,000 images."""
+    from shards import bench_convert
+
+    worker_counts = tuple(int(w) for w in workers.split(","))
+    config = bench_convert.ConvertBenchConfig(num_images, large_fraction, max_side, worker_counts, repeats, seed)
+    results, num_large = bench_convert.run_convert_bench(config)
+    typer.echo(f"{num_images} images, {num_large} of them 800x600")
+    typer.echo(bench_convert.format_table(results))
+    if out is not None:
+        bench_convert.write_json(out, config, results, num_large)
+        typer.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()
