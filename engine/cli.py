@@ -28,7 +28,7 @@ def _overrides(options: dict[str, Any]) -> dict[str, Any]:
     """Flag name -> config key; options left at None were not given and override nothing."""
     keys = {
         "data": "data.root", "train_split": "data.train_split", "eval_split": "data.eval_split",
-        "image_size": "data.image_size_px", "augment": "data.augment", "loader": "data.backend",
+        "image_size": "data.image_size_px", "augment": "data.augment", "eval_crop": "data.eval_crop_fraction", "loader": "data.backend",
         "workers": "data.num_workers", "method": "method.name", "k_teacher_steps": "method.k_teacher_steps",
         "k_student_steps": "method.k_student_steps", "rho": "method.rho", "student_init": "method.student_init",
         "warmup_steps": "method.warmup_steps", "lr": "optim.lr_per_256", "schedule": "optim.schedule",
@@ -85,6 +85,7 @@ def run(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="SGD weight decay."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Image side in pixels."),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random-resized-crop + flip in training."),
+    eval_crop: Optional[float] = typer.Option(None, "--eval-crop", help="Eval centre-crop fraction; 0 = auto (0.875 with --augment, else 1)."),
     loader: Optional[str] = typer.Option(None, "--loader", help="auto | dali | torch."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes/threads."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, data order and augmentation."),

@@ -41,6 +41,9 @@ class DataConfig:
     image_size_px: int = 24
     augment: bool = False  # random-resized-crop + flip (off for the digit grid: crops remove digits)
     crop_scale_min: float = 0.08
+    # eval: resize the shorter side to size/fraction, centre-crop size. 0 = auto: 0.875 with train
+    # augmentation (the ImageNet convention), 1.0 without it (eval sees what training saw, whole)
+    eval_crop_fraction: float = 0.0
     backend: str = "auto"
     num_workers: int = 2
 
@@ -49,6 +52,13 @@ class DataConfig:
         _require(self.backend in ("auto", "dali", "torch"), f"--loader must be auto, dali or torch, got {self.backend!r}")
         _require(self.num_workers >= 0, f"--workers must be >= 0, got {self.num_workers}")
         _require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        _require(0.0 <= self.eval_crop_fraction <= 1.0, f"--eval-crop must be in [0, 1], got {self.eval_crop_fraction}")
+
+    @property
+    def resolved_eval_crop_fraction(self) -> float:
+        if self.eval_crop_fraction > 0:
+            return self.eval_crop_fraction
+        return 0.875 if self.augment else 1.0
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ def loader_config(config: RunConfig, train: bool, rank: int, world_size: int, de
         image_size_px=data.image_size_px,
         train=train,
         augment=augment,
+        eval_crop_fraction=data.resolved_eval_crop_fraction,
         backend=data.backend,
         num_workers=data.num_workers,
         seed=config.seed,

@@ -244,8 +244,8 @@ class Trainer:
         bad_step = stats.first_bad()
         if bad_step >= 0:
             position = self.plan.position(bad_step)
-            raise NonFiniteLoss(
-                f"non-finite loss at step {bad_step} ({position.phase} phase, cycle {position.cycle}); "
+            raise NonFiniteLoss(  # steps are counted from 1 for people, as in metrics.jsonl
+                f"non-finite loss at step {bad_step + 1} ({position.phase} phase, cycle {position.cycle}); "
                 f"stopping. The last good checkpoint ({self.folder.checkpoint_path}) is kept. "
                 f"Try a lower --lr or check the data."
             )

@@ -25,7 +25,8 @@ def dali_import_error() -> str | None:
 
 
 def resolve_backend(requested: str) -> str:
-    """"auto" -> "dali" when DALI is importable, else "torch"; "dali" without DALI is a clear error."""
+    """The backend to build: "auto" means "dali" when DALI is importable, else "torch"; asking for
+    "dali" where it is not importable is an error that says why and what to do."""
     if requested == "torch":
         return "torch"
     reason = dali_import_error()

@@ -6,7 +6,9 @@ into WebDataset shards (for the DALI and torch backends) and into an ``ImageFold
 baseline: PIL open, RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize in a torch
 ``DataLoader``, the way the released MILe code loads data). Every loader runs with the same batch
 size, worker count and image size; one warm-up epoch first, then ``repeats`` timed epochs, of
-which the median and the spread (min, max) are reported.
+which the median and the spread (min, max) are reported, with the CPU time the loader's process
+tree spent per image. Timed epochs of the loaders are interleaved round by round, so background
+load on a shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -27,7 +30,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from pipelines import build_loader, dali_import_error
-from pipelines.contract import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
+from pipelines.contract import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig
 from shards.format import LabelKind
 from shards.images import encode_jpeg
 from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
@@ -53,11 +56,16 @@ class LoaderResult:
     name: str
     device: str
     images_per_s: list[float] = field(default_factory=list)  # one per timed epoch
+    cpu_ms_per_image: list[float] = field(default_factory=list)  # CPU time of the process tree per image
     error: str | None = None
 
     @property
     def median(self) -> float | None:
         return statistics.median(self.images_per_s) if self.images_per_s else None
+
+    @property
+    def median_cpu_ms(self) -> float | None:
+        return statistics.median(self.cpu_ms_per_image) if self.cpu_ms_per_image else None
 
 
 def photo_jpegs(count: int, seed: int) -> list[bytes]:
@@ -95,31 +103,38 @@ def write_bench_data(root: Path, jpegs: list[bytes]) -> None:
     write_split(root / "shards", spec, items, WriterSettings(progress=False))  # valid JPEGs pass through byte-for-byte
 
 
-def pil_dataloader(root: Path, config: LoaderBenchConfig) -> Callable[[int], Iterable[Any]]:
-    """The baseline: ImageFolder + PIL transforms in a DataLoader (per-epoch iterables)."""
-    from torchvision import datasets, transforms
+class PilFolderLoader:
+    """The baseline: ImageFolder + PIL transforms in a DataLoader, behind the ``epoch``/``close`` interface."""
 
-    transform = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(config.image_size_px),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-    dataset = datasets.ImageFolder(str(root / "folder"), transform=transform)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=config.workers,
-        persistent_workers=config.workers > 0,
-    )
-    return lambda epoch: loader
+    def __init__(self, root: Path, config: LoaderBenchConfig) -> None:
+        from torchvision import datasets, transforms
+
+        transform = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(config.image_size_px),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+        dataset = datasets.ImageFolder(str(root / "folder"), transform=transform)
+        self.loader: torch.utils.data.DataLoader | None = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=config.workers,
+            persistent_workers=config.workers > 0,
+        )
+
+    def epoch(self, epoch: int) -> Iterable[Any]:
+        return self.loader
+
+    def close(self) -> None:
+        self.loader = None
 
 
-def backend_epochs(root: Path, config: LoaderBenchConfig, backend: str, device: str) -> Callable[[int], Iterable[Any]]:
+def backend_loader(root: Path, config: LoaderBenchConfig, backend: str, device: str) -> Loader:
     loader_config = LoaderConfig(
         batch_size=config.batch_size,
         image_size_px=config.image_size_px,
@@ -130,22 +145,44 @@ def backend_epochs(root: Path, config: LoaderBenchConfig, backend: str, device: 
         device=device,
         shuffle_buffer=config.num_images,
     )
-    loader = build_loader(root / "shards", SPLIT, loader_config)
-    return loader.epoch
+    return build_loader(root / "shards", SPLIT, loader_config)
 
 
-def time_epochs(epochs: Callable[[int], Iterable[Any]], config: LoaderBenchConfig, device: str) -> list[float]:
-    """images/s of each timed epoch, after the warm-up epochs (worker start-up, allocator, caches)."""
-    rates = []
-    for epoch in range(config.warmup_epochs + config.repeats):
-        start = time.perf_counter()
-        count = sum(_batch_size(batch) for batch in epochs(epoch))
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()  # sync point: the last batch's device work belongs to this epoch
-        elapsed = time.perf_counter() - start
-        if epoch >= config.warmup_epochs:
-            rates.append(count / elapsed)
-    return rates
+def time_epoch(loader: Loader | PilFolderLoader, epoch: int, device: str) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of one whole epoch, first batch request to last batch ready.
+
+    CPU time counts this process's threads (DALI's among them) and its worker processes; unlike
+    wall time it barely moves when other jobs share the machine."""
+    start, cpu_start = time.perf_counter(), cpu_seconds_tree()
+    count = sum(_batch_size(batch) for batch in loader.epoch(epoch))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()  # sync point: the last batch's device work belongs to this epoch
+    return count / (time.perf_counter() - start), 1000.0 * (cpu_seconds_tree() - cpu_start) / count
+
+
+def cpu_seconds_tree() -> float:
+    """CPU seconds used so far by this process, its reaped children and its live descendants (Linux)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = time.process_time() + children.ru_utime + children.ru_stime
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    for pid in _descendants(os.getpid()):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile: its time moves to RUSAGE_CHILDREN once reaped
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks_per_s  # utime, stime (fields 14, 15)
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for children_file in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            for child in map(int, children_file.read_text().split()):
+                found += [child, *_descendants(child)]
+        except OSError:
+            continue
+    return found
 
 
 def _batch_size(batch: Any) -> int:
@@ -153,42 +190,61 @@ def _batch_size(batch: Any) -> int:
     return int(images.shape[0])
 
 
-def candidates(root: Path, config: LoaderBenchConfig) -> Iterator[tuple[str, str, Callable[[], Callable[[int], Iterable[Any]]]]]:
-    """(name, device, factory) of every loader this machine can run."""
+def candidates(root: Path, config: LoaderBenchConfig) -> Iterator[tuple[str, str, Callable[[], Any]]]:
+    """(name, device, loader factory) of every loader this machine can run."""
     has_dali = dali_import_error() is None
     if has_dali:
-        yield "DALI CPU backend", "cpu", lambda: backend_epochs(root, config, "dali", "cpu")
-    yield "torch backend", "cpu", lambda: backend_epochs(root, config, "torch", "cpu")
-    yield "PIL + torchvision.transforms DataLoader", "cpu", lambda: pil_dataloader(root, config)
+        yield "DALI CPU backend", "cpu", lambda: backend_loader(root, config, "dali", "cpu")
+    yield "torch backend", "cpu", lambda: backend_loader(root, config, "torch", "cpu")
+    yield "PIL + torchvision.transforms DataLoader", "cpu", lambda: PilFolderLoader(root, config)
     if torch.cuda.is_available():
-        yield "torch backend, GPU decode", "cuda", lambda: backend_epochs(root, config, "torch", "cuda")
+        yield "torch backend, GPU decode", "cuda", lambda: backend_loader(root, config, "torch", "cuda")
         if has_dali:
-            yield "DALI GPU backend", "cuda", lambda: backend_epochs(root, config, "dali", "cuda")
+            yield "DALI GPU backend", "cuda", lambda: backend_loader(root, config, "dali", "cuda")
 
 
 def run_loader_bench(config: LoaderBenchConfig) -> list[LoaderResult]:
-    """Build the data in a temporary folder and time every available loader on it."""
+    """Build the data in a temporary folder, warm every available loader up, then time them in
+    interleaved rounds (one epoch each per round), so load from other processes on the machine
+    affects all loaders alike instead of whichever happened to run at the time."""
     with tempfile.TemporaryDirectory(prefix="bench-loaders-") as tmp:
         root = Path(tmp)
         write_bench_data(root, photo_jpegs(config.num_images, config.seed))
-        results = []
+        running = []
         for name, device, factory in candidates(root, config):
             result = LoaderResult(name, device)
-            try:
-                result.images_per_s = time_epochs(factory(), config, device)
-            except Exception as error:  # one broken loader must not hide the others' numbers
-                result.error = f"{type(error).__name__}: {error}"
-            results.append(result)
-        return results
+            running.append((result, _attempt(result, factory)))
+        for epoch in range(config.warmup_epochs + config.repeats):
+            for result, loader in running:
+                if loader is None or result.error is not None:
+                    continue
+                timing = _attempt(result, lambda: time_epoch(loader, epoch, result.device))
+                if timing is not None and epoch >= config.warmup_epochs:
+                    result.images_per_s.append(timing[0])
+                    result.cpu_ms_per_image.append(timing[1])
+        for _, loader in running:
+            if loader is not None:
+                loader.close()
+        return [result for result, _ in running]
+
+
+def _attempt(result: LoaderResult, action: Callable[[], Any]) -> Any:
+    """``action()``, or None with the error recorded: one broken loader must not hide the others' numbers."""
+    try:
+        return action()
+    except Exception as error:
+        result.error = f"{type(error).__name__}: {error}"
+        return None
 
 
 def format_table(results: list[LoaderResult]) -> str:
-    lines = [f"{'loader':<42} {'device':<6} {'median img/s':>12} {'min':>8} {'max':>8}"]
+    lines = [f"{'loader':<40} {'device':<6} {'median img/s':>12} {'min':>7} {'max':>7} {'CPU ms/img':>10}"]
     for r in results:
         if r.error:
-            lines.append(f"{r.name:<42} {r.device:<6} failed: {r.error}")
+            lines.append(f"{r.name:<40} {r.device:<6} failed: {r.error}")
         else:
-            lines.append(f"{r.name:<42} {r.device:<6} {r.median:>12.1f} {min(r.images_per_s):>8.1f} {max(r.images_per_s):>8.1f}")
+            rates = r.images_per_s
+            lines.append(f"{r.name:<40} {r.device:<6} {r.median:>12.1f} {min(rates):>7.1f} {max(rates):>7.1f} {r.median_cpu_ms:>10.2f}")
     return "\n".join(lines)
 
 
@@ -204,6 +260,7 @@ def environment() -> dict[str, Any]:
         "pillow": PIL.__version__,
         "machine": platform.machine(),
         "cpu_count": len(os.sched_getaffinity(0)),
+        "load_average_1min": os.getloadavg()[0],  # other processes on the machine skew every figure
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
     if dali_import_error() is None:
@@ -213,12 +270,13 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def write_json(path: Path, config: LoaderBenchConfig, results: list[LoaderResult]) -> None:
+def write_json(path: Path, config: LoaderBenchConfig, results: list[LoaderResult], env: dict[str, Any]) -> None:
+    """``env``: ``environment()`` taken before the run (its load average is the one that matters)."""
     report = {
         "benchmark": "loaders",
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(config),
-        "environment": environment(),
-        "results": [{**asdict(r), "median_images_per_s": r.median} for r in results],
+        "environment": {**env, "load_average_1min_after": os.getloadavg()[0]},
+        "results": [{**asdict(r), "median_images_per_s": r.median, "median_cpu_ms_per_image": r.median_cpu_ms} for r in results],
     }
     path.write_text(json.dumps(report, indent=1) + "\n")

@@ -36,12 +36,11 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.contract import Batch, LoaderConfig, batches_per_epoch, rank_range
-from pipelines.transforms import Mode, TransformSpec, transform_spec
+from pipelines.transforms import CROP_ATTEMPTS, Mode, TransformSpec, transform_spec
 from shards.format import FIELD_IMAGE, FIELD_LABEL, FIELD_TARGETS
 from shards.manifest import SplitManifest
 
 READER_NAME = "Reader"
-_CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def decode_and_augment(jpegs: DataNode, spec: PipelineSpec) -> DataNode:
             output_type=types.RGB,
             random_area=[t.augment.scale_min, t.augment.scale_max],
             random_aspect_ratio=[t.augment.ratio_min, t.augment.ratio_max],
-            num_attempts=_CROP_ATTEMPTS,
+            num_attempts=CROP_ATTEMPTS,
         )
     else:
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)

@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pipelines.contract import AugmentConfig, LoaderConfig
 
-_CROP_ATTEMPTS = 10  # as torchvision and DALI's image_random_crop (num_attempts)
+CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop's count; DALI's image_random_crop gets the same
 _AUGMENT_STREAM = 1  # seed-sequence tag separating augmentation draws from the shuffle
 _SHUFFLE_STREAM = 2
 
@@ -67,10 +67,10 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
 
 def random_crop_box(height: int, width: int, augment: AugmentConfig, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """(top, left, crop height, crop width) with area fraction in the scale range and aspect ratio
-    log-uniform in the ratio range; after ``_CROP_ATTEMPTS`` misses, a centre crop clamped to the ratio range."""
+    log-uniform in the ratio range; after ``CROP_ATTEMPTS`` misses, a centre crop clamped to the ratio range."""
     area = height * width
     log_ratio = (math.log(augment.ratio_min), math.log(augment.ratio_max))
-    for _ in range(_CROP_ATTEMPTS):
+    for _ in range(CROP_ATTEMPTS):
         target_area = area * rng.uniform(augment.scale_min, augment.scale_max)
         aspect = math.exp(rng.uniform(*log_ratio))
         crop_w = round(math.sqrt(target_area * aspect))

@@ -85,15 +85,39 @@ def imagenet_command(
     root: Path = RootOption,
     out: Path = OutOption,
     splits: str | None = SplitsOption,
-    val_layout: str = typer.Option("auto", "--val-layout", help="Val layout: auto, folders, kaggle (LOC_val_solution.csv) or devkit."),
-    val_labels: Path | None = typer.Option(None, "--val-labels", help="Val label file (Kaggle CSV or devkit ground truth) if not found by itself."),
-    devkit_synsets: Path | None = typer.Option(None, "--devkit-synsets", help="Devkit meta.mat, or WNIDs in ILSVRC2012_ID order (default: meta.mat beside the ground truth)."),
-    real_labels: Path | None = typer.Option(None, "--real-labels", help="ReaL labels JSON for val (default: the copy timm bundles)."),
+    val_layout: str = typer.Option(
+        "auto", "--val-layout",
+        help="Val layout: auto, folders, kaggle (LOC_val_solution.csv) or devkit.",
+    ),
+    val_labels: Path | None = typer.Option(
+        None, "--val-labels",
+        help="Val label file (Kaggle CSV or devkit ground truth) if not found by itself.",
+    ),
+    devkit_synsets: Path | None = typer.Option(
+        None, "--devkit-synsets",
+        help="Devkit meta.mat, or WNIDs in ILSVRC2012_ID order (default: meta.mat beside the ground truth).",
+    ),
+    real_labels: Path | None = typer.Option(
+        None, "--real-labels",
+        help="ReaL labels JSON for val (default: the copy timm bundles).",
+    ),
     no_real: bool = typer.Option(False, "--no-real", help="Write val with single labels only, no ReaL sets."),
-    subset: Path | None = typer.Option(None, "--subset", help="Keep only the train files listed (SimCLR 1%/10% list: one file name per line)."),
-    fraction: float | None = typer.Option(None, "--fraction", help="Keep this fraction of each train class, chosen with --seed (e.g. 0.05)."),
-    classes: int | None = typer.Option(None, "--classes", help="Only the first N sorted WNIDs present; class index = position among them."),
-    class_list: Path | None = typer.Option(None, "--class-list", help="Only these WNIDs (one per line); class index = position in the file."),
+    subset: Path | None = typer.Option(
+        None, "--subset",
+        help="Keep only the train files listed (SimCLR 1%/10% list: one file name per line).",
+    ),
+    fraction: float | None = typer.Option(
+        None, "--fraction",
+        help="Keep this fraction of each train class, chosen with --seed (e.g. 0.05).",
+    ),
+    classes: int | None = typer.Option(
+        None, "--classes",
+        help="Only the first N sorted WNIDs present; class index = position among them.",
+    ),
+    class_list: Path | None = typer.Option(
+        None, "--class-list",
+        help="Only these WNIDs (one per line); class index = position in the file.",
+    ),
     seed: int = SeedOption,
     workers: int = WorkersOption,
     shard_samples: int = ShardSamplesOption,
@@ -106,7 +130,7 @@ def imagenet_command(
         root=root, splits=parse_splits(splits, imagenet.SPLITS), val_layout=val_layout, val_labels=val_labels,
         devkit_synsets=devkit_synsets, real_labels=real_labels, use_real=not no_real, subset=subset,
         fraction=fraction, seed=seed, num_classes=classes, class_list=class_list,
-    )  # fmt: skip
+    )
     planned = imagenet.imagenet_plan(options)
     write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
 
@@ -116,9 +140,15 @@ def webvision_command(
     root: Path = RootOption,
     out: Path = OutOption,
     mini: bool = typer.Option(False, "--mini", help="mini-WebVision: Google images of the first 50 classes."),
-    sources: str | None = typer.Option(None, "--sources", help="Comma-separated train sources: google,flickr (default: both; google with --mini)."),
+    sources: str | None = typer.Option(
+        None, "--sources",
+        help="Comma-separated train sources: google,flickr (default: both; google with --mini).",
+    ),
     splits: str | None = SplitsOption,
-    write_class_list: Path | None = typer.Option(None, "--write-class-list", help="Also write the classes' WNIDs here, for `imagenet --class-list`."),
+    write_class_list: Path | None = typer.Option(
+        None, "--write-class-list",
+        help="Also write the classes' WNIDs here, for `imagenet --class-list`.",
+    ),
     seed: int = SeedOption,
     workers: int = WorkersOption,
     shard_samples: int = ShardSamplesOption,
@@ -156,9 +186,12 @@ def celeba_command(
 @app.command("verify")
 def verify_command(
     root: Path = typer.Argument(..., help="Shard folder (holding manifest.json)."),
-    sample: float = typer.Option(1.0, "--sample", min=0.0, max=1.0, help="Fraction of images to decode (checksums and counts are always checked in full)."),
-    seed: int = SeedOption,
-    workers: int = WorkersOption,
+    sample: float = typer.Option(
+        1.0, "--sample", min=0.0, max=1.0,
+        help="Fraction of images to decode (checksums and counts are always checked in full).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed choosing which images --sample decodes."),
+    workers: int = typer.Option(os.cpu_count() or 1, "--workers", min=1, help="Processes checking shards in parallel."),
 ) -> None:
     """Re-hash every shard, check counts against the manifest and index files, decode the images."""
     report = verify_root(root, sample_fraction=sample, seed=seed, workers=workers)

@@ -54,3 +54,15 @@ def pixel_items(count: int, num_classes: int, multi: bool = True, seed: int = 0)
 def make_items() -> Callable[..., list[SourceItem]]:
     """``make_items(count, num_classes, multi=True, seed=0)``: class-sorted in-memory samples."""
     return pixel_items
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """GPU tests run wherever CUDA is available and are skipped (with the reason) elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

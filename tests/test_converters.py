@@ -211,6 +211,9 @@ def test_class_subsets_reindex_labels_and_real_sets(imagenet_root, tmp_path):
         ("bad_csv_header", "is not 'ImageId,PredictionString'"),
         ("bad_csv_row", "no WNID"),
         ("unknown_class_in_list", "not ImageNet-1k classes"),
+        ("bad_real_json", "ReaL label file"),
+        ("bad_devkit_line", "is not an ILSVRC2012_ID"),
+        ("forced_folders_on_flat_val", "no class folders"),
     ],
 )
 def test_structural_problems_stop_before_writing(tmp_path, breakage, message):
@@ -222,6 +225,17 @@ def test_structural_problems_stop_before_writing(tmp_path, breakage, message):
         make_imagenet_train(root, with_broken=False)
         (tmp_path / "list.txt").write_text("n99999999\n")
         options["class_list"] = tmp_path / "list.txt"
+    elif breakage == "bad_real_json":
+        make_imagenet_val(root, "folders")
+        (tmp_path / "real.json").write_text("{not json")
+        options["real_labels"] = tmp_path / "real.json"
+    elif breakage == "bad_devkit_line":
+        make_imagenet_val(root, "devkit")
+        truth = root / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt"
+        truth.write_text(truth.read_text().replace("\n", "\nn02119789\n", 1))
+    elif breakage == "forced_folders_on_flat_val":
+        make_imagenet_val(root, "kaggle")
+        options["val_layout"] = "folders"
     elif breakage != "no_root":
         make_imagenet_val(root, "kaggle")
         csv = root / "LOC_val_solution.csv"

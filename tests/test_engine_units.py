@@ -185,3 +185,12 @@ def test_flags_override_file_values() -> None:
     config = build_config({"num_steps": 10, "method": {"rho": 0.3, "k_teacher_steps": 7}}, {"method.rho": 0.4, "num_steps": None})
     assert config.method.rho == 0.4 and config.method.k_teacher_steps == 7 and config.num_steps == 10
     assert isinstance(config, RunConfig)
+
+
+def test_eval_crop_follows_training_augmentation() -> None:
+    """Without train augmentation eval must see the whole image (a crop cuts grid digits off)."""
+    from engine.config import DataConfig
+
+    assert DataConfig(augment=False).resolved_eval_crop_fraction == 1.0
+    assert DataConfig(augment=True).resolved_eval_crop_fraction == 0.875
+    assert DataConfig(augment=True, eval_crop_fraction=0.9).resolved_eval_crop_fraction == 0.9

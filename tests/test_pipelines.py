@@ -21,9 +21,10 @@ from shards.manifest import load_split
 from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
 
 HAS_DALI = dali_import_error() is None
-BACKENDS = ["torch", pytest.param("dali", marks=[pytest.mark.dali, pytest.mark.skipif(not HAS_DALI, reason="DALI not importable")])]
-# torchvision 0.29 deprecates its image decoders in favour of TorchCodec; the torch backend still
-# supports torchvision from 0.26, where TorchCodec's image decoding does not exist yet.
+needs_dali = pytest.mark.skipif(not HAS_DALI, reason="DALI not importable")
+BACKENDS = ["torch", pytest.param("dali", marks=[pytest.mark.dali, needs_dali])]
+# torchvision 0.29 deprecates torchvision.io's image decoders (pointing to TorchCodec); the torch
+# backend keeps them because it must work from torchvision 0.26 on, without another dependency.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 NUM_MULTI = 45  # odd, so the two ranks get 22 and 23 samples
@@ -191,6 +192,34 @@ def test_torch_augmentation_independent_of_workers(root: Path) -> None:
         assert torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
 
 
+def test_torch_main_process_decode_equals_worker_decode(root: Path) -> None:
+    """The GPU path's code (workers read bytes, the main process decodes the batch), run on the CPU."""
+    cfg = config("torch", train=True)
+    manifest = load_split(root, "multi")
+    in_workers, in_main = TorchLoader(root, manifest, cfg), TorchLoader(root, manifest, cfg, decode_on_device=True)
+    for a, b in zip(in_workers.epoch(1), in_main.epoch(1), strict=True):
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+
+
+def test_torch_abandoned_epoch_does_not_leak_into_the_next(root: Path) -> None:
+    loader = build_loader(root, "multi", config("torch", train=True, num_workers=2))
+    expected = [b.labels for b in loader.epoch(1)]
+    next(iter(loader.epoch(0)))  # stop after one batch, with more prefetched by the workers
+    assert [b.labels.tolist() for b in loader.epoch(1)] == [t.tolist() for t in expected]
+    loader.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_rank_shares_are_disjoint(root: Path, backend: str) -> None:
+    for epoch in (0, 1):
+        shares = [
+            cat(run_epoch(root, "multi", config(backend, train=True, batch_size=1, rank=r, world_size=2), epoch), "labels")
+            for r in range(2)
+        ]
+        assert [len(s) for s in shares] == [NUM_MULTI // 2] * 2  # same step count on both ranks
+        assert len(set(shares[0].tolist()) | set(shares[1].tolist())) == 2 * (NUM_MULTI // 2)
+
+
 def by_label(batches: list) -> torch.Tensor:
     labels = cat(batches, "labels")
     return cat(batches, "images")[labels.argsort()]
@@ -234,7 +263,7 @@ def test_flip_only_mirrors_the_plain_image(root: Path, backend: str) -> None:
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("split", ["multi", "single"])
 @pytest.mark.dali
-@pytest.mark.skipif(not HAS_DALI, reason="DALI not importable")
+@needs_dali
 def test_backends_agree(root: Path, split: str, train: bool) -> None:
     """Same labels in the same order in eval; the same images (eval crop, or plain resize in
     training) up to decoder rounding, matched by the unique labels of the ``multi`` split."""

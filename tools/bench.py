@@ -12,7 +12,7 @@ app = typer.Typer(help="Measure the trainer's parts side by side; prints a table
 
 @app.callback()
 def main() -> None:
-    """Subcommands: loaders (input pipelines)."""
+    """Subcommands: loaders (input pipelines), convert (shard conversion), engine (training steps)."""
 
 
 @app.command("loaders")
@@ -30,10 +30,11 @@ def loaders(
     from pipelines import bench_loaders
 
     config = bench_loaders.LoaderBenchConfig(num_images, batch_size, image_size, workers, repeats, warmup, seed)
+    env = bench_loaders.environment()
     results = bench_loaders.run_loader_bench(config)
     typer.echo(bench_loaders.format_table(results))
     if out is not None:
-        bench_loaders.write_json(out, config, results)
+        bench_loaders.write_json(out, config, results, env)
         typer.echo(f"wrote {out}")
 
 
@@ -57,6 +58,31 @@ def convert(
     typer.echo(bench_convert.format_table(results))
     if out is not None:
         bench_convert.write_json(out, config, results, num_large)
+        typer.echo(f"wrote {out}")
+
+
+@app.command("engine")
+def engine(
+    out: Path | None = typer.Option(None, "--out", help="Write the results as JSON to FILE."),
+    arch: str = typer.Option("resnet50", "--arch", help="Model (grid_cnn for a quick CPU check)."),
+    image_size: int = typer.Option(224, "--image-size", min=8, help="Image side in pixels."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per step."),
+    num_classes: int = typer.Option(1000, "--num-classes", min=2, help="Classifier outputs."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Timed steps per repeat."),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed repeats (median and spread reported)."),
+    warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed steps first."),
+    device: str = typer.Option("cuda", "--device", help="cuda or cpu."),
+) -> None:
+    """Engine-only images/s per phase (graphs on/off) vs a plain eager deepcopy-teacher loop."""
+    from engine import bench_engine
+    from pipelines.bench_loaders import environment
+
+    config = bench_engine.EngineBenchConfig(arch, image_size, batch_size, num_classes, steps, repeats, warmup, device)
+    env = environment()
+    rows = bench_engine.run_engine_bench(config)
+    typer.echo(bench_engine.format_table(rows))
+    if out is not None:
+        bench_engine.write_json(out, config, rows, env)
         typer.echo(f"wrote {out}")
 
 

@@ -163,7 +163,7 @@ def select_classes(options: ImageNetOptions, present: list[str]) -> ClassSelecti
     return ClassSelection(canonical, {"method": "imagenet-1k", "num_classes": len(canonical)})
 
 
-def train_split(options: ImageNetOptions, base: PurePosixPath | Path, files: dict[str, list[str]], selection: ClassSelection) -> PlannedSplit:
+def train_split(options: ImageNetOptions, base: Path, files: dict[str, list[str]], selection: ClassSelection) -> PlannedSplit:
     index = selection.index()
     selected = {w: names for w, names in files.items() if w in index}
     if not any(selected.values()):
@@ -263,10 +263,12 @@ def detect_val_layout(val: Path, options: ImageNetOptions, search: list[Path]) -
 
 
 def _val_from_folders(val: Path) -> list[tuple[str, str]]:
-    loose = list_image_files(val)
+    folders, loose = list_subfolders(val, WNID_PATTERN), list_image_files(val)
+    if not folders:
+        raise SourceError(f"{val} holds no class folders named nXXXXXXXX (--val-layout folders)")
     if loose:
         raise SourceError(f"{val} holds class folders and {len(loose)} loose images (e.g. {loose[0]}); use one layout")
-    return [(f"val/{wnid}/{name}", wnid) for wnid in list_subfolders(val, WNID_PATTERN) for name in list_image_files(val / wnid)]
+    return [(f"val/{wnid}/{name}", wnid) for wnid in folders for name in list_image_files(val / wnid)]
 
 
 def _label_loose(val: Path, labels: dict[str, str], label_file: Path) -> list[tuple[str, str]]:
@@ -362,7 +364,7 @@ def load_real(path: Path | None) -> tuple[dict[str, list[int]], str]:
     return {VAL_STEM.format(i + 1): [int(c) for c in s] for i, s in enumerate(sets)}, source
 
 
-def val_split(options: ImageNetOptions, base: PurePosixPath | Path, listing: ValListing, selection: ClassSelection) -> PlannedSplit:
+def val_split(options: ImageNetOptions, base: Path, listing: ValListing, selection: ClassSelection) -> PlannedSplit:
     real, real_source = load_real(options.real_labels) if options.use_real else (None, None)
     index = selection.index()
     canonical = imagenet_wnids()

@@ -1,0 +1,194 @@
+"""Training runs end to end on tiny data: resume, signals, NaN handling, run folders, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoint import load_checkpoint
+from engine.config import ConfigError, build_config
+from engine.distributed import DistInfo
+from engine.run_folder import RunFolderError, read_metrics
+from engine.trainer import NonFiniteLoss, RunInterrupted, Trainer
+from shards.sources import digits_grid
+from shards.writer import WriterSettings, write_split
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def grid_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("grid")
+    config = digits_grid.GridConfig(train_size=640, val_size=160, seed=3)
+    for split, items in digits_grid.grid_items(config).items():
+        write_split(root, digits_grid.grid_spec(split, config), items, WriterSettings(progress=False, max_samples_per_shard=200))
+    return root
+
+
+def tiny_config(root: Path, out: Path, **overrides):
+    values = {
+        "data.root": str(root),
+        "data.num_workers": 0,
+        "data.backend": "torch",
+        "method.name": "mile",
+        "method.k_teacher_steps": 3,
+        "method.k_student_steps": 2,
+        "num_steps": 12,
+        "global_batch_size": 32,
+        "eval_every": 6,
+        "log_every": 2,
+        "checkpoint_every": 4,
+        "out_dir": str(out),
+        "device": "cpu",
+        **overrides,
+    }
+    return build_config({}, values)
+
+
+def learner_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(out / "checkpoints" / "last.pt", torch.device("cpu"))["learner"]
+
+
+@pytest.mark.parametrize("student_init", ["teacher", "previous"])
+def test_stopped_and_resumed_run_matches_uninterrupted(grid_root: Path, tmp_path: Path, student_init: str) -> None:
+    whole = Trainer(tiny_config(grid_root, tmp_path / "whole", **{"method.student_init": student_init}), CPU).run()
+
+    interrupted = tiny_config(grid_root, tmp_path / "cut", **{"method.student_init": student_init})
+    trainer = Trainer(interrupted, CPU)
+    original_step = trainer._train_step
+
+    def step_then_signal(batch, stats):  # SIGTERM lands mid-phase (step 7 is inside a teacher phase)
+        original_step(batch, stats)
+        if trainer.step == 7:
+            signal.raise_signal(signal.SIGTERM)
+
+    trainer._train_step = step_then_signal
+    with pytest.raises(RunInterrupted) as stopped:
+        trainer.run()
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt", torch.device("cpu"))["step"] == 7
+
+    resumed = Trainer(interrupted, CPU, resume=True).run()
+    assert resumed == whole  # every eval metric, bitwise on CPU
+    for name, tensor in learner_weights(tmp_path / "whole").items():
+        assert torch.equal(tensor, learner_weights(tmp_path / "cut")[name]), name
+    steps = [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
+    assert len(steps) == len(set(steps)), "resume must not duplicate metric records"
+    assert steps == [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+
+
+def test_run_folder_contents(grid_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = Trainer(tiny_config(grid_root, out, **{"method.name": "sigmoid"}), CPU).run()
+    assert json.loads((out / "config.json").read_text())["method"]["name"] == "sigmoid"
+    assert json.loads((out / "summary.json").read_text()) == summary
+    records = read_metrics(out / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all(r["images_per_s"] > 0 and r["phase"] == "train" for r in train)
+    assert {"f1@0.25", "f1@0.5", "coverage@0.25", "top1", "secondary_map"} <= set(evals[-1])
+    assert evals[-1]["num_images"] == 160  # the whole val split, no dropped last batch
+    assert any((out / "tb").iterdir())
+
+
+def test_existing_run_is_not_overwritten(grid_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    Trainer(tiny_config(grid_root, out, num_steps=4), CPU).run()
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(RunFolderError, match="--resume"):
+        Trainer(tiny_config(grid_root, out, num_steps=4), CPU)
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_non_finite_loss_names_step_and_phase_and_keeps_checkpoint(grid_root: Path, tmp_path: Path, monkeypatch) -> None:
+    import engine.steps
+
+    calls = {"n": 0}
+    real = engine.steps.bce_pseudo_labels
+
+    def poisoned(logits, teacher_logits, logit_rho):
+        calls["n"] += 1
+        loss = real(logits, teacher_logits, logit_rho)
+        return loss * float("nan") if calls["n"] >= 2 else loss  # the 2nd student step: step 5 of the run
+
+    monkeypatch.setattr(engine.steps, "bce_pseudo_labels", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLoss, match=r"step 5 \(student phase"):
+        Trainer(tiny_config(grid_root, out, checkpoint_every=2, log_every=3), CPU).run()
+    # checkpoints after steps 2 and 4 were finite; the one due after step 6 is refused
+    assert load_checkpoint(out / "checkpoints" / "last.pt", torch.device("cpu"))["step"] == 4
+
+
+def test_multilabel_metrics_on_a_single_label_split_is_an_error(single_label_eval: Path, grid_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="has no multi-labels"):
+        Trainer(tiny_config(grid_root, tmp_path / "x", multilabel_metrics="on", **{"data.eval_split": "val_single"}), CPU)
+
+
+@pytest.fixture(scope="module")
+def single_label_eval(grid_root: Path) -> Path:
+    from shards.format import LabelKind
+    from shards.writer import SplitSpec
+
+    config = digits_grid.GridConfig(train_size=8, val_size=64, seed=3)
+    spec = SplitSpec("val_single", LabelKind.SINGLE, digits_grid.CLASS_NAMES)
+    write_split(grid_root, spec, digits_grid.grid_items(config)["val"], WriterSettings(progress=False))
+    return grid_root
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_cli_help_lists_the_options() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for option in ("--method", "--k-teacher-steps", "--rho", "--student-init", "--resume", "--gpus", "--config", "--loader"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rho", "1.5"], "--rho must be in (0, 1)"),
+        (["--k-student-steps", "0"], "--k-student-steps must be >= 1"),
+        (["--theta", "0"], "--theta"),
+        (["--data", "no/such/folder"], "no/such/folder does not exist"),
+        (["--method", "softmaxx"], "--method"),
+        (["--config", "no_such.toml"], "no_such.toml does not exist"),
+    ],
+)
+def test_cli_bad_options_fail_before_work(args: list[str], message: str, tmp_path: Path) -> None:
+    result = run_cli(*args, "--out", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_sigterm_saves_checkpoint_then_resume_finishes(grid_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    args = ["--data", str(grid_root), "--steps", "100000", "--batch-size", "16", "--out", str(out), "--device", "cpu",
+            "--loader", "torch", "--workers", "0", "--log-every", "5", "--eval-every", "100000"]
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    step = load_checkpoint(out / "checkpoints" / "last.pt", torch.device("cpu"))["step"]
+    assert step >= 5
+    finished = run_cli("--out", str(out), "--resume", "--steps", str(step + 3))
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads((out / "summary.json").read_text())["step"] == step + 3
