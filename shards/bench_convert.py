@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -32,6 +34,7 @@ from shards.writer import WriterSettings
 LARGE_SIDES_PX = (800, 600)
 NUM_CLASSES = 10
 JPEG_QUALITY = 90
+SHARD_SAMPLES = 250  # several shards even for 1,000 images: verify spreads work across shards
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,11 @@ class BenchResult:
     max_side_px: int | None
     num_images: int
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # this process + its workers: robust to other load
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return statistics.median(self.cpu_seconds) * 1000 / self.num_images
 
     @property
     def images_per_s(self) -> float:
@@ -91,11 +99,19 @@ def _enlarge(data: bytes) -> bytes:
     return encode_jpeg(image.convert("RGB").resize(size, Image.Resampling.BICUBIC), JPEG_QUALITY)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished child processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def time_conversion(data_root: Path, out: Path, workers: int, max_side_px: int | None) -> float:
     """Wall seconds of a whole conversion (listing, decoding, encoding, tar writing, hashing)."""
     started = time.perf_counter()
     plan = imagenet_plan(ImageNetOptions(root=data_root, splits=("train",)))
-    settings = WriterSettings(workers=workers, progress=False, image=ImagePolicy(max_side_px=max_side_px))
+    settings = WriterSettings(
+        max_samples_per_shard=SHARD_SAMPLES, workers=workers, progress=False, image=ImagePolicy(max_side_px=max_side_px)
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # the writer's per-split summary would break the table
         write_planned(out, plan, settings)
     return time.perf_counter() - started
@@ -112,7 +128,9 @@ def run_convert_bench(config: ConvertBenchConfig) -> tuple[list[BenchResult], in
                 result = BenchResult("convert", workers, max_side_px, config.num_images)
                 for repeat in range(config.repeats):
                     out = Path(tmp) / f"out_{max_side_px}_{workers}_{repeat}"
+                    cpu_start = cpu_seconds()
                     result.seconds.append(time_conversion(data_root, out, workers, max_side_px))
+                    result.cpu_seconds.append(cpu_seconds() - cpu_start)
                 results.append(result)
         results += _verify_results(Path(tmp) / f"out_None_{config.workers[0]}_0", config)
     return results, num_large
@@ -123,7 +141,9 @@ def _verify_results(shards: Path, config: ConvertBenchConfig) -> list[BenchResul
     for workers in config.workers:
         result = BenchResult("verify", workers, None, config.num_images)
         for _ in range(config.repeats):
+            cpu_start = cpu_seconds()
             report = verify_root(shards, workers=workers, progress=False)
+            result.cpu_seconds.append(cpu_seconds() - cpu_start)
             if not report.ok:
                 raise RuntimeError(f"verify found problems in freshly written shards: {report.problems[:3]}")
             result.seconds.append(report.seconds)
@@ -132,11 +152,13 @@ def _verify_results(shards: Path, config: ConvertBenchConfig) -> list[BenchResul
 
 
 def format_table(results: list[BenchResult]) -> str:
-    lines = [f"{'task':<8} {'mode':<22} {'workers':>7} {'images/s':>9} {'s/1000 img':>10} {'min-max s':>13}"]
+    lines = [f"{'task':<8} {'mode':<16} {'workers':>7} {'images/s':>9} {'s/1000 img':>10} {'min-max s':>11} {'CPU ms/img':>10}"]
     for r in results:
         mode = "full decode" if r.task == "verify" else ("pass-through" if r.max_side_px is None else f"--max-side {r.max_side_px}")
         spread = f"{min(r.seconds):.2f}-{max(r.seconds):.2f}"
-        lines.append(f"{r.task:<8} {mode:<22} {r.workers:>7} {r.images_per_s:>9.1f} {r.s_per_1000:>10.2f} {spread:>13}")
+        lines.append(
+            f"{r.task:<8} {mode:<16} {r.workers:>7} {r.images_per_s:>9.1f} {r.s_per_1000:>10.2f} {spread:>11} {r.cpu_ms_per_image:>10.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -149,6 +171,10 @@ def write_json(path: Path, config: ConvertBenchConfig, results: list[BenchResult
         "config": asdict(config),
         "num_large_images": num_large,
         "environment": environment(),
-        "results": [{**asdict(r), "images_per_s": r.images_per_s, "s_per_1000": r.s_per_1000} for r in results],
+        "load_average_1_5_15_min": list(os.getloadavg()),  # other work on the machine skews wall times
+        "results": [
+            {**asdict(r), "images_per_s": r.images_per_s, "s_per_1000": r.s_per_1000, "cpu_ms_per_image": r.cpu_ms_per_image}
+            for r in results
+        ],
     }
     path.write_text(json.dumps(report, indent=1) + "\n")
