@@ -72,10 +72,16 @@ def _row(name: str, seconds: list[float], config: EngineBenchConfig) -> BenchRow
     return BenchRow(name, statistics.median(rates), min(rates), max(rates), per_step_ms)
 
 
-def _measure(step: Callable[[], None], config: EngineBenchConfig, timer: _Timer) -> list[float]:
-    for _ in range(config.warmup_steps):
-        step()
-    return [timer.seconds(lambda: [step() for _ in range(config.steps_per_repeat)]) for _ in range(config.repeats)]
+def _measure(steps: dict[str, Callable[[], None]], config: EngineBenchConfig, timer: _Timer) -> list[BenchRow]:
+    """Round-robin repeats (each round times every step once), so background load hits all rows alike."""
+    for step in steps.values():
+        for _ in range(config.warmup_steps):
+            step()
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(config.repeats):
+        for name, step in steps.items():
+            seconds[name].append(timer.seconds(lambda: [step() for _ in range(config.steps_per_repeat)]))
+    return [_row(name, times, config) for name, times in seconds.items()]
 
 
 def _synthetic_batch(config: EngineBenchConfig, device: torch.device, channels_last: bool, dtype: torch.dtype):
@@ -102,10 +108,8 @@ def engine_rows(config: EngineBenchConfig, graphs: bool) -> list[BenchRow]:
     if graphs and cuda:
         stepper.capture((images, labels, None), learner, optimizer)
     timer, suffix = _Timer(device), "graphs" if (graphs and cuda) else "eager"
-    rows = [
-        _row(f"engine {phase} step ({suffix})", _measure(lambda p=phase: stepper(p, images, labels, None), config, timer), config)
-        for phase in (TEACHER, STUDENT)
-    ]
+    steps = {f"engine {phase} step ({suffix})": (lambda p=phase: stepper(p, images, labels, None)) for phase in (TEACHER, STUDENT)}
+    rows = _measure(steps, config, timer)
     switch_seconds = [timer.seconds(lambda: switch.apply(("snapshot_teacher",))) for _ in range(config.repeats)]
     rows.append(BenchRow(f"phase switch: teacher snapshot ({suffix})", 0.0, 0.0, 0.0, statistics.median(switch_seconds) * 1000))
     return rows
@@ -134,7 +138,8 @@ def baseline_rows(config: EngineBenchConfig) -> list[BenchRow]:
         optimizer.step()
 
     timer = _Timer(device)
-    rows = [_row(f"eager baseline {name} step (NCHW fp32)", _measure(fn, config, timer), config) for name, fn in (("teacher", teacher_step), ("student", student_step))]
+    steps = {"eager baseline teacher step (NCHW fp32)": teacher_step, "eager baseline student step (NCHW fp32)": student_step}
+    rows = _measure(steps, config, timer)
     deepcopy_seconds = [timer.seconds(lambda: holder.update(teacher=copy.deepcopy(model).eval())) for _ in range(config.repeats)]
     rows.append(BenchRow("phase switch: deepcopy teacher (baseline)", 0.0, 0.0, 0.0, statistics.median(deepcopy_seconds) * 1000))
     return rows

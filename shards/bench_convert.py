@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -63,6 +63,15 @@ class BenchResult:
     num_images: int
     seconds: list[float] = field(default_factory=list)
     cpu_seconds: list[float] = field(default_factory=list)  # this process + its workers: robust to other load
+    other_cpu_seconds: list[float] = field(default_factory=list)  # used by other processes meanwhile
+
+    def measure(self, run: Callable[[], float]) -> None:
+        """Run once; record wall seconds (as ``run`` returns them), own and other processes' CPU seconds."""
+        busy_start, cpu_start = machine_busy_seconds(), cpu_seconds()
+        self.seconds.append(run())
+        own = cpu_seconds() - cpu_start
+        self.cpu_seconds.append(own)
+        self.other_cpu_seconds.append(max(0.0, machine_busy_seconds() - busy_start - own))
 
     @property
     def cpu_ms_per_image(self) -> float:
@@ -105,6 +114,16 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def machine_busy_seconds() -> float:
+    """Non-idle CPU seconds of the whole machine since boot (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def time_conversion(data_root: Path, out: Path, workers: int, max_side_px: int | None) -> float:
     """Wall seconds of a whole conversion (listing, decoding, encoding, tar writing, hashing)."""
     started = time.perf_counter()
@@ -128,9 +147,7 @@ def run_convert_bench(config: ConvertBenchConfig) -> tuple[list[BenchResult], in
                 result = BenchResult("convert", workers, max_side_px, config.num_images)
                 for repeat in range(config.repeats):
                     out = Path(tmp) / f"out_{max_side_px}_{workers}_{repeat}"
-                    cpu_start = cpu_seconds()
-                    result.seconds.append(time_conversion(data_root, out, workers, max_side_px))
-                    result.cpu_seconds.append(cpu_seconds() - cpu_start)
+                    result.measure(lambda: time_conversion(data_root, out, workers, max_side_px))
                 results.append(result)
         results += _verify_results(Path(tmp) / f"out_None_{config.workers[0]}_0", config)
     return results, num_large
@@ -141,23 +158,26 @@ def _verify_results(shards: Path, config: ConvertBenchConfig) -> list[BenchResul
     for workers in config.workers:
         result = BenchResult("verify", workers, None, config.num_images)
         for _ in range(config.repeats):
-            cpu_start = cpu_seconds()
-            report = verify_root(shards, workers=workers, progress=False)
-            result.cpu_seconds.append(cpu_seconds() - cpu_start)
-            if not report.ok:
-                raise RuntimeError(f"verify found problems in freshly written shards: {report.problems[:3]}")
-            result.seconds.append(report.seconds)
+            result.measure(lambda: _timed_verify(shards, workers))
         results.append(result)
     return results
 
 
+def _timed_verify(shards: Path, workers: int) -> float:
+    report = verify_root(shards, workers=workers, progress=False)
+    if not report.ok:
+        raise RuntimeError(f"verify found problems in freshly written shards: {report.problems[:3]}")
+    return report.seconds
+
+
 def format_table(results: list[BenchResult]) -> str:
-    lines = [f"{'task':<8} {'mode':<16} {'workers':>7} {'images/s':>9} {'s/1000 img':>10} {'min-max s':>11} {'CPU ms/img':>10}"]
+    lines = [f"{'task':<8} {'mode':<16} {'workers':>7} {'images/s':>9} {'s/1000 img':>10} {'min-max s':>11} {'CPU ms/img':>10} {'other CPU s':>11}"]
     for r in results:
         mode = "full decode" if r.task == "verify" else ("pass-through" if r.max_side_px is None else f"--max-side {r.max_side_px}")
         spread = f"{min(r.seconds):.2f}-{max(r.seconds):.2f}"
         lines.append(
             f"{r.task:<8} {mode:<16} {r.workers:>7} {r.images_per_s:>9.1f} {r.s_per_1000:>10.2f} {spread:>11} {r.cpu_ms_per_image:>10.2f}"
+            f" {sum(r.other_cpu_seconds):>11.1f}"
         )
     return "\n".join(lines)
 

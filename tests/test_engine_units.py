@@ -194,3 +194,21 @@ def test_eval_crop_follows_training_augmentation() -> None:
     assert DataConfig(augment=False).resolved_eval_crop_fraction == 1.0
     assert DataConfig(augment=True).resolved_eval_crop_fraction == 0.875
     assert DataConfig(augment=True, eval_crop_fraction=0.9).resolved_eval_crop_fraction == 0.9
+
+
+def test_engine_bench_rows_on_cpu(tmp_path) -> None:
+    """tools/bench.py engine: every row measured (CPU smoke run of the GPU benchmark's code)."""
+    import json
+
+    from engine.bench_engine import EngineBenchConfig, run_engine_bench, write_json
+
+    config = EngineBenchConfig(arch="grid_cnn", image_size_px=24, batch_size=4, num_classes=10, steps_per_repeat=1, repeats=2, warmup_steps=1, device="cpu")
+    rows = run_engine_bench(config)
+    names = [row.name for row in rows]
+    assert names == [
+        "engine teacher step (eager)", "engine student step (eager)", "phase switch: teacher snapshot (eager)",
+        "eager baseline teacher step (NCHW fp32)", "eager baseline student step (NCHW fp32)", "phase switch: deepcopy teacher (baseline)",
+    ]
+    assert all(row.ms_per_step_median > 0 for row in rows)
+    write_json(tmp_path / "bench.json", config, rows, {})
+    assert len(json.loads((tmp_path / "bench.json").read_text())["rows"]) == 6
