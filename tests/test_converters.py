@@ -453,3 +453,14 @@ def test_celeba_structural_problems(tmp_path, breakage, message):
     with pytest.raises(SourceError, match=message):
         write_planned(tmp_path / "out", celeba_plan(CelebAOptions(layout.root)), settings())
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_bench_runs_every_configuration(tmp_path):
+    from shards import bench_convert
+
+    config = bench_convert.ConvertBenchConfig(num_images=12, large_fraction=0.5, workers=(1,), repeats=1)
+    results, num_large = bench_convert.run_convert_bench(config)
+    assert [(r.task, r.max_side_px) for r in results] == [("convert", None), ("convert", 500), ("verify", None)]
+    assert 0 < num_large < 12 and all(r.images_per_s > 0 and r.cpu_ms_per_image > 0 for r in results)
+    bench_convert.write_json(tmp_path / "bench.json", config, results, num_large)
+    assert json.loads((tmp_path / "bench.json").read_text())["results"][0]["num_images"] == 12
