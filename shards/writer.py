@@ -39,7 +39,7 @@ from shards.tar_io import TarShardFile, format_index
 PROGRESS_NAME = ".progress.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ~1.3M of these are listed for ImageNet train
 class SourceItem:
     """One input sample: an image file (``path``) or raw pixels (``pixels``), with its labels."""
 
