@@ -192,19 +192,33 @@ class Trainer:
             self._train_step(next(batches), stats)
             bar.update(1)
             done = self.step == config.num_steps
-            if self.step % config.log_every == 0 or done:
+            log_point = self.step % config.log_every == 0 or done
+            if log_point:
                 tick = self._log_point(stats, tick, bar)
             if self.step % config.eval_every == 0 or done:
                 eval_metrics = self.evaluate()
-            if self.step % config.checkpoint_every == 0 or done or stop.signum is not None:
+            signum = self._agreed_stop(stop, log_point)
+            if self.step % config.checkpoint_every == 0 or done or signum:
                 self._save_checkpoint(stats)
-            if stop.signum is not None:
+            if signum:
                 bar.close()
-                raise RunInterrupted(stop.signum, self._stopped_message(stop.signum))
+                raise RunInterrupted(signum, self._stopped_message(signum))
         bar.close()
         summary = {"step": self.step, "method": config.method.name, **eval_metrics}
         self.folder.write_summary(summary)
         return summary
+
+    def _agreed_stop(self, stop: StopRequest, log_point: bool) -> int:
+        """The signal to stop on (0 = go on). One process stops at once; several processes agree at
+        log points only, so that all of them leave after the same step (a rank that ran one more
+        step would wait in its gradient all-reduce forever)."""
+        if not self.dist.enabled:
+            return stop.signum or 0
+        if not log_point:
+            return 0
+        flag = torch.tensor([stop.signum or 0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # SYNC: log point
+        return int(flag.item())
 
     def _train_step(self, batch: Batch, stats: TrainStats) -> None:
         if not self._captured:
