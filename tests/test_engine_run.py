@@ -58,24 +58,23 @@ def learner_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(out / "checkpoints" / "last.pt", torch.device("cpu"))["learner"]
 
 
-@pytest.mark.parametrize("student_init", ["teacher", "previous"])
-def test_stopped_and_resumed_run_matches_uninterrupted(grid_root: Path, tmp_path: Path, student_init: str) -> None:
-    whole = Trainer(tiny_config(grid_root, tmp_path / "whole", **{"method.student_init": student_init}), CPU).run()
+def assert_stop_and_resume_matches_whole_run(grid_root: Path, tmp_path: Path, stop_at: int, **overrides) -> None:
+    whole = Trainer(tiny_config(grid_root, tmp_path / "whole", **overrides), CPU).run()
 
-    interrupted = tiny_config(grid_root, tmp_path / "cut", **{"method.student_init": student_init})
+    interrupted = tiny_config(grid_root, tmp_path / "cut", **overrides)
     trainer = Trainer(interrupted, CPU)
     original_step = trainer._train_step
 
-    def step_then_signal(batch, stats):  # SIGTERM lands mid-phase (step 7 is inside a teacher phase)
+    def step_then_signal(batch, stats):
         original_step(batch, stats)
-        if trainer.step == 7:
+        if trainer.step == stop_at:
             signal.raise_signal(signal.SIGTERM)
 
     trainer._train_step = step_then_signal
     with pytest.raises(RunInterrupted) as stopped:
         trainer.run()
     assert stopped.value.exit_code == 128 + signal.SIGTERM
-    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt", torch.device("cpu"))["step"] == 7
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt", torch.device("cpu"))["step"] == stop_at
 
     resumed = Trainer(interrupted, CPU, resume=True).run()
     assert resumed == whole  # every eval metric, bitwise on CPU
@@ -84,6 +83,20 @@ def test_stopped_and_resumed_run_matches_uninterrupted(grid_root: Path, tmp_path
     steps = [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
     assert len(steps) == len(set(steps)), "resume must not duplicate metric records"
     assert steps == [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("student_init", ["teacher", "previous"])
+def test_stopped_and_resumed_run_matches_uninterrupted(grid_root: Path, tmp_path: Path, student_init: str) -> None:
+    # SIGTERM after step 7: inside a teacher phase (k_t=3, k_s=2)
+    assert_stop_and_resume_matches_whole_run(grid_root, tmp_path, 7, **{"method.student_init": student_init})
+
+
+@pytest.mark.dali
+def test_dali_run_resumes_mid_epoch_bitwise(grid_root: Path, tmp_path: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    # 20 batches per epoch: stopping after step 23 resumes inside the second epoch
+    overrides = {"data.backend": "dali", "data.num_workers": 1, "num_steps": 30}
+    assert_stop_and_resume_matches_whole_run(grid_root, tmp_path, 23, **overrides)
 
 
 def test_run_folder_contents(grid_root: Path, tmp_path: Path) -> None:
