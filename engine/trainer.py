@@ -94,6 +94,11 @@ class Trainer:
         self.train_split = load_split(root, config.data.train_split)
         self.eval_split = load_split(root, config.data.eval_split)
         self.metric_flags = _check_metric_request(config, self.eval_split.label_kind)
+        if self.train_split.label_kind is LabelKind.ATTRIBUTES and config.method.name == "softmax":
+            raise ConfigError(
+                f"--method softmax: split {config.data.train_split!r} holds independent binary attributes "
+                f"(no single label per image); use --method sigmoid or mile"
+            )
         self.folder.prepare(config.to_json(), resume)
         self.train_loader, self.eval_loader = build_loaders(config, root, dist.rank, dist.world_size, self.device)
         self.plan = PhasePlan(config.method)
