@@ -315,7 +315,8 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.load_state_dict(payload["teacher"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        self.optimizer.param_groups[0]["lr"] = self.lr  # keep the device tensor the steps read
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr  # keep the device tensor the steps read
         self._saved_student = payload["saved_student"]
         set_rng_state(payload["rng"])
         self.step = int(payload["step"])

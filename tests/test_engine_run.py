@@ -252,3 +252,19 @@ def test_training_on_a_folder_converted_dataset(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_images"] == 12 and 0.0 <= summary["top1"] <= 1.0 and "f1@0.25" in summary
+
+
+def test_attribute_dataset_trains_mile_and_refuses_softmax(tmp_path: Path) -> None:
+    """CelebA-style attributes: MILe trains on multi-hot targets and reports attribute metrics."""
+    from dataset_layouts import make_celeba
+    from shards.sources import celeba
+    from shards.sources.common import write_planned
+
+    make_celeba(tmp_path / "celeba", partitions=[0] * 24 + [1] * 8, with_broken=False)
+    shards = tmp_path / "shards"
+    write_planned(shards, celeba.celeba_plan(celeba.CelebAOptions(tmp_path / "celeba", ("train", "val"))), WriterSettings(progress=False))
+    config = tiny_config(shards, tmp_path / "run", num_steps=6, global_batch_size=8, eval_every=6, **{"data.image_size_px": 16})
+    summary = Trainer(config, CPU).run()
+    assert summary["num_images"] == 8 and {"f1@0.25", "balanced_acc@0.25"} <= set(summary)
+    with pytest.raises(ConfigError, match="independent binary attributes"):
+        Trainer(tiny_config(shards, tmp_path / "softmax", **{"method.name": "softmax"}), CPU)
