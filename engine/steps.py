@@ -110,10 +110,10 @@ class StaticInputs:
 class GraphedStep:
     """A step function captured as a CUDA graph, replayed with new inputs copied into static buffers."""
 
-    def __init__(self, fn: StepFn, inputs: StaticInputs, pool=None) -> None:
+    def __init__(self, fn: StepFn, inputs: StaticInputs) -> None:
         self.inputs = inputs
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph):
             self.result = fn(inputs.images, inputs.labels, inputs.targets)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> StepResult:

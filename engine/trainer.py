@@ -115,6 +115,8 @@ class Trainer:
     def _build_models(self) -> None:
         config = self.config
         torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # training shapes never change: pick the fastest kernels once
         multi = config.method.multi_label_head
         num_classes = self.train_split.num_classes
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
