@@ -1,0 +1,1 @@
+"""The training engine: methods, MILe phase machine, captured steps, metrics, checkpoints, CLI."""
