@@ -2,7 +2,8 @@
 
 All three methods train from ``engine/configs/digits_grid.toml`` with the same budget and seed;
 only ``[method].name`` changes. Writes ``runs/demo/table.md``, ``table.csv`` and ``f1_curve.png``
-(F1@0.25 on the val grids over training steps) and prints the table.
+(F1@0.25 on the val grids over training steps) and prints the table. Running it again reuses
+finished runs of the same config and resumes interrupted ones; it never deletes a run.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from engine.config import RunConfig, build_config, load_toml
-from engine.run_folder import read_metrics
+from engine.run_folder import RunFolderError, read_metrics
 
 METHODS = ("softmax", "sigmoid", "mile")
 TABLE_COLUMNS = (("F1@0.25", "f1@0.25"), ("F1@0.5", "f1@0.5"), ("coverage@0.25", "coverage@0.25"), ("top-1", "top1"))
@@ -30,15 +30,32 @@ def method_config(base: dict[str, Any], method: str, out_root: Path, overrides: 
 
 
 def run_method(config: RunConfig) -> dict[str, Any]:
+    """Train one method, or reuse a finished run of the same config, or resume an interrupted one;
+    a folder holding a run of another config is an error (the demo never deletes a run)."""
     from engine.distributed import init_distributed
     from engine.trainer import Trainer
 
-    if Path(config.out_dir).exists():
-        shutil.rmtree(config.out_dir)  # the demo always starts fresh; its folders hold nothing else
+    folder = Path(config.out_dir)
+    resume = _check_existing(folder, config)
+    if (folder / "summary.json").is_file():
+        print(f"reusing the finished run in {folder}")
+        wall = folder / "demo_wall_s.json"
+        return {**json.loads((folder / "summary.json").read_text()), "wall_s": json.loads(wall.read_text()) if wall.is_file() else None}
     started = time.perf_counter()
-    summary = Trainer(config, init_distributed(config.device)).run()
+    summary = Trainer(config, init_distributed(config.device), resume=resume).run()
     summary["wall_s"] = time.perf_counter() - started
+    (folder / "demo_wall_s.json").write_text(json.dumps(summary["wall_s"]) + "\n")
     return summary
+
+
+def _check_existing(folder: Path, config: RunConfig) -> bool:
+    """True when ``folder`` holds an unfinished run of this very config (so it is resumed)."""
+    saved = folder / "config.json"
+    if not saved.is_file():
+        return False
+    if json.loads(saved.read_text()) != json.loads(json.dumps(config.to_json())):
+        raise RunFolderError(f"{folder} holds a run with another config; move it away, or pass --out to the demo")
+    return (folder / "checkpoints" / "last.pt").is_file()
 
 
 def table_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -49,7 +66,7 @@ def table_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             value = summary[key]
             row[title] = value if key.startswith("coverage") else 100.0 * value
         row["paper F1@0.25"] = PAPER_F1_025[method]
-        row["wall s"] = summary["wall_s"]
+        row["wall s"] = summary["wall_s"] if summary["wall_s"] is not None else "-"
         rows.append(row)
     return rows
 
@@ -122,5 +139,19 @@ def main(
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'f1_curve.png'}")
 
 
+def cli() -> None:
+    from engine.config import ConfigError
+    from engine.trainer import RunInterrupted
+
+    try:
+        typer.run(main)
+    except RunInterrupted as stopped:
+        typer.secho(f"{stopped}\nRun `make demo` again to continue where it stopped.", fg=typer.colors.YELLOW, err=True)
+        raise SystemExit(stopped.exit_code) from None
+    except (RunFolderError, ConfigError) as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    typer.run(main)
+    cli()

@@ -211,6 +211,8 @@ class Trainer:
                 bar.close()
                 raise RunInterrupted(signum, self._stopped_message(signum))
         bar.close()
+        if not eval_metrics:  # resumed at its last step: nothing ran, so evaluate what was saved
+            eval_metrics = self.evaluate()
         summary = {"step": self.step, "method": config.method.name, **eval_metrics}
         self.folder.write_summary(summary)
         return summary

@@ -268,3 +268,21 @@ def test_attribute_dataset_trains_mile_and_refuses_softmax(tmp_path: Path) -> No
     assert summary["num_images"] == 8 and {"f1@0.25", "balanced_acc@0.25"} <= set(summary)
     with pytest.raises(ConfigError, match="independent binary attributes"):
         Trainer(tiny_config(shards, tmp_path / "softmax", **{"method.name": "softmax"}), CPU)
+
+
+def test_resuming_a_finished_run_reports_its_metrics(grid_root: Path, tmp_path: Path) -> None:
+    config = tiny_config(grid_root, tmp_path / "done", num_steps=4, eval_every=4)
+    whole = Trainer(config, CPU).run()
+    assert Trainer(config, CPU, resume=True).run() == whole
+
+
+def test_demo_reuses_finished_runs_and_never_overwrites_another_config(grid_root: Path, tmp_path: Path) -> None:
+    from engine.demo import run_method
+
+    config = tiny_config(grid_root, tmp_path / "mile", num_steps=4, eval_every=4)
+    first = run_method(config)
+    checkpoint = (tmp_path / "mile" / "checkpoints" / "last.pt").read_bytes()
+    assert run_method(config) == first  # reused, not retrained
+    with pytest.raises(RunFolderError, match="another config"):
+        run_method(tiny_config(grid_root, tmp_path / "mile", num_steps=6, eval_every=6))
+    assert (tmp_path / "mile" / "checkpoints" / "last.pt").read_bytes() == checkpoint
