@@ -212,3 +212,20 @@ def test_engine_bench_rows_on_cpu(tmp_path) -> None:
     assert all(row.ms_per_step_median > 0 for row in rows)
     write_json(tmp_path / "bench.json", config, rows, {})
     assert len(json.loads((tmp_path / "bench.json").read_text())["rows"]) == 6
+
+
+def test_gpus_relaunch_drops_only_the_gpus_flag(monkeypatch) -> None:
+    import sys
+
+    from engine import distributed
+    from engine.cli import without_gpus_flag
+
+    argv = ["--gpus", "8", "--method", "mile", "--gpus=4", "--out", "runs/x"]
+    assert without_gpus_flag(argv) == ["--method", "mile", "--out", "runs/x"]
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 8)
+    command = distributed.torchrun_command(8, ["--method", "mile"])
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc_per_node=8" in command and command[-4:] == ["-m", "engine.cli", "--method", "mile"]
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="--gpus 8: only 2"):
+        distributed.torchrun_command(8, [])
