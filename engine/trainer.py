@@ -292,7 +292,8 @@ class Trainer:
             accumulator.update(logits.float(), batch.labels, batch.targets if self.metric_flags["multilabel"] else None)
         self.learner.train()
         metrics = accumulator.compute()  # SYNC: eval point
-        self.folder.log({"kind": "eval", "step": self.step, **metrics})
+        last = self.plan.position(max(self.step - 1, 0))  # the phase the evaluated weights come from
+        self.folder.log({"kind": "eval", "step": self.step, "phase": last.phase, "cycle": last.cycle, **metrics})
         return metrics
 
     def _save_checkpoint(self, stats: TrainStats) -> None:
