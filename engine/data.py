@@ -10,7 +10,7 @@ import torch
 from engine.config import DataConfig, RunConfig
 from pipelines import build_loader
 from pipelines.contract import AugmentConfig, Loader, LoaderConfig
-from shards.manifest import ShardError, load_splits
+from shards.manifest import ShardError
 
 DIGITS_CACHE_ENV = "MILE_CACHE"
 
@@ -21,23 +21,11 @@ def default_digits_root() -> Path:
     return Path(cache) / "digits-grid"
 
 
-def ensure_digit_grid(root: Path) -> Path:
-    """Build the embedded digit-grid shards on first use (the writer skips complete splits)."""
-    from shards.sources import digits_grid
-    from shards.writer import WriterSettings, write_split
-
-    config = digits_grid.GridConfig()
-    settings = WriterSettings(seed=config.seed, workers=1, progress=False)
-    for split, items in digits_grid.grid_items(config).items():
-        write_split(root, digits_grid.grid_spec(split, config), items, settings)
-    return root
-
-
 def resolve_data_root(data: DataConfig) -> Path:
     if not data.root:
-        root = default_digits_root()
-        complete = (root / "manifest.json").is_file() and {"train", "val"} <= set(load_splits(root))
-        return root if complete else ensure_digit_grid(root)
+        from shards.sources.digits_grid import ensure_grid_shards
+
+        return ensure_grid_shards(default_digits_root())
     root = Path(data.root)
     if not root.is_dir():
         raise ShardError(f"--data {root} does not exist")

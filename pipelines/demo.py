@@ -15,25 +15,10 @@ import typer
 
 from pipelines import build_loader, dali_import_error
 from pipelines.contract import AugmentConfig, LoaderConfig
-from shards.manifest import ShardError, validate_split
+from shards.sources.digits_grid import GRID_CELLS, GridConfig, ensure_grid_shards
 
 DEFAULT_OUT = Path(".cache") / "digits-grid"
-SPLITS = ("train", "val")
-GRID_PX = 48  # 3 cells of 16 px: the grid's own size, so no resampling is needed
-
-
-def ensure_digit_grid(out: Path) -> None:
-    """Build the shards with the converter's defaults unless ``out`` already holds both splits intact."""
-    try:
-        for split in SPLITS:
-            validate_split(out, split, check_hash=False)
-        print(f"digit-grid shards found in {out}")
-        return
-    except ShardError:
-        pass
-    from shards.cli import app  # the converter exactly as `tools/make_shards.py digits-grid` runs it
-
-    app(["digits-grid", "--out", str(out)], standalone_mode=False)
+GRID_PX = GRID_CELLS * GridConfig().cell_px  # the grid's own size, so no resampling is needed
 
 
 def stream_once(root: Path, backend: str, batch_size: int, workers: int) -> tuple[int, float]:
@@ -60,7 +45,7 @@ def main(
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     workers: int = typer.Option(os.cpu_count() or 1, "--workers", min=0, help="DALI threads / DataLoader processes."),
 ) -> None:
-    ensure_digit_grid(out)
+    ensure_grid_shards(out)
     backends = ["torch"]
     reason = dali_import_error()
     if reason is None:

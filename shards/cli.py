@@ -52,7 +52,7 @@ def digits_grid_command(
     seed: int = SeedOption,
     workers: int = WorkersOption,
     shard_samples: int = ShardSamplesOption,
-    quality: int = typer.Option(95, "--quality", min=1, max=100, help="JPEG quality of the grids."),
+    quality: int = typer.Option(digits_grid.GRID_JPEG_QUALITY, "--quality", min=1, max=100, help="JPEG quality of the grids."),
 ) -> None:
     """The paper's multi-label digit grid (3×3 digits; label = centre digit w.p. 0.6), no download needed."""
     config = digits_grid.GridConfig(train_size=train_size, val_size=val_size, seed=seed, cell_px=cell_px)

@@ -55,10 +55,6 @@ class TarShardFile:
             entries.append(Member(split_name(name)[1], offset_data, info.size, name))
         self.samples.append(entries)
 
-    @property
-    def num_bytes(self) -> int:
-        return self._tar.offset
-
     def size_with(self, members: list[tuple[str, bytes]]) -> int:
         """Bytes the closed tar would have with ``members`` added: headers, padding and end blocks."""
         offset = self._tar.offset

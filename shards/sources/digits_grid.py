@@ -8,18 +8,23 @@ present. Train and val grids draw from disjoint pools of digit images. Needs no 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from shards.format import LabelKind
-from shards.writer import SourceItem, SplitSpec
+from shards.images import ImagePolicy
+from shards.manifest import ShardError, validate_split
+from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
 
 GRID_CELLS = 3
 CENTRE_CELL = 4  # row-major index of the middle cell
 CENTRE_PROBABILITY = 0.6
 NUM_DIGIT_CLASSES = 10
 CLASS_NAMES = [str(d) for d in range(NUM_DIGIT_CLASSES)]
+SPLITS = ("train", "val")
+GRID_JPEG_QUALITY = 90
 
 
 @dataclass(frozen=True)
@@ -100,3 +105,17 @@ def grid_spec(split: str, config: GridConfig) -> SplitSpec:
         class_names=CLASS_NAMES,
         extra={"source": "digits-grid", "grid": {**config.__dict__, "centre_probability": CENTRE_PROBABILITY}},
     )
+
+
+def ensure_grid_shards(root: Path, config: GridConfig = GridConfig()) -> Path:
+    """The embedded default: build both splits in ``root`` unless they are already there intact."""
+    try:
+        for split in SPLITS:
+            validate_split(root, split, check_hash=False)
+        return root
+    except ShardError:
+        pass
+    settings = WriterSettings(seed=config.seed, workers=1, progress=False, image=ImagePolicy(quality=GRID_JPEG_QUALITY))
+    for split, items in grid_items(config).items():
+        write_split(root, grid_spec(split, config), items, settings)
+    return root
