@@ -132,12 +132,14 @@ def _train(run_config: RunConfig, resume: bool) -> None:
     from engine.trainer import Trainer
 
     dist = init_distributed(run_config.device)
+    completed = False
     try:
         summary = Trainer(run_config, dist, resume).run()
+        completed = True
         if dist.is_main:
             print_metrics_table(summary, title=f"{run_config.method.name} on {run_config.data.root or 'digit grid'}")
     finally:
-        shutdown_distributed()
+        shutdown_distributed(completed)
 
 
 def main() -> None:

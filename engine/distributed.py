@@ -51,8 +51,13 @@ def init_distributed(device_preference: str) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(completed: bool) -> None:
+    """Leave the process group. After a completed run every rank waits for the others first (a rank
+    leaving early closes connections its peers may still read from); after an error it does not,
+    so the failing rank exits and torchrun stops the rest instead of everyone hanging."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if completed:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
