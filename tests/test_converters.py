@@ -456,7 +456,7 @@ def test_celeba_structural_problems(tmp_path, breakage, message):
 
 
 def test_convert_bench_runs_every_configuration(tmp_path):
-    from shards import bench_convert
+    from benchmarks import convert as bench_convert
 
     config = bench_convert.ConvertBenchConfig(num_images=12, large_fraction=0.5, workers=(1,), repeats=1)
     results, num_large = bench_convert.run_convert_bench(config)

@@ -200,7 +200,7 @@ def test_engine_bench_rows_on_cpu(tmp_path) -> None:
     """tools/bench.py engine: every row measured (CPU smoke run of the GPU benchmark's code)."""
     import json
 
-    from engine.bench_engine import EngineBenchConfig, run_engine_bench, write_json
+    from benchmarks.engine_steps import EngineBenchConfig, run_engine_bench, write_json
 
     config = EngineBenchConfig(arch="grid_cnn", image_size_px=24, batch_size=4, num_classes=10, steps_per_repeat=1, repeats=2, warmup_steps=1, device="cpu")
     rows = run_engine_bench(config)

@@ -27,7 +27,7 @@ def loaders(
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic photos and the loaders."),
 ) -> None:
     """Train-mode decode+augment images/s: DALI CPU, torch backend, PIL DataLoader (and GPU decode with CUDA)."""
-    from pipelines import bench_loaders
+    from benchmarks import loaders as bench_loaders
 
     config = bench_loaders.LoaderBenchConfig(num_images, batch_size, image_size, workers, repeats, warmup, seed)
     env = bench_loaders.environment()
@@ -49,7 +49,7 @@ def convert(
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic photos."),
 ) -> None:
     """make_shards conversion images/s (pass-through and --max-side) and verify seconds per 1,000 images."""
-    from shards import bench_convert
+    from benchmarks import convert as bench_convert
 
     worker_counts = tuple(int(w) for w in workers.split(","))
     config = bench_convert.ConvertBenchConfig(num_images, large_fraction, max_side, worker_counts, repeats, seed)
@@ -74,8 +74,8 @@ def engine(
     device: str = typer.Option("cuda", "--device", help="cuda or cpu."),
 ) -> None:
     """Engine-only images/s per phase (graphs on/off) vs a plain eager deepcopy-teacher loop."""
-    from engine import bench_engine
-    from pipelines.bench_loaders import environment
+    from benchmarks import engine_steps as bench_engine
+    from benchmarks.loaders import environment
 
     config = bench_engine.EngineBenchConfig(arch, image_size, batch_size, num_classes, steps, repeats, warmup, device)
     env = environment()

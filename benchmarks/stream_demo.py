@@ -1,4 +1,4 @@
-"""``python -m pipelines.demo``: build the digit-grid shards once, stream the train split through each backend.
+"""``python -m benchmarks.stream_demo``: build the digit-grid shards once, stream the train split through each backend.
 
 A stream check, not a benchmark (``tools/bench.py loaders`` is that): one pass per backend over
 the train split, in training mode without crops or flips (how the digit grid trains), printing

@@ -88,7 +88,7 @@ class BenchResult:
 
 def write_photo_tree(root: Path, config: ConvertBenchConfig) -> int:
     """ImageNet-style ``root/train/nXXXXXXXX/*.JPEG``; returns how many photos are 800×600."""
-    from pipelines.bench_loaders import photo_jpegs  # the same photo-like JPEGs as the loader benchmark
+    from benchmarks.loaders import photo_jpegs  # the same photo-like JPEGs as the loader benchmark
 
     rng = np.random.default_rng(config.seed)
     wnids = imagenet_wnids()[:NUM_CLASSES]
@@ -183,7 +183,7 @@ def format_table(results: list[BenchResult]) -> str:
 
 
 def write_json(path: Path, config: ConvertBenchConfig, results: list[BenchResult], num_large: int) -> None:
-    from pipelines.bench_loaders import environment  # versions and hardware, no host names or paths
+    from benchmarks.loaders import environment  # versions and hardware, no host names or paths
 
     report: dict[str, Any] = {
         "benchmark": "convert",
