@@ -4,7 +4,7 @@ Rows, measured side by side in one process: the engine's teacher and student ste
 graphs on and off (bf16 autocast, channels-last), the phase-switch gap (device-side teacher
 snapshot), and a plain eager loop in the released code's style (NCHW, fp32, a ``deepcopy``
 teacher re-made at every switch, thresholded targets materialised). Timed with device events
-after warm-up; medians and spreads over repeats (DESIGN §7).
+after warm-up; medians and spreads over repeats (docs/DESIGN.md, "Measuring").
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from engine.build import EngineSpec, build_engine
+from engine.config import RunConfig, build_config
 from engine.models import build_model
-from engine.phases import STUDENT, TEACHER, PhaseSwitch
-from engine.steps import StepSettings, build_stepper, init_momentum
+from engine.phases import STUDENT, TEACHER, PhaseAction
+from pipelines.contract import Batch
 
 
 @dataclass(frozen=True)
@@ -92,25 +94,28 @@ def _synthetic_batch(config: EngineBenchConfig, device: torch.device, channels_l
     return images.to(device, dtype).contiguous(memory_format=memory_format), labels.to(device)
 
 
+def bench_run_config(config: EngineBenchConfig, graphs: bool) -> RunConfig:
+    """The run config ``engine-run`` would use for these settings (MILe, so both phases exist)."""
+    return build_config({}, {
+        "arch": config.arch, "method.name": "mile", "method.rho": config.rho, "global_batch_size": config.batch_size,
+        "num_steps": 1_000_000, "optim.weight_decay": 5e-5, "device": config.device, "cuda_graphs": graphs,
+    })
+
+
 def engine_rows(config: EngineBenchConfig, graphs: bool) -> list[BenchRow]:
     """The engine's own steps (what ``engine-run`` executes), one row per phase plus the switch."""
     device = torch.device(config.device)
     cuda = device.type == "cuda"
-    torch.manual_seed(0)
-    learner = build_model(config.arch, config.num_classes, True).to(device, memory_format=torch.channels_last)
-    teacher = build_model(config.arch, config.num_classes, True).to(device, memory_format=torch.channels_last).eval()
-    lr = torch.full((), 0.1, device=device)
-    optimizer = torch.optim.SGD(learner.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5, fused=True)
-    switch = PhaseSwitch(learner, teacher, init_momentum(optimizer))
-    settings = StepSettings("mile", config.rho, False, torch.bfloat16 if cuda else None, device.type)
-    stepper = build_stepper((TEACHER, STUDENT), learner, teacher, optimizer, settings)
+    engine = build_engine(bench_run_config(config, graphs), EngineSpec(config.num_classes), device)
     images, labels = _synthetic_batch(config, device, True, torch.bfloat16 if cuda else torch.float32)
-    if graphs and cuda:
-        stepper.capture((images, labels, None), learner, optimizer)
-    timer, suffix = _Timer(device), "graphs" if (graphs and cuda) else "eager"
-    steps = {f"engine {phase} step ({suffix})": (lambda p=phase: stepper(p, images, labels, None)) for phase in (TEACHER, STUDENT)}
+    batch = Batch(images, labels)
+    engine.lr.fill_(engine.lr_at(0))
+    engine.capture(batch)
+    timer, suffix = _Timer(device), "graphs" if engine.stepper.graphed else "eager"
+    steps = {f"engine {phase} step ({suffix})": (lambda p=phase: engine.stepper(p, images, labels, None)) for phase in (TEACHER, STUDENT)}
     rows = _measure(steps, config, timer)
-    switch_seconds = [timer.seconds(lambda: switch.apply(("snapshot_teacher",))) for _ in range(config.repeats)]
+    snapshot = (PhaseAction.SNAPSHOT_TEACHER,)
+    switch_seconds = [timer.seconds(lambda: engine.switch.apply(snapshot)) for _ in range(config.repeats)]
     rows.append(BenchRow(f"phase switch: teacher snapshot ({suffix})", 0.0, 0.0, 0.0, statistics.median(switch_seconds) * 1000))
     return rows
 

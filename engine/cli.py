@@ -1,110 +1,153 @@
-"""``engine-run``: train softmax, sigmoid or MILe; with no arguments, MILe on the embedded digit grid."""
+"""``engine-run``: train softmax, sigmoid or MILe; with no arguments, MILe on the embedded digit grid.
+
+Every config key is a flag, generated from the schema in ``engine/config.py``: ``--section.key``
+(the TOML key) and, for most, a short alias (``--lr`` for ``--optim.lr_per_256``). Values are
+resolved and checked before anything is built or written.
+"""
 
 from __future__ import annotations
 
-import json
+import enum
+import inspect
 import logging
 import os
 import subprocess
 import sys
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from engine.config import ConfigError, RunConfig, build_config, load_toml
+from engine.config import ConfigError, Key, RunConfig, build_config, changed_keys, config_keys, load_toml, to_toml
 
 DEFAULT_CONFIG = "digits_grid.toml"
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+_PANELS = {"data": "Data", "method": "Method", "optim": "Optimizer"}
 
 
 def default_config_path() -> Path:
     return Path(str(resources.files("engine") / "configs" / DEFAULT_CONFIG))
 
 
-def _overrides(options: dict[str, Any]) -> dict[str, Any]:
-    """Flag name -> config key; options left at None were not given and override nothing."""
-    keys = {
-        "data": "data.root", "train_split": "data.train_split", "eval_split": "data.eval_split",
-        "image_size": "data.image_size_px", "augment": "data.augment", "eval_crop": "data.eval_crop_fraction", "loader": "data.backend",
-        "workers": "data.num_workers", "method": "method.name", "k_teacher_steps": "method.k_teacher_steps",
-        "k_student_steps": "method.k_student_steps", "rho": "method.rho", "student_init": "method.student_init",
-        "warmup_steps": "method.warmup_steps", "lr": "optim.lr_per_256", "schedule": "optim.schedule",
-        "warmup_lr_steps": "optim.warmup_lr_steps", "momentum": "optim.momentum", "nesterov": "optim.nesterov",
-        "weight_decay": "optim.weight_decay", "arch": "arch", "steps": "num_steps", "batch_size": "global_batch_size",
-        "theta": "eval_thetas", "multilabel_metrics": "multilabel_metrics", "eval_every": "eval_every",
-        "log_every": "log_every", "checkpoint_every": "checkpoint_every", "seed": "seed", "out": "out_dir",
-        "device": "device", "cuda_graphs": "cuda_graphs",
-    }
-    out = {keys[name]: value for name, value in options.items() if name in keys}
-    if out.get("eval_thetas") == []:
-        out["eval_thetas"] = None
-    if out.get("data.root") is not None:
-        out["data.root"] = str(out["data.root"])
-    if out.get("out_dir") is not None:
-        out["out_dir"] = str(out["out_dir"])
+# -- flags from the schema --------------------------------------------------------------------
+
+
+def param_name(key: Key) -> str:
+    return key.name.replace(".", "__")
+
+
+def _flag_decls(key: Key) -> list[str]:
+    flags = [key.flag] + ([key.alias] if key.alias and key.alias != key.flag else [])
+    if key.type is bool:  # --data.augment/--no-data.augment, --augment/--no-augment
+        return [f"{flag}/--no-{flag[2:]}" for flag in flags]
+    return flags
+
+
+def _cli_type(key: Key) -> Any:
+    if typing.get_origin(key.type) is tuple:
+        return list[float]
+    return key.type
+
+
+def _help(key: Key) -> str:
+    default = key.field.default
+    if isinstance(default, enum.Enum):
+        default = default.value
+    elif isinstance(default, tuple):
+        default = ", ".join(str(v) for v in default)
+    return f"{key.help} [key: {key.name}; built-in: {default!r}]"
+
+
+def config_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter per config key, each a typer option."""
+    params = []
+    for key in config_keys():
+        section = key.name.split(".")[0] if "." in key.name else ""
+        option = typer.Option(None, *_flag_decls(key), help=_help(key), rich_help_panel=_PANELS.get(section, "Run"), show_default=False)
+        params.append(inspect.Parameter(param_name(key), inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[_cli_type(key)]))
+    return params
+
+
+def overrides_from(options: dict[str, Any]) -> dict[str, Any]:
+    """Config key -> value for every flag given (None or an empty list = not given)."""
+    out = {}
+    for key in config_keys():
+        value = options.get(param_name(key))
+        if value is not None and value != []:
+            out[key.name] = value
     return out
 
 
-def resolve_config(config_file: Optional[Path], resume: bool, options: dict[str, Any]) -> RunConfig:
-    """Saved config on --resume, else --config FILE (default: the digit-grid MILe config); flags win."""
-    overrides = _overrides(options)
-    if resume:
-        out = Path(overrides.get("out_dir") or RunConfig().out_dir)
-        saved = out / "config.json"
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {saved} does not exist (is --out the folder of an earlier run?)")
-        return build_config(json.loads(saved.read_text()), overrides)
-    return build_config(load_toml(config_file or default_config_path()), overrides)
+# -- resolving the config -------------------------------------------------------------------
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def resolve_config(config_file: Optional[Path], resume: bool, overrides: dict[str, Any]) -> RunConfig:
+    """``--resume``: the run's saved config, with only safe changes; else ``--config FILE`` (default:
+    MILe on the digit grid). Flags win over the file."""
+    if not resume:
+        path = config_file or default_config_path()
+        return build_config(load_toml(path), overrides, source=str(path))
+    if config_file is not None:
+        raise ConfigError("--resume continues a run with its own config.toml; drop --config (flags may change safe keys)")
+    from engine.run_folder import saved_config
+
+    out_dir = overrides.get("out_dir") or RunConfig.__dataclass_fields__["out_dir"].default
+    saved = saved_config(out_dir)
+    config = build_config(saved.to_json(), overrides, source=f"{out_dir}/config.toml")
+    check_resume_changes(saved, config)
+    return config
+
+
+def check_resume_changes(saved: RunConfig, config: RunConfig) -> None:
+    """Refuse changes that would make the resumed run a different experiment."""
+    unsafe = [(key, old, new) for key, old, new in changed_keys(saved, config) if not key.resume_safe]
+    if unsafe:
+        listed = "; ".join(f"{key.label()}: {old!r} -> {new!r}" for key, old, new in unsafe)
+        safe = ", ".join(key.name for key in config_keys() if key.resume_safe)
+        raise ConfigError(f"--resume cannot change what the run is: {listed}. Keys that may change on resume: {safe}")
+
+
+# -- the command ----------------------------------------------------------------------------
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
 def run(
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML config; flags override its values. Default: MILe on the digit grid."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Shard folder (manifest.json). Default: the embedded digit grid, built on first use."),
-    train_split: Optional[str] = typer.Option(None, "--train-split", help="Split to train on (default: train)."),
-    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split to evaluate on (default: val)."),
-    method: Optional[str] = typer.Option(None, "--method", help="softmax | sigmoid | mile."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="grid_cnn | resnet18 | resnet50 | resnet50d."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps in total."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (all processes)."),
-    k_teacher_steps: Optional[int] = typer.Option(None, "--k-teacher-steps", help="MILe: steps per interaction (teacher) phase."),
-    k_student_steps: Optional[int] = typer.Option(None, "--k-student-steps", help="MILe: steps per imitation (student) phase."),
-    rho: Optional[float] = typer.Option(None, "--rho", help="MILe: pseudo-label threshold on the teacher's sigmoid, in (0, 1)."),
-    student_init: Optional[str] = typer.Option(None, "--student-init", help="MILe: teacher (continue from the teacher) | previous (Algorithm 1)."),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="MILe: teacher-only steps before the first imitation phase."),
-    theta: Optional[list[float]] = typer.Option(None, "--theta", help="Eval threshold(s) for F1 and coverage; repeat for several."),
-    multilabel_metrics: Optional[str] = typer.Option(None, "--multilabel-metrics", help="auto | on (require multi-labels) | off."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate per 256 images (scaled by batch size)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine | step | constant."),
-    warmup_lr_steps: Optional[int] = typer.Option(None, "--warmup-lr-steps", help="Linear learning-rate warmup steps."),
-    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum."),
-    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="SGD weight decay."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Image side in pixels."),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random-resized-crop + flip in training."),
-    eval_crop: Optional[float] = typer.Option(None, "--eval-crop", help="Eval centre-crop fraction; 0 = auto (0.875 with --augment, else 1)."),
-    loader: Optional[str] = typer.Option(None, "--loader", help="auto | dali | torch."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes/threads."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, data order and augmentation."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/latest)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
-    cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Capture steps as CUDA graphs."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps."),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="Log every N steps."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
-    gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs on this node; N > 1 re-launches under torchrun."),
+    config: Optional[Path] = None,
+    print_config: bool = False,
+    resume: bool = False,
+    gpus: int = 1,
+    **options: Any,
 ) -> None:
-    """Train softmax, sigmoid or MILe (Multi-label Iterated Learning) from WebDataset shards."""
-    options = dict(locals())
-    run_config = resolve_config(options.pop("config"), options.pop("resume"), options)
+    """Train softmax, sigmoid or MILe (Multi-label Iterated Learning) from WebDataset shards.
+
+    Every key of a TOML config is also a flag: --section.key (e.g. --optim.lr_per_256) or its alias (--lr).
+    Without --config, the digit-grid experiment (engine/configs/digits_grid.toml) sets the values first;
+    "built-in" is the schema's value for a key that no config sets. --print-config shows what a run would use.
+    """
+    run_config = resolve_config(config, resume, overrides_from(options))
+    if print_config:
+        typer.echo(to_toml(run_config), nl=False)
+        return
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(gpus)
         return
     _train(run_config, resume)
+
+
+_FIXED = [
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                      default=typer.Option(None, "--config", help="TOML config (e.g. a run's config.toml); flags override it. Default: MILe on the digit grid.")),
+    inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--print-config", help="Print the resolved config as TOML and exit (nothing is built or written).")),
+    inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint, with its saved config.")),
+    inspect.Parameter("gpus", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                      default=typer.Option(1, "--gpus", min=1, help="GPUs on this node; N > 1 re-launches under torchrun.")),
+]
+run.__signature__ = inspect.Signature(_FIXED + config_parameters())  # type: ignore[attr-defined]
+app.command(context_settings={"help_option_names": ["-h", "--help"]})(run)
 
 
 def _relaunch(gpus: int) -> None:
@@ -143,6 +186,7 @@ def _train(run_config: RunConfig, resume: bool) -> None:
 
 
 def main() -> None:
+    from engine.checkpoint import CheckpointError
     from engine.run_folder import RunFolderError
     from engine.trainer import NonFiniteLoss, RunInterrupted
     from shards.manifest import ShardError
@@ -156,7 +200,7 @@ def main() -> None:
     except NonFiniteLoss as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise SystemExit(3) from None
-    except (ConfigError, ShardError, RunFolderError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, ShardError, RunFolderError, CheckpointError, FileNotFoundError, ValueError) as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
 

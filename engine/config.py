@@ -1,58 +1,129 @@
-"""Run configuration: one small frozen dataclass per component, assembled into ``RunConfig``.
+"""Run configuration: the schema every knob is defined in, once.
 
-Values come from (lowest to highest priority) the dataclass defaults, a TOML file (``--config``)
-and command-line flags. ``RunConfig.to_json`` is written into every run folder.
+One small frozen dataclass per component, assembled into ``RunConfig``. Each field is declared with
+``knob(...)``: its default, help text, bounds, an optional short flag and whether it may change when a
+run is resumed. Everything else is derived from that declaration (docs/DESIGN.md, "Configuration"):
+
+- the TOML key is the field's dotted path (``optim.lr_per_256``; top-level keys have no section);
+- the command-line flag is ``--`` + that key (``--optim.lr_per_256``) plus the short alias (``--lr``);
+- the run folder's ``config.toml`` is ``to_toml(config)``, which ``--config`` reads back unchanged.
+
+Values are checked strictly (an int key refuses ``30.5``, a bool key refuses ``"yes"``), and every
+error names the key and its flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Iterator
+
+import tomli_w
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-METHODS = ("softmax", "sigmoid", "mile")
-STUDENT_INITS = ("teacher", "previous")
-SCHEDULES = ("cosine", "step", "constant")
-
 
 class ConfigError(ValueError):
-    """A bad option; the message names the option."""
+    """A bad option; the message names the TOML key and its flag."""
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+class Choice(str, enum.Enum):
+    """A string-valued choice: prints, formats and compares as its value ("mile", not "Method.MILE")."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Method(Choice):
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+    MILE = "mile"
+
+
+class StudentInit(Choice):
+    TEACHER = "teacher"  # continue from the teacher's weights (the released code)
+    PREVIOUS = "previous"  # restore the student's own weights and momentum (Algorithm 1)
+
+
+class Schedule(Choice):
+    COSINE = "cosine"
+    STEP = "step"
+    CONSTANT = "constant"
+
+
+class Backend(Choice):
+    AUTO = "auto"  # DALI when it imports, else torch
+    DALI = "dali"
+    TORCH = "torch"
+
+
+class Arch(Choice):
+    GRID_CNN = "grid_cnn"
+    RESNET18 = "resnet18"
+    RESNET50 = "resnet50"
+    RESNET50D = "resnet50d"
+
+
+class Switch(Choice):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+def knob(
+    default: Any,
+    help: str,
+    *,
+    alias: str | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    resume_safe: bool = False,
+) -> Any:
+    """Declare a config field: everything the CLI, the TOML reader and the validator need."""
+    bounds = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
+    return field(default=default, metadata={"help": help, "alias": alias, "bounds": bounds, "resume_safe": resume_safe})
+
+
+class _Component:
+    """A config section: values are normalised to their declared types and checked on creation."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        _normalise(self, self.SECTION)
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Component):
     """Where the shards are and how batches are made."""
 
-    root: str = ""  # shard folder (manifest.json); empty = the embedded digit grid, built on first use
-    train_split: str = "train"
-    eval_split: str = "val"
-    image_size_px: int = 24
-    augment: bool = False  # random-resized-crop + flip (off for the digit grid: crops remove digits)
-    crop_scale_min: float = 0.08
-    # eval: resize the shorter side to size/fraction, centre-crop size. 0 = auto: 0.875 with train
-    # augmentation (the ImageNet convention), 1.0 without it (eval sees what training saw, whole)
-    eval_crop_fraction: float = 0.0
-    backend: str = "auto"
-    num_workers: int = 2
+    SECTION: ClassVar[str] = "data"
 
-    def __post_init__(self) -> None:
-        _require(self.image_size_px >= 8, f"--image-size must be >= 8, got {self.image_size_px}")
-        _require(self.backend in ("auto", "dali", "torch"), f"--loader must be auto, dali or torch, got {self.backend!r}")
-        _require(self.num_workers >= 0, f"--workers must be >= 0, got {self.num_workers}")
-        _require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
-        _require(0.0 <= self.eval_crop_fraction <= 1.0, f"--eval-crop must be in [0, 1], got {self.eval_crop_fraction}")
+    root: str = knob("", "Shard folder (with manifest.json); empty = the embedded digit grid, built on first use.", alias="--data")
+    train_split: str = knob("train", "Split to train on.", alias="--train-split")
+    eval_split: str = knob("val", "Split to evaluate on.", alias="--eval-split")
+    image_size_px: int = knob(24, "Image side in pixels.", alias="--image-size", ge=8)
+    augment: bool = knob(False, "Random-resized-crop + flip in training (off for the digit grid: crops remove digits).", alias="--augment")
+    crop_scale_min: float = knob(0.08, "Smallest random-resized-crop area, as a fraction of the image.", alias="--crop-scale-min", gt=0, le=1)
+    eval_crop_fraction: float = knob(
+        0.0, "Eval: resize the shorter side to size/fraction, centre-crop size; 0 = auto (0.875 with --augment, else 1).", alias="--eval-crop", ge=0, le=1
+    )
+    backend: Backend = knob(Backend.AUTO, "Input pipeline.", alias="--loader")
+    num_workers: int = knob(2, "Loader worker processes (torch) or threads (DALI).", alias="--workers", ge=0, resume_safe=True)
+    verify_data: bool = knob(False, "Check every shard's sha256 against the manifest before training (reads all data once).", alias="--verify-data", resume_safe=True)
 
     @property
     def resolved_eval_crop_fraction(self) -> float:
@@ -62,50 +133,37 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """Which loss and, for MILe, the phase machine (DESIGN §1)."""
+class MethodConfig(_Component):
+    """Which loss and, for MILe, the phase machine (docs/DESIGN.md, "MILe phases")."""
 
-    name: str = "mile"
-    k_teacher_steps: int = 100
-    k_student_steps: int = 50
-    rho: float = 0.25  # pseudo-label threshold: target = 1[sigmoid(teacher(x)) > rho]
-    student_init: str = "teacher"
-    warmup_steps: int = 0
+    SECTION: ClassVar[str] = "method"
 
-    def __post_init__(self) -> None:
-        _require(self.name in METHODS, f"--method must be one of {METHODS}, got {self.name!r}")
-        _require(self.k_teacher_steps >= 1, f"--k-teacher-steps must be >= 1, got {self.k_teacher_steps}")
-        _require(self.k_student_steps >= 1, f"--k-student-steps must be >= 1, got {self.k_student_steps}")
-        _require(0.0 < self.rho < 1.0, f"--rho must be in (0, 1), got {self.rho}")
-        _require(self.student_init in STUDENT_INITS, f"--student-init must be one of {STUDENT_INITS}, got {self.student_init!r}")
-        _require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+    name: Method = knob(Method.MILE, "Training method.", alias="--method")
+    k_teacher_steps: int = knob(100, "MILe: steps per interaction (teacher) phase.", alias="--k-teacher-steps", ge=1)
+    k_student_steps: int = knob(50, "MILe: steps per imitation (student) phase.", alias="--k-student-steps", ge=1)
+    rho: float = knob(0.25, "MILe: pseudo-label threshold, target = 1[sigmoid(teacher(x)) > rho].", alias="--rho", gt=0, lt=1)
+    student_init: StudentInit = knob(StudentInit.TEACHER, "MILe: where each imitation phase starts.", alias="--student-init")
+    warmup_steps: int = knob(0, "MILe: teacher-only steps before the first imitation phase.", alias="--warmup-steps", ge=0)
 
     @property
     def multi_label_head(self) -> bool:
-        return self.name != "softmax"
+        return self.name is not Method.SOFTMAX
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    """SGD with momentum, learning rate per 256 images, warmup then decay; all per step."""
+class OptimConfig(_Component):
+    """SGD with momentum; learning rate per 256 images, warmup then decay, all per step."""
 
-    lr_per_256: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_lr_steps: int = 0
-    step_decay_every: int = 0  # "step" schedule: multiply by step_decay_factor every N steps
-    step_decay_factor: float = 0.1
+    SECTION: ClassVar[str] = "optim"
 
-    def __post_init__(self) -> None:
-        _require(self.lr_per_256 > 0, f"--lr must be > 0, got {self.lr_per_256}")
-        _require(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
-        _require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
-        _require(self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        _require(self.warmup_lr_steps >= 0, f"--warmup-lr-steps must be >= 0, got {self.warmup_lr_steps}")
-        _require(not self.nesterov or self.momentum > 0, "--nesterov needs --momentum > 0")
-        _require(self.schedule != "step" or self.step_decay_every > 0, "--schedule step needs step_decay_every > 0")
+    lr_per_256: float = knob(0.1, "Learning rate per 256 images (scaled by the global batch size).", alias="--lr", gt=0)
+    momentum: float = knob(0.9, "SGD momentum.", alias="--momentum", ge=0, lt=1)
+    nesterov: bool = knob(False, "Nesterov momentum.", alias="--nesterov")
+    weight_decay: float = knob(5e-4, "SGD weight decay.", alias="--weight-decay", ge=0)
+    schedule: Schedule = knob(Schedule.COSINE, "Learning-rate decay after the warmup.", alias="--schedule")
+    warmup_lr_steps: int = knob(0, "Linear learning-rate warmup steps.", alias="--warmup-lr-steps", ge=0)
+    step_decay_every: int = knob(0, "Step schedule: multiply the rate by step_decay_factor every N steps.", alias="--step-decay-every", ge=0)
+    step_decay_factor: float = knob(0.1, "Step schedule: the factor.", alias="--step-decay-factor", gt=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -115,79 +173,232 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    arch: str = "grid_cnn"
-    num_steps: int = 3000
-    global_batch_size: int = 128
-    eval_thetas: tuple[float, ...] = (0.25, 0.5)
-    multilabel_metrics: str = "auto"  # F1/coverage/mAP: auto = when the eval split has multi-labels; on = required
-    eval_every: int = 500
-    log_every: int = 50
-    checkpoint_every: int = 500
-    seed: int = 0
-    out_dir: str = "runs/latest"
-    device: str = "auto"  # auto = cuda when available
-    cuda_graphs: bool = True
-    channels_last: bool = True
-    bf16: bool = True  # autocast on CUDA; CPU runs fp32
+    arch: Arch = knob(Arch.GRID_CNN, "Model architecture.", alias="--arch")
+    # resume-safe so a run can be extended; the cosine schedule then stretches over the new total
+    num_steps: int = knob(3000, "Optimizer steps in total.", alias="--steps", ge=1, resume_safe=True)
+    global_batch_size: int = knob(128, "Images per step over all processes.", alias="--batch-size", ge=1)
+    eval_thetas: tuple[float, ...] = knob((0.25, 0.5), "Eval threshold(s) for F1 and coverage; repeat the flag for several.", alias="--theta", gt=0, lt=1)
+    multilabel_metrics: Switch = knob(Switch.AUTO, "F1/coverage/mAP: auto = when the eval split has multi-labels; on = require them.", alias="--multilabel-metrics")
+    eval_every: int = knob(500, "Evaluate every N steps (and at the end).", alias="--eval-every", ge=1, resume_safe=True)
+    log_every: int = knob(50, "Log train loss and images/s every N steps.", alias="--log-every", ge=1, resume_safe=True)
+    checkpoint_every: int = knob(500, "Checkpoint every N steps (and at the end or on a signal).", alias="--checkpoint-every", ge=1, resume_safe=True)
+    seed: int = knob(0, "Seed of the weights, data order and augmentation.", alias="--seed", ge=0)
+    out_dir: str = knob("runs/latest", "Run folder.", alias="--out", resume_safe=True)
+    device: str = knob("auto", "auto (cuda when available) | cpu | cuda | cuda:N.", alias="--device", resume_safe=True)
+    cuda_graphs: bool = knob(True, "Capture the steps as CUDA graphs (CUDA only).", alias="--cuda-graphs", resume_safe=True)
+    channels_last: bool = knob(True, "Channels-last memory format for images and weights.", alias="--channels-last")
+    bf16: bool = knob(True, "bf16 autocast on CUDA (CPU runs are fp32).", alias="--bf16")
 
     def __post_init__(self) -> None:
-        _require(self.num_steps >= 1, f"--steps must be >= 1, got {self.num_steps}")
-        _require(self.global_batch_size >= 1, f"--batch-size must be >= 1, got {self.global_batch_size}")
-        for theta in self.eval_thetas:
-            _require(0.0 < theta < 1.0, f"--theta values must be in (0, 1), got {theta}")
-        _require(self.multilabel_metrics in ("auto", "on", "off"), f"--multilabel-metrics must be auto, on or off, got {self.multilabel_metrics!r}")
-        for name in ("eval_every", "log_every", "checkpoint_every"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _normalise(self, "")
+        _check_combinations(self)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (enums as their strings): what TOML and JSON hold."""
+        return _plain(dataclasses.asdict(self))
 
 
-_SECTIONS = {"data": DataConfig, "method": MethodConfig, "optim": OptimConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "method": MethodConfig, "optim": OptimConfig}
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+# -- the schema, walked -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its dotted name, its field and its Python type."""
+
+    name: str  # "optim.lr_per_256", or "num_steps" at the top level
+    field: dataclasses.Field
+    type: Any
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+    @property
+    def alias(self) -> str | None:
+        return self.field.metadata.get("alias")
+
+    @property
+    def help(self) -> str:
+        return self.field.metadata.get("help", "")
+
+    @property
+    def resume_safe(self) -> bool:
+        return bool(self.field.metadata.get("resume_safe"))
+
+    def label(self) -> str:
+        """How errors name the key: the TOML key and its flags."""
+        flags = " / ".join(dict.fromkeys(f for f in (self.flag, self.alias) if f))
+        return f"{self.name} ({flags})"
+
+
+def _keys_of(cls: type, prefix: str) -> Iterator[Key]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in SECTIONS and not prefix:
+            continue
+        yield Key(f"{prefix}{f.name}", f, hints[f.name])
+
+
+def config_keys() -> list[Key]:
+    """Every key of the schema, sections first, in declaration order."""
+    keys: list[Key] = []
+    for section, cls in SECTIONS.items():
+        keys.extend(_keys_of(cls, f"{section}."))
+    keys.extend(_keys_of(RunConfig, ""))
+    return keys
+
+
+def key_by_name() -> dict[str, Key]:
+    return {key.name: key for key in config_keys()}
+
+
+# -- strict values and bounds ----------------------------------------------------------------
+
+
+def coerce(key: Key, value: Any) -> Any:
+    """``value`` (from TOML, JSON or a flag) as the key's type, or a ConfigError naming the key."""
+    kind = key.type
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        choices = [member.value for member in kind]
+        if isinstance(value, kind):
+            return value
+        if isinstance(value, str) and value in choices:
+            return kind(value)
+        raise ConfigError(f"{key.label()}: {value!r} is not one of {choices}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key.label()}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key.label()}: expected a whole number, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key.label()}: expected a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ConfigError(f"{key.label()}: expected a string, got {value!r}")
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{key.label()}: expected a non-empty list of numbers, got {value!r}")
+        return tuple(coerce(Key(key.name, key.field, float), item) for item in value)
+    raise TypeError(f"config key {key.name}: unsupported type {kind!r}")  # a schema bug, not a user error
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_TEST = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+
+
+def _check_bounds(key: Key, value: Any) -> None:
+    bounds = key.field.metadata.get("bounds", {})
+    for item in value if isinstance(value, tuple) else (value,):
+        failed = [f"{_BOUND_TEXT[name]} {bound:g}" for name, bound in bounds.items() if not _BOUND_TEST[name](item, bound)]
+        if failed:
+            allowed = " and ".join(f"{_BOUND_TEXT[name]} {bound:g}" for name, bound in bounds.items())
+            raise ConfigError(f"{key.label()} must be {allowed}, got {item}")
+
+
+def _normalise(instance: Any, section: str) -> None:
+    """Coerce every field of one component to its declared type (so ``MethodConfig(name="mile")``
+    holds ``Method.MILE``) and check its bounds; runs in ``__post_init__``."""
+    for key in _keys_of(type(instance), f"{section}." if section else ""):
+        value = coerce(key, getattr(instance, key.field.name))
+        object.__setattr__(instance, key.field.name, value)  # frozen: set once, at creation
+        _check_bounds(key, value)
+
+
+def _check_combinations(config: RunConfig) -> None:
+    """Rules that involve two keys, or a pattern rather than a range."""
+    if not _DEVICE_PATTERN.match(config.device):
+        raise ConfigError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    if config.optim.nesterov and config.optim.momentum == 0:
+        raise ConfigError("optim.nesterov (--nesterov) needs optim.momentum (--momentum) > 0")
+    if config.optim.schedule is Schedule.STEP and config.optim.step_decay_every == 0:
+        raise ConfigError("optim.schedule = step needs optim.step_decay_every (--step-decay-every) > 0")
+    if not config.out_dir:
+        raise ConfigError("out_dir (--out) must not be empty")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# -- building a config from TOML and flags ------------------------------------------------------
 
 
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML config; unknown keys are errors naming the file and key."""
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise ConfigError(f"--config file {path} does not exist")
     try:
-        values = tomllib.loads(Path(path).read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"--config {path}: {error}") from None
-    _check_keys(values, path)
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--config {path}: not valid TOML ({error})") from None
+    flatten(values, source=str(path))  # raises on unknown keys
     return values
 
 
-def _check_keys(values: dict[str, Any], path: Path) -> None:
-    top = {f.name for f in dataclasses.fields(RunConfig)}
-    for key, value in values.items():
-        if key not in top:
-            raise ConfigError(f"{path}: unknown key {key!r}; known: {sorted(top)}")
-        if key in _SECTIONS:
-            known = {f.name for f in dataclasses.fields(_SECTIONS[key])}
-            unknown = set(value) - known
-            if unknown:
-                raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} in [{key}]; known: {sorted(known)}")
-
-
-def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
-    """Merge file values and flag overrides (``section.key`` or ``key`` names, None = not given)."""
-    merged: dict[str, Any] = {k: dict(v) if k in _SECTIONS else v for k, v in file_values.items()}
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        section, _, key = dotted.rpartition(".")
-        if section:
-            merged.setdefault(section, {})[key] = value
+def flatten(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Nested TOML tables -> ``{"section.key": value}``; unknown keys are errors naming ``source``."""
+    known = key_by_name()
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"{source}: {name} must be a table ([{name}]), got {value!r}")
+        if isinstance(value, dict):  # a section, or a misspelt one: its keys are reported below
+            flat.update({f"{name}.{sub}": sub_value for sub, sub_value in value.items()})
         else:
-            merged[key] = value
-    sections = {name: cls(**merged.pop(name, {})) for name, cls in _SECTIONS.items()}
-    if "eval_thetas" in merged:
-        merged["eval_thetas"] = tuple(float(t) for t in merged["eval_thetas"])
-    return RunConfig(**sections, **merged)
+            flat[name] = value
+    for name in flat:
+        if name not in known:
+            near = [k for k in known if k.split(".")[-1] == name.split(".")[-1]]
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{source}: unknown key {name!r}{hint} (engine-run --help lists every key)")
+    return flat
 
 
-def config_from_json(values: dict[str, Any]) -> RunConfig:
-    """Inverse of ``RunConfig.to_json`` (used by ``--resume``)."""
-    values = dict(values)
-    return build_config(values, {})
+def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source: str = "config") -> RunConfig:
+    """Defaults < file values (nested TOML tables) < overrides (``{"section.key": value}``; None = not given)."""
+    known = key_by_name()
+    merged = flatten(file_values, source)
+    for name, value in overrides.items():
+        if name not in known:
+            raise ConfigError(f"unknown config key {name!r}")
+        if value is not None:
+            merged[name] = value
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    top: dict[str, Any] = {}
+    for name, value in merged.items():
+        key = known[name]
+        section, _, field_name = name.rpartition(".")
+        (sections[section] if section else top)[field_name] = coerce(key, value)
+    built = {name: cls(**sections[name]) for name, cls in SECTIONS.items()}
+    return RunConfig(**built, **top)
+
+
+def to_toml(config: RunConfig, header: str = "") -> str:
+    """The config as TOML that ``load_toml`` + ``build_config`` turn back into an equal config."""
+    values = config.to_json()
+    ordered = {k: v for k, v in values.items() if k not in SECTIONS}
+    ordered.update({k: values[k] for k in SECTIONS})
+    return header + tomli_w.dumps(ordered)
+
+
+def changed_keys(old: RunConfig, new: RunConfig) -> list[tuple[Key, Any, Any]]:
+    """Keys whose values differ between two configs, with both values."""
+    old_flat, new_flat = flatten(old.to_json(), "old"), flatten(new.to_json(), "new")
+    return [(key, old_flat[key.name], new_flat[key.name]) for key in config_keys() if old_flat[key.name] != new_flat[key.name]]

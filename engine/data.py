@@ -44,7 +44,7 @@ def loader_config(config: RunConfig, train: bool, rank: int, world_size: int, de
         train=train,
         augment=augment,
         eval_crop_fraction=data.resolved_eval_crop_fraction,
-        backend=data.backend,
+        backend=data.backend.value,
         num_workers=data.num_workers,
         seed=config.seed,
         rank=rank,

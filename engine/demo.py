@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from engine.config import RunConfig, build_config, load_toml
-from engine.run_folder import RunFolderError, read_metrics
+from engine.run_folder import CONFIG_NAME, RunFolderError, read_metrics, saved_config
 
 METHODS = ("softmax", "sigmoid", "mile")
 TABLE_COLUMNS = (("F1@0.25", "f1@0.25"), ("F1@0.5", "f1@0.5"), ("coverage@0.25", "coverage@0.25"), ("top-1", "top1"))
@@ -50,10 +50,9 @@ def run_method(config: RunConfig) -> dict[str, Any]:
 
 def _check_existing(folder: Path, config: RunConfig) -> bool:
     """True when ``folder`` holds an unfinished run of this very config (so it is resumed)."""
-    saved = folder / "config.json"
-    if not saved.is_file():
+    if not (folder / CONFIG_NAME).is_file():
         return False
-    if json.loads(saved.read_text()) != json.loads(json.dumps(config.to_json())):
+    if saved_config(folder) != config:
         raise RunFolderError(f"{folder} holds a run with another config; move it away, or pass --out to the demo")
     return (folder / "checkpoints" / "last.pt").is_file()
 

@@ -1,7 +1,7 @@
 """Losses, written so no targets tensor has to be built: one-hot and pseudo-labels stay implicit.
 
 BCE with logits for a 0/1 target y is ``softplus(z) - z*y``. Summed over classes and averaged over
-the batch (DESIGN §1):
+the batch (docs/DESIGN.md, "MILe phases"):
 
 - one-hot labels:   sum_c softplus(z_c) - z_label
 - teacher pseudo-labels y_c = 1[sigmoid(t_c) > rho] = 1[t_c > logit(rho)]:

@@ -1,4 +1,4 @@
-"""The MILe phase machine (DESIGN §1): which phase each step is in, and what happens between phases.
+"""The MILe phase machine (docs/DESIGN.md, "MILe phases"): which phase each step is in, and what happens between phases.
 
 Steps are numbered from 0. For MILe the first teacher (interaction) phase lasts
 ``warmup_steps + k_teacher_steps`` steps; then imitation (``k_student_steps``) and interaction
@@ -13,21 +13,38 @@ Between steps:
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from engine.config import MethodConfig
+from engine.config import Choice, Method, MethodConfig, StudentInit
 
-TRAIN, TEACHER, STUDENT = "train", "teacher", "student"
+
+class Phase(Choice):
+    TRAIN = "train"  # the baselines' only phase
+    TEACHER = "teacher"  # MILe interaction: steps on the dataset's labels
+    STUDENT = "student"  # MILe imitation: steps on the teacher's pseudo-labels
+
+
+TRAIN, TEACHER, STUDENT = Phase.TRAIN, Phase.TEACHER, Phase.STUDENT
+
+
+class PhaseAction(enum.Enum):
+    """What runs between two steps when the phase changes."""
+
+    SNAPSHOT_TEACHER = "snapshot_teacher"  # teacher <- learner (parameters and BatchNorm statistics)
+    SAVE_STUDENT = "save_student"  # student_init=previous: keep the student's weights and momentum
+    RESTORE_STUDENT = "restore_student"  # student_init=previous: put them back after the snapshot
 
 
 @dataclass(frozen=True)
 class PhasePosition:
     """Where a step sits: phase name, index within the phase, and the iterated-learning cycle."""
 
-    phase: str
+    phase: Phase
     step_in_phase: int
     cycle: int
 
@@ -37,12 +54,12 @@ class PhasePlan:
     method: MethodConfig
 
     @property
-    def phases(self) -> tuple[str, ...]:
-        return (TEACHER, STUDENT) if self.method.name == "mile" else (TRAIN,)
+    def phases(self) -> tuple[Phase, ...]:
+        return (TEACHER, STUDENT) if self.method.name is Method.MILE else (TRAIN,)
 
     def position(self, step: int) -> PhasePosition:
         """The phase of step ``step``: a pure function, so a resumed run lands mid-phase exactly."""
-        if self.method.name != "mile":
+        if self.method.name is not Method.MILE:
             return PhasePosition(TRAIN, step, 0)
         first_teacher_steps = self.method.warmup_steps + self.method.k_teacher_steps
         if step < first_teacher_steps:
@@ -53,17 +70,18 @@ class PhasePlan:
             return PhasePosition(STUDENT, offset, cycle)
         return PhasePosition(TEACHER, offset - self.method.k_student_steps, cycle + 1)
 
-    def transitions_before(self, step: int) -> tuple[str, ...]:
-        """Actions to run before step ``step``: "snapshot_teacher", "restore_student", "save_student"."""
+    def transitions_before(self, step: int) -> tuple[PhaseAction, ...]:
+        """The actions to run before step ``step``, in order."""
         current = self.position(step).phase
         previous = self.position(step - 1).phase if step > 0 else None
-        actions: list[str] = []
-        if previous == TEACHER and current == STUDENT:
-            actions.append("snapshot_teacher")
-            if self.method.student_init == "previous":
-                actions.append("restore_student")
-        if current == TEACHER and previous != TEACHER and self.method.student_init == "previous":
-            actions.append("save_student")
+        previous_init = self.method.student_init is StudentInit.PREVIOUS
+        actions: list[PhaseAction] = []
+        if previous is TEACHER and current is STUDENT:
+            actions.append(PhaseAction.SNAPSHOT_TEACHER)
+            if previous_init:
+                actions.append(PhaseAction.RESTORE_STUDENT)
+        if current is TEACHER and previous is not TEACHER and previous_init:
+            actions.append(PhaseAction.SAVE_STUDENT)
         return tuple(actions)
 
 
@@ -99,17 +117,25 @@ class PhaseSwitch:
         self.student_state = self.learner_state + optimizer_state
         self.saved_student: TensorMirror | None = None
 
-    def apply(self, actions: tuple[str, ...]) -> None:
+    def apply(self, actions: tuple[PhaseAction, ...]) -> None:
         for action in actions:
-            if action == "snapshot_teacher":
+            if action is PhaseAction.SNAPSHOT_TEACHER:
                 with torch.no_grad():
                     torch._foreach_copy_(self.teacher_state, self.learner_state)
-            elif action == "save_student":
+            elif action is PhaseAction.SAVE_STUDENT:
                 self._mirror().copy_from(self.student_state)
-            elif action == "restore_student":
+            elif action is PhaseAction.RESTORE_STUDENT:
                 self._mirror().copy_to(self.student_state)
             else:
                 raise ValueError(f"unknown phase action {action!r}")
+
+    def state_dict(self) -> dict[str, Any]:
+        saved = self.saved_student
+        return {"saved_student": [t.clone() for t in saved.tensors] if saved is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["saved_student"] is not None:
+            self._mirror().copy_from(state["saved_student"])  # into the mirror allocated once
 
     def _mirror(self) -> TensorMirror:
         if self.saved_student is None:

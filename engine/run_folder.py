@@ -1,20 +1,29 @@
 """The run folder: resolved config, metrics stream, TensorBoard events, checkpoints, summary.
 
-    OUT/config.json         the resolved RunConfig
+    OUT/config.toml         the resolved run config; `engine-run --config OUT/config.toml` repeats the run
     OUT/metrics.jsonl       one JSON object per log or eval point (step, phase, losses, images/s, metrics)
     OUT/tb/                 TensorBoard event files
     OUT/checkpoints/last.pt the latest checkpoint (atomic)
     OUT/summary.json        final eval metrics, written when the run completes
+
+The metrics stream is kept consistent with the checkpoint: on resume it is cut back to the
+checkpoint's step, and a line torn by a crash is dropped with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
+from engine.config import RunConfig, build_config, load_toml, to_toml
 from shards.manifest import atomic_write_text
+
+log = logging.getLogger(__name__)
+CONFIG_NAME = "config.toml"
 
 
 class RunFolderError(Exception):
@@ -22,7 +31,7 @@ class RunFolderError(Exception):
 
 
 class RunFolder:
-    def __init__(self, root: Path, is_main: bool = True) -> None:
+    def __init__(self, root: Path | str, is_main: bool = True) -> None:
         self.root = Path(root)
         self.is_main = is_main  # only rank 0 writes
         self._tb = None
@@ -39,24 +48,48 @@ class RunFolder:
     def metrics_path(self) -> Path:
         return self.root / "metrics.jsonl"
 
-    def prepare(self, config_json: dict[str, Any], resume: bool) -> None:
-        """Refuse to overwrite another run's checkpoint; on resume keep the folder as it is."""
-        if not self.is_main:
-            return
-        if not resume and (self.checkpoint_path.exists() or self.summary_path.exists()):
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_NAME
+
+    def holds_run(self) -> bool:
+        return self.checkpoint_path.exists() or self.summary_path.exists()
+
+    def check_start(self, resume: bool) -> None:
+        """Refuse, before any work, to overwrite another run or to resume nothing."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunFolderError(f"--out {self.root} is a file, not a folder; choose another --out")
+        if resume and not self.checkpoint_path.is_file():
+            raise RunFolderError(f"--resume: no checkpoint at {self.checkpoint_path}; start without --resume")
+        if not resume and self.holds_run():
             raise RunFolderError(
                 f"{self.root} already holds a run (checkpoint or summary); pass --resume to continue it "
                 f"or choose another --out"
             )
+
+    def prepare(self, config: RunConfig, resume: bool) -> None:
+        """Write the resolved config. A fresh start in a folder whose earlier run died before its
+        first checkpoint starts clean: that run's logs would otherwise interleave with this one's."""
+        if not self.is_main:
+            return
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.root / "config.json", json.dumps(config_json, indent=1, default=str) + "\n")
+        if not resume:
+            self._clear_unfinished_logs()
+        header = "# Resolved config of this run: `engine-run --config THIS_FILE` repeats it.\n"
+        atomic_write_text(self.config_path, to_toml(config, header))
+
+    def _clear_unfinished_logs(self) -> None:
+        if self.metrics_path.exists():
+            log.warning("%s: no checkpoint holds these records (an earlier start died before one); starting them afresh", self.metrics_path)
+            self.metrics_path.unlink()
+        shutil.rmtree(self.root / "tb", ignore_errors=True)
 
     def truncate_metrics_after(self, step: int) -> None:
         """On resume, drop records past the checkpoint so the stream has no duplicates."""
         if not self.is_main or not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        kept = [record for record in read_metrics(self.metrics_path) if record["step"] <= step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
@@ -68,6 +101,9 @@ class RunFolder:
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.is_main:
             atomic_write_text(self.summary_path, json.dumps(_finite_or_none(summary), indent=1) + "\n")
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else None
 
     def close(self) -> None:
         if self._tb is not None:
@@ -84,8 +120,29 @@ class RunFolder:
                 self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
 
 
+def saved_config(out_dir: Path | str) -> RunConfig:
+    """The config a run folder was started with (its ``config.toml``)."""
+    path = Path(out_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise RunFolderError(f"{path} does not exist (is --out the folder of an earlier run?)")
+    return build_config(load_toml(path), {}, source=str(path))
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """The records of a metrics stream; a torn last line (a crash mid-write) is dropped with a warning."""
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                log.warning("%s: dropping a torn last line (%d bytes), written when a run died mid-write", path, len(line))
+                continue
+            raise RunFolderError(f"{path} line {number} is not JSON: the metrics stream is damaged; move it away to resume") from None
+    return records
 
 
 def _finite_or_none(record: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import read_checkpoint
 from engine.config import ConfigError, build_config
 from engine.distributed import DistInfo
 from engine.run_folder import RunFolderError, read_metrics
@@ -55,8 +55,17 @@ def tiny_config(root: Path, out: Path, **overrides):
     return build_config({}, values)
 
 
+def checkpoint_state(out: Path) -> dict:
+    """The components of a run's checkpoint, read as a user would (weights_only, digest checked)."""
+    return read_checkpoint(out / "checkpoints" / "last.pt")["components"]
+
+
+def checkpoint_step(out: Path) -> int:
+    return checkpoint_state(out)["progress"]["step"]
+
+
 def learner_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(out / "checkpoints" / "last.pt", torch.device("cpu"))["learner"]
+    return checkpoint_state(out)["learner"]
 
 
 def assert_stop_and_resume_matches_whole_run(grid_root: Path, tmp_path: Path, stop_at: int, **overrides) -> None:
@@ -64,18 +73,18 @@ def assert_stop_and_resume_matches_whole_run(grid_root: Path, tmp_path: Path, st
 
     interrupted = tiny_config(grid_root, tmp_path / "cut", **overrides)
     trainer = Trainer(interrupted, CPU)
-    original_step = trainer._train_step
+    original_step = trainer._timed_step
 
-    def step_then_signal(batch, stats):
-        original_step(batch, stats)
+    def step_then_signal(batches, stats):
+        original_step(batches, stats)
         if trainer.step == stop_at:
             signal.raise_signal(signal.SIGTERM)
 
-    trainer._train_step = step_then_signal
+    trainer._timed_step = step_then_signal
     with pytest.raises(RunInterrupted) as stopped:
         trainer.run()
     assert stopped.value.exit_code == 128 + signal.SIGTERM
-    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt", torch.device("cpu"))["step"] == stop_at
+    assert checkpoint_step(tmp_path / "cut") == stop_at
 
     resumed = Trainer(interrupted, CPU, resume=True).run()
     assert resumed == whole  # every eval metric, bitwise on CPU
@@ -103,7 +112,7 @@ def test_dali_run_resumes_mid_epoch_bitwise(grid_root: Path, tmp_path: Path) -> 
 def test_run_folder_contents(grid_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     summary = Trainer(tiny_config(grid_root, out, **{"method.name": "sigmoid"}), CPU).run()
-    assert json.loads((out / "config.json").read_text())["method"]["name"] == "sigmoid"
+    assert 'name = "sigmoid"' in (out / "config.toml").read_text()
     assert json.loads((out / "summary.json").read_text()) == summary
     records = read_metrics(out / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
@@ -140,7 +149,7 @@ def test_non_finite_loss_names_step_and_phase_and_keeps_checkpoint(grid_root: Pa
     with pytest.raises(NonFiniteLoss, match=r"step 5 \(student phase"):
         Trainer(tiny_config(grid_root, out, checkpoint_every=2, log_every=3), CPU).run()
     # checkpoints after steps 2 and 4 were finite; the one due after step 6 is refused
-    assert load_checkpoint(out / "checkpoints" / "last.pt", torch.device("cpu"))["step"] == 4
+    assert checkpoint_step(out) == 4
 
 
 def test_multilabel_metrics_on_a_single_label_split_is_an_error(single_label_eval: Path, grid_root: Path, tmp_path: Path) -> None:
@@ -173,8 +182,8 @@ def test_cli_help_lists_the_options() -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--rho", "1.5"], "--rho must be in (0, 1)"),
-        (["--k-student-steps", "0"], "--k-student-steps must be >= 1"),
+        (["--rho", "1.5"], "method.rho (--method.rho / --rho) must be > 0 and < 1, got 1.5"),
+        (["--k-student-steps", "0"], "method.k_student_steps (--method.k_student_steps / --k-student-steps) must be >= 1"),
         (["--theta", "0"], "--theta"),
         (["--data", "no/such/folder"], "no/such/folder does not exist"),
         (["--method", "softmaxx"], "--method"),
@@ -202,7 +211,7 @@ def test_cli_sigterm_saves_checkpoint_then_resume_finishes(grid_root: Path, tmp_
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr
-    step = load_checkpoint(out / "checkpoints" / "last.pt", torch.device("cpu"))["step"]
+    step = checkpoint_step(out)
     assert step >= 5
     finished = run_cli("--out", str(out), "--resume", "--steps", str(step + 3))
     assert finished.returncode == 0, finished.stderr
@@ -228,7 +237,7 @@ def test_two_process_cpu_run_under_torchrun(grid_root: Path, tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr[:6000]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 6 and summary["num_images"] == 160
-    assert load_checkpoint(out / "checkpoints" / "last.pt", torch.device("cpu"))["step"] == 6
+    assert checkpoint_step(out) == 6
 
 
 def test_training_on_a_folder_converted_dataset(tmp_path: Path) -> None:

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from engine.config import ConfigError, MethodConfig, OptimConfig, RunConfig, build_config
 from engine.losses import bce_one_hot, bce_pseudo_labels, logit, softmax_cross_entropy
 from engine.models import build_model, classifier_of
-from engine.phases import STUDENT, TEACHER, TRAIN, PhasePlan, PhaseSwitch, module_state
+from engine.phases import STUDENT, TEACHER, TRAIN, PhaseAction, PhasePlan, PhaseSwitch, module_state
 from engine.schedule import lr_at, peak_lr
+
+SNAP, SAVE, RESTORE = PhaseAction.SNAPSHOT_TEACHER, PhaseAction.SAVE_STUDENT, PhaseAction.RESTORE_STUDENT
 
 
 def two_step_pseudo_bce(student: torch.Tensor, teacher: torch.Tensor, rho: float) -> torch.Tensor:
@@ -98,12 +100,12 @@ def test_baselines_have_one_phase() -> None:
 def test_transitions() -> None:
     teacher_init = mile(k_t=2, k_s=2)
     assert teacher_init.transitions_before(0) == ()
-    assert teacher_init.transitions_before(2) == ("snapshot_teacher",)
+    assert teacher_init.transitions_before(2) == (SNAP,)
     assert teacher_init.transitions_before(4) == ()
     previous = mile(k_t=2, k_s=2, init="previous")
-    assert previous.transitions_before(0) == ("save_student",)
-    assert previous.transitions_before(2) == ("snapshot_teacher", "restore_student")
-    assert previous.transitions_before(4) == ("save_student",)
+    assert previous.transitions_before(0) == (SAVE,)
+    assert previous.transitions_before(2) == (SNAP, RESTORE)
+    assert previous.transitions_before(4) == (SAVE,)
     assert previous.transitions_before(3) == ()
 
 
@@ -119,7 +121,7 @@ def test_phase_switch_copies_parameters_and_buffers_in_place() -> None:
     learner.train()(torch.randn(4, 3, 24, 24))  # moves BatchNorm running statistics
     teacher_ptrs = [t.data_ptr() for t in module_state(teacher)]
     switch = PhaseSwitch(learner, teacher, [])
-    switch.apply(("snapshot_teacher",))
+    switch.apply((SNAP,))
     for mine, theirs in zip(module_state(learner), module_state(teacher)):
         assert torch.equal(mine, theirs)
     assert [t.data_ptr() for t in module_state(teacher)] == teacher_ptrs  # no re-allocation
@@ -130,11 +132,11 @@ def test_previous_student_restores_weights_and_momentum() -> None:
     momentum = [torch.zeros_like(p) for p in learner.parameters()]
     switch = PhaseSwitch(learner, teacher, momentum)
     before = [t.clone() for t in module_state(learner)]
-    switch.apply(("save_student",))
+    switch.apply((SAVE,))
     _perturb(learner, 1.0)  # the teacher phase trains the learner on ground truth
     for buffer in momentum:
         buffer.add_(3.0)
-    switch.apply(("snapshot_teacher", "restore_student"))
+    switch.apply((SNAP, RESTORE))
     for restored, original in zip(module_state(learner), before):
         assert torch.equal(restored, original)
     assert all(torch.count_nonzero(b) == 0 for b in momentum)

@@ -1,0 +1,154 @@
+"""The one assembly of the training engine: model, teacher, optimizer, phase switch and steps.
+
+``build_engine`` is called by the trainer, the benchmarks and the tests alike, so what they measure
+and check is what ``engine-run`` trains (docs/DESIGN.md, "Engine"). ``Engine.train_step`` is the
+whole per-step protocol: phase actions, learning rate, then the (possibly captured) step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.config import Method, RunConfig
+from engine.models import build_model
+from engine.phases import PhasePlan, PhaseSwitch
+from engine.schedule import lr_at
+from engine.steps import StepResult, StepSettings, Stepper, build_stepper, init_momentum
+from pipelines.contract import Batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the engine needs to know about the data: not in the run config, read from the manifest."""
+
+    num_classes: int
+    attributes: bool = False  # supervised targets are multi-hot attributes (CelebA), not single labels
+
+
+class Engine:
+    """A learner, its teacher (MILe), optimizer, phase plan and switch, and one step per phase."""
+
+    def __init__(self, config: RunConfig, spec: EngineSpec, device: torch.device, distributed: bool = False) -> None:
+        self.config, self.device, self.distributed = config, device, distributed
+        self.plan = PhasePlan(config.method)
+        torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts them too)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # training shapes never change: pick the fastest kernels once
+        self.learner = self._new_model(spec)
+        self.teacher = self._new_teacher(spec) if config.method.name is Method.MILE else None
+        self.lr = torch.zeros((), device=device)  # read by fused SGD inside the captured steps
+        self.optimizer = self._new_optimizer()
+        self.switch = PhaseSwitch(self.learner, self.teacher, init_momentum(self.optimizer))
+        self.settings = StepSettings(
+            method=config.method.name.value,
+            rho=config.method.rho,
+            attributes=spec.attributes,
+            autocast_dtype=torch.bfloat16 if (device.type == "cuda" and config.bf16) else None,
+            device_type=device.type,
+        )
+        self.model = self._maybe_ddp(self.learner)
+        self.stepper: Stepper = build_stepper(self.plan.phases, self.model, self.teacher, self.optimizer, self.settings)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.config.channels_last else torch.contiguous_format
+
+    def _new_model(self, spec: EngineSpec) -> nn.Module:
+        model = build_model(self.config.arch.value, spec.num_classes, self.config.method.multi_label_head)
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def _new_teacher(self, spec: EngineSpec) -> nn.Module:
+        # allocated once; refreshed later by device-side copies, never re-created (graph addresses stay valid)
+        teacher = self._new_model(spec)
+        teacher.load_state_dict(self.learner.state_dict())
+        return teacher.eval().requires_grad_(False)
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        optim = self.config.optim
+        return torch.optim.SGD(
+            self.learner.parameters(),
+            lr=self.lr,
+            momentum=optim.momentum,
+            nesterov=optim.nesterov,
+            weight_decay=optim.weight_decay,
+            fused=True,
+        )
+
+    def _maybe_ddp(self, learner: nn.Module) -> nn.Module:
+        if not self.distributed:
+            return learner
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(learner, device_ids=device_ids)  # only the learner is wrapped
+
+    # -- running --------------------------------------------------------------------------------
+
+    def capture(self, batch: Batch) -> str | None:
+        """Capture every phase's step as a CUDA graph on ``batch``'s shapes; the reason if they stay eager."""
+        if not self.config.cuda_graphs:
+            return "CUDA graphs turned off (--cuda-graphs false)"
+        if self.device.type != "cuda":
+            return f"device is {self.device.type}: steps run eagerly"
+        if self.distributed:
+            return "multi-process runs keep DDP steps eager for now"
+        try:
+            self.stepper.capture((batch.images, batch.labels, batch.targets), self.learner, self.optimizer)
+        except RuntimeError as error:  # capture can fail on exotic ops; eager still trains
+            return f"CUDA graph capture failed ({error}); running eagerly"
+        return None
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.config.num_steps, self.config.optim, self.config.global_batch_size)
+
+    def train_step(self, step: int, batch: Batch) -> StepResult:
+        """Optimizer step number ``step`` (0-based) on ``batch``: no host sync anywhere in it."""
+        self.switch.apply(self.plan.transitions_before(step))
+        self.lr.fill_(self.lr_at(step))  # fill_ with a Python float is a kernel launch, not a sync
+        return self.stepper(self.plan.position(step).phase, batch.images, batch.labels, batch.targets)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def components(self) -> dict[str, Any]:
+        """The engine's parts that carry state, by checkpoint name."""
+        parts: dict[str, Any] = {"learner": self.learner, "optimizer": OptimizerInPlace(self.optimizer, self.lr), "phase_switch": self.switch}
+        if self.teacher is not None:
+            parts["teacher"] = self.teacher
+        return parts
+
+
+class OptimizerInPlace:
+    """The optimizer's state_dict, loaded into the tensors that already exist: the momentum
+    buffers keep their addresses (the phase switch and captured graphs point at them) and the
+    learning rate stays the device tensor the steps read."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> None:
+        self.optimizer, self.lr = optimizer, lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        existing = {id(p): dict(self.optimizer.state[p]) for group in self.optimizer.param_groups for p in group["params"]}
+        self.optimizer.load_state_dict(state)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+            for param in group["params"]:
+                for name, old in existing[id(param)].items():
+                    new = self.optimizer.state[param].get(name)
+                    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
+                        old.copy_(new)
+                        self.optimizer.state[param][name] = old
+
+
+def build_engine(config: RunConfig, spec: EngineSpec, device: torch.device, distributed: bool = False) -> Engine:
+    """The engine ``engine-run`` trains with: what the trainer, benchmarks and tests all call."""
+    return Engine(config, spec, device, distributed)
