@@ -507,32 +507,40 @@ def trivial_predictor_scores(
     if truth.shape[0] == 0:
         raise ValueError("trivial_predictor_scores: no image has a non-empty target set")
     if ((labels < 0) | (labels >= num_classes)).any():
-        raise ValueError(f"trivial_predictor_scores: every image with targets needs a label in 0..{num_classes - 1}")
+        raise ValueError(f"trivial_predictor_scores: every image with targets needs a label in "
+                         f"0..{num_classes - 1}")
     generator = torch.Generator().manual_seed(seed)
     noise = torch.rand(truth.shape, generator=generator, dtype=torch.float64).to(truth.device)
     # noise < 1, so the given label ranks first and the other classes in a uniformly random order.
     given_first = _class_ranks(noise + (torch.arange(num_classes, device=truth.device) == labels[:, None]))
     top_t = truth.sum(dim=1, keepdim=True)
-
-    def score(predicted: torch.Tensor) -> dict[str, float]:
-        return {"f1": _f1_per_image(predicted, truth).mean().item(), "coverage": predicted.sum(dim=1).double().mean().item()}
-
-    out = {"given_label": {**score(given_first < 1), "f1@top|T|": _f1_per_image(given_first < top_t, truth).mean().item()}}
+    out = {"given_label": _set_scores(given_first < 1, truth, given_first < top_t)}
     for k in k_random:
-        out[f"given_label+{k}_random"] = score(given_first < 1 + k)
-    random_top_t = _f1_per_image(_class_ranks(noise) < top_t, truth).mean().item()
-    out["all_classes"] = {**score(torch.ones_like(truth)), "f1@top|T|": random_top_t}
+        out[f"given_label+{k}_random"] = _set_scores(given_first < 1 + k, truth)
+    out["all_classes"] = _set_scores(torch.ones_like(truth), truth, _class_ranks(noise) < top_t)
     return out
 
 
-def _check_trivial_inputs(labels: torch.Tensor, truth: torch.Tensor, num_classes: int, k_random: tuple[int, ...]) -> None:
+def _set_scores(predicted: torch.Tensor, truth: torch.Tensor, top_t: torch.Tensor | None = None) -> dict[str, float]:
+    """F1 and coverage of the sets ``predicted``, and the F1 of the top-|T| sets ``top_t`` when given."""
+    out = {"f1": _f1_per_image(predicted, truth).mean().item(),
+           "coverage": predicted.sum(dim=1).double().mean().item()}
+    if top_t is not None:
+        out["f1@top|T|"] = _f1_per_image(top_t, truth).mean().item()
+    return out
+
+
+def _check_trivial_inputs(
+    labels: torch.Tensor, truth: torch.Tensor, num_classes: int, k_random: tuple[int, ...]
+) -> None:
+    prefix = "trivial_predictor_scores:"
     if truth.ndim != 2 or truth.shape[1] != num_classes:
-        raise ValueError(f"trivial_predictor_scores: targets must be N×{num_classes}, got {tuple(truth.shape)}")
+        raise ValueError(f"{prefix} targets must be N×{num_classes}, got {tuple(truth.shape)}")
     if labels.shape != truth.shape[:1]:
-        raise ValueError(f"trivial_predictor_scores: labels must have shape ({truth.shape[0]},), got {tuple(labels.shape)}")
+        raise ValueError(f"{prefix} labels must have shape ({truth.shape[0]},), got {tuple(labels.shape)}")
     bad = [k for k in k_random if not (isinstance(k, int) and 1 <= k <= num_classes - 1)]
     if bad:
-        raise ValueError(f"trivial_predictor_scores: k_random entries must be integers in 1..{num_classes - 1}, got {bad}")
+        raise ValueError(f"{prefix} k_random entries must be integers in 1..{num_classes - 1}, got {bad}")
 
 
 def _balanced_accuracy(true_pos: float, pred_pos: float, positives: float, num_images: float) -> float:
