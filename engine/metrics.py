@@ -1,9 +1,11 @@
-"""Evaluation metrics of DESIGN §3, accumulated on device over a whole eval split.
+"""Evaluation metrics, accumulated on device over a whole eval split.
 
 Owns: ``EvalAccumulator`` (top-1/top-5, ReaL-style accuracy, F1@theta, label coverage@theta,
-secondary-label recovery mAP, and for attribute splits per-sample F1@theta and per-attribute balanced
-accuracy), ``average_precision_per_class`` (scikit-learn's average precision, ties included, in torch)
-and ``metric_key`` (the one spelling of threshold-suffixed metric names).
+secondary-label recovery mAP, the ranking metrics a larger prediction set cannot inflate, and for
+attribute splits per-sample F1@theta and per-attribute balanced accuracy), ``ranking_metrics`` (F1 at
+matched coverage, top-|T| F1, label-ranking AP), ``trivial_predictor_scores`` (the model-free
+references), ``average_precision_per_class`` (scikit-learn's average precision, ties included, in
+torch) and ``metric_key`` (the one spelling of threshold-suffixed metric names).
 
 ``update`` does only device work (no ``.item()``, no branching on tensor values), so it can sit in the
 eval loop without stalling the device. ``compute`` is the one deliberate host sync; under
@@ -42,6 +44,8 @@ class EvalAccumulator:
     without a forced argmax and per-attribute balanced accuracy instead of the classification metrics.
     ``keep_scores_for_map``: keep N×C sigmoid scores in ``score_dtype`` (float16 halves the memory;
     AP is then exactly scikit-learn's on the float16-rounded scores, rounding creating ties).
+    ``keep_scores_for_ranking``: keep N×C float32 logits and the targets for ``ranking_metrics``
+    (multi-label classification splits only); ``matched_coverage`` is its k (None: mean |T_i| over E).
     """
 
     def __init__(
@@ -54,14 +58,19 @@ class EvalAccumulator:
         keep_scores_for_map: bool = True,
         score_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        keep_scores_for_ranking: bool = True,
+        matched_coverage: float | None = None,
     ) -> None:
         _validate_config(num_classes, tuple(thetas), method_kind, has_multilabels, attributes, score_dtype)
+        _validate_matched_coverage(matched_coverage, num_classes)
         self.num_classes = num_classes
         self.thetas = tuple(float(t) for t in thetas)
         self.method_kind = method_kind
         self.has_multilabels = has_multilabels
         self.attributes = attributes
         self.keeps_map_scores = keep_scores_for_map and has_multilabels and not attributes
+        self.keeps_ranking_scores = keep_scores_for_ranking and has_multilabels and not attributes
+        self.matched_coverage = matched_coverage
         self.score_dtype = score_dtype
         # device=None: live on the device of the first batch. Pass it explicitly under NCCL, where a rank
         # without samples would otherwise hold CPU sums that NCCL cannot reduce.
@@ -78,6 +87,8 @@ class EvalAccumulator:
         }
         self._map_scores: list[torch.Tensor] = []
         self._map_positives: list[torch.Tensor] = []
+        self._rank_logits: list[torch.Tensor] = []
+        self._rank_truth: list[torch.Tensor] = []
 
     def metric_names(self) -> tuple[str, ...]:
         """The keys ``compute`` returns, in order (for table and CSV headers)."""
@@ -88,7 +99,8 @@ class EvalAccumulator:
         if self.has_multilabels:
             names += ["num_evaluated", "real_top1"] + [metric_key("f1", t) for t in self.thetas]
         names += [metric_key("coverage", t) for t in self.thetas]
-        return tuple(names + (["secondary_map"] if self.keeps_map_scores else []))
+        names += ["secondary_map"] if self.keeps_map_scores else []
+        return tuple(names + (list(ranking_metric_names(self.method_kind)) if self.keeps_ranking_scores else []))
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None) -> None:
@@ -118,6 +130,8 @@ class EvalAccumulator:
             self._sums[name] += value
         self._map_scores += other._map_scores
         self._map_positives += other._map_positives
+        self._rank_logits += other._rank_logits
+        self._rank_truth += other._rank_truth
         return self
 
     @torch.no_grad()
@@ -125,21 +139,20 @@ class EvalAccumulator:
         """Metrics over everything accumulated (over all ranks when torch.distributed is initialised;
         then every rank of ``process_group``, default the world, must call this)."""
         flat = torch.cat([value.reshape(-1) for value in self._sums.values()])
-        scores, positives = self._gathered_map_buffers(process_group)
         if _distributed():
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
-        if scores is not None:
-            mean_ap = torch.nanmean(average_precision_per_class(scores, positives))
-            flat = torch.cat([flat, mean_ap.to(flat.dtype).reshape(1)])
-        # Deliberate host sync: the one device-to-host copy of every sum (and the mAP) at once.
+        # Metrics of the gathered per-image buffers: the same on every rank, so after the all-reduce.
+        extra = self._buffer_metrics(process_group)
+        if extra:
+            flat = torch.cat([flat, torch.stack(list(extra.values())).to(flat.dtype)])
+        # Deliberate host sync: the one device-to-host copy of every sum (and the buffer metrics) at once.
         values = flat.cpu().tolist()
         sums, offset = {}, 0
         for name, value in self._sums.items():
             sums[name] = values[offset] if value.ndim == 0 else values[offset : offset + value.numel()]
             offset += value.numel()
         results = self._attribute_results(sums) if self.attributes else self._classification_results(sums)
-        if scores is not None:
-            results["secondary_map"] = values[-1]
+        results.update(zip(extra, values[offset:]))
         return results
 
     # -- accumulation ---------------------------------------------------------------------------
@@ -190,6 +203,10 @@ class EvalAccumulator:
                 sums[metric_key("f1_sum", theta)] += (f1 * evaluated).sum()
         if truth is not None and self.keeps_map_scores:
             self._keep_map_buffers(probs, labels, truth, evaluated)
+        if truth is not None and self.keeps_ranking_scores:
+            # A copy: z is the caller's tensor itself when the logits already are float32.
+            self._rank_logits.append(z.clone())
+            self._rank_truth.append(truth)
 
     def _keep_map_buffers(
         self, probs: torch.Tensor, labels: torch.Tensor, truth: torch.Tensor, evaluated: torch.Tensor
@@ -265,20 +282,32 @@ class EvalAccumulator:
 
     def _config(self) -> tuple:
         return (self.num_classes, self.thetas, self.method_kind, self.has_multilabels, self.attributes,
-                self.keeps_map_scores, self.score_dtype, self.device)
+                self.keeps_map_scores, self.keeps_ranking_scores, self.matched_coverage, self.score_dtype,
+                self.device)
 
-    def _gathered_map_buffers(
-        self, process_group: dist.ProcessGroup | None
-    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-        if not self.keeps_map_scores:
-            return None, None
-        scores = _cat_rows(self._map_scores, (0, self.num_classes), self.score_dtype, self.device)
-        positives = _cat_rows(self._map_positives, (0, self.num_classes), torch.bool, self.device)
-        if _distributed():
-            scores = _all_gather_rows(scores, process_group)
+    def _buffer_metrics(self, process_group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+        """0-dim tensors of the metrics computed from the kept per-image rows (all ranks' rows)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.keeps_map_scores:
+            scores = self._gathered_rows(self._map_scores, self.score_dtype, process_group)
+            positives = self._gathered_rows(self._map_positives, torch.bool, process_group)
+            out["secondary_map"] = torch.nanmean(average_precision_per_class(scores, positives))
+        if self.keeps_ranking_scores:
+            logits = self._gathered_rows(self._rank_logits, torch.float32, process_group)
+            truth = self._gathered_rows(self._rank_truth, torch.bool, process_group)
+            out.update(ranking_metrics(logits, truth, self.method_kind, self.matched_coverage))
+        return out
+
+    def _gathered_rows(
+        self, parts: list[torch.Tensor], dtype: torch.dtype, process_group: dist.ProcessGroup | None
+    ) -> torch.Tensor:
+        rows = _cat_rows(parts, (0, self.num_classes), dtype, self.device)
+        if not _distributed():
+            return rows
+        if dtype == torch.bool:
             # uint8 rather than bool: not every backend all-gathers bool tensors.
-            positives = _all_gather_rows(positives.to(torch.uint8), process_group).bool()
-        return scores, positives
+            return _all_gather_rows(rows.to(torch.uint8), process_group).bool()
+        return _all_gather_rows(rows, process_group)
 
 
 def average_precision_per_class(
@@ -320,6 +349,198 @@ def _average_precision_columns(scores: torch.Tensor, positives: torch.Tensor) ->
     num_positives = hits.sum(dim=0)
     ap = (hits * precision.gather(0, end_row)).sum(dim=0) / num_positives.clamp(min=1)
     return torch.where(num_positives > 0, ap, math.nan)
+
+
+# -- metrics a larger prediction set cannot inflate ----------------------------------------------------
+
+
+def ranking_metric_names(method_kind: str) -> tuple[str, ...]:
+    """Keys of ``ranking_metrics`` for models trained with ``method_kind``, in order."""
+    size_key = "theta@matched" if method_kind == "sigmoid" else "m@matched"
+    return ("matched_target", size_key, "coverage@matched", "f1@matched", "f1@top|T|", "lrap")
+
+
+@torch.no_grad()
+def ranking_metrics(
+    logits: torch.Tensor, targets: torch.Tensor, method_kind: str, matched_coverage: float | None = None
+) -> dict[str, torch.Tensor]:
+    """F1 at matched coverage, top-|T| F1 and label-ranking AP, as float64 0-dim tensors on the logits' device.
+
+    ``logits`` N×C, ``targets`` multi-hot N×C (> 0.5 or True is present). Only the evaluated images E,
+    those with a non-empty target set |T_i| > 0, count (ReaL leaves some sets empty: such an image has
+    no right answer, so it is left out, not scored 0 or 1); with E empty every value is NaN. F1 is
+    always the per-image 2|P_i ∩ T_i| / (|P_i| + |T_i|), averaged over E.
+
+    - ``matched_target``: k, the coverage to match; ``matched_coverage`` or, when None, mean |T_i| over E.
+    - sigmoid models: ``theta@matched`` is theta_k, the candidate theta whose coverage (mean |P_i| over
+      E, P_i = {argmax} ∪ {c : sigmoid(z_ic) > theta}, sigmoid in float64) is closest to k, ties to the
+      larger theta. Candidates are the distinct scores of the non-argmax entries: coverage changes
+      only there (the argmax is in every set). Below every score all classes are predicted; that
+      threshold is no candidate, so theta_k is always an observed score.
+    - softmax models: ``m@matched`` is the set size m in 1..C closest to k, P_i = the top-m classes;
+      halfway ties go to the smaller m (the smaller set, as the sigmoid ties go to the larger theta).
+    - ``coverage@matched`` and ``f1@matched``: the coverage and F1 of those sets.
+    - ``f1@top|T|``: P_i = the |T_i| highest-scoring classes (= precision = recall).
+    - ``lrap``: scikit-learn's ``label_ranking_average_precision_score`` over E (tied scores share the
+      worst rank of their group).
+    Rankings (top-m, top-|T|, LRAP) order the logits, which every model's scores are monotone in and
+    which do not saturate as float sigmoids do; equal logits order by class index, lower first (the
+    first-maximum rule of ``argmax``), except in LRAP, whose tie rule is scikit-learn's.
+    """
+    if method_kind not in METHOD_KINDS:
+        raise ValueError(f"method_kind must be one of {METHOD_KINDS}, got {method_kind!r}")
+    truth = targets if targets.dtype == torch.bool else targets > 0.5
+    evaluated = truth.any(dim=1)
+    # Deliberate host sync: boolean indexing sizes the rows of E.
+    z, truth = logits[evaluated].float(), truth[evaluated]
+    num_rows, num_classes = z.shape
+    names = ranking_metric_names(method_kind)
+    if num_rows == 0:
+        return {name: torch.tensor(math.nan, dtype=torch.float64, device=z.device) for name in names}
+    # k times |E|: exact integers in float64 for the default k, so distance ties compare exactly.
+    target_total = (truth.sum().double() if matched_coverage is None
+                    else torch.tensor(matched_coverage * num_rows, dtype=torch.float64, device=z.device))
+    if method_kind == "sigmoid":
+        set_size = _matched_threshold(z, target_total)
+    else:
+        set_size = _matched_set_size(target_total, num_rows, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64, device=z.device)
+    chunk = max(1, _AP_CHUNK_ELEMENTS // max(num_classes, 1))
+    for start in range(0, num_rows, chunk):
+        sums += _ranking_sums(z[start : start + chunk], truth[start : start + chunk], method_kind, set_size)
+    f1_matched, coverage, f1_top_t, lrap = sums / num_rows
+    return dict(zip(names, (target_total / num_rows, set_size.double(), coverage, f1_matched, f1_top_t, lrap)))
+
+
+def _ranking_sums(z: torch.Tensor, truth: torch.Tensor, method_kind: str, set_size: torch.Tensor) -> torch.Tensor:
+    """Sums over these rows of (F1 at matched coverage, set size, top-|T| F1, LRAP)."""
+    ranks = _class_ranks(z)
+    if method_kind == "sigmoid":
+        argmax_set = torch.arange(z.shape[1], device=z.device) == z.argmax(dim=1, keepdim=True)
+        matched = argmax_set | (torch.sigmoid(z.double()) > set_size)
+    else:
+        matched = ranks < set_size
+    top_t = ranks < truth.sum(dim=1, keepdim=True)
+    return torch.stack([
+        _f1_per_image(matched, truth).sum(),
+        matched.sum().double(),
+        _f1_per_image(top_t, truth).sum(),
+        _lrap_per_image(z, truth).sum(),
+    ])
+
+
+def _matched_threshold(z: torch.Tensor, target_total: torch.Tensor) -> torch.Tensor:
+    """theta_k: exact search over the distinct non-argmax sigmoid scores (one sort of N×C)."""
+    num_rows, num_classes = z.shape
+    if num_classes == 1:  # the set is {argmax} whatever theta: there is nothing to search
+        return torch.tensor(math.nan, dtype=torch.float64, device=z.device)
+    scores = torch.sigmoid(z.double())
+    # The argmax is in every set whatever theta: its score is no candidate and adds to no count above.
+    scores.scatter_(1, z.argmax(dim=1, keepdim=True), -math.inf)
+    values, counts = torch.unique(scores, sorted=True, return_counts=True)  # ascending, values[0] = -inf
+    entries_above = scores.numel() - counts.cumsum(0)  # entries scoring strictly above each value
+    # |coverage - k| times |E|, for each candidate: theta = values[j], P_i = argmax plus the entries above.
+    distance = (num_rows + entries_above[1:] - target_total).abs()
+    positions = torch.arange(distance.numel(), device=z.device)
+    best = torch.where(distance == distance.min(), positions, -1).max()  # ties: the largest theta
+    return values[1:][best]
+
+
+def _matched_set_size(target_total: torch.Tensor, num_rows: int, num_classes: int) -> torch.Tensor:
+    """m in 1..C closest to k = target_total / num_rows; halfway ties to the smaller m."""
+    lower = torch.floor(target_total / num_rows).clamp(1, num_classes)
+    upper = (lower + 1).clamp(max=num_classes)
+    upper_is_closer = (upper * num_rows - target_total).abs() < (target_total - lower * num_rows).abs()
+    return torch.where(upper_is_closer, upper, lower)
+
+
+def _class_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Position of each class in its row's descending order (0 = best); ties: lower class index first."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
+def _f1_per_image(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    hits = (predicted & truth).sum(dim=1).double()
+    return 2 * hits / (predicted.sum(dim=1) + truth.sum(dim=1)).clamp(min=1)
+
+
+def _lrap_per_image(scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """scikit-learn's label-ranking AP of each row (rows with an empty truth give NaN)."""
+    num_classes = scores.shape[1]
+    sorted_scores, order = scores.sort(dim=1, descending=True)
+    hits = truth.gather(1, order)
+    group_end = torch.ones_like(hits)
+    group_end[:, :-1] = sorted_scores[:, :-1] != sorted_scores[:, 1:]
+    positions = torch.arange(num_classes, device=scores.device).expand_as(order)
+    # Each position's tie-group end = the first group end at or after it: a reversed running minimum.
+    end = torch.where(group_end, positions, num_classes).flip(1).cummin(dim=1).values.flip(1)
+    # scikit-learn's "max" rank: a label counts every label scoring >= it, its ties included.
+    labels_at_or_above = (end + 1).double()
+    relevant_at_or_above = hits.long().cumsum(dim=1).gather(1, end).double()
+    return (hits * relevant_at_or_above / labels_at_or_above).sum(dim=1) / hits.sum(dim=1)
+
+
+@torch.no_grad()
+def trivial_predictor_scores(
+    labels: torch.Tensor, targets: torch.Tensor, num_classes: int, k_random: tuple[int, ...] = (1,), seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """What predictors without a model score on a split: the references for F1 and coverage.
+
+    ``labels`` int N (the given single label y_i), ``targets`` multi-hot N×C; numpy arrays or tensors.
+    Over E (the images with |T_i| > 0, as in ``ranking_metrics``; each needs y_i in 0..C-1), the same
+    F1 as F1@theta and the coverage (mean |P_i|), per predictor:
+
+    - ``given_label``: P_i = {y_i}; also ``f1@top|T|`` of the ranking y_i first, the rest in random order.
+    - ``given_label+{k}_random`` for each k in ``k_random``: {y_i} ∪ k classes drawn uniformly from the
+      others (nested: the draw for k=1 is inside the one for k=2). Its ranking is the given label's, so
+      it reports no top-|T| F1 of its own.
+    - ``all_classes``: P_i = every class; ``f1@top|T|`` of a random ranking (chance level).
+    Random orders come from a CPU generator seeded with ``seed``, so any device gives the same values.
+    """
+    labels = torch.as_tensor(labels)
+    truth = torch.as_tensor(targets) > 0.5
+    _check_trivial_inputs(labels, truth, num_classes, k_random)
+    evaluated = truth.any(dim=1)
+    labels, truth = labels[evaluated].long(), truth[evaluated]
+    if truth.shape[0] == 0:
+        raise ValueError("trivial_predictor_scores: no image has a non-empty target set")
+    if ((labels < 0) | (labels >= num_classes)).any():
+        raise ValueError(f"trivial_predictor_scores: every image with targets needs a label in "
+                         f"0..{num_classes - 1}")
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand(truth.shape, generator=generator, dtype=torch.float64).to(truth.device)
+    # noise < 1, so the given label ranks first and the other classes in a uniformly random order.
+    given_first = _class_ranks(noise + (torch.arange(num_classes, device=truth.device) == labels[:, None]))
+    top_t = truth.sum(dim=1, keepdim=True)
+    out = {"given_label": _set_scores(given_first < 1, truth, given_first < top_t)}
+    for k in k_random:
+        out[f"given_label+{k}_random"] = _set_scores(given_first < 1 + k, truth)
+    out["all_classes"] = _set_scores(torch.ones_like(truth), truth, _class_ranks(noise) < top_t)
+    return out
+
+
+def _set_scores(predicted: torch.Tensor, truth: torch.Tensor, top_t: torch.Tensor | None = None) -> dict[str, float]:
+    """F1 and coverage of the sets ``predicted``, and the F1 of the top-|T| sets ``top_t`` when given."""
+    out = {"f1": _f1_per_image(predicted, truth).mean().item(),
+           "coverage": predicted.sum(dim=1).double().mean().item()}
+    if top_t is not None:
+        out["f1@top|T|"] = _f1_per_image(top_t, truth).mean().item()
+    return out
+
+
+def _check_trivial_inputs(
+    labels: torch.Tensor, truth: torch.Tensor, num_classes: int, k_random: tuple[int, ...]
+) -> None:
+    prefix = "trivial_predictor_scores:"
+    if truth.ndim != 2 or truth.shape[1] != num_classes:
+        raise ValueError(f"{prefix} targets must be N×{num_classes}, got {tuple(truth.shape)}")
+    if labels.shape != truth.shape[:1]:
+        raise ValueError(f"{prefix} labels must have shape ({truth.shape[0]},), got {tuple(labels.shape)}")
+    bad = [k for k in k_random if not (isinstance(k, int) and 1 <= k <= num_classes - 1)]
+    if bad:
+        raise ValueError(f"{prefix} k_random entries must be integers in 1..{num_classes - 1}, got {bad}")
 
 
 def _balanced_accuracy(true_pos: float, pred_pos: float, positives: float, num_images: float) -> float:
@@ -376,3 +597,9 @@ def _validate_config(
         raise ValueError("attributes=True needs has_multilabels=True (attribute targets come as multi-hot)")
     if not score_dtype.is_floating_point:
         raise ValueError(f"score_dtype must be a floating dtype, got {score_dtype}")
+
+
+def _validate_matched_coverage(matched_coverage: float | None, num_classes: int) -> None:
+    # Every prediction set holds at least the argmax and at most every class.
+    if matched_coverage is not None and not 1.0 <= matched_coverage <= num_classes:
+        raise ValueError(f"matched_coverage must be None (mean |T|) or in [1, {num_classes}], got {matched_coverage}")

@@ -48,14 +48,22 @@ def digits_grid_command(
     out: Path = OutOption,
     train_size: int = typer.Option(20000, "--train-size", min=1, help="Number of training grids."),
     val_size: int = typer.Option(2000, "--val-size", min=1, help="Number of validation grids."),
+    tune_size: int | None = typer.Option(
+        None, "--tune-size", min=1, help="Number of tune grids (for choosing hyperparameters); default: --val-size."
+    ),
     cell_px: int = typer.Option(8, "--cell-px", min=4, max=64, help="Side of one digit cell in pixels."),
     seed: int = SeedOption,
     workers: int = WorkersOption,
     shard_samples: int = ShardSamplesOption,
     quality: int = typer.Option(digits_grid.GRID_JPEG_QUALITY, "--quality", min=1, max=100, help="JPEG quality of the grids."),
 ) -> None:
-    """The paper's multi-label digit grid (3×3 digits; label = centre digit w.p. 0.6), no download needed."""
-    config = digits_grid.GridConfig(train_size=train_size, val_size=val_size, seed=seed, cell_px=cell_px)
+    """The paper's multi-label digit grid (3×3 digits; label = centre digit w.p. 0.6), no download needed.
+
+    Writes splits train, tune and val, drawn from three disjoint digit-image pools that --seed never
+    changes: tune on the tune split, report on val."""
+    config = digits_grid.GridConfig(
+        train_size=train_size, val_size=val_size, tune_size=tune_size, seed=seed, cell_px=cell_px
+    )
     settings = writer_settings(workers, seed, shard_samples, 512, None, quality)
     for split, items in digits_grid.grid_items(config).items():
         write_split(out, digits_grid.grid_spec(split, config), items, settings)

@@ -1,8 +1,10 @@
-"""The digit grid: the label rule in numbers, disjoint digit pools, determinism, and the CLI end to end."""
+"""The digit grid: the label rule in numbers, three disjoint digit pools, determinism, the cached
+embedded default, and the CLI end to end."""
 
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -17,12 +19,15 @@ from shards.manifest import load_splits, validate_split
 from shards.sources.digits_grid import (
     CENTRE_CELL,
     CENTRE_PROBABILITY,
+    SPLITS,
     GridConfig,
+    ensure_grid_shards,
     grid_items,
     grid_spec,
     load_digit_cells,
     split_digit_pools,
 )
+from shards.sources import digits_grid
 from shards.writer import WriterSettings, write_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,14 +68,41 @@ def cells_of(pixels: np.ndarray, cell_px: int) -> list[bytes]:
     return [pixels[r * cell_px : (r + 1) * cell_px, c * cell_px : (c + 1) * cell_px].tobytes() for r in range(3) for c in range(3)]
 
 
-def test_grids_draw_only_from_their_own_disjoint_digit_pool():
-    config = GridConfig(train_size=150, val_size=150, seed=3, cell_px=16)
+@pytest.mark.parametrize("seed", [0, 7])
+def test_three_digit_pools_are_disjoint_cover_every_digit_and_ignore_the_seed(seed):
+    num_digits = 1797
+    pools = split_digit_pools(num_digits, GridConfig(seed=seed))
+    ids = {split: set(pool.tolist()) for split, pool in pools.items()}
+    assert sorted(ids) == sorted(SPLITS)
+    assert not ids["train"] & ids["tune"] and not ids["train"] & ids["val"] and not ids["tune"] & ids["val"]
+    assert ids["train"] | ids["tune"] | ids["val"] == set(range(num_digits))
+    assert sum(len(pool) for pool in pools.values()) == num_digits  # no index twice inside a pool
+    assert (len(ids["val"]), len(ids["tune"])) == (539, 359)  # 30 % and 20 % of the digits
+    for split, pool in split_digit_pools(num_digits, GridConfig(seed=0)).items():
+        assert np.array_equal(pools[split], pool)  # a re-draw (--seed) never moves a digit between pools
+
+
+def test_pool_fractions_must_leave_every_pool_some_digits():
+    with pytest.raises(ValueError, match="sum < 1"):
+        GridConfig(val_digit_fraction=0.5, tune_digit_fraction=0.5)
+    with pytest.raises(ValueError, match="empty"):
+        split_digit_pools(3, GridConfig(val_digit_fraction=0.1, tune_digit_fraction=0.1))
+
+
+def test_default_sizes_and_tune_size_follows_val_size():
+    assert GridConfig().split_sizes() == {"train": 20000, "tune": 2000, "val": 2000}
+    assert GridConfig(val_size=30).tune_size == 30 and GridConfig(val_size=30, tune_size=5).tune_size == 5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grids_draw_only_from_their_own_disjoint_digit_pool(seed):
+    config = GridConfig(train_size=150, val_size=150, seed=seed, cell_px=16)
     cells, classes = load_digit_cells(config.cell_px)
-    train_pool, val_pool = split_digit_pools(len(cells), config)
-    assert not set(train_pool) & set(val_pool) and len(train_pool) + len(val_pool) == len(cells)
-    pools = {"train": set(train_pool.tolist()), "val": set(val_pool.tolist())}
+    pools = {split: set(pool.tolist()) for split, pool in split_digit_pools(len(cells), config).items()}
     lookup = {cell.tobytes(): i for i, cell in enumerate(cells)}
-    for split, items in grid_items(config).items():
+    items_by_split = grid_items(config)
+    assert {split: len(items) for split, items in items_by_split.items()} == {"train": 150, "tune": 150, "val": 150}
+    for split, items in items_by_split.items():
         for item in items:
             digit_ids = [lookup[cell] for cell in cells_of(item.pixels, config.cell_px)]  # KeyError: not a digit
             assert set(digit_ids) <= pools[split]
@@ -98,15 +130,52 @@ def test_a_new_cell_size_rewrites_the_shards(tmp_path):
     assert Image.open(io.BytesIO(jpeg)).size == (36, 36)
 
 
-def test_cli_writes_a_manifest_with_train_and_val(tmp_path):
+def small_config(**changes) -> GridConfig:
+    return GridConfig(**{"train_size": 12, "val_size": 6, "tune_size": 4, "cell_px": 4, **changes})
+
+
+def test_ensure_grid_shards_builds_three_splits_once(tmp_path, monkeypatch):
+    config = small_config()
+    ensure_grid_shards(tmp_path, config)
+    splits = load_splits(tmp_path)
+    assert {name: s.num_samples for name, s in splits.items()} == {"train": 12, "tune": 4, "val": 6}
+
+    def must_not_write(*args, **kwargs):
+        raise AssertionError("an intact, current cache was rewritten")
+
+    monkeypatch.setattr(digits_grid, "write_split", must_not_write)
+    ensure_grid_shards(tmp_path, config)
+
+
+def test_ensure_grid_shards_rebuilds_a_cache_of_another_grid_rule_or_config(tmp_path, monkeypatch):
+    # A cache of the previous rule: train and val only, written under an older grid definition.
+    monkeypatch.setattr(digits_grid, "GRID_DEFINITION", 1)
+    items = grid_items(small_config())
+    for name in ("train", "val"):
+        write_split(tmp_path, grid_spec(name, small_config()), items[name], WriterSettings(progress=False))
+    monkeypatch.undo()
+    ensure_grid_shards(tmp_path, small_config())
+    splits = load_splits(tmp_path)
+    assert sorted(splits) == sorted(SPLITS)
+    for name, split in splits.items():
+        assert split.extra == json.loads(json.dumps(grid_spec(name, small_config()).extra))
+        assert split.extra["grid"]["definition"] == digits_grid.GRID_DEFINITION > 1
+        validate_split(tmp_path, name)
+    ensure_grid_shards(tmp_path, small_config(seed=5))  # another config: rebuilt too, not reused
+    assert all(split.extra["grid"]["seed"] == 5 for split in load_splits(tmp_path).values())
+
+
+def test_cli_writes_a_manifest_with_train_tune_and_val(tmp_path):
     out = tmp_path / "grid"
     command = [sys.executable, "tools/make_shards.py", "digits-grid", "--out", str(out), "--train-size", "60",
-               "--val-size", "20", "--cell-px", "16", "--shard-samples", "25", "--workers", "1"]
+               "--val-size", "20", "--tune-size", "15", "--cell-px", "16", "--shard-samples", "25", "--workers", "1"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     splits = load_splits(out)
-    assert sorted(splits) == ["train", "val"]
+    assert sorted(splits) == ["train", "tune", "val"]
     assert [s.num_samples for s in splits["train"].shards] == [25, 25, 10] and splits["val"].num_samples == 20
+    assert splits["tune"].num_samples == 15 and splits["tune"].label_kind is LabelKind.MULTI
+    validate_split(out, "tune")
     assert splits["val"].label_kind is LabelKind.MULTI and splits["val"].class_names == [str(d) for d in range(10)]
     validate_split(out, "val")
     with tarfile.open(out / splits["val"].shards[0].path) as tar:

@@ -1,4 +1,4 @@
-"""Every metric of engine/metrics.py (DESIGN §3) against an independent implementation."""
+"""Every metric of engine/metrics.py against an independent implementation."""
 
 from __future__ import annotations
 
@@ -16,10 +16,18 @@ from sklearn.metrics import (
     average_precision_score,
     balanced_accuracy_score,
     f1_score,
+    label_ranking_average_precision_score,
     top_k_accuracy_score,
 )
 
-from engine.metrics import EvalAccumulator, average_precision_per_class, metric_key
+from engine.metrics import (
+    EvalAccumulator,
+    average_precision_per_class,
+    metric_key,
+    ranking_metric_names,
+    ranking_metrics,
+    trivial_predictor_scores,
+)
 
 THETAS = (0.25, 0.5)
 SEEDS = (0, 1, 2, 3)
@@ -128,7 +136,9 @@ def test_sigmoid_prediction_set_always_holds_the_argmax():
     # All sigmoid scores below theta: P = {argmax}, so F1 and coverage equal the softmax ones.
     logits, labels, targets = random_split(7)
     logits = logits - 20.0
-    assert_same(accumulate(logits, labels, targets, "sigmoid"), accumulate(logits, labels, targets, "softmax"))
+    kwargs = {"keep_scores_for_ranking": False}  # the matched-coverage sets differ by design
+    assert_same(accumulate(logits, labels, targets, "sigmoid", **kwargs),
+                accumulate(logits, labels, targets, "softmax", **kwargs))
 
 
 def test_split_without_multilabels_reports_coverage_over_all_images():
@@ -179,11 +189,218 @@ def test_batches_and_merges_equal_one_big_batch(seed):
 
 def test_metric_names_are_the_computed_keys():
     logits, labels, targets = random_split(0)
-    for kwargs in ({"method_kind": "softmax"}, {"attributes": True}, {"keep_scores_for_map": False}):
+    for kwargs in ({"method_kind": "softmax"}, {"attributes": True}, {"keep_scores_for_ranking": False},
+                   {"keep_scores_for_map": False}):
         acc = EvalAccumulator(12, THETAS, kwargs.pop("method_kind", "sigmoid"), True, **kwargs)
         acc.update(torch.from_numpy(logits), torch.from_numpy(labels), torch.from_numpy(targets))
         assert tuple(acc.compute()) == acc.metric_names()
+        if "keep_scores_for_ranking" in kwargs:
+            assert not set(ranking_metric_names("sigmoid")) & set(acc.metric_names())
     assert "secondary_map" not in acc.metric_names()
+    assert set(ranking_metric_names("sigmoid")) <= set(acc.metric_names())
+    assert "m@matched" in ranking_metric_names("softmax") and "theta@matched" not in ranking_metric_names("softmax")
+
+
+# -- metrics a larger prediction set cannot inflate ---------------------------------------------------------
+
+
+def tied_split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """random_split with logits on a 0.5 grid: many tied scores, inside rows and across images."""
+    logits, labels, targets = random_split(seed)
+    return (np.round(logits * 2) / 2).astype(np.float32), labels, targets
+
+
+def ranked_classes(z: np.ndarray) -> np.ndarray:
+    """Classes of one row, best first; equal logits by class index."""
+    return np.lexsort((np.arange(len(z)), -z))
+
+
+def reference_top_t_f1(logits: np.ndarray, targets: np.ndarray) -> float:
+    evaluated = np.flatnonzero(targets.any(axis=1))
+    predicted = np.zeros_like(targets)
+    for i in evaluated:
+        predicted[i, ranked_classes(logits[i])[: targets[i].sum()]] = True
+    return f1_score(targets[evaluated], predicted[evaluated], average="samples")
+
+
+def reference_matched_sigmoid(logits: np.ndarray, targets: np.ndarray, k: float | None = None) -> tuple:
+    """(theta_k, F1, coverage) by trying every candidate theta in float64, without any sweep."""
+    keep = targets.any(axis=1)
+    z, truth = logits[keep], targets[keep]
+    n = len(z)
+    target_total = truth.sum() if k is None else k * n  # k·n: exact integers when k = mean |T|
+    scores = sigmoid(z)
+    argmax = np.zeros(z.shape, dtype=bool)
+    argmax[np.arange(n), z.argmax(axis=1)] = True
+    best = None
+    for theta in np.unique(scores[~argmax]):  # ascending: a later equal distance is a larger theta
+        predicted = argmax | (scores > theta)
+        distance = abs(predicted.sum() - target_total)
+        if best is None or distance <= best[0]:
+            best = (distance, theta, f1_score(truth, predicted, average="samples"), predicted.sum() / n)
+    return best[1:]
+
+
+def reference_matched_softmax(logits: np.ndarray, targets: np.ndarray) -> tuple:
+    """(m, F1, coverage): every set size 1..C tried, ties to the smaller m."""
+    keep = targets.any(axis=1)
+    z, truth = logits[keep], targets[keep]
+    best = None
+    for m in range(1, z.shape[1] + 1):
+        predicted = np.zeros_like(truth)
+        for i in range(len(z)):
+            predicted[i, ranked_classes(z[i])[:m]] = True
+        distance = abs(m * len(z) - truth.sum())
+        if best is None or distance < best[0]:
+            best = (distance, m, f1_score(truth, predicted, average="samples"), float(m))
+    return best[1:]
+
+
+@pytest.mark.parametrize("method_kind", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ranking_metrics_match_brute_force_and_sklearn_with_ties_and_empty_sets(seed, method_kind):
+    logits, labels, targets = tied_split(seed)
+    evaluated = targets.any(axis=1)
+    assert not evaluated.all() and len(np.unique(logits)) < 40  # empty sets and ties are both there
+    got = accumulate(logits, labels, targets, method_kind, batch_size=37)
+    assert got["matched_target"] == pytest.approx(targets[evaluated].sum(axis=1).mean(), abs=1e-12)
+    assert got["f1@top|T|"] == pytest.approx(reference_top_t_f1(logits, targets), abs=1e-6)
+    expected_lrap = label_ranking_average_precision_score(targets[evaluated], logits[evaluated])
+    assert got["lrap"] == pytest.approx(expected_lrap, abs=1e-6)
+    if method_kind == "sigmoid":
+        theta, f1, coverage = reference_matched_sigmoid(logits, targets)
+        assert got["theta@matched"] == pytest.approx(theta, rel=1e-12)
+    else:
+        m, f1, coverage = reference_matched_softmax(logits, targets)
+        assert got["m@matched"] == m
+    assert got["f1@matched"] == pytest.approx(f1, abs=1e-6)
+    assert got["coverage@matched"] == pytest.approx(coverage, abs=1e-12)
+
+
+def test_matched_coverage_can_be_given():
+    logits, labels, targets = tied_split(1)
+    got = accumulate(logits, labels, targets, matched_coverage=2.5)
+    theta, f1, coverage = reference_matched_sigmoid(logits, targets, k=2.5)
+    assert got["matched_target"] == 2.5 and got["theta@matched"] == pytest.approx(theta, rel=1e-12)
+    assert got["f1@matched"] == pytest.approx(f1, abs=1e-6) and got["coverage@matched"] == pytest.approx(coverage)
+
+
+def test_images_with_empty_target_sets_take_no_part():
+    logits, labels, targets = tied_split(2)
+    keep = targets.any(axis=1)
+    names = ranking_metric_names("sigmoid")
+    with_empty = accumulate(logits, labels, targets)
+    without = accumulate(logits[keep], labels[keep], targets[keep])
+    assert {n: with_empty[n] for n in names} == pytest.approx({n: without[n] for n in names}, abs=1e-12)
+    nobody = ranking_metrics(torch.from_numpy(logits[:5]), torch.zeros((5, 12), dtype=torch.bool), "sigmoid")
+    assert all(math.isnan(value) for value in nobody.values())
+
+
+def sigmoid64(logit: float) -> float:
+    return torch.sigmoid(torch.tensor(logit, dtype=torch.float64)).item()
+
+
+def matched(logits: list[list[float]], target_sets: list[list[int]], method_kind: str = "sigmoid") -> dict:
+    z = torch.tensor(logits, dtype=torch.float32)
+    targets = torch.zeros(z.shape, dtype=torch.bool)
+    for i, classes in enumerate(target_sets):
+        targets[i, classes] = True
+    return {name: value.item() for name, value in ranking_metrics(z, targets, method_kind).items()}
+
+
+def test_matched_threshold_is_the_exact_candidate_not_a_neighbour():
+    # Non-argmax logits, descending: 1, 0.5, -0.5, -1, -2, -3. k = (2 + 1) / 2 = 1.5. Candidate thetas:
+    # sigmoid(1) leaves nothing above: coverage 1 (F1 5/6); sigmoid(0.5) leaves logit 1 above: coverage
+    # 1.5 = k (F1 1); sigmoid(-0.5) leaves 1 and 0.5: coverage 2 (F1 5/6). A step off either way fails.
+    got = matched([[3, 1, -1, -2], [-3, 0.5, 2, -0.5]], [[0, 1], [2]])
+    assert got["theta@matched"] == sigmoid64(0.5)
+    assert got["coverage@matched"] == 1.5 and got["matched_target"] == 1.5
+    assert got["f1@matched"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_matched_threshold_ties_go_to_the_larger_theta():
+    # Two non-argmax logits tie at 1: candidates give coverage 1 (theta = sigmoid(1)) or 2 (sigmoid(0)),
+    # both 0.5 from k = 1.5; the larger theta wins. F1: {0} vs {0, 1} is 2/3, {2} vs {2} is 1.
+    got = matched([[3, 1, -1, -2], [-3, 1, 2, 0]], [[0, 1], [2]])
+    assert got["theta@matched"] == sigmoid64(1.0) and got["coverage@matched"] == 1.0
+    assert got["f1@matched"] == pytest.approx((2 / 3 + 1) / 2, abs=1e-12)
+
+
+def test_the_argmax_is_in_every_matched_set_and_is_no_candidate():
+    # Image 0's argmax (logit -1) scores below theta_k = sigmoid(2.5) yet stays in its set. Counting the
+    # argmax scores as candidates or as entries above a theta would pick sigmoid(3) (coverage 1.5 too).
+    got = matched([[-1, -9, -9], [4, 3, 2.5]], [[0], [0, 1]])
+    assert got["theta@matched"] == sigmoid64(2.5) and got["coverage@matched"] == 1.5
+    assert got["f1@matched"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_softmax_matched_set_size_rounds_halfway_down():
+    logits = [[3, 2, 1, 0], [0, 1, 2, 3], [1, 1, 1, 1]]
+    halfway = matched(logits[:2], [[0], [3, 1]], "softmax")  # k = 1.5: m = 1
+    assert halfway["m@matched"] == 1 and halfway["coverage@matched"] == 1.0
+    assert halfway["f1@matched"] == pytest.approx((1 + 2 / 3) / 2, abs=1e-12)
+    above = matched(logits, [[0], [3, 1], [2, 3]], "softmax")  # k = 5/3: m = 2; ties pick classes 0, 1
+    assert above["m@matched"] == 2 and above["f1@matched"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3, abs=1e-12)
+
+
+def test_top_t_breaks_ties_by_class_index_and_lrap_by_sklearn_rule():
+    got = matched([[1, 1, 1, 0], [0, 2, 2, 1]], [[1, 2], [2]])  # top-2 {0, 1}: 1/2; top-1 {1}: 0
+    assert got["f1@top|T|"] == pytest.approx(0.25, abs=1e-12)
+    targets = np.array([[0, 1, 1, 0], [0, 0, 1, 0]], dtype=bool)
+    expected = label_ranking_average_precision_score(targets, np.array([[1, 1, 1, 0], [0, 2, 2, 1]]))
+    assert got["lrap"] == pytest.approx(expected, abs=1e-12) and expected == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+# -- trivial predictors ---------------------------------------------------------------------------------------
+
+
+def test_trivial_predictors_on_a_hand_worked_split():
+    # C = 3. Image 0: y = 0, T = {0}. Image 1: y = 1, T = {0, 1, 2}. Image 2: empty T, out of E.
+    # Image 3: y = 2, T = {0}. With k = 2 the random classes are all the others, so nothing is random.
+    labels = np.array([0, 1, 0, 2])
+    targets = np.array([[1, 0, 0], [1, 1, 1], [0, 0, 0], [1, 0, 0]], dtype=bool)
+    got = trivial_predictor_scores(labels, targets, 3, k_random=(2,))
+    assert set(got) == {"given_label", "given_label+2_random", "all_classes"}
+    assert got["given_label"]["f1"] == pytest.approx((1 + 2 / 4 + 0) / 3)
+    assert got["given_label"]["coverage"] == 1.0
+    assert got["given_label"]["f1@top|T|"] == pytest.approx((1 + 1 + 0) / 3)  # y first; |T| = 3 takes all
+    for name in ("given_label+2_random", "all_classes"):
+        assert got[name]["f1"] == pytest.approx((2 / 4 + 1 + 2 / 4) / 3) and got[name]["coverage"] == 3.0
+    random_top_t = got["all_classes"]["f1@top|T|"]  # image 1 scores 1 whatever the order
+    assert random_top_t in [pytest.approx(v) for v in ((1 + 1 + 0) / 3, (0 + 1 + 1) / 3, (0 + 1 + 0) / 3)]
+    # k = 1: image 0 gets {0, r}, F1 2/3; image 1 {1, r} ⊂ T, F1 4/5; image 3 {2, r}: 2/3 if r = 0, else 0.
+    one = trivial_predictor_scores(labels, targets, 3)["given_label+1_random"]
+    assert one["coverage"] == 2.0 and one["f1"] in [pytest.approx((2 / 3 + 4 / 5 + x) / 3) for x in (0, 2 / 3)]
+
+
+def test_trivial_random_classes_follow_their_expectation_and_the_seed():
+    # Large split: the random-set F1 is within sampling noise of its closed-form expectation.
+    rng = np.random.default_rng(0)
+    n, c, k = 4000, 10, 2
+    targets = rng.random((n, c)) < 0.3
+    targets[np.arange(n), rng.integers(0, c, n)] = True
+    labels = np.array([rng.choice(np.flatnonzero(row)) if rng.random() < 0.7 else rng.integers(c) for row in targets])
+    got = trivial_predictor_scores(labels, targets, c, k_random=(k,), seed=5)
+    size = targets.sum(axis=1)
+    label_in = targets[np.arange(n), labels].astype(float)
+    expected_hits = label_in + k * (size - label_in) / (c - 1)
+    expected_f1 = np.mean(2 * expected_hits / (1 + k + size))
+    assert got[f"given_label+{k}_random"]["f1"] == pytest.approx(expected_f1, abs=0.01)
+    expected_top_t = np.mean((label_in + (size - 1) * (size - label_in) / (c - 1)) / size)
+    assert got["given_label"]["f1@top|T|"] == pytest.approx(expected_top_t, abs=0.01)
+    assert got["all_classes"]["f1@top|T|"] == pytest.approx(np.mean(size / c), abs=0.01)
+    assert trivial_predictor_scores(labels, targets, c, (k,), seed=5) == got
+    assert trivial_predictor_scores(labels, targets, c, (k,), seed=6) != got
+
+
+def test_trivial_predictors_reject_bad_inputs():
+    targets = np.eye(3, dtype=bool)
+    with pytest.raises(ValueError, match="k_random"):
+        trivial_predictor_scores(np.arange(3), targets, 3, k_random=(3,))
+    with pytest.raises(ValueError, match="label in 0..2"):
+        trivial_predictor_scores(np.array([0, -1, 2]), targets, 3)
+    with pytest.raises(ValueError, match="N×4"):
+        trivial_predictor_scores(np.arange(3), targets, 4)
 
 
 # -- average precision -------------------------------------------------------------------------------------
@@ -331,6 +548,8 @@ def test_bad_settings_and_inputs_raise_clear_errors():
         EvalAccumulator(10, (0.0,), "sigmoid", True)
     with pytest.raises(ValueError, match="method_kind"):
         EvalAccumulator(10, THETAS, "mile", True)
+    with pytest.raises(ValueError, match="matched_coverage"):
+        EvalAccumulator(10, THETAS, "sigmoid", True, matched_coverage=0.5)
     with pytest.raises(ValueError, match="attributes"):
         EvalAccumulator(10, THETAS, "sigmoid", False, attributes=True)
     acc = EvalAccumulator(10, THETAS, "sigmoid", True)

@@ -2,11 +2,15 @@
 
 Each image is a 3×3 grid of digits. Its label is the centre digit with probability 0.6, otherwise
 the digit at one of the other eight cells chosen uniformly; its multi-label set is every digit
-present. Train and val grids draw from disjoint pools of digit images. Needs no download.
+present. The digit images are split once, independently of ``GridConfig.seed``, into three disjoint
+pools: ``train`` grids draw from the train pool, ``tune`` grids (for choosing hyperparameters) from
+the tune pool, ``val`` grids from the val pool; so no seed or split choice lets tuning see a val
+digit. ``seed`` re-draws the grids, never the pools. Needs no download.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,25 +27,42 @@ CENTRE_CELL = 4  # row-major index of the middle cell
 CENTRE_PROBABILITY = 0.6
 NUM_DIGIT_CLASSES = 10
 CLASS_NAMES = [str(d) for d in range(NUM_DIGIT_CLASSES)]
-SPLITS = ("train", "val")
+SPLITS = ("train", "tune", "val")
 GRID_JPEG_QUALITY = 90
+# The digit-pool permutation's seed, fixed whatever GridConfig.seed is. 0 was the default seed when the
+# pools followed it, so the default val pool (and the default val grids) stayed what they were.
+POOL_SEED = 0
+# Recorded in every split's manifest: bump it when the grid rule changes in a way GridConfig does not
+# show, so ensure_grid_shards rebuilds caches made by the old rule.
+GRID_DEFINITION = 2  # 2: three seed-independent pools (train, tune, val)
+_GRID_STREAMS = {"train": 1, "val": 2, "tune": 3}  # each split's own random stream under one seed
 
 
 @dataclass(frozen=True)
 class GridConfig:
     train_size: int = 20000
     val_size: int = 2000
-    seed: int = 0
+    tune_size: int | None = None  # None: as many tune grids as val grids
+    seed: int = 0  # draws the grids (and the writer's shuffle); the digit pools never depend on it
     cell_px: int = 8  # scikit-learn digits are 8×8; a larger cell upscales them (no new detail)
     val_digit_fraction: float = 0.3  # share of the digit images reserved for val grids
+    tune_digit_fraction: float = 0.2  # share reserved for tune grids; train grids get the rest
 
     def __post_init__(self) -> None:
-        if self.train_size < 1 or self.val_size < 1:
-            raise ValueError(f"train_size and val_size must be >= 1, got {self.train_size}, {self.val_size}")
+        if self.tune_size is None:
+            object.__setattr__(self, "tune_size", self.val_size)
+        if min(self.train_size, self.val_size, self.tune_size) < 1:
+            raise ValueError(f"train_size, val_size and tune_size must be >= 1, got "
+                             f"{self.train_size}, {self.val_size}, {self.tune_size}")
         if not 4 <= self.cell_px <= 64:
             raise ValueError(f"cell_px must be in [4, 64], got {self.cell_px}")
-        if not 0.0 < self.val_digit_fraction < 1.0:
-            raise ValueError(f"val_digit_fraction must be in (0, 1), got {self.val_digit_fraction}")
+        fractions = (self.val_digit_fraction, self.tune_digit_fraction)
+        if min(fractions) <= 0.0 or sum(fractions) >= 1.0:
+            raise ValueError(f"val_digit_fraction and tune_digit_fraction must be > 0 and leave train a share "
+                             f"(sum < 1), got {self.val_digit_fraction}, {self.tune_digit_fraction}")
+
+    def split_sizes(self) -> dict[str, int]:
+        return {"train": self.train_size, "tune": self.tune_size, "val": self.val_size}
 
 
 def load_digit_cells(cell_px: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,11 +75,17 @@ def load_digit_cells(cell_px: int) -> tuple[np.ndarray, np.ndarray]:
     return cells, digits.target.astype(np.int64)
 
 
-def split_digit_pools(num_digits: int, config: GridConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint index pools (train, val) over the digit images."""
-    order = np.random.default_rng(config.seed).permutation(num_digits)
+def split_digit_pools(num_digits: int, config: GridConfig) -> dict[str, np.ndarray]:
+    """Disjoint index pools ``train``, ``tune``, ``val`` over the digit images; the same for every seed."""
+    order = np.random.default_rng(POOL_SEED).permutation(num_digits)
     num_val = int(round(num_digits * config.val_digit_fraction))
-    return order[num_val:], order[:num_val]
+    num_tune = int(round(num_digits * config.tune_digit_fraction))
+    pools = {"train": order[num_val + num_tune :], "tune": order[num_val : num_val + num_tune], "val": order[:num_val]}
+    empty = [name for name, pool in pools.items() if len(pool) == 0]
+    if empty:
+        raise ValueError(f"digit pools {empty} are empty: {num_digits} digits with val_digit_fraction="
+                         f"{config.val_digit_fraction}, tune_digit_fraction={config.tune_digit_fraction}")
+    return pools
 
 
 def make_grids(cells: np.ndarray, classes: np.ndarray, pool: np.ndarray, count: int, rng: np.random.Generator):
@@ -75,13 +102,13 @@ def make_grids(cells: np.ndarray, classes: np.ndarray, pool: np.ndarray, count: 
 
 
 def grid_items(config: GridConfig) -> dict[str, list[SourceItem]]:
-    """Source items of the ``train`` and ``val`` splits, deterministic for ``config.seed``."""
+    """Source items of the ``train``, ``tune`` and ``val`` splits, deterministic for ``config.seed``."""
     cells, classes = load_digit_cells(config.cell_px)
-    train_pool, val_pool = split_digit_pools(len(cells), config)
+    pools = split_digit_pools(len(cells), config)
     out = {}
-    for split, pool, count, stream in (("train", train_pool, config.train_size, 1), ("val", val_pool, config.val_size, 2)):
-        rng = np.random.default_rng([config.seed, stream])
-        pixels, grid_classes, label_cell = make_grids(cells, classes, pool, count, rng)
+    for split, count in config.split_sizes().items():
+        rng = np.random.default_rng([config.seed, _GRID_STREAMS[split]])
+        pixels, grid_classes, label_cell = make_grids(cells, classes, pools[split], count, rng)
         out[split] = [
             SourceItem(
                 key=f"{split}_{i:07d}",
@@ -97,25 +124,29 @@ def grid_items(config: GridConfig) -> dict[str, list[SourceItem]]:
 
 
 def grid_spec(split: str, config: GridConfig) -> SplitSpec:
-    # Both splits carry the multi-label set: val is evaluated on it, and train keeps it so the
-    # label-ambiguity statistics can be inspected. Training itself reads only the single label.
-    return SplitSpec(
-        name=split,
-        label_kind=LabelKind.MULTI,
-        class_names=CLASS_NAMES,
-        extra={"source": "digits-grid", "grid": {**config.__dict__, "centre_probability": CENTRE_PROBABILITY}},
-    )
+    # Every split carries the multi-label set: val and tune are evaluated on it, and train keeps it so
+    # the label-ambiguity statistics can be inspected. Training itself reads only the single label.
+    grid = {**config.__dict__, "centre_probability": CENTRE_PROBABILITY, "pool_seed": POOL_SEED,
+            "definition": GRID_DEFINITION}
+    return SplitSpec(name=split, label_kind=LabelKind.MULTI, class_names=CLASS_NAMES,
+                     extra={"source": "digits-grid", "grid": grid})
 
 
 def ensure_grid_shards(root: Path, config: GridConfig = GridConfig()) -> Path:
-    """The embedded default: build both splits in ``root`` unless they are already there intact."""
-    try:
-        for split in SPLITS:
-            validate_split(root, split, check_hash=False)
+    """The embedded default: build the three splits in ``root`` unless they are there intact and were
+    made from this ``config`` by this grid rule (a cache of another rule or config is rebuilt)."""
+    if all(_is_current(root, split, config) for split in SPLITS):
         return root
-    except ShardError:
-        pass
     settings = WriterSettings(seed=config.seed, workers=1, progress=False, image=ImagePolicy(quality=GRID_JPEG_QUALITY))
     for split, items in grid_items(config).items():
-        write_split(root, grid_spec(split, config), items, settings)
+        write_split(root, grid_spec(split, config), items, settings)  # skips a split already complete
     return root
+
+
+def _is_current(root: Path, split: str, config: GridConfig) -> bool:
+    try:
+        recorded = validate_split(root, split, check_hash=False).extra
+    except ShardError:
+        return False
+    # Compared through JSON, the form the manifest stores it in.
+    return recorded == json.loads(json.dumps(grid_spec(split, config).extra))
