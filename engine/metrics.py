@@ -603,3 +603,24 @@ def _validate_matched_coverage(matched_coverage: float | None, num_classes: int)
     # Every prediction set holds at least the argmax and at most every class.
     if matched_coverage is not None and not 1.0 <= matched_coverage <= num_classes:
         raise ValueError(f"matched_coverage must be None (mean |T|) or in [1, {num_classes}], got {matched_coverage}")
+
+
+def coverage_curve(logits: torch.Tensor, targets: torch.Tensor, method_kind: str, thetas: tuple[float, ...]) -> list[dict[str, float]]:
+    """F1 against label coverage as the prediction set grows, over E (images with |T_i| > 0).
+
+    Sigmoid-trained models: one point per theta, P_i = {argmax} ∪ {c : sigmoid(z_ic) > theta} (the
+    F1@theta sets). Softmax-trained models have no calibrated per-class probability, so their points
+    are the top-m sets, m = 1..C (the rule F1 at matched coverage uses for them)."""
+    z, truth = logits.float(), targets > 0.5
+    evaluated = truth.any(dim=1)
+    z, truth = z[evaluated], truth[evaluated]
+    ranks = _class_ranks(z)
+    if method_kind == "softmax":
+        sets = [(f"m={m}", ranks < m) for m in range(1, z.shape[1] + 1)]
+    else:
+        argmax_set = ranks < 1
+        sets = [(f"theta={theta:g}", argmax_set | (torch.sigmoid(z) > theta)) for theta in thetas]
+    return [
+        {"point": name, "coverage": predicted.sum(dim=1).double().mean().item(), "f1": _f1_per_image(predicted, truth).mean().item()}
+        for name, predicted in sets
+    ]

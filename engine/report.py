@@ -18,9 +18,3 @@ def print_metrics_table(summary: dict[str, Any], title: str) -> None:
         elif isinstance(value, (int, str)):
             table.add_row(key, str(value))
     Console().print(table)
-
-
-def print_markdown(text: str) -> None:
-    from rich.markdown import Markdown
-
-    Console().print(Markdown(text))

@@ -1,0 +1,60 @@
+"""A trained run's model, re-loaded from its folder, and its outputs on an eval split.
+
+Used where metrics need the raw scores rather than the summary (the demo's F1-vs-coverage curve).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.checkpoint import read_checkpoint
+from engine.config import RunConfig
+from engine.data import loader_config, resolve_data_root
+from engine.models import build_model
+from engine.run_folder import RunFolder, saved_config
+from engine.steps import autocast_context
+from pipelines import build_loader
+from shards.manifest import load_split
+
+
+@dataclass
+class EvalOutputs:
+    """Logits, single labels and multi-hot targets of every image of one split, on the CPU."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor | None
+
+
+def load_learner(run_dir: Path, device: torch.device) -> tuple[RunConfig, nn.Module]:
+    """The run's config and its learner with the weights of the last checkpoint, in eval mode."""
+    config = saved_config(run_dir)
+    root = resolve_data_root(config.data)
+    num_classes = load_split(root, config.data.train_split).num_classes
+    model = build_model(config.arch.value, num_classes, config.method.multi_label_head)
+    state = read_checkpoint(RunFolder(run_dir).checkpoint_path, device)["components"]["learner"]
+    model.load_state_dict(state)
+    return config, model.to(device).eval()
+
+
+@torch.no_grad()
+def eval_outputs(run_dir: Path, device: torch.device = torch.device("cpu"), split: str | None = None) -> EvalOutputs:
+    """Run the trained learner over ``split`` (default: the run's eval split) as evaluation does."""
+    config, model = load_learner(run_dir, device)
+    root = resolve_data_root(config.data)
+    loader = build_loader(root, split or config.data.eval_split, loader_config(config, False, 0, 1, device))
+    logits, labels, targets = [], [], []
+    try:
+        for batch in loader.epoch(0):
+            with autocast_context(torch.bfloat16 if (device.type == "cuda" and config.bf16) else None, device.type):
+                logits.append(model(batch.images).float().cpu())
+            labels.append(batch.labels.cpu())
+            if batch.targets is not None:
+                targets.append(batch.targets.cpu())
+    finally:
+        loader.close()
+    return EvalOutputs(torch.cat(logits), torch.cat(labels), torch.cat(targets) if targets else None)
