@@ -39,7 +39,7 @@ class EvalAccumulator:
 
     ``method_kind`` is how the model was trained: ``"softmax"`` (prediction set = {argmax}) or
     ``"sigmoid"`` (MILe too: prediction set = {argmax} ∪ {c : sigmoid(z_c) > theta}).
-    ``has_multilabels``: ``update`` receives multi-hot targets (ReaL sets, grid digits, attributes).
+    ``has_targets``: ``update`` receives multi-hot targets (ReaL sets, grid digits, attributes).
     ``attributes``: the targets are independent binary attributes (CelebA); reports per-sample F1
     without a forced argmax and per-attribute balanced accuracy instead of the classification metrics.
     ``keep_scores_for_map``: keep N×C sigmoid scores in ``score_dtype`` (float16 halves the memory;
@@ -53,7 +53,7 @@ class EvalAccumulator:
         num_classes: int,
         thetas: tuple[float, ...],
         method_kind: str,
-        has_multilabels: bool,
+        has_targets: bool,
         attributes: bool = False,
         keep_scores_for_map: bool = True,
         score_dtype: torch.dtype = torch.float32,
@@ -61,15 +61,15 @@ class EvalAccumulator:
         keep_scores_for_ranking: bool = True,
         matched_coverage: float | None = None,
     ) -> None:
-        _validate_config(num_classes, tuple(thetas), method_kind, has_multilabels, attributes, score_dtype)
+        _validate_config(num_classes, tuple(thetas), method_kind, has_targets, attributes, score_dtype)
         _validate_matched_coverage(matched_coverage, num_classes)
         self.num_classes = num_classes
         self.thetas = tuple(float(t) for t in thetas)
         self.method_kind = method_kind
-        self.has_multilabels = has_multilabels
+        self.has_targets = has_targets
         self.attributes = attributes
-        self.keeps_map_scores = keep_scores_for_map and has_multilabels and not attributes
-        self.keeps_ranking_scores = keep_scores_for_ranking and has_multilabels and not attributes
+        self.keeps_map_scores = keep_scores_for_map and has_targets and not attributes
+        self.keeps_ranking_scores = keep_scores_for_ranking and has_targets and not attributes
         self.matched_coverage = matched_coverage
         self.score_dtype = score_dtype
         # device=None: live on the device of the first batch. Pass it explicitly under NCCL, where a rank
@@ -96,7 +96,7 @@ class EvalAccumulator:
             per_theta = [metric_key(n, t) for n in ("f1", "balanced_acc") for t in self.thetas]
             return ("num_images", *per_theta)
         names = ["num_images", "top1"] + (["top5"] if self.num_classes >= 5 else [])
-        if self.has_multilabels:
+        if self.has_targets:
             names += ["num_evaluated", "real_top1"] + [metric_key("f1", t) for t in self.thetas]
         names += [metric_key("coverage", t) for t in self.thetas]
         names += ["secondary_map"] if self.keeps_map_scores else []
@@ -169,7 +169,7 @@ class EvalAccumulator:
         shapes.update(num_labelled=(), top1_hits=())
         if self.num_classes >= 5:
             shapes["top5_hits"] = ()
-        if self.has_multilabels:
+        if self.has_targets:
             shapes.update(num_evaluated=(), real_top1_hits=())
             shapes.update({metric_key("f1_sum", theta): () for theta in self.thetas})
         shapes.update({metric_key("coverage_sum", theta): () for theta in self.thetas})
@@ -238,9 +238,9 @@ class EvalAccumulator:
             raise ValueError(f"logits must be N×{self.num_classes}, got shape {tuple(logits.shape)}")
         if labels.shape != (n,) or labels.dtype != torch.int64:
             raise ValueError(f"labels must be int64 of shape ({n},), got {labels.dtype} {tuple(labels.shape)}")
-        if self.has_multilabels != (targets is not None):
+        if self.has_targets != (targets is not None):
             state = "is" if targets is None else "is not"
-            raise ValueError(f"has_multilabels={self.has_multilabels} but targets {state} None")
+            raise ValueError(f"has_targets={self.has_targets} but targets {state} None")
         if targets is not None and targets.shape != logits.shape:
             raise ValueError(f"targets must match logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}")
         for name, tensor in (("logits", logits), ("labels", labels), ("targets", targets)):
@@ -255,7 +255,7 @@ class EvalAccumulator:
         if self.num_classes >= 5:
             results["top5"] = _ratio(sums["top5_hits"], sums["num_labelled"])
         coverage_count = sums["num_images"]
-        if self.has_multilabels:
+        if self.has_targets:
             coverage_count = sums["num_evaluated"]
             results["num_evaluated"] = int(coverage_count)
             results["real_top1"] = _ratio(sums["real_top1_hits"], coverage_count)
@@ -281,7 +281,7 @@ class EvalAccumulator:
         return results
 
     def _config(self) -> tuple:
-        return (self.num_classes, self.thetas, self.method_kind, self.has_multilabels, self.attributes,
+        return (self.num_classes, self.thetas, self.method_kind, self.has_targets, self.attributes,
                 self.keeps_map_scores, self.keeps_ranking_scores, self.matched_coverage, self.score_dtype,
                 self.device)
 
@@ -582,7 +582,7 @@ def _all_gather_rows(tensor: torch.Tensor, process_group: dist.ProcessGroup | No
 
 
 def _validate_config(
-    num_classes: int, thetas: tuple[float, ...], method_kind: str, has_multilabels: bool, attributes: bool,
+    num_classes: int, thetas: tuple[float, ...], method_kind: str, has_targets: bool, attributes: bool,
     score_dtype: torch.dtype,
 ) -> None:
     if num_classes < 1:
@@ -593,8 +593,8 @@ def _validate_config(
         raise ValueError(f"thetas must be distinct, got {thetas}")
     if method_kind not in METHOD_KINDS:
         raise ValueError(f"method_kind must be one of {METHOD_KINDS} (MILe is 'sigmoid'), got {method_kind!r}")
-    if attributes and not has_multilabels:
-        raise ValueError("attributes=True needs has_multilabels=True (attribute targets come as multi-hot)")
+    if attributes and not has_targets:
+        raise ValueError("attributes=True needs has_targets=True (attribute targets come as multi-hot)")
     if not score_dtype.is_floating_point:
         raise ValueError(f"score_dtype must be a floating dtype, got {score_dtype}")
 

@@ -88,7 +88,7 @@ class StopRequest:
 
 
 def check_against_data(config: RunConfig, train: SplitManifest, evaluation: SplitManifest, world_size: int) -> bool:
-    """Config rules that need the data; True when multi-label metrics are to be computed."""
+    """Config rules that need the data; True when the eval split's multi-hot targets are to be scored."""
     if train.label_kind is LabelKind.ATTRIBUTES and config.method.name is Method.SOFTMAX:
         raise ConfigError(
             f"--method softmax: split {config.data.train_split!r} holds independent binary attributes "
@@ -118,7 +118,7 @@ class Trainer:
         root = resolve_data_root(config.data)
         self.train_split = load_split(root, config.data.train_split)
         self.eval_split = load_split(root, config.data.eval_split)
-        self.multilabel = check_against_data(config, self.train_split, self.eval_split, dist.world_size)
+        self.score_targets = check_against_data(config, self.train_split, self.eval_split, dist.world_size)
         if config.data.verify_data:
             for split in {config.data.train_split, config.data.eval_split}:
                 validate_split(root, split, check_hash=True)  # reads every shard once; names the one at fault
@@ -272,7 +272,7 @@ class Trainer:
             num_classes=self.eval_split.num_classes,
             thetas=self.config.eval_thetas,
             method_kind="softmax" if self.config.method.name is Method.SOFTMAX else "sigmoid",
-            has_multilabels=self.multilabel,
+            has_targets=self.score_targets,
             attributes=self.eval_split.label_kind is LabelKind.ATTRIBUTES,
             device=self.device,
         )
@@ -281,7 +281,7 @@ class Trainer:
         for batch in self.eval_loader.epoch(0):
             with autocast_context(self.engine.settings.autocast_dtype, self.device.type):
                 logits = learner(batch.images)
-            accumulator.update(logits.float(), batch.labels, batch.targets if self.multilabel else None)
+            accumulator.update(logits.float(), batch.labels, batch.targets if self.score_targets else None)
         learner.train()
         metrics = accumulator.compute()  # SYNC: eval point
         last = self.engine.plan.position(max(self.step - 1, 0))  # the phase the evaluated weights come from

@@ -52,8 +52,8 @@ def random_split(seed: int, n: int = 200, c: int = 12) -> tuple[np.ndarray, np.n
 
 
 def accumulate(logits, labels, targets, method_kind="sigmoid", batch_size=None, **kwargs) -> dict[str, float]:
-    has_multilabels = targets is not None
-    acc = EvalAccumulator(logits.shape[1], THETAS, method_kind, has_multilabels, **kwargs)
+    has_targets = targets is not None
+    acc = EvalAccumulator(logits.shape[1], THETAS, method_kind, has_targets, **kwargs)
     n = logits.shape[0]
     batch_size = batch_size or n
     for start in range(0, n, batch_size):

@@ -1,0 +1,117 @@
+"""Sweeps: a grid of run configs from one TOML file, each a separate resumable run, and a table.
+
+A sweep file names a base config, overrides applied to every run, and per method a grid::
+
+    base = "digits_grid.toml"          # relative to the sweep file, or a packaged config name
+    select_by = "lrap"                 # the summary key that picks each method's best run
+    [overrides]
+    "data.eval_split" = "tune"
+    [grid.mile]
+    "optim.lr_per_256" = [0.1, 0.2]
+    "method.k_teacher_steps,method.k_student_steps" = [[50, 50], [100, 100]]   # tied values
+
+Every combination of a method's grid is one run in ``OUT/METHOD/NAME``; finished runs are reused
+and interrupted ones resumed (``engine.demo.run_method``), so a sweep can be stopped and re-run.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.config import ConfigError, RunConfig, build_config, flatten, load_toml
+
+try:
+    import tomllib
+except ImportError:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    method: str
+    name: str  # "lr_per_256=0.2,rho=0.1": the run's folder name
+    overrides: dict[str, Any]
+    config: RunConfig
+
+
+def _packaged(name: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("engine") / "configs" / name))
+
+
+def _combinations(grid: dict[str, list[Any]], source: str) -> list[dict[str, Any]]:
+    """Cartesian product of the grid; a key "a,b" takes tied values from [[a1, b1], [a2, b2]]."""
+    axes = []
+    for joined, values in grid.items():
+        names = joined.split(",")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{source}: grid {joined!r} must be a non-empty list")
+        rows = [v if len(names) > 1 else [v] for v in values]
+        if any(not isinstance(r, list) or len(r) != len(names) for r in rows):
+            raise ConfigError(f"{source}: grid {joined!r} needs lists of {len(names)} values")
+        axes.append([dict(zip(names, row)) for row in rows])
+    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
+
+
+def load_sweep(path: Path, out_root: Path) -> tuple[list[SweepRun], str]:
+    """Every run of the sweep file (all configs checked before any trains) and its selection key."""
+    path = Path(path)
+    spec = tomllib.loads(path.read_text())
+    base_name = spec.get("base", "digits_grid.toml")
+    base_path = path.parent / base_name if (path.parent / base_name).is_file() else _packaged(base_name)
+    base = load_toml(base_path)
+    common = dict(spec.get("overrides", {}))
+    runs = []
+    for method, grid in spec.get("grid", {}).items():
+        for combo in _combinations(grid, str(path)):
+            name = ",".join(f"{k.rpartition('.')[2]}={v}" for k, v in combo.items()) or "default"
+            overrides = {**common, **combo, "method.name": method, "out_dir": str(out_root / method / name)}
+            runs.append(SweepRun(method, name, combo, build_config(base, overrides, source=str(path))))
+    if not runs:
+        raise ConfigError(f"{path}: no [grid.METHOD] table")
+    return runs, spec.get("select_by", "lrap")
+
+
+def run_sweep(runs: list[SweepRun]) -> list[dict[str, Any]]:
+    from engine.demo import run_method
+
+    results = []
+    for index, run in enumerate(runs, start=1):
+        print(f"== {index}/{len(runs)}: {run.method} {run.name} ==")
+        results.append({"method": run.method, "run": run.name, **run.overrides, **run_method(run.config)})
+    return results
+
+
+def best_per_method(results: list[dict[str, Any]], select_by: str) -> dict[str, dict[str, Any]]:
+    best: dict[str, dict[str, Any]] = {}
+    for result in results:
+        current = best.get(result["method"])
+        if current is None or result[select_by] > current[select_by]:
+            best[result["method"]] = result
+    return best
+
+
+def write_results(out_root: Path, results: list[dict[str, Any]], columns: list[str]) -> None:
+    with open(out_root / "sweep.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["method", "run", *columns], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+
+
+def results_markdown(results: list[dict[str, Any]], columns: list[str], select_by: str) -> str:
+    best = {id(r) for r in best_per_method(results, select_by).values()}
+    lines = ["| method | run | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for r in results:
+        cells = [f"{100 * r[c]:.2f}" if isinstance(r.get(c), float) and "coverage" not in c and "theta" not in c else
+                 (f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-"))) for c in columns]
+        mark = " **(chosen)**" if id(r) in best else ""
+        lines.append(f"| {r['method']} | {r['run']}{mark} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["SweepRun", "load_sweep", "run_sweep", "best_per_method", "write_results", "results_markdown", "flatten"]

@@ -1,0 +1,72 @@
+"""The main job's table and plots, seeds, and sweeps, on tiny data."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from engine.config import build_config, load_toml, to_toml
+from test_engine_run import REPO, grid_root  # noqa: F401 (fixture)
+
+
+def tiny_base(grid_root: Path, tmp_path: Path) -> Path:
+    config = build_config({}, {
+        "data.root": str(grid_root), "data.backend": "torch", "data.num_workers": 0, "num_steps": 6, "global_batch_size": 32,
+        "eval_every": 6, "log_every": 3, "checkpoint_every": 6, "device": "cpu", "method.k_teacher_steps": 2, "method.k_student_steps": 2,
+        "method.rho": 0.1,
+    })
+    path = tmp_path / "tiny.toml"
+    path.write_text(to_toml(config))
+    return path
+
+
+def test_demo_table_has_every_method_the_no_model_rows_and_both_plots(grid_root: Path, tmp_path: Path) -> None:
+    import typer
+
+    from engine.demo import main
+
+    app = typer.Typer()
+    app.command()(main)
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["--config", str(tiny_base(grid_root, tmp_path)), "--out", str(out), "--seeds", "2"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    methods = [row["method"] for row in rows]
+    assert methods[:3] == ["softmax", "sigmoid", "mile"]
+    assert "no model: given label" in methods and "no model: all classes" in methods
+    for row in rows[:3]:
+        assert row["seeds"] == "2" and "±" in row["F1@matched"] and "±" in row["LRAP"]
+    all_classes = next(row for row in rows if row["method"] == "no model: all classes")
+    assert all_classes["coverage@0.25"] == "10.00"
+    assert (out / "f1_curve.png").stat().st_size > 0 and (out / "f1_vs_coverage.png").stat().st_size > 0
+    assert (out / "mile-seed1" / "summary.json").is_file()
+
+
+def test_sweep_runs_every_combination_marks_the_chosen_and_reuses_runs(grid_root: Path, tmp_path: Path) -> None:
+    base = tiny_base(grid_root, tmp_path)
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(
+        f'base = "{base.name}"\nselect_by = "lrap"\n[overrides]\n"method.warmup_steps" = 0\n'
+        '[grid.sigmoid]\n"optim.lr_per_256" = [0.05, 0.2]\n'
+        '[grid.mile]\n"method.k_teacher_steps,method.k_student_steps" = [[2, 2], [3, 1]]\n'
+    )
+    out = tmp_path / "sweep"
+    command = [sys.executable, "tools/sweep.py", str(sweep), "--out", str(out)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [(r["method"], r["run"]) for r in rows] == [
+        ("sigmoid", "lr_per_256=0.05"), ("sigmoid", "lr_per_256=0.2"),
+        ("mile", "k_teacher_steps=2,k_student_steps=2"), ("mile", "k_teacher_steps=3,k_student_steps=1"),
+    ]
+    assert (out / "sweep.md").read_text().count("(chosen)") == 2
+    saved = load_toml(out / "mile" / "k_teacher_steps=3,k_student_steps=1" / "config.toml")
+    assert saved["method"]["k_teacher_steps"] == 3 and saved["method"]["k_student_steps"] == 1
+    stamp = (out / "sigmoid" / "lr_per_256=0.2" / "checkpoints" / "last.pt").stat().st_mtime_ns
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert again.returncode == 0 and "reusing the finished run" in again.stdout
+    assert (out / "sigmoid" / "lr_per_256=0.2" / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp

@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""``tools/sweep.py SWEEP.toml --out DIR``: run a grid of configs as separate resumable runs and
+write ``DIR/sweep.csv`` and ``DIR/sweep.md`` (every run's scores, each method's chosen run marked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+COLUMNS = ["lrap", "f1@matched", "f1@top|T|", "secondary_map", "f1@0.25", "coverage@0.25", "top1"]
+
+
+def main(
+    sweep: Path = typer.Argument(..., help="Sweep TOML (base, overrides, [grid.METHOD] tables)."),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", help="Folder for the runs and the results table."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and check their configs; train nothing."),
+) -> None:
+    """Run every configuration of a sweep; finished runs are reused, interrupted ones resumed."""
+    import logging
+
+    from engine.sweep import load_sweep, results_markdown, run_sweep, write_results
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    runs, select_by = load_sweep(sweep, out)
+    if dry_run:
+        for run in runs:
+            typer.echo(f"{run.method:8s} {run.name}")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_sweep(runs)
+    write_results(out, results, COLUMNS)
+    table = results_markdown(results, COLUMNS, select_by)
+    (out / "sweep.md").write_text(f"Selected by {select_by} (higher is better).\n\n" + table)
+    typer.echo(table)
+
+
+if __name__ == "__main__":
+    typer.run(main)
