@@ -77,14 +77,38 @@ class RunInterrupted(Exception):
         self.exit_code = 128 + signum
 
 
+class _StopWhileWaiting(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 @dataclass
 class StopRequest:
-    """Set by SIGTERM/SIGINT; the loop saves a checkpoint and exits at the next step boundary."""
+    """Set by SIGTERM/SIGINT; the loop saves a checkpoint and exits at the next step boundary.
+
+    While the loop waits for a batch (a loader starting, a slow disk) there is no step to finish,
+    so the signal interrupts the wait at once (``waiting``); the checkpoint then holds the state
+    after the last completed step."""
 
     signum: int | None = None
+    waiting: bool = False
 
     def __call__(self, signum: int, frame: Any) -> None:
         self.signum = signum
+        if self.waiting:
+            raise _StopWhileWaiting(signum)
+
+    def next_batch(self, batches: Iterator[Batch], interruptible: bool) -> Batch:
+        if not interruptible:
+            return next(batches)
+        self.waiting = True
+        try:
+            if self.signum:  # arrived between the last check and now
+                raise _StopWhileWaiting(self.signum)
+            return next(batches)
+        finally:
+            self.waiting = False
 
 
 def check_against_data(config: RunConfig, train: SplitManifest, evaluation: SplitManifest, world_size: int) -> bool:
@@ -161,7 +185,14 @@ class Trainer:
         eval_metrics: dict[str, float] = {}
         self.engine.learner.train()
         while self.step < config.num_steps:
-            self._timed_step(batches, stats)
+            try:
+                # several processes must leave after the same step: they agree at log points instead
+                batch = stop.next_batch(batches, interruptible=not self.dist.enabled)
+            except _StopWhileWaiting as stopped:
+                bar.close()
+                self._save_checkpoint(stats)
+                raise RunInterrupted(stopped.signum, self._stopped_message(stopped.signum)) from None
+            self._timed_step(batch, stats)
             bar.update(1)
             done = self.step == config.num_steps
             log_point = self.step % config.log_every == 0 or done
@@ -189,9 +220,8 @@ class Trainer:
         self.folder.write_summary(summary)
         return summary
 
-    def _timed_step(self, batches: Iterator[Batch], stats: TrainStats) -> None:
+    def _timed_step(self, batch: Batch, stats: TrainStats) -> None:
         """One training step; its wall time counts towards images/s (the first batch's capture does not)."""
-        batch = next(batches)
         if not self._captured:
             self._captured = True
             reason = self.engine.capture(batch)

@@ -75,8 +75,8 @@ def assert_stop_and_resume_matches_whole_run(grid_root: Path, tmp_path: Path, st
     trainer = Trainer(interrupted, CPU)
     original_step = trainer._timed_step
 
-    def step_then_signal(batches, stats):
-        original_step(batches, stats)
+    def step_then_signal(batch, stats):
+        original_step(batch, stats)
         if trainer.step == stop_at:
             signal.raise_signal(signal.SIGTERM)
 

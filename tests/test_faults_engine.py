@@ -153,8 +153,8 @@ def test_non_finite_batchnorm_statistics_stop_the_run_before_the_checkpoint(grid
     trainer = Trainer(tiny_config(grid_root, out, num_steps=6, checkpoint_every=2, eval_every=100), CPU)
     original = trainer._timed_step
 
-    def blow_up_late(batches, stats):
-        original(batches, stats)
+    def blow_up_late(batch, stats):
+        original(batch, stats)
         if trainer.step == 3:
             bn = next(m for m in trainer.engine.learner.modules() if isinstance(m, torch.nn.BatchNorm2d))
             bn.running_var.fill_(float("inf"))
@@ -171,3 +171,30 @@ def test_non_finite_message_says_when_no_checkpoint_exists(grid_root: Path, tmp_
     monkeypatch.setattr(engine.steps, "bce_one_hot", lambda logits, labels: logits.sum() * float("nan"))
     with pytest.raises(NonFiniteLoss, match="no checkpoint had been written yet"):
         Trainer(tiny_config(grid_root, tmp_path / "run", **{"method.name": "sigmoid"}, log_every=1), CPU).run()
+
+
+# -- 1. a long wait for data is interruptible -------------------------------------------------
+
+
+def test_sigterm_interrupts_a_long_wait_for_the_first_batch(grid_root: Path, tmp_path: Path) -> None:
+    import signal
+    import threading
+    import time
+
+    from engine.trainer import RunInterrupted
+
+    trainer = Trainer(tiny_config(grid_root, tmp_path / "run"), CPU)
+
+    def stalled_epoch(epoch: int, start_batch: int = 0):
+        time.sleep(60)  # a loader that takes a minute to produce its first batch
+        yield from ()
+
+    trainer.train_loader.epoch = stalled_epoch
+    main_thread = threading.get_ident()
+    threading.Timer(0.5, lambda: signal.pthread_kill(main_thread, signal.SIGTERM)).start()
+    started = time.monotonic()
+    with pytest.raises(RunInterrupted) as stopped:
+        trainer.run()
+    assert time.monotonic() - started < 10
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert checkpoint_step(tmp_path / "run") == 0
