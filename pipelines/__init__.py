@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.contract import AugmentConfig, Batch, Loader, LoaderConfig, rank_range
+from pipelines.contract import AugmentConfig, Batch, Loader, LoaderConfig, ShardDataError, rank_range
 from shards.manifest import validate_split
 
-__all__ = ["AugmentConfig", "Batch", "Loader", "LoaderConfig", "build_loader", "dali_import_error", "rank_range", "resolve_backend"]
+__all__ = [
+    "AugmentConfig", "Batch", "Loader", "LoaderConfig", "ShardDataError", "build_loader", "dali_import_error", "rank_range",
+    "resolve_backend",
+]  # fmt: skip
 
 
 def dali_import_error() -> str | None:
@@ -41,9 +44,11 @@ def resolve_backend(requested: str) -> str:
 
 
 def build_loader(root: Path, split: str, config: LoaderConfig) -> Loader:
-    """A loader over split ``split`` of the shard folder ``root`` (validated against its manifest;
-    checksums are the converters' job, so only presence and sizes are checked here)."""
-    manifest = validate_split(Path(root), split, check_hash=False)
+    """A loader over split ``split`` of the shard folder ``root``, validated against its manifest:
+    presence and sizes of the shards here (checksums too with ``config.verify_checksums``), every
+    index file by the backend (counts, offsets and sizes inside the tar). A sample that still fails
+    mid-epoch raises ``ShardDataError`` naming the shard."""
+    manifest = validate_split(Path(root), split, check_hash=config.verify_checksums)
     if config.device.startswith("cuda"):
         import torch
 

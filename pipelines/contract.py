@@ -14,6 +14,8 @@ from typing import Iterator, Protocol
 
 import torch
 
+from shards.manifest import ShardError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKENDS = ("auto", "dali", "torch")
@@ -57,6 +59,9 @@ class LoaderConfig:
     device: str = "cpu"  # "cpu" or "cuda[:i]"
     dtype: torch.dtype = torch.float32
     shuffle_buffer: int = 4096  # DALI's initial_fill; the torch backend shuffles the whole epoch
+    # At start every loader checks shard sizes and index files (cheap); this also re-hashes every
+    # shard against the manifest's sha256 (reads the whole split once: the engine's --verify-data).
+    verify_checksums: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -69,6 +74,18 @@ class LoaderConfig:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         if not 0.0 < self.eval_crop_fraction <= 1.0:
             raise ValueError(f"eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
+
+
+class ShardDataError(ShardError):
+    """A sample that could not be read or decoded in the middle of an epoch: the shard is damaged
+    although its size and index passed the start-up checks. The message names the shard file, the
+    sample (or, where the backend cannot tell which, the split and the shards it was reading) and
+    says to run ``make-shards verify``."""
+
+
+def verify_advice(root: object) -> str:
+    """What to do about a damaged shard folder, for error messages."""
+    return f"the shard folder is damaged: run `make-shards verify {root}` to list every problem, then re-convert"
 
 
 @dataclass

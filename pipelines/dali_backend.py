@@ -19,11 +19,16 @@ the torch backend, by design of the DALI reader:
   the rank's own share (``stick_to_shard=True``), like the torch backend;
 - augmentation draws from DALI's generators, so the crops differ from the torch backend's (same
   distributions), and a pipeline build (and shuffle-buffer fill) happens at the start of every epoch.
+
+Damaged shards. At construction every index file is checked against its tar and the manifest
+(``check_index_file``): DALI trusts index offsets, and ones past the end of a tar have crashed it.
+Bytes damaged inside a tar pass that check; DALI's decoder then raises from the iterator, which
+``epoch`` re-raises as ``ShardDataError`` naming the shards the failing batch came from (DALI does
+not say which sample failed).
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,12 +40,13 @@ from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines.contract import Batch, LoaderConfig, batches_per_epoch, rank_range
+from pipelines.contract import Batch, LoaderConfig, ShardDataError, batches_per_epoch, rank_range, verify_advice
 from pipelines.transforms import CROP_ATTEMPTS, Mode, TransformSpec, transform_spec
 from shards.format import FIELD_IMAGE, FIELD_LABEL, FIELD_TARGETS
-from shards.manifest import SplitManifest
+from shards.manifest import SplitManifest, check_index_file
 
 READER_NAME = "Reader"
+_MAX_SHARDS_NAMED = 8
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,10 @@ class DaliLoader:
     """``Loader`` built on DALI; see the module docstring for epoch and resume behaviour."""
 
     def __init__(self, root: Path, manifest: SplitManifest, config: LoaderConfig) -> None:
+        for record in manifest.shards:
+            check_index_file(root, record, manifest)
         self.config = config
+        self._root, self._manifest = Path(root), manifest
         self.num_classes = manifest.num_classes
         self._num_total = manifest.num_samples
         start, stop = rank_range(manifest.num_samples, config.rank, config.world_size)
@@ -157,11 +166,46 @@ class DaliLoader:
         policy = LastBatchPolicy.DROP if self.config.train else LastBatchPolicy.PARTIAL
         iterator = DALIGenericIterator([pipe], self._outputs, reader_name=READER_NAME, last_batch_policy=policy)
         try:
-            for number, outputs in enumerate(itertools.islice(iterator, self.batches_per_epoch)):
+            for number in range(self.batches_per_epoch):
+                outputs = self._next(iterator, epoch)
+                if outputs is None:
+                    return
                 if number >= start_batch:
                     yield self._to_batch(outputs[0])
         finally:
             del iterator, pipe  # free the pipeline's buffers before the next epoch builds its own
+
+    def _next(self, iterator: DALIGenericIterator, epoch: int) -> list[dict[str, torch.Tensor]] | None:
+        """The iterator's next outputs (None at its end); a DALI failure becomes ``ShardDataError``."""
+        try:
+            return next(iterator)
+        except StopIteration:
+            return None
+        except RuntimeError as error:  # DALI raises RuntimeError for decode and read failures
+            raise ShardDataError(self._failure_message(epoch, error)) from None
+
+    def _failure_message(self, epoch: int, error: RuntimeError) -> str:
+        """Name the shard when DALI's message does, else every shard this epoch's pipeline reads."""
+        text = str(error)
+        named = [str(self._root / s.path) for s in self._manifest.shards if str(self._root / s.path) in text]
+        where = f"shard {named[0]}" if named else self._epoch_shards(epoch)
+        return (
+            f"DALI could not read or decode a sample of split {self._manifest.name!r} in {self._root}, epoch {epoch}: "
+            f"{where} ({_dali_reason(text)}); {verify_advice(self._root)}"
+        )
+
+    def _epoch_shards(self, epoch: int) -> str:
+        """The shards of the sample range this rank's pipeline reads in ``epoch`` (see ``build_pipeline``)."""
+        config = self.config
+        reader_shard = (config.rank + epoch) % config.world_size if config.train else config.rank
+        start, stop = rank_range(self._num_total, reader_shard, config.world_size)
+        ends = np.cumsum([s.num_samples for s in self._manifest.shards])
+        shards = self._manifest.shards
+        paths = [str(self._root / s.path) for s, end in zip(shards, ends) if end > start and end - s.num_samples < stop]
+        listed = ", ".join(paths[:_MAX_SHARDS_NAMED])
+        if len(paths) > _MAX_SHARDS_NAMED:
+            listed += f" and {len(paths) - _MAX_SHARDS_NAMED} more"
+        return f"the failing sample cannot be pinpointed; it is in one of the shards {listed}"
 
     def _to_batch(self, outputs: dict[str, torch.Tensor]) -> Batch:
         # N×H×W×C in memory; the NCHW view of it is exactly the channels-last layout.
@@ -176,6 +220,14 @@ class DaliLoader:
 
     def close(self) -> None:
         """Nothing to release between epochs: each epoch's pipeline is freed when it ends."""
+
+
+def _dali_reason(text: str) -> str:
+    """The core of a DALI error message (between "encountered:" and "Current pipeline ...")."""
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "pipeline object is no longer valid" not in line]
+    return " ".join(lines)[:300] or "no details"
 
 
 def _pipeline_spec(root: Path, manifest: SplitManifest, config: LoaderConfig, gpu: bool) -> PipelineSpec:

@@ -15,20 +15,22 @@ How it works:
   whole batch with nvJPEG (``decode_jpeg(list, device=...)``) and augments on the GPU.
 - The main process moves the batch to the device and converts it to a normalised, channels-last
   tensor of the configured dtype.
+- A sample that cannot be read or decoded raises ``ShardDataError`` naming the shard and the
+  sample's key (a worker's error reaches the main process with the same type and message).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipelines.contract import Batch, LoaderConfig, batches_per_epoch, rank_range
+from pipelines.contract import Batch, LoaderConfig, ShardDataError, batches_per_epoch, rank_range
 from pipelines.sample_table import SampleTable, ShardReader, build_sample_table
 from pipelines.transforms import Mode, TransformSpec, epoch_permutation, sample_rng, transform_image, transform_spec
 from shards.manifest import SplitManifest
@@ -85,9 +87,31 @@ class BatchReader(Dataset):
 
     def _decode_one(self, data: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
         """One JPEG -> uint8 H×W×C (the batch is stacked N×H×W×C: channels-last once viewed as NCHW)."""
-        image = decode_jpeg(data, mode=ImageReadMode.RGB)
+        image = decode_or_raise(data, index, self.reader)
         rng = sample_rng(self.seed, epoch, index) if self.spec.mode is Mode.TRAIN else None
         return transform_image(image, self.spec, rng).permute(1, 2, 0)
+
+
+def decode_or_raise(data: torch.Tensor, index: int, reader: ShardReader) -> torch.Tensor:
+    """Decode one JPEG on the CPU; damaged bytes raise ``ShardDataError`` naming shard and key."""
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as error:  # torchvision reports libjpeg failures as RuntimeError
+        raise reader.data_error(index, f"JPEG cannot be decoded ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _worker_message(error: ShardDataError) -> str:
+    """The original message of a ``ShardDataError`` re-raised by DataLoader (which prefixes the
+    worker's traceback): the last line, after the class name."""
+    text = str(error)
+    marker = f"{ShardDataError.__name__}: "
+    if "Original Traceback" not in text or marker not in text:
+        return text
+    return text[text.rindex(marker) + len(marker) :].strip()
 
 
 class TorchLoader:
@@ -124,8 +148,11 @@ class TorchLoader:
         if self._dataloader is None:
             raise RuntimeError("loader is closed")
         self._plan.requests = [BatchRequest(epoch, idx) for idx in self.batch_indices(epoch)[start_batch:]]
-        for raw in self._dataloader:
-            yield self._to_batch(raw, epoch)
+        try:
+            for raw in self._dataloader:
+                yield self._to_batch(raw, epoch)
+        except ShardDataError as error:
+            raise ShardDataError(_worker_message(error)) from None
 
     def _to_batch(self, raw: dict[str, Any], epoch: int) -> Batch:
         # non_blocking: the DataLoader pinned these tensors when the device is CUDA.
@@ -142,10 +169,25 @@ class TorchLoader:
     def _decode_batch(self, encoded: list[torch.Tensor], indices: torch.Tensor, epoch: int) -> torch.Tensor:
         """Decode the batch in one call (nvJPEG on CUDA), then augment image by image on the device:
         sizes differ until resized, so this loop is per-sample Python; DALI is the fast GPU path."""
-        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self._device)
+        try:
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self._device)
+        except (RuntimeError, ValueError) as error:
+            self._raise_for_batch(encoded, indices, error)
         train = self._spec.mode is Mode.TRAIN
         rngs = [sample_rng(self.config.seed, epoch, int(i)) if train else None for i in indices.tolist()]
         return torch.stack([transform_image(image, self._spec, rng).permute(1, 2, 0) for image, rng in zip(images, rngs)])
+
+    def _raise_for_batch(self, encoded: list[torch.Tensor], indices: torch.Tensor, error: BaseException) -> NoReturn:
+        """A batch decode failed: find the damaged sample by decoding each on the CPU, else name the
+        shards of the whole batch (the device decoder may reject what the CPU accepts)."""
+        reader = self._reader.reader
+        for data, index in zip(encoded, indices.tolist()):
+            decode_or_raise(data.cpu(), int(index), reader)
+        shards = sorted({self.table.shard_paths[int(self.table.shard[int(i)])] for i in indices.tolist()})
+        raise ShardDataError(
+            f"batch of {len(encoded)} samples from shard(s) {', '.join(shards)} cannot be decoded on {self._device} "
+            f"({_first_line(error)}); the failing sample cannot be pinpointed; run `make-shards verify {self.table.root}`"
+        ) from None
 
     def close(self) -> None:
         # Dropping the DataLoader drops its persistent iterator, whose destructor stops the workers

@@ -1,12 +1,22 @@
-"""``tools/make_shards.py`` / ``make-shards``: convert a data source into WebDataset shards."""
+"""``tools/make_shards.py`` / ``make-shards``: convert a data source into WebDataset shards.
+
+Every conversion holds the ``--out`` folder's lock from listing to manifest (a second conversion
+into the same folder stops at once, naming the first one's pid). ``main`` turns every expected
+failure (bad input, busy or unwritable folder, full disk, SIGTERM) into one line on stderr and a
+non-zero exit status, never a traceback.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import sys
 from pathlib import Path
 
 import typer
 
+from shards.folder_lock import output_lock
 from shards.images import ImagePolicy
 from shards.manifest import ShardError
 from shards.sources import celeba, digits_grid, folder, imagenet, webvision
@@ -31,6 +41,10 @@ MaxSideOption = typer.Option(None, "--max-side", min=8, help="Shrink images whos
 QualityOption = typer.Option(90, "--quality", min=1, max=100, help="JPEG quality when an image is re-encoded.")
 RootOption = typer.Option(..., "--root", help="The dataset's top folder, as downloaded.")
 SplitsOption = typer.Option(None, "--splits", help="Comma-separated splits to write (default: every split found).")
+FollowSymlinksOption = typer.Option(
+    False, "--follow-symlinks",
+    help="Read listed files through symlinks that point outside the dataset folder (refused by default).",
+)
 
 
 def writer_settings(workers: int, seed: int, shard_samples: int, shard_mb: int, max_side: int | None, quality: int) -> WriterSettings:
@@ -65,8 +79,9 @@ def digits_grid_command(
         train_size=train_size, val_size=val_size, tune_size=tune_size, seed=seed, cell_px=cell_px
     )
     settings = writer_settings(workers, seed, shard_samples, 512, None, quality)
-    for split, items in digits_grid.grid_items(config).items():
-        write_split(out, digits_grid.grid_spec(split, config), items, settings)
+    with output_lock(out):
+        for split, items in digits_grid.grid_items(config).items():
+            write_split(out, digits_grid.grid_spec(split, config), items, settings)
 
 
 @app.command("folder")
@@ -81,11 +96,13 @@ def folder_command(
     shard_mb: int = ShardMbOption,
     max_side: int | None = MaxSideOption,
     quality: int = QualityOption,
+    follow_symlinks: bool = FollowSymlinksOption,
 ) -> None:
     """Any image folder plus a label file; run again with another --split to add splits."""
-    items, class_names, kind = folder.folder_items(images, labels, out, split)
-    spec = folder.folder_spec(split, class_names, kind, labels)
-    write_split(out, spec, items, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+    with output_lock(out):  # the classes are read from the manifest: hold the lock from here
+        items, class_names, kind = folder.folder_items(images, labels, out, split, follow_symlinks)
+        spec = folder.folder_spec(split, class_names, kind, labels)
+        write_split(out, spec, items, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
 
 
 @app.command("imagenet")
@@ -132,15 +149,17 @@ def imagenet_command(
     shard_mb: int = ShardMbOption,
     max_side: int | None = MaxSideOption,
     quality: int = QualityOption,
+    follow_symlinks: bool = FollowSymlinksOption,
 ) -> None:
     """ImageNet-1k: train class folders; val in folders, Kaggle-CSV or devkit layout, with ReaL sets."""
     options = imagenet.ImageNetOptions(
         root=root, splits=parse_splits(splits, imagenet.SPLITS), val_layout=val_layout, val_labels=val_labels,
         devkit_synsets=devkit_synsets, real_labels=real_labels, use_real=not no_real, subset=subset,
-        fraction=fraction, seed=seed, num_classes=classes, class_list=class_list,
+        fraction=fraction, seed=seed, num_classes=classes, class_list=class_list, follow_symlinks=follow_symlinks,
     )
-    planned = imagenet.imagenet_plan(options)
-    write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+    with output_lock(out):
+        planned = imagenet.imagenet_plan(options)
+        write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
 
 
 @app.command("webvision")
@@ -163,14 +182,16 @@ def webvision_command(
     shard_mb: int = ShardMbOption,
     max_side: int | None = MaxSideOption,
     quality: int = QualityOption,
+    follow_symlinks: bool = FollowSymlinksOption,
 ) -> None:
     """WebVision 1.0 (or --mini): info/ file lists, Google/Flickr train images, val_images_256/."""
     source_names = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources is not None else None
-    options = webvision.WebVisionOptions(root, mini, source_names, parse_splits(splits, webvision.SPLITS))
-    planned = webvision.webvision_plan(options)
-    if write_class_list is not None:
-        webvision.write_class_list(write_class_list, planned[0].spec.class_names)
-    write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+    options = webvision.WebVisionOptions(root, mini, source_names, parse_splits(splits, webvision.SPLITS), follow_symlinks)
+    with output_lock(out):
+        planned = webvision.webvision_plan(options)
+        if write_class_list is not None:
+            webvision.write_class_list(write_class_list, planned[0].spec.class_names)
+        write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
 
 
 @app.command("celeba")
@@ -184,11 +205,13 @@ def celeba_command(
     shard_mb: int = ShardMbOption,
     max_side: int | None = MaxSideOption,
     quality: int = QualityOption,
+    follow_symlinks: bool = FollowSymlinksOption,
 ) -> None:
     """CelebA: the 40 attributes as a multi-label target, official train/val/test partition."""
-    options = celeba.CelebAOptions(root, parse_splits(splits, celeba.SPLITS))
-    planned = celeba.celeba_plan(options)
-    write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+    options = celeba.CelebAOptions(root, parse_splits(splits, celeba.SPLITS), follow_symlinks)
+    with output_lock(out):
+        planned = celeba.celeba_plan(options)
+        write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
 
 
 @app.command("verify")
@@ -208,12 +231,53 @@ def verify_command(
         raise typer.Exit(1)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks run: worker processes are
+    killed, the folder lock is released, finished shards stay for a resume. A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the way swallows it."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+# What to do about an OSError, by errno: the path comes from the error itself.
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free space on that disk or choose another --out, then run the same command again (finished shards are kept)",
+    errno.EDQUOT: "free space within your quota or choose another --out, then run the same command again",
+    errno.EACCES: "check the folder's permissions or choose a writable --out",
+    errno.EPERM: "check the folder's permissions or choose a writable --out",
+    errno.EROFS: "that file system is read-only: choose another --out",
+    errno.ENOTDIR: "a path component is a file, not a folder: choose another --out",
+    errno.EEXIST: "a file is in the way: choose another --out",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line naming the path at fault, what went wrong and what to do."""
+    what = error.strerror or str(error)
+    where = error.filename if error.filename is not None else "(no file named)"
+    advice = _OS_ERROR_ADVICE.get(error.errno or 0, "")
+    return f"cannot access {where}: {what}" + (f"; {advice}" if advice else "")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         app()
-    except (ShardError, ValueError, OSError) as error:
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise SystemExit(2) from None
+    except (ShardError, ValueError) as error:
+        _fail(f"error: {error}", 2)
+    except OSError as error:
+        _fail(f"error: {describe_os_error(error)}", 2)
+    except Terminated:
+        message = "make-shards: terminated (SIGTERM); finished shards are kept: run the same command again to resume"
+        _fail(message, 128 + signal.SIGTERM)
+
+
+def _fail(message: str, status: int) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    sys.stderr.flush()
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":

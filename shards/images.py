@@ -8,6 +8,7 @@ never by file name. Valid RGB baseline JPEGs pass through byte-for-byte unless a
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -15,6 +16,9 @@ import numpy as np
 from PIL import Image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+# " at 0x7f3a..." in object reprs (PIL puts them in messages): an address differs per run, and a
+# reason recorded in the manifest must not, or two conversions of one input differ.
+_ADDRESS = re.compile(r"\s+at 0x[0-9a-fA-F]+")
 
 
 class UnreadableImage(Exception):
@@ -83,10 +87,15 @@ def _decode_fully(data: bytes) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             image.load()
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        raise UnreadableImage(f"undecodable ({type(error).__name__}: {error})") from None
+        raise UnreadableImage(f"undecodable ({type(error).__name__}: {without_addresses(str(error))})") from None
     if image.width < 1 or image.height < 1:
         raise UnreadableImage(f"empty image {image.width}x{image.height}")
     return image
+
+
+def without_addresses(text: str) -> str:
+    """``text`` with memory addresses of object reprs removed (``<_io.BytesIO object>``)."""
+    return _ADDRESS.sub("", text)
 
 
 def _repair_reason(data: bytes, image: Image.Image) -> str | None:

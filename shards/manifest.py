@@ -2,7 +2,9 @@
 
 ``OUT/manifest.json`` holds one entry per split. Shard paths in it are relative to ``OUT``.
 Every write is atomic (temporary file, fsync, rename), so a crash never leaves a manifest that
-lists a shard which is not completely on disk.
+lists a shard which is not completely on disk, and every update is a read-modify-write under the
+output folder's lock (``shards.folder_lock``), so two writers never lose each other's splits.
+Paths in the manifest must stay inside its folder: absolute paths and ``..`` are refused on loading.
 """
 
 from __future__ import annotations
@@ -10,19 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from shards.format import LabelKind
+from shards.errors import ShardError, with_filename
+from shards.folder_lock import output_lock
+from shards.format import FIELD_IMAGE, FIELD_LABEL, FIELD_TARGETS, LABEL_DTYPE, TARGETS_DTYPE, FormatError, LabelKind, check_key
+from shards.tar_io import Member, read_index
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 _HASH_CHUNK_BYTES = 1 << 20
+_TAR_BLOCK_BYTES = 512  # member data starts on a block boundary (DALI's reader insists on it)
+# A lone manifest update waits this long for a conversion's short manifest write to finish.
+_MANIFEST_LOCK_WAIT_S = 30.0
 
-
-class ShardError(Exception):
-    """A shard folder that does not match its manifest; the message names the file at fault."""
+__all__ = ["ShardError"]  # re-exported: ``from shards.manifest import ShardError`` is the usual import
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,10 @@ class ShardRecord:
     num_samples: int
     num_bytes: int
     sha256: str
+
+    def __post_init__(self) -> None:
+        for name in ("path", "index_path"):
+            _check_inside(getattr(self, name), name)
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,10 @@ class SplitManifest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        try:
+            check_key(self.name)  # the name is the split's folder: no separators, no '..'
+        except FormatError:
+            raise ShardError(f"split name {self.name!r} is not a plain folder name (letters, digits, '_' or '-')") from None
         counted = sum(s.num_samples for s in self.shards)
         if counted != self.num_samples:
             raise ShardError(f"split {self.name}: shards hold {counted} samples, manifest says {self.num_samples}")
@@ -87,6 +102,15 @@ class SplitManifest:
         )
 
 
+def _check_inside(path: str, what: str) -> None:
+    """Refuse a manifest path that would leave the manifest's folder (a hostile or hand-edited file)."""
+    pure = PurePosixPath(path)
+    if not path or pure.is_absolute() or "\\" in path or ".." in pure.parts:
+        raise ShardError(
+            f"shard {what} {path!r} is absolute or leaves the dataset folder; manifest paths must be relative, without '..'"
+        )
+
+
 def manifest_path(root: Path) -> Path:
     return Path(root) / MANIFEST_NAME
 
@@ -101,9 +125,11 @@ def load_splits(root: Path) -> dict[str, SplitManifest]:
         if data.get("format_version") != FORMAT_VERSION:
             raise ShardError(f"{path}: format_version {data.get('format_version')}, expected {FORMAT_VERSION}")
         return {name: SplitManifest.from_json(entry) for name, entry in data["splits"].items()}
-    except ShardError:
-        raise
-    except (ValueError, KeyError, TypeError) as error:
+    except ShardError as error:
+        if str(error).startswith(str(path)):
+            raise
+        raise ShardError(f"{path}: {error}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ShardError(f"{path} is not a valid manifest: {error}") from None
 
 
@@ -115,39 +141,51 @@ def load_split(root: Path, split: str) -> SplitManifest:
 
 
 def save_split(root: Path, split: SplitManifest) -> None:
-    """Add or replace one split in ``root/manifest.json``, keeping the others."""
-    path = manifest_path(root)
-    data: dict[str, Any] = {"format_version": FORMAT_VERSION, "splits": {}}
-    if path.is_file():
-        data = json.loads(path.read_text())
-    data["splits"][split.name] = split.to_json()
-    data["splits"] = dict(sorted(data["splits"].items()))
-    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    """Add or replace one split in ``root/manifest.json``, keeping the others (under the folder's lock)."""
+    with output_lock(root, wait_s=_MANIFEST_LOCK_WAIT_S):
+        path = manifest_path(root)
+        data: dict[str, Any] = {"format_version": FORMAT_VERSION, "splits": {}}
+        if path.is_file():
+            data = json.loads(path.read_text())
+        data["splits"][split.name] = split.to_json()
+        data["splits"] = dict(sorted(data["splits"].items()))
+        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def remove_split(root: Path, name: str) -> None:
     """Drop one split from ``root/manifest.json`` (nothing to do when it is not there)."""
-    path = manifest_path(root)
-    if not path.is_file():
-        return
-    data = json.loads(path.read_text())
-    if name in data.get("splits", {}):
-        del data["splits"][name]
-        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    with output_lock(root, wait_s=_MANIFEST_LOCK_WAIT_S):
+        path = manifest_path(root)
+        if not path.is_file():
+            return
+        data = json.loads(path.read_text())
+        if name in data.get("splits", {}):
+            del data["splits"][name]
+            atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def temp_sibling(path: Path, suffix: str) -> Path:
+    """A hidden sibling name no other process or call uses: ``.NAME.PID-RANDOM{suffix}``."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write to a temporary sibling, fsync, then rename: readers see the old or the new file.
+    A failed write (a full disk) removes the temporary file and raises ``OSError`` naming ``path``."""
+    tmp = temp_sibling(path, ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise with_filename(error, path) from error
 
 
 def sha256_file(path: Path) -> str:
@@ -173,9 +211,56 @@ def check_shard(root: Path, shard: ShardRecord, check_hash: bool = True) -> None
         raise ShardError(f"shard {tar} fails its sha256 checksum (corrupted?)")
 
 
-def validate_split(root: Path, split: str, check_hash: bool = True) -> SplitManifest:
-    """Load one split and check every shard against the manifest."""
+def validate_split(root: Path, split: str, check_hash: bool = True, check_index: bool = False) -> SplitManifest:
+    """Load one split and check every shard against the manifest: presence and size, the sha256
+    with ``check_hash``, and with ``check_index`` the index files (see ``check_index_file``)."""
     manifest = load_split(root, split)
     for shard in manifest.shards:
         check_shard(root, shard, check_hash)
+        if check_index:
+            check_index_file(root, shard, manifest)
     return manifest
+
+
+def check_index_file(root: Path, shard: ShardRecord, split: SplitManifest) -> list[list[Member]]:
+    """The shard's index entries, after checking what a loader relies on: as many samples as the
+    manifest says, every member inside the tar and block-aligned, the fields a loader reads present
+    with their fixed sizes. Raises ``ShardError`` naming the index file and the sample."""
+    path = Path(root) / shard.index_path
+    try:
+        samples = read_index(path)
+    except (OSError, ValueError) as error:
+        raise ShardError(f"unreadable index file {path}: {error}") from None
+    if len(samples) != shard.num_samples:
+        raise ShardError(f"index file {path} lists {len(samples)} samples, manifest says {shard.num_samples}")
+    sizes = _fixed_sizes(split)
+    for members in samples:
+        problem = _index_entry_problem(members, shard.num_bytes, sizes)
+        if problem:
+            name = members[0].name if members else "(empty line)"
+            raise ShardError(f"index file {path}: sample {name}: {problem} (shard {Path(root) / shard.path}; damaged or edited?)")
+    return samples
+
+
+def _fixed_sizes(split: SplitManifest) -> dict[str, int | None]:
+    """Fields a loader reads -> their size in bytes (None: any size)."""
+    sizes: dict[str, int | None] = {FIELD_IMAGE: None, FIELD_LABEL: LABEL_DTYPE.itemsize}
+    if split.label_kind.has_targets:
+        sizes[FIELD_TARGETS] = split.num_classes * TARGETS_DTYPE.itemsize
+    return sizes
+
+
+def _index_entry_problem(members: list[Member], tar_bytes: int, sizes: dict[str, int | None]) -> str | None:
+    by_ext = {m.ext: m for m in members}
+    missing = [ext for ext in sizes if ext not in by_ext]
+    if missing:
+        return f"no member {missing}"
+    for m in members:
+        if m.offset < 0 or m.size < 0 or m.offset + m.size > tar_bytes:
+            return f"member {m.name} at bytes [{m.offset}, {m.offset + m.size}) lies outside the {tar_bytes}-byte tar"
+        if m.offset % _TAR_BLOCK_BYTES:
+            return f"member {m.name} offset {m.offset} is not a multiple of {_TAR_BLOCK_BYTES}"
+        expected = sizes.get(m.ext)
+        if expected is not None and m.size != expected:
+            return f"member {m.name} holds {m.size} bytes, expected {expected}"
+    return None

@@ -13,6 +13,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.errors import with_filename
+
 INDEX_VERSION = "v1.2"
 # Fixed tar header fields: identical inputs give byte-identical shards, so checksums are
 # reproducible and a resumed conversion ends with the same manifest as an uninterrupted one.
@@ -51,7 +53,10 @@ class TarShardFile:
         for name, data in members:
             info = _member_info(name, len(data))
             offset_data = self._tar.offset + self._header_bytes(info)
-            self._tar.addfile(info, io.BytesIO(data))
+            try:
+                self._tar.addfile(info, io.BytesIO(data))
+            except OSError as error:
+                raise with_filename(error, self.path) from error
             entries.append(Member(split_name(name)[1], offset_data, info.size, name))
         self.samples.append(entries)
 
@@ -68,9 +73,21 @@ class TarShardFile:
         return len(info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors))
 
     def close(self) -> None:
-        self._tar.close()
-        with open(self.path, "rb+") as handle:
-            os.fsync(handle.fileno())
+        try:
+            self._tar.close()
+            with open(self.path, "rb+") as handle:
+                os.fsync(handle.fileno())
+        except OSError as error:
+            raise with_filename(error, self.path) from error
+
+    def discard(self) -> None:
+        """Close (ignoring errors: the disk may be full) and delete the file."""
+        try:
+            self._tar.fileobj.close()  # not TarFile.close(): that would write the end blocks
+        except OSError:
+            pass
+        self.path.unlink(missing_ok=True)
+
 
 
 def _member_info(name: str, size: int) -> tarfile.TarInfo:

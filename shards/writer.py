@@ -4,6 +4,8 @@ The one entry point is ``write_split``. It is resumable: after every finished sh
 file records the shards so far; re-running the same conversion keeps every recorded shard whose
 checksum still matches and writes only the rest, ending with the same manifest as an
 uninterrupted run (inputs are shuffled with a fixed seed and tar headers are deterministic).
+The whole write holds the output folder's lock (``shards.folder_lock``), and it deletes only files
+named as the writer names them: a user's own files in a split folder are left alone.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from shards.folder_lock import output_lock
 from shards.format import LabelKind, Sample, check_key, encode_sample
 from shards.images import ImagePolicy, UnreadableImage, encode_array, sanitize
 from shards.manifest import (
@@ -32,11 +36,25 @@ from shards.manifest import (
     remove_split,
     save_split,
     sha256_file,
+    temp_sibling,
 )
 from shards.parallel import ordered_map
 from shards.tar_io import TarShardFile, format_index
 
 PROGRESS_NAME = ".progress.json"
+_SHARD_DIGITS = 6
+
+
+def shard_file_name(split: str, number: int, suffix: str) -> str:
+    """``SPLIT-NNNNNN.tar`` / ``.idx``: the one definition of how the writer names shard files."""
+    return f"{split}-{number:0{_SHARD_DIGITS}d}{suffix}"
+
+
+def _own_file_pattern(split: str) -> re.Pattern[str]:
+    """Names the writer creates in a split folder: shards, index files, and their temporary files
+    (``.NAME.PID-RANDOM.partial`` / ``.tmp``, and the fixed ``NAME.partial`` of older versions)."""
+    stem = rf"{re.escape(split)}-\d{{{_SHARD_DIGITS},}}\.(?:tar|idx)"
+    return re.compile(rf"{stem}|{stem}\.partial|\.{stem}\.\d+-[0-9a-f]+\.(?:partial|tmp)|\.{stem}\.tmp")
 
 
 @dataclass(frozen=True, slots=True)  # slots: ~1.3M of these are listed for ImageNet train
@@ -50,9 +68,11 @@ class SourceItem:
     pixels: np.ndarray | None = field(default=None, compare=False)
     labels: tuple[int, ...] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    skip: str | None = None  # a reason known before reading (e.g. a file name that is not UTF-8)
 
     def fingerprint(self) -> str:
-        return f"{self.key}|{self.source}|{self.label}|{self.labels}"
+        base = f"{self.key}|{self.source}|{self.label}|{self.labels}"
+        return base if self.skip is None else f"{base}|skip:{self.skip}"
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,8 @@ class Prepared:
 
 def prepare(item: SourceItem, spec: SplitSpec, policy: ImagePolicy) -> Prepared:
     """Read, sanitise and encode one item (runs in worker processes)."""
+    if item.skip is not None:
+        return Prepared(None, item.source, skip=item.skip)
     try:
         if item.pixels is not None:
             jpeg, repair = encode_array(item.pixels, policy.quality), None
@@ -155,6 +177,12 @@ class _Progress:
 
 
 def write_split(root: Path, spec: SplitSpec, items: list[SourceItem], settings: WriterSettings) -> SplitManifest:
+    """Write (or resume, or keep) split ``spec.name`` in ``root``, holding the folder's lock throughout."""
+    with output_lock(root):
+        return _write_split_locked(Path(root), spec, items, settings)
+
+
+def _write_split_locked(root: Path, spec: SplitSpec, items: list[SourceItem], settings: WriterSettings) -> SplitManifest:
     """Write ``items`` as shards of split ``spec.name`` under ``root`` and record it in the manifest."""
     root = Path(root)
     split_dir = root / spec.name
@@ -185,15 +213,19 @@ def _write_remaining(
     prepared = ordered_map(_PrepareWith(spec, settings.image), ordered[start:], settings.workers)
     bar = tqdm(total=len(ordered), initial=start, unit="img", desc=f"{spec.name}", disable=not settings.progress)
     shard = _ShardInProgress(root, split_dir, spec.name, len(progress.shards))
-    for consumed, result in enumerate(prepared, start=start + 1):
-        if result.members is not None and shard.is_full(result.members, settings):
-            _record_shard(split_dir, progress, shard.close(), consumed - 1)
-            shard = _ShardInProgress(root, split_dir, spec.name, len(progress.shards))
-        shard.add(result)
-        bar.update(1)
-    bar.close()
-    if shard.has_content:
-        _record_shard(split_dir, progress, shard.close(), len(ordered))
+    try:
+        for consumed, result in enumerate(prepared, start=start + 1):
+            if result.members is not None and shard.is_full(result.members, settings):
+                _record_shard(split_dir, progress, shard.close(), consumed - 1)
+                shard = _ShardInProgress(root, split_dir, spec.name, len(progress.shards))
+            shard.add(result)
+            bar.update(1)
+        bar.close()
+        if shard.has_content:
+            _record_shard(split_dir, progress, shard.close(), len(ordered))
+    except BaseException:
+        shard.discard()  # frees the space a full disk needs; finished shards stay for the resume
+        raise
 
 
 class _ShardInProgress:
@@ -201,7 +233,7 @@ class _ShardInProgress:
 
     def __init__(self, root: Path, split_dir: Path, split: str, index: int) -> None:
         self.root = root
-        self.final = split_dir / f"{split}-{index:06d}.tar"
+        self.final = split_dir / shard_file_name(split, index, ".tar")
         self.tar: TarShardFile | None = None
         self.skipped: list[FileReport] = []
         self.repaired: list[FileReport] = []
@@ -223,7 +255,7 @@ class _ShardInProgress:
             self.skipped.append(FileReport(result.source, result.skip or "skipped"))
             return
         if self.tar is None:
-            self.tar = TarShardFile(self.final.with_suffix(".tar.partial"))
+            self.tar = TarShardFile(temp_sibling(self.final, ".partial"))
         self.tar.add_sample(result.members)
         if result.repair:
             self.repaired.append(FileReport(result.source, f"re-encoded to RGB baseline JPEG: {result.repair}"))
@@ -248,6 +280,11 @@ class _ShardInProgress:
         record["skipped"] = [asdict(r) for r in self.skipped]
         record["repaired"] = [asdict(r) for r in self.repaired]
         return record
+
+    def discard(self) -> None:
+        """Drop the unfinished tar (after an error or an interruption)."""
+        if self.tar is not None:
+            self.tar.discard()
 
 
 def _record_shard(split_dir: Path, progress: _Progress, record: dict[str, Any], inputs_end: int) -> None:
@@ -331,11 +368,13 @@ def _resume_progress(split_dir: Path, fingerprint: str, root: Path) -> _Progress
 
 
 def _remove_unlisted_shards(split_dir: Path, split: str, progress: _Progress) -> None:
-    """Delete tar/idx files of this split that the progress does not keep (stale or partial)."""
+    """Delete files the writer made for this split that the progress does not keep (stale shards,
+    partial tars, temporary files); files named otherwise (a user's own) are never touched."""
     keep = {Path(r["shard"]["path"]).name for r in progress.shards if r["shard"] is not None}
     keep |= {Path(name).with_suffix(".idx").name for name in keep}
-    for path in split_dir.glob(f"{split}-*"):
-        if path.name not in keep and path.suffix in (".tar", ".idx", ".partial"):
+    own = _own_file_pattern(split)
+    for path in split_dir.iterdir():
+        if path.name not in keep and own.fullmatch(path.name) and path.is_file():
             path.unlink()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shards.format import NO_LABEL, LabelKind
 from shards.sources.common import (
+    PathGuard,
     PlannedSplit,
     SourceError,
     check_listed_files_exist,
@@ -39,6 +40,7 @@ class CelebAOptions:
 
     root: Path
     splits: tuple[str, ...] | None = None  # None = train, val and test
+    follow_symlinks: bool = False  # read symlinked images whose target is outside root
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,14 @@ def celeba_plan(options: CelebAOptions) -> list[PlannedSplit]:
     partition_file = require_file(PARTITION_FILE, [root, root / "Eval"], "CelebA partition file")
     partition = read_partition(partition_file, attributes)
     image_dir = image_folder(root)
+    guard = PathGuard(root, options.follow_symlinks)
     planned = []
     for split in options.splits or SPLITS:
         items = [
-            file_item(root, f"{image_dir}/{name}", key_from_relpath(name), NO_LABEL, attributes.positives[name])
+            file_item(
+                guard, f"{image_dir}/{name}", key_from_relpath(name), NO_LABEL, attributes.positives[name],
+                where=f"{partition_file}: {name!r}",
+            )
             for name, part in partition.items()
             if part == split
         ]

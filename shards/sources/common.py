@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pkgutil
+import posixpath
 import re
+import stat
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
 
-from shards.format import safe_key
+from shards.format import NO_LABEL, safe_key
 from shards.manifest import SplitManifest, ShardError
 from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
 
@@ -62,12 +65,25 @@ def require_file(name: str, folders: Sequence[Path], what: str) -> Path:
     return found
 
 
-def read_lines(path: Path, what: str) -> list[str]:
-    """Text lines of a label file; an unreadable file is a clear error, not a traceback."""
+def read_text(path: Path, what: str) -> str:
+    """A label file's text (UTF-8, a leading byte-order mark dropped); an unreadable file or one
+    that is not UTF-8 is an error naming the file and line, not a traceback."""
     try:
-        return path.read_text(encoding="utf-8", errors="strict").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise SourceError(f"{what} {path} is unreadable: {error}") from None
+        data = path.read_bytes()
+    except OSError as error:
+        raise SourceError(f"{what} {path} is unreadable: {error.strerror or error}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise SourceError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the {what} as UTF-8"
+        ) from None
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """Text lines of a label file (see ``read_text``)."""
+    return read_text(path, what).splitlines()
 
 
 def read_labelled_lines(path: Path, what: str) -> list[LabelledLine]:
@@ -122,7 +138,8 @@ def list_subfolders(parent: Path, pattern: re.Pattern[str] | None = None) -> lis
 
 
 def list_image_files(folder: Path) -> list[str]:
-    """Sorted image file names in ``folder``; only directory entries are read, never the bytes."""
+    """Sorted image file names in ``folder``; only directory entries are read, never the bytes.
+    Names that are not UTF-8 come back as ``os.listdir`` decodes them (see ``is_utf8_name``)."""
     with os.scandir(folder) as entries:
         names = [
             e.name
@@ -132,16 +149,97 @@ def list_image_files(folder: Path) -> list[str]:
     return sorted(names)
 
 
+def is_utf8_name(name: str) -> bool:
+    """False for a file name whose bytes are not UTF-8 (``os.scandir`` hands those over with
+    surrogate escapes, which cannot be written to a manifest or a tar member)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escaped_name(name: str) -> str:
+    """A printable form of a file name: its non-UTF-8 bytes as ``\\xNN`` escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+NON_UTF8_NAME = "file name is not valid UTF-8 (its bytes are shown as \\xNN); rename the file to convert it"
+
+
+def skipped_item(relpath: str, reason: str) -> SourceItem:
+    """An input known to be unusable before reading it; the writer lists it as skipped with ``reason``.
+    Its key only has to be unique and valid: nothing is written under it."""
+    key = "skipped_" + hashlib.sha256(relpath.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    return SourceItem(key=key, label=NO_LABEL, source=escaped_name(relpath), skip=reason)
+
+
+@dataclass
+class PathGuard:
+    """Keeps listed paths inside a dataset root: absolute paths and ``..`` that leave it are refused,
+    and (unless ``follow_symlinks``) so is any symlink on the way whose target lies outside it.
+    A hostile label file could otherwise put ``/etc/passwd`` or ``../../secret.jpg`` into shards."""
+
+    root: Path
+    follow_symlinks: bool = False
+    _real_root: str = field(init=False, repr=False)
+    _safe_dirs: set[str] = field(init=False, repr=False, default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._real_root = os.path.realpath(self.root)
+
+    def path(self, relpath: str, where: str) -> str:
+        """``root/relpath`` after the checks; ``where`` (file:line) starts the error message."""
+        normal = posixpath.normpath(relpath)
+        if posixpath.isabs(relpath) or normal == ".." or normal.startswith("../"):
+            raise SourceError(f"{where}: path {relpath!r} leaves {self.root} (absolute or '..'); list paths inside it")
+        if not self.follow_symlinks:
+            self._check_links(normal, relpath, where)
+        return os.path.join(self.root, normal)
+
+    def _check_links(self, normal: str, relpath: str, where: str) -> None:
+        parts = normal.split("/")
+        for depth in range(1, len(parts) + 1):
+            prefix = os.path.join(self.root, *parts[:depth])
+            if prefix in self._safe_dirs:
+                continue
+            try:
+                mode = os.lstat(prefix).st_mode
+            except OSError:
+                return  # missing: the writer skips it with the reason
+            if stat.S_ISLNK(mode) and not self._inside(os.path.realpath(prefix)):
+                raise SourceError(
+                    f"{where}: {relpath!r} goes through the symlink {prefix} -> {os.path.realpath(prefix)}, "
+                    f"outside {self.root}; pass --follow-symlinks to read it anyway"
+                )
+            if depth < len(parts):
+                self._safe_dirs.add(prefix)
+
+    def _inside(self, real: str) -> bool:
+        return os.path.commonpath([real, self._real_root]) == self._real_root
+
+
 def key_from_relpath(relpath: str) -> str:
     """A sample key from a path relative to the dataset root, without its extension."""
     return safe_key(str(PurePosixPath(relpath).with_suffix("")))
 
 
 def file_item(
-    root: Path, relpath: str, key: str, label: int, labels: tuple[int, ...] | None = None, meta: dict | None = None
+    guard: PathGuard,
+    relpath: str,
+    key: str,
+    label: int,
+    labels: tuple[int, ...] | None = None,
+    meta: dict | None = None,
+    where: str | None = None,
 ) -> SourceItem:
-    """A ``SourceItem`` for ``root/relpath``; the manifest records only the relative path."""
-    return SourceItem(key=key, label=label, source=relpath, path=str(root / relpath), labels=labels, meta=meta or {})
+    """A ``SourceItem`` for ``root/relpath`` (checked by ``guard``; errors start with ``where``, by
+    default the path); the manifest records only the relative path. A name that is not UTF-8
+    becomes a skipped item."""
+    if not is_utf8_name(relpath):
+        return skipped_item(relpath, NON_UTF8_NAME)
+    path = guard.path(relpath, where or str(guard.root / relpath))
+    return SourceItem(key=key, label=label, source=relpath, path=path, labels=labels, meta=meta or {})
 
 
 def check_listed_files_exist(items: Sequence[SourceItem], listed_in: str) -> None:

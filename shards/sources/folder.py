@@ -9,12 +9,14 @@ manifest, so every split of one dataset shares one class index.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from shards.format import LabelKind, safe_key
 from shards.manifest import ShardError, load_splits, manifest_path
+from shards.sources.common import PathGuard, SourceError, read_text
 from shards.writer import SourceItem, SplitSpec
 
 
@@ -34,18 +36,22 @@ def read_rows(labels_file: Path) -> list[Row]:
     """Parse a CSV (with a header row) or JSONL label file."""
     if not labels_file.is_file():
         raise LabelFileError(f"label file {labels_file} does not exist")
+    try:
+        text = read_text(labels_file, "label file")
+    except SourceError as error:
+        raise LabelFileError(str(error)) from None
     if labels_file.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = _read_jsonl(labels_file)
+        rows = _read_jsonl(labels_file, text)
     else:
-        rows = _read_csv(labels_file)
+        rows = _read_csv(labels_file, text)
     if not rows:
         raise LabelFileError(f"{labels_file}: no rows")
     return rows
 
 
-def _read_csv(path: Path) -> list[Row]:
-    # utf-8-sig: spreadsheet programs save "CSV UTF-8" with a byte-order mark before the header
-    with open(path, newline="", encoding="utf-8-sig") as handle:
+def _read_csv(path: Path, text: str) -> list[Row]:
+    # read_text drops the byte-order mark spreadsheet programs put before a "CSV UTF-8" header
+    with io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
         for column in ("path", "label"):
@@ -60,9 +66,9 @@ def _read_csv(path: Path) -> list[Row]:
     return rows
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def _read_jsonl(path: Path, content: str) -> list[Row]:
     rows = []
-    for line, text in enumerate(path.read_text().splitlines(), start=1):
+    for line, text in enumerate(content.splitlines(), start=1):
         if not text.strip():
             continue
         try:
@@ -114,11 +120,13 @@ def class_names_for(rows: list[Row], out: Path, split: str | None = None) -> lis
 
 
 def folder_items(
-    images: Path, labels_file: Path, out: Path, split: str | None = None
+    images: Path, labels_file: Path, out: Path, split: str | None = None, follow_symlinks: bool = False
 ) -> tuple[list[SourceItem], list[str], LabelKind]:
-    """Items, class names and label kind of ``split``; every structural problem is an error naming the line."""
+    """Items, class names and label kind of ``split``; every structural problem is an error naming
+    the line, a path leaving ``images`` included (see ``PathGuard``)."""
     if not images.is_dir():
         raise ShardError(f"image folder {images} does not exist")
+    guard = PathGuard(images, follow_symlinks)
     rows = read_rows(labels_file)
     class_names = class_names_for(rows, out, split)
     index = {name: i for i, name in enumerate(class_names)}
@@ -126,7 +134,7 @@ def folder_items(
     items = []
     for row in rows:
         where = f"{labels_file}:{row.line}"
-        file = images / row.path
+        file = Path(guard.path(row.path, where))
         if not file.is_file():
             raise LabelFileError(f"{where}: image {row.path!r} not found under {images}")
         for name in (row.label, *(row.labels or ())):

@@ -24,17 +24,21 @@ import numpy as np
 
 from shards.format import LabelKind, safe_key
 from shards.sources.common import (
+    NON_UTF8_NAME,
     WNID_PATTERN,
+    PathGuard,
     PlannedSplit,
     SourceError,
     file_item,
     find_file,
     imagenet_wnids,
+    is_utf8_name,
     list_image_files,
     list_subfolders,
     read_lines,
     read_wnid_list,
     require_dir,
+    skipped_item,
 )
 from shards.writer import SourceItem, SplitSpec
 
@@ -65,6 +69,7 @@ class ImageNetOptions:
     seed: int = 0
     num_classes: int | None = None
     class_list: Path | None = None
+    follow_symlinks: bool = False  # read symlinked files or folders whose target is outside root
 
     def __post_init__(self) -> None:
         if self.val_layout not in VAL_LAYOUTS:
@@ -95,7 +100,7 @@ class ValListing:
     """Val images as (path relative to the image root, WNID), and where the labels came from."""
 
     layout: str
-    files: list[tuple[str, str]]
+    files: list[tuple[str, str | None]]  # WNID None: a loose file whose name is not UTF-8 (skipped)
     label_file: str | None
 
 
@@ -108,11 +113,12 @@ def imagenet_plan(options: ImageNetOptions) -> list[PlannedSplit]:
     present = [w for w, names in train.items() if names] if train is not None else [w for _, w in val.files]
     selection = select_classes(options, present)
     base = image_root.relative_to(options.root)
+    guard = PathGuard(options.root, options.follow_symlinks)
     planned = []
     if train is not None:
-        planned.append(train_split(options, base, train, selection))
+        planned.append(train_split(options, guard, base, train, selection))
     if val is not None:
-        planned.append(val_split(options, base, val, selection))
+        planned.append(val_split(options, guard, base, val, selection))
     return planned
 
 
@@ -163,14 +169,16 @@ def select_classes(options: ImageNetOptions, present: list[str]) -> ClassSelecti
     return ClassSelection(canonical, {"method": "imagenet-1k", "num_classes": len(canonical)})
 
 
-def train_split(options: ImageNetOptions, base: Path, files: dict[str, list[str]], selection: ClassSelection) -> PlannedSplit:
+def train_split(
+    options: ImageNetOptions, guard: PathGuard, base: Path, files: dict[str, list[str]], selection: ClassSelection
+) -> PlannedSplit:
     index = selection.index()
     selected = {w: names for w, names in files.items() if w in index}
     if not any(selected.values()):
         raise SourceError(f"no training images in the {len(selection.wnids)} selected classes under {options.root}")
     chosen, fraction = select_fraction(selected, options)
     items = [
-        file_item(options.root, (PurePosixPath(base) / "train" / wnid / name).as_posix(), safe_key(Path(name).stem), index[wnid])
+        file_item(guard, (PurePosixPath(base) / "train" / wnid / name).as_posix(), safe_key(Path(name).stem), index[wnid])
         for wnid, names in chosen.items()
         for name in names
     ]
@@ -271,12 +279,13 @@ def _val_from_folders(val: Path) -> list[tuple[str, str]]:
     return [(f"val/{wnid}/{name}", wnid) for wnid in folders for name in list_image_files(val / wnid)]
 
 
-def _label_loose(val: Path, labels: dict[str, str], label_file: Path) -> list[tuple[str, str]]:
+def _label_loose(val: Path, labels: dict[str, str], label_file: Path) -> list[tuple[str, str | None]]:
     loose = list_image_files(val)
-    unlabelled = [name for name in loose if Path(name).stem not in labels]
+    # a name that is not UTF-8 cannot match a label line: it is skipped (and reported), not an error
+    unlabelled = [name for name in loose if is_utf8_name(name) and Path(name).stem not in labels]
     if unlabelled:
         raise SourceError(f"{len(unlabelled)} val images have no label in {label_file}, e.g. {unlabelled[:3]}")
-    return [(f"val/{name}", labels[Path(name).stem]) for name in loose]
+    return [(f"val/{name}", labels.get(Path(name).stem)) for name in loose]
 
 
 def read_kaggle_val(path: Path) -> dict[str, str]:
@@ -364,19 +373,25 @@ def load_real(path: Path | None) -> tuple[dict[str, list[int]], str]:
     return {VAL_STEM.format(i + 1): [int(c) for c in s] for i, s in enumerate(sets)}, source
 
 
-def val_split(options: ImageNetOptions, base: Path, listing: ValListing, selection: ClassSelection) -> PlannedSplit:
+def val_split(
+    options: ImageNetOptions, guard: PathGuard, base: Path, listing: ValListing, selection: ClassSelection
+) -> PlannedSplit:
     real, real_source = load_real(options.real_labels) if options.use_real else (None, None)
     index = selection.index()
     canonical = imagenet_wnids()
-    items = [
-        _val_item(options.root, (PurePosixPath(base) / relpath).as_posix(), index[wnid], real, canonical, index)
-        for relpath, wnid in listing.files
-        if wnid in index
-    ]
+    items = []
+    for relpath, wnid in listing.files:
+        path = (PurePosixPath(base) / relpath).as_posix()
+        if wnid is not None and wnid not in index:
+            continue  # a class not selected
+        if wnid is None or not is_utf8_name(path):
+            items.append(skipped_item(path, NON_UTF8_NAME))
+        else:
+            items.append(_val_item(guard, path, index[wnid], real, canonical, index))
     extra: dict[str, Any] = {"source": "imagenet", "classes": selection.description, "val_layout": listing.layout}
     extra["val_label_file"] = listing.label_file
     if real is not None:
-        empty = sum(1 for item in items if not item.labels)
+        empty = sum(1 for item in items if item.skip is None and not item.labels)
         extra["real_labels"] = {"file": real_source, "empty_sets": empty}
         print(f"val: {empty} of {len(items)} images have an empty ReaL set (kept, meta real_empty=true)")
     kind = LabelKind.MULTI if real is not None else LabelKind.SINGLE
@@ -384,13 +399,13 @@ def val_split(options: ImageNetOptions, base: Path, listing: ValListing, selecti
 
 
 def _val_item(
-    root: Path, relpath: str, label: int, real: dict[str, list[int]] | None, canonical: list[str], index: dict[str, int]
+    guard: PathGuard, relpath: str, label: int, real: dict[str, list[int]] | None, canonical: list[str], index: dict[str, int]
 ) -> SourceItem:
     stem = PurePosixPath(relpath).stem
     if real is None:
-        return file_item(root, relpath, safe_key(stem), label)
+        return file_item(guard, relpath, safe_key(stem), label)
     if stem not in real:
         raise SourceError(f"val image {relpath} has no ReaL entry (ReaL covers {VAL_STEM.format(1)}..); pass --no-real")
     # ReaL indices are ImageNet-1k positions; keep those in the selected classes, re-indexed.
     labels = tuple(sorted(index[canonical[c]] for c in real[stem] if canonical[c] in index))
-    return file_item(root, relpath, safe_key(stem), label, labels, {"real_empty": not labels})
+    return file_item(guard, relpath, safe_key(stem), label, labels, {"real_empty": not labels})

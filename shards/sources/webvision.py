@@ -16,6 +16,7 @@ from typing import Any
 from shards.format import LabelKind
 from shards.sources.common import (
     LabelledLine,
+    PathGuard,
     PlannedSplit,
     SourceError,
     check_listed_files_exist,
@@ -48,6 +49,7 @@ class WebVisionOptions:
     mini: bool = False
     sources: tuple[str, ...] | None = None  # None = both, or Google only with --mini
     splits: tuple[str, ...] | None = None  # None = train, and val when its list exists
+    follow_symlinks: bool = False  # read listed symlinks whose target is outside root
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sources or () if s not in SOURCES]
@@ -72,13 +74,14 @@ def webvision_plan(options: WebVisionOptions) -> list[PlannedSplit]:
     extra: dict[str, Any] = {"source": "webvision", "mini": options.mini, "synsets_file": synsets_source}
     if options.mini:
         extra["synsets"] = list(classes)  # = class_names; kept under its own name for the ImageNet-val split
+    guard = PathGuard(root, options.follow_symlinks)
     planned = []
     for split in requested_splits(info, options.splits):
         if split == "train":
-            items = train_items(root, info, options.train_sources, len(all_classes), len(classes))
+            items = train_items(guard, info, options.train_sources, len(all_classes), len(classes))
             split_extra = {**extra, "sources": list(options.train_sources)}
         else:
-            items, split_extra = val_items(root, info, len(all_classes), len(classes)), extra
+            items, split_extra = val_items(guard, info, len(all_classes), len(classes)), extra
         planned.append(PlannedSplit(SplitSpec(split, LabelKind.SINGLE, list(classes), split_extra), items))
     return planned
 
@@ -98,20 +101,21 @@ def requested_splits(info: Path, splits: tuple[str, ...] | None) -> tuple[str, .
     return SPLITS if (info / VAL_LIST).is_file() else ("train",)
 
 
-def train_items(root: Path, info: Path, sources: tuple[str, ...], num_all: int, num_kept: int) -> list[SourceItem]:
+def train_items(guard: PathGuard, info: Path, sources: tuple[str, ...], num_all: int, num_kept: int) -> list[SourceItem]:
     items: list[SourceItem] = []
     for source in sources:
         list_file = info / TRAIN_LIST.format(source)
         if not list_file.is_file():
             raise SourceError(f"train list {list_file} does not exist (choose --sources among those you have)")
         lines = read_labelled_lines(list_file, "WebVision train list")
-        source_items = labelled_items(root, "", lines, list_file, num_all, num_kept)
+        source_items = labelled_items(guard, "", lines, list_file, num_all, num_kept)
         check_listed_files_exist(source_items, str(list_file))
         items += source_items
     return items
 
 
-def val_items(root: Path, info: Path, num_all: int, num_kept: int) -> list[SourceItem]:
+def val_items(guard: PathGuard, info: Path, num_all: int, num_kept: int) -> list[SourceItem]:
+    root = guard.root
     list_file = info / VAL_LIST
     if not list_file.is_file():
         raise SourceError(f"val list {list_file} does not exist")
@@ -120,13 +124,13 @@ def val_items(root: Path, info: Path, num_all: int, num_kept: int) -> list[Sourc
     unlabelled = [n for n in list_image_files(require_dir(root / VAL_DIR, "WebVision val folder")) if n not in listed]
     if unlabelled:
         raise SourceError(f"{len(unlabelled)} images in {root / VAL_DIR} have no label in {list_file}, e.g. {unlabelled[:3]}")
-    items = labelled_items(root, VAL_DIR, lines, list_file, num_all, num_kept)
+    items = labelled_items(guard, VAL_DIR, lines, list_file, num_all, num_kept)
     check_listed_files_exist(items, str(list_file))
     return items
 
 
 def labelled_items(
-    root: Path, folder: str, lines: list[LabelledLine], list_file: Path, num_all: int, num_kept: int
+    guard: PathGuard, folder: str, lines: list[LabelledLine], list_file: Path, num_all: int, num_kept: int
 ) -> list[SourceItem]:
     """Items of the lines whose label is a kept class (label < num_kept); other labels must be < num_all."""
     items = []
@@ -135,7 +139,8 @@ def labelled_items(
             raise SourceError(f"{list_file}:{line.line}: label {line.label} outside [0, {num_all})")
         if line.label < num_kept:
             relpath = f"{folder}/{line.relpath}" if folder else line.relpath
-            items.append(file_item(root, relpath, key_from_relpath(line.relpath), line.label))
+            where = f"{list_file}:{line.line}"
+            items.append(file_item(guard, relpath, key_from_relpath(line.relpath), line.label, where=where))
     return items
 
 
