@@ -45,6 +45,7 @@ def loader_config(config: RunConfig, train: bool, rank: int, world_size: int, de
         augment=augment,
         eval_crop_fraction=data.resolved_eval_crop_fraction,
         backend=data.backend.value,
+        verify_checksums=data.verify_data,  # each loader checks its own split's sha256 at start
         num_workers=data.num_workers,
         seed=config.seed,
         rank=rank,

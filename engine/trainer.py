@@ -26,9 +26,9 @@ from engine.metrics import EvalAccumulator
 from engine.phases import module_state
 from engine.run_folder import RunFolder
 from engine.steps import StepResult, autocast_context
-from pipelines.contract import Batch
+from pipelines.contract import Batch, ShardDataError
 from shards.format import LabelKind
-from shards.manifest import SplitManifest, load_split, validate_split
+from shards.manifest import SplitManifest, load_split
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,6 @@ class Trainer:
         self.train_split = load_split(root, config.data.train_split)
         self.eval_split = load_split(root, config.data.eval_split)
         self.score_targets = check_against_data(config, self.train_split, self.eval_split, dist.world_size)
-        if config.data.verify_data:
-            for split in {config.data.train_split, config.data.eval_split}:
-                validate_split(root, split, check_hash=True)  # reads every shard once; names the one at fault
         self.train_loader, self.eval_loader = build_loaders(config, root, dist.rank, dist.world_size, self.device)
         spec = EngineSpec(self.train_split.num_classes, self.train_split.label_kind is LabelKind.ATTRIBUTES)
         self.engine: Engine = build_engine(config, spec, self.device, distributed=dist.enabled)
@@ -192,6 +189,9 @@ class Trainer:
                 bar.close()
                 self._save_checkpoint(stats)
                 raise RunInterrupted(stopped.signum, self._stopped_message(stopped.signum)) from None
+            except ShardDataError as error:  # damaged data: stop cleanly, the last checkpoint stays as it was
+                bar.close()
+                raise ShardDataError(f"{error}\n{self._kept_message(advice='Repair or re-convert the data, then continue with --resume.')}") from None
             self._timed_step(batch, stats)
             bar.update(1)
             done = self.step == config.num_steps
@@ -288,10 +288,10 @@ class Trainer:
         if not bool(torch.isfinite(torch.stack(torch._foreach_norm(floats))).all()):  # SYNC: checkpoint point
             raise NonFiniteLoss(f"non-finite weights or BatchNorm statistics after step {self.step}; {self._kept_message()}")
 
-    def _kept_message(self) -> str:
+    def _kept_message(self, advice: str = "Try a lower --lr or check the data.") -> str:
         path = self.folder.checkpoint_path
         kept = f"the last good checkpoint ({path}) is kept" if path.is_file() else "no checkpoint had been written yet"
-        return f"stopping; {kept}. Try a lower --lr or check the data."
+        return f"stopping; {kept}. {advice}"
 
     # -- evaluation and checkpoints -----------------------------------------------------------
 

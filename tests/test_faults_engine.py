@@ -198,3 +198,40 @@ def test_sigterm_interrupts_a_long_wait_for_the_first_batch(grid_root: Path, tmp
     assert time.monotonic() - started < 10
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert checkpoint_step(tmp_path / "run") == 0
+
+
+# -- 5. damaged shards: named at start with --verify-data, named mid-run otherwise ---------------
+
+
+def damaged_copy(grid_root: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the grid whose first train shard has one JPEG's bytes overwritten (same length,
+    index still consistent): the size check at start cannot see it."""
+    import shutil
+
+    from shards.manifest import load_split
+    from shards.tar_io import read_index
+
+    root = tmp_path / "grid"
+    shutil.copytree(grid_root, root)
+    record = load_split(root, "train").shards[0]
+    member = next(m for sample in read_index(root / record.index_path) for m in sample if m.name.endswith(".jpg"))
+    with open(root / record.path, "r+b") as handle:
+        handle.seek(member.offset + 2)
+        handle.write(b"\x00" * (member.size - 4))
+    return root, root / record.path
+
+
+def test_verify_data_names_a_damaged_shard_before_training(grid_root: Path, tmp_path: Path) -> None:
+    root, shard = damaged_copy(grid_root, tmp_path)
+    result = run_cli("--data", str(root), "--verify-data", "--out", str(tmp_path / "run"), "--device", "cpu", "--loader", "torch", timeout=120)
+    assert result.returncode == 2 and shard.name in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_sample_mid_run_stops_cleanly_naming_the_shard(grid_root: Path, tmp_path: Path) -> None:
+    root, shard = damaged_copy(grid_root, tmp_path)
+    result = run_cli("--data", str(root), "--out", str(tmp_path / "run"), "--device", "cpu", "--loader", "torch", "--workers", "0",
+                     "--steps", "60", "--batch-size", "32", timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert shard.name in result.stderr and "make-shards verify" in result.stderr and "--resume" in result.stderr
+    assert "Traceback" not in result.stderr
