@@ -73,12 +73,13 @@ def safe_key(text: str) -> str:
 
 @dataclass(frozen=True)
 class Sample:
-    """One decoded sample; ``labels`` is the multi-label set (class indices) or None."""
+    """One decoded sample: ``label`` the single given label, ``label_set`` the multi-label set (class
+    indices; the ``targets`` of a batch are its multi-hot form) or None."""
 
     key: str
     jpeg: bytes
     label: int
-    labels: tuple[int, ...] | None = None
+    label_set: tuple[int, ...] | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -94,11 +95,11 @@ def encode_sample(sample: Sample, kind: LabelKind, num_classes: int) -> list[tup
         FIELD_LABEL: np.array([sample.label], dtype=LABEL_DTYPE).tobytes(),
     }
     if kind.has_targets:
-        labels = sorted(set(sample.labels or ()))
-        if any(not 0 <= c < num_classes for c in labels):
-            raise FormatError(f"sample {sample.key}: multi-label set {labels} outside [0, {num_classes})")
-        members[FIELD_TARGETS] = multi_hot(labels, num_classes).tobytes()
-        meta["labels"] = labels
+        label_set = sorted(set(sample.label_set or ()))
+        if any(not 0 <= c < num_classes for c in label_set):
+            raise FormatError(f"sample {sample.key}: multi-label set {label_set} outside [0, {num_classes})")
+        members[FIELD_TARGETS] = multi_hot(label_set, num_classes).tobytes()
+        meta["label_set"] = label_set
     members[FIELD_META] = json.dumps(meta, sort_keys=True).encode("utf-8")
     return [(f"{sample.key}.{ext}", members[ext]) for ext in fields_for(kind)]
 
@@ -113,10 +114,10 @@ def decode_sample(key: str, members: Mapping[str, bytes]) -> Sample:
     if label != binary_label:
         raise FormatError(f"sample {key}: .cls says {label} but .lbl says {binary_label}")
     meta = json.loads(members[FIELD_META].decode("utf-8"))
-    labels = None
+    label_set = None
     if FIELD_TARGETS in members:
-        labels = tuple(int(c) for c in np.flatnonzero(np.frombuffer(members[FIELD_TARGETS], TARGETS_DTYPE)))
-    return Sample(key=key, jpeg=members[FIELD_IMAGE], label=label, labels=labels, meta=meta)
+        label_set = tuple(int(c) for c in np.flatnonzero(np.frombuffer(members[FIELD_TARGETS], TARGETS_DTYPE)))
+    return Sample(key=key, jpeg=members[FIELD_IMAGE], label=label, label_set=label_set, meta=meta)
 
 
 def multi_hot(labels: list[int] | tuple[int, ...], num_classes: int) -> np.ndarray:

@@ -66,12 +66,12 @@ class SourceItem:
     source: str
     path: str | None = None
     pixels: np.ndarray | None = field(default=None, compare=False)
-    labels: tuple[int, ...] | None = None
+    label_set: tuple[int, ...] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     skip: str | None = None  # a reason known before reading (e.g. a file name that is not UTF-8)
 
     def fingerprint(self) -> str:
-        base = f"{self.key}|{self.source}|{self.label}|{self.labels}"
+        base = f"{self.key}|{self.source}|{self.label}|{self.label_set}"
         return base if self.skip is None else f"{base}|skip:{self.skip}"
 
 
@@ -140,7 +140,7 @@ def prepare(item: SourceItem, spec: SplitSpec, policy: ImagePolicy) -> Prepared:
     except UnreadableImage as error:
         return Prepared(None, item.source, skip=str(error))
     meta = {"source": item.source, "split": spec.name, **item.meta}
-    sample = Sample(key=item.key, jpeg=jpeg, label=item.label, labels=item.labels, meta=meta)
+    sample = Sample(key=item.key, jpeg=jpeg, label=item.label, label_set=item.label_set, meta=meta)
     members = encode_sample(sample, spec.label_kind, len(spec.class_names))
     return Prepared(members, item.source, repair=repair)
 

@@ -46,7 +46,7 @@ def pixel_items(count: int, num_classes: int, multi: bool = True, seed: int = 0)
         label = i * num_classes // count
         labels = tuple(sorted({label, int(rng.integers(num_classes))})) if multi else None
         pixels = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
-        items.append(SourceItem(key=f"s{i:04d}", label=label, source=f"mem/{i}", pixels=pixels, labels=labels))
+        items.append(SourceItem(key=f"s{i:04d}", label=label, source=f"mem/{i}", pixels=pixels, label_set=labels))
     return items
 
 

@@ -116,7 +116,7 @@ def test_imagenet_val_layouts_give_labels_and_real_sets(tmp_path, style):
     for source, sample in samples.items():
         number = int(Path(source).stem.split("_")[-1])
         assert sample.label == WNIDS.index(VAL_TRUTH[number])
-        assert list(sample.labels) == sorted(real[number - 1])
+        assert list(sample.label_set) == sorted(real[number - 1])
         assert sample.meta["real_empty"] == (number == 1)
 
 
@@ -196,8 +196,8 @@ def test_class_subsets_reindex_labels_and_real_sets(imagenet_root, tmp_path):
     assert {s.split("/")[1]: x.label for s, x in train.items()} == {"n09193705": 0, "n04228054": 1}
     val = {Path(s).stem: x for s, x in read_split(tmp_path / "listed", "val").items()}
     assert set(val) == {"ILSVRC2012_val_00000002", "ILSVRC2012_val_00000018"}
-    assert val["ILSVRC2012_val_00000002"].label == 0 and val["ILSVRC2012_val_00000002"].labels == (0, 1)
-    assert val["ILSVRC2012_val_00000018"].labels == () and val["ILSVRC2012_val_00000018"].meta["real_empty"]
+    assert val["ILSVRC2012_val_00000002"].label == 0 and val["ILSVRC2012_val_00000002"].label_set == (0, 1)
+    assert val["ILSVRC2012_val_00000018"].label_set == () and val["ILSVRC2012_val_00000018"].meta["real_empty"]
     assert load_split(tmp_path / "listed", "val").extra["classes"]["method"] == "class_list"
 
 
@@ -358,7 +358,7 @@ def test_mini_webvision_and_the_matching_imagenet_val(webvision_layout, tmp_path
     val = {Path(s).stem: x for s, x in read_split(tmp_path / "inval", "val").items()}
     assert {k: x.label for k, x in val.items()} == {"ILSVRC2012_val_00000006": 3, "ILSVRC2012_val_00000018": 21}
     if REAL_JSON.is_file():
-        assert val["ILSVRC2012_val_00000018"].labels == (21, 22)  # ReaL {21, 22}: both among the 50
+        assert val["ILSVRC2012_val_00000018"].label_set == (21, 22)  # ReaL {21, 22}: both among the 50
 
 
 @pytest.mark.parametrize(
@@ -412,7 +412,7 @@ def test_celeba_attributes_partition_and_bad_files(tmp_path):
         expected = {s for s, (p, _) in layout.labels.items() if p == part and layout.expected[s] != "skipped"}
         assert set(samples) == expected
         for source, sample in samples.items():
-            assert sample.label == NO_LABEL and sample.labels == layout.labels[source][1]
+            assert sample.label == NO_LABEL and sample.label_set == layout.labels[source][1]
         assert {s: "pass" for s in samples} | outcomes(tmp_path / "out", split) == {
             s: o for s, o in layout.expected.items() if layout.labels[s][0] == part
         }

@@ -59,8 +59,8 @@ def test_other_label_cells_are_uniform_over_the_eight_neighbours(many_train_grid
 
 def test_multi_label_set_is_every_digit_present_and_holds_the_label(many_train_grids):
     for item in many_train_grids:
-        assert item.labels == tuple(sorted(set(item.meta["grid"])))
-        assert item.label in item.labels
+        assert item.label_set == tuple(sorted(set(item.meta["grid"])))
+        assert item.label in item.label_set
 
 
 def cells_of(pixels: np.ndarray, cell_px: int) -> list[bytes]:
@@ -181,4 +181,4 @@ def test_cli_writes_a_manifest_with_train_tune_and_val(tmp_path):
     with tarfile.open(out / splits["val"].shards[0].path) as tar:
         members = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()[:5]}
     sample = decode_sample("first", members)
-    assert sample.label in sample.labels and Image.open(io.BytesIO(sample.jpeg)).size == (48, 48)
+    assert sample.label in sample.label_set and Image.open(io.BytesIO(sample.jpeg)).size == (48, 48)

@@ -128,7 +128,7 @@ def test_csv_labels_column_gives_multi_label_sets(image_folder, tmp_path):
     manifest = convert(image_folder, labels, tmp_path / "out")
     assert manifest.label_kind is LabelKind.MULTI and manifest.class_names == ["cat", "dog", "owl"]
     samples = read_samples(tmp_path / "out", manifest)
-    got = {key: (s.label, s.labels) for key, s in samples.items()}
+    got = {key: (s.label, s.label_set) for key, s in samples.items()}
     assert got == {"good_cat_0_jpg": (0, (0, 2)), "good_cat_1_jpg": (0, ()), "good_dog_0_jpg": (1, (0, 1))}
 
 
@@ -140,7 +140,7 @@ def test_jsonl_labels_and_integer_classes(image_folder, tmp_path):
     manifest = convert(image_folder, labels, tmp_path / "out")
     assert manifest.label_kind is LabelKind.MULTI and manifest.class_names == ["0", "1", "2"]
     samples = read_samples(tmp_path / "out", manifest)
-    assert {key: (s.label, s.labels) for key, s in samples.items()} == {
+    assert {key: (s.label, s.label_set) for key, s in samples.items()} == {
         "good_cat_0_jpg": (2, (0, 2)),
         "good_dog_0_jpg": (0, ()),
     }

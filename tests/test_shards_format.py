@@ -48,10 +48,10 @@ def test_encode_then_decode_gives_the_sample_back(make_jpeg, kind, label, labels
     by_ext = members_by_ext(members)
     assert by_ext["cls"] == str(label).encode("ascii")  # what the plain webdataset library reads
     back = decode_sample("img_01", by_ext)
-    assert (back.key, back.jpeg, back.label, back.labels) == ("img_01", jpeg, label, labels)
+    assert (back.key, back.jpeg, back.label, back.label_set) == ("img_01", jpeg, label, labels)
     assert back.meta["source"] == "a/b.jpg"
     if kind.has_targets:
-        assert len(by_ext["tgt"]) == 5 and back.meta["labels"] == list(labels)
+        assert len(by_ext["tgt"]) == 5 and back.meta["label_set"] == list(labels)
 
 
 @pytest.mark.parametrize("key", ["a.b", "a/b", "", "a b", "a\n", "ä"])
@@ -84,7 +84,7 @@ def test_webdataset_library_reads_what_the_manifest_promises(written):
     for sample in samples:
         item, meta = items[sample["__key__"]], json.loads(sample["json"])
         assert int(sample["cls"]) == item.label
-        assert meta["labels"] == list(item.labels)
+        assert meta["label_set"] == list(item.label_set)
         assert (meta["source"], meta["split"]) == (item.source, "val")
         assert Image.open(io.BytesIO(sample["jpg"])).size == (16, 16)
 
@@ -121,7 +121,7 @@ def test_dali_reader_gives_the_same_keys_and_labels(written):
     assert sorted(read) == sorted(items)
     for key, (jpg, lbl, tgt) in read.items():
         assert lbl.tolist() == [items[key].label]
-        assert np.flatnonzero(tgt).tolist() == list(items[key].labels)
+        assert np.flatnonzero(tgt).tolist() == list(items[key].label_set)
         assert Image.open(io.BytesIO(jpg.tobytes())).size == (16, 16)
 
 

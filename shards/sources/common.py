@@ -229,7 +229,7 @@ def file_item(
     relpath: str,
     key: str,
     label: int,
-    labels: tuple[int, ...] | None = None,
+    label_set: tuple[int, ...] | None = None,
     meta: dict | None = None,
     where: str | None = None,
 ) -> SourceItem:
@@ -239,7 +239,7 @@ def file_item(
     if not is_utf8_name(relpath):
         return skipped_item(relpath, NON_UTF8_NAME)
     path = guard.path(relpath, where or str(guard.root / relpath))
-    return SourceItem(key=key, label=label, source=relpath, path=path, labels=labels, meta=meta or {})
+    return SourceItem(key=key, label=label, source=relpath, path=path, label_set=label_set, meta=meta or {})
 
 
 def check_listed_files_exist(items: Sequence[SourceItem], listed_in: str) -> None:

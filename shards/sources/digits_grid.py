@@ -34,7 +34,7 @@ GRID_JPEG_QUALITY = 90
 POOL_SEED = 0
 # Recorded in every split's manifest: bump it when the grid rule changes in a way GridConfig does not
 # show, so ensure_grid_shards rebuilds caches made by the old rule.
-GRID_DEFINITION = 2  # 2: three seed-independent pools (train, tune, val)
+GRID_DEFINITION = 3  # 2: three seed-independent pools (train, tune, val); 3: metadata key "label_set"
 _GRID_STREAMS = {"train": 1, "val": 2, "tune": 3}  # each split's own random stream under one seed
 
 
@@ -113,7 +113,7 @@ def grid_items(config: GridConfig) -> dict[str, list[SourceItem]]:
             SourceItem(
                 key=f"{split}_{i:07d}",
                 label=int(grid_classes[i, label_cell[i]]),
-                labels=tuple(sorted(set(grid_classes[i].tolist()))),
+                label_set=tuple(sorted(set(grid_classes[i].tolist()))),
                 source=f"digits-grid/{split}/{i}",
                 pixels=pixels[i],
                 meta={"grid": grid_classes[i].tolist(), "label_cell": int(label_cell[i])},

@@ -29,7 +29,7 @@ class Row:
     line: int
     path: str
     label: str
-    labels: tuple[str, ...] | None
+    label_set: tuple[str, ...] | None  # the CSV/JSONL "labels" column
 
 
 def read_rows(labels_file: Path) -> list[Row]:
@@ -110,7 +110,7 @@ def class_names_for(rows: list[Row], out: Path, split: str | None = None) -> lis
         others = [s for name, s in load_splits(out).items() if name != split]
         if others:
             return others[0].class_names
-    names = {row.label for row in rows} | {name for row in rows for name in (row.labels or ())}
+    names = {row.label for row in rows} | {name for row in rows for name in (row.label_set or ())}
     if all(name.lstrip("-").isdigit() for name in names):
         values = sorted(int(name) for name in names)
         if values[0] < 0:
@@ -130,18 +130,18 @@ def folder_items(
     rows = read_rows(labels_file)
     class_names = class_names_for(rows, out, split)
     index = {name: i for i, name in enumerate(class_names)}
-    kind = LabelKind.MULTI if any(row.labels is not None for row in rows) else LabelKind.SINGLE
+    kind = LabelKind.MULTI if any(row.label_set is not None for row in rows) else LabelKind.SINGLE
     items = []
     for row in rows:
         where = f"{labels_file}:{row.line}"
         file = Path(guard.path(row.path, where))
         if not file.is_file():
             raise LabelFileError(f"{where}: image {row.path!r} not found under {images}")
-        for name in (row.label, *(row.labels or ())):
+        for name in (row.label, *(row.label_set or ())):
             if name not in index:
                 raise LabelFileError(f"{where}: class {name!r} is not among the dataset's {len(class_names)} classes")
-        labels = tuple(sorted({index[n] for n in row.labels})) if row.labels is not None else ()
-        items.append(SourceItem(key=safe_key(row.path), label=index[row.label], source=row.path, path=str(file), labels=labels))
+        label_set = tuple(sorted({index[n] for n in row.label_set})) if row.label_set is not None else ()
+        items.append(SourceItem(key=safe_key(row.path), label=index[row.label], source=row.path, path=str(file), label_set=label_set))
     _check_unique_keys(items, rows, labels_file)
     return items, class_names, kind
 

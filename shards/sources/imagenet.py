@@ -391,7 +391,7 @@ def val_split(
     extra: dict[str, Any] = {"source": "imagenet", "classes": selection.description, "val_layout": listing.layout}
     extra["val_label_file"] = listing.label_file
     if real is not None:
-        empty = sum(1 for item in items if item.skip is None and not item.labels)
+        empty = sum(1 for item in items if item.skip is None and not item.label_set)
         extra["real_labels"] = {"file": real_source, "empty_sets": empty}
         print(f"val: {empty} of {len(items)} images have an empty ReaL set (kept, meta real_empty=true)")
     kind = LabelKind.MULTI if real is not None else LabelKind.SINGLE
