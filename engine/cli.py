@@ -203,6 +203,9 @@ def main() -> None:
     except (ConfigError, ShardError, RunFolderError, CheckpointError, FileNotFoundError, ValueError) as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
+    except OSError as error:  # a full disk, a read-only --out: the message names the path; the last checkpoint is intact
+        typer.secho(f"error: {error}. Free space or choose another --out, then continue with --resume.", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

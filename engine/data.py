@@ -28,7 +28,7 @@ def resolve_data_root(data: DataConfig) -> Path:
         return ensure_grid_shards(default_digits_root())
     root = Path(data.root)
     if not root.is_dir():
-        raise ShardError(f"--data {root} does not exist")
+        raise ShardError(f"--data {root} {'is not a folder' if root.exists() else 'does not exist'}")
     return root
 
 

@@ -235,3 +235,27 @@ def test_a_damaged_sample_mid_run_stops_cleanly_naming_the_shard(grid_root: Path
     assert result.returncode == 2, result.stderr[-2000:]
     assert shard.name in result.stderr and "make-shards verify" in result.stderr and "--resume" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(grid_root: Path, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import engine.checkpoint
+
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(grid_root, out, num_steps=8, checkpoint_every=2, eval_every=100), CPU)
+    real_save, calls = torch.save, {"n": 0}
+
+    def save_until_full(obj, handle, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            handle.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(handle.name))
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(engine.checkpoint.torch, "save", save_until_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.run()
+    monkeypatch.setattr(engine.checkpoint.torch, "save", real_save)
+    assert checkpoint_step(out) == 2  # the earlier checkpoint, whole and checked
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.pt"]  # no temporary left behind
