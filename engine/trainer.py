@@ -175,50 +175,55 @@ class Trainer:
             self.folder.close()
 
     def _loop(self, stop: StopRequest) -> dict[str, Any]:
-        config = self.config
         stats = TrainStats(self.device)
         batches = self._batches()
-        bar = tqdm(total=config.num_steps, initial=self.step, unit="step", disable=not self.dist.is_main, dynamic_ncols=True)
+        bar = tqdm(total=self.config.num_steps, initial=self.step, unit="step", disable=not self.dist.is_main, dynamic_ncols=True)
         eval_metrics: dict[str, float] = {}
         self.engine.learner.train()
-        while self.step < config.num_steps:
-            try:
-                # several processes must leave after the same step: they agree at log points instead
-                batch = stop.next_batch(batches, interruptible=not self.dist.enabled)
-            except _StopWhileWaiting as stopped:
-                bar.close()
-                self._save_checkpoint(stats)
-                raise RunInterrupted(stopped.signum, self._stopped_message(stopped.signum)) from None
-            except ShardDataError as error:  # damaged data: stop cleanly, the last checkpoint stays as it was
-                bar.close()
-                raise ShardDataError(f"{error}\n{self._kept_message(advice='Repair or re-convert the data, then continue with --resume.')}") from None
-            self._timed_step(batch, stats)
-            bar.update(1)
-            done = self.step == config.num_steps
-            log_point = self.step % config.log_every == 0 or done
-            eval_point = self.step % config.eval_every == 0 or done
-            if log_point or eval_point:
-                self._drain(stats)
-            if log_point:
-                self._log_point(stats, bar)
-            if eval_point:
-                eval_metrics = self.evaluate()
-            signum = self._agreed_stop(stop, log_point)
-            if self.step % config.checkpoint_every == 0 or done or signum:
-                self._drain(stats)
-                self._save_checkpoint(stats)
-            if signum:
-                bar.close()
-                raise RunInterrupted(signum, self._stopped_message(signum))
-        bar.close()
+        with bar:
+            while self.step < self.config.num_steps:
+                self._timed_step(self._next_batch(stop, batches, stats), stats)
+                bar.update(1)
+                eval_metrics = self._step_points(stop, stats, bar) or eval_metrics
         if not eval_metrics:  # resumed at its last step: nothing ran; the finished run's summary stands
             finished = self.folder.read_summary()
             if finished is not None:
                 return finished
             eval_metrics = self.evaluate()
-        summary = {"step": self.step, "method": config.method.name.value, **eval_metrics}
+        summary = {"step": self.step, "method": self.config.method.name.value, **eval_metrics}
         self.folder.write_summary(summary)
         return summary
+
+    def _next_batch(self, stop: StopRequest, batches: Iterator[Batch], stats: TrainStats) -> Batch:
+        try:
+            # several processes must leave after the same step: they agree at log points instead
+            return stop.next_batch(batches, interruptible=not self.dist.enabled)
+        except _StopWhileWaiting as stopped:
+            self._save_checkpoint(stats)
+            raise RunInterrupted(stopped.signum, self._stopped_message(stopped.signum)) from None
+        except ShardDataError as error:  # damaged data: stop cleanly, the last checkpoint stays as it was
+            advice = "Repair or re-convert the data, then continue with --resume."
+            raise ShardDataError(f"{error}\n{self._kept_message(advice)}") from None
+
+    def _step_points(self, stop: StopRequest, stats: TrainStats, bar: tqdm) -> dict[str, float] | None:
+        """Log, eval and checkpoint points after a step; the eval metrics when it evaluated."""
+        config, eval_metrics = self.config, None
+        done = self.step == config.num_steps
+        log_point = self.step % config.log_every == 0 or done
+        eval_point = self.step % config.eval_every == 0 or done
+        if log_point or eval_point:
+            self._drain(stats)
+        if log_point:
+            self._log_point(stats, bar)
+        if eval_point:
+            eval_metrics = self.evaluate()
+        signum = self._agreed_stop(stop, log_point)
+        if self.step % config.checkpoint_every == 0 or done or signum:
+            self._drain(stats)
+            self._save_checkpoint(stats)
+        if signum:
+            raise RunInterrupted(signum, self._stopped_message(signum))
+        return eval_metrics
 
     def _timed_step(self, batch: Batch, stats: TrainStats) -> None:
         """One training step; its wall time counts towards images/s (the first batch's capture does not)."""
