@@ -140,7 +140,8 @@ def trainer_loaders(root: Path, config: E2EConfig, device: torch.device) -> tupl
     """The training loaders the trainer would build here, by row name (DALI first when it imports),
     and a row for each that could not be built."""
     cuda = device.type == "cuda"
-    names = {"dali": f"DALI backend ({'mixed' if cuda else 'CPU'} decode)", "torch": f"torch backend ({'nvJPEG' if cuda else 'CPU'} decode)"}
+    names = {"dali": f"DALI backend ({'mixed' if cuda else 'CPU'} decode)",
+             "torch": f"torch backend ({'nvJPEG' if cuda else 'CPU'} decode)"}
     loaders, failed = {}, []
     for backend in (["dali"] if dali_import_error() is None else []) + ["torch"]:
         settings = loader_config(e2e_run_config(config, True, backend), True, 0, 1, device)

@@ -168,7 +168,8 @@ def check_graph_tests(out: Path = OUT_OPTION) -> None:
             return skip
         out.mkdir(parents=True, exist_ok=True)
         junit = out / "G1-junit.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rA", f"--junitxml={junit}", "tests/test_gpu.py", "tests/test_metrics.py"]
+        command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rA", f"--junitxml={junit}",
+                   "tests/test_gpu.py", "tests/test_metrics.py"]
         result = subprocess.run(command, text=True)
         counts = _junit_counts(junit)
         ran = counts.get("tests", 0) - counts.get("skipped", 0)
@@ -436,7 +437,8 @@ def compare_loaders(reference: Any, candidate: Any, std: tuple[float, ...]) -> d
         labels_equal &= torch.equal(ref.labels.cpu(), cand.labels.cpu())
         channels_last &= cand.images.is_contiguous(memory_format=torch.channels_last) and cand.images.stride() == ref.images.stride()
         batches += 1
-    return {"batches": batches, "mean_abs_diff": statistics.fmean(diffs) if diffs else math.nan, "max_abs_diff": max(maxima, default=math.nan),
+    return {"batches": batches, "mean_abs_diff": statistics.fmean(diffs) if diffs else math.nan,
+            "max_abs_diff": max(maxima, default=math.nan),
             "labels_equal": labels_equal, "channels_last": channels_last}
 
 
@@ -450,7 +452,8 @@ def decode_pairs(shards: Path, batch_size: int, image_size: int, device: torch.d
         return build_loader(shards, "bench", config)
 
     target = str(device or default_device())
-    pairs = {f"torch backend {mode}": (loader("torch", "cpu", train), loader("torch", target, train)) for mode, train in (("eval", False), ("train", True))}
+    modes = (("eval", False), ("train", True))  # train: the torch backend seeds each sample's crop, so both crop alike
+    pairs = {f"torch backend {mode}": (loader("torch", "cpu", train), loader("torch", target, train)) for mode, train in modes}
     if dali_import_error() is None:  # DALI's random crops differ between its CPU and GPU pipelines: eval only
         pairs["DALI eval"] = (loader("dali", "cpu", False), loader("dali", target, False))
     std = LoaderConfig().std
@@ -471,7 +474,8 @@ def check_decode(out: Path = OUT_OPTION, num_images: int = 96, batch_size: int =
                 results[name] = compare_loaders(cpu, gpu, std)
                 cpu.close()
                 gpu.close()
-        passed = all(r["batches"] > 0 and r["mean_abs_diff"] < PIXEL_TOLERANCE and r["labels_equal"] and r["channels_last"] for r in results.values())
+        passed = all(r["batches"] > 0 and r["mean_abs_diff"] < PIXEL_TOLERANCE and r["labels_equal"] and r["channels_last"]
+                     for r in results.values())
         summary = "; ".join(f"{k}: mean |diff| {v['mean_abs_diff'] * 255:.3f}/255, max {v['max_abs_diff'] * 255:.1f}/255, labels "
                             f"{'equal' if v['labels_equal'] else 'DIFFER'}, {'channels-last' if v['channels_last'] else 'WRONG STRIDES'}"
                             for k, v in results.items())

@@ -136,7 +136,8 @@ def test_trainer_hot_loop_has_no_host_sync() -> None:
 
     with tempfile.TemporaryDirectory(prefix="gpu-test-hot-loop-") as tmp:
         shards = photo_shards(Path(tmp), 64, num_classes=10)
-        result = hot_loop_check(shards, Path(tmp) / "run", arch="grid_cnn", image_size=32, batch_size=16, steps=12, workers=2, backend="torch")
+        result = hot_loop_check(shards, Path(tmp) / "run", arch="grid_cnn", image_size=32, batch_size=16, steps=12, workers=2,
+                                backend="torch")
     assert result.engine_sync_error is None, result.engine_sync_error
     assert not result.loader_syncs, result.loader_syncs[:5]
     assert result.steps_checked == 11

@@ -114,7 +114,8 @@ def e2e(
     from benchmarks import e2e as bench_e2e
     from benchmarks.loaders import environment
 
-    config = bench_e2e.E2EConfig(arch, image_size, batch_size, num_classes, num_images, steps, warmup, workers, k_teacher, k_student, device)
+    config = bench_e2e.E2EConfig(arch, image_size, batch_size, num_classes, num_images, steps, warmup, workers,
+                                 k_teacher, k_student, device)
     _use_device(device)
     env = environment()
     rows = bench_e2e.run_e2e_bench(config)
