@@ -11,9 +11,10 @@ restoring the student's weights and momentum. Both ``student_init`` modes are ru
 Lockstep. Before every step the reference takes the learner's weights, BatchNorm statistics and
 momentum from the engine under test; the teacher and the saved student it keeps itself, made by
 its own phase rules. Every step is then one comparison from the same starting point. A free-running
-comparison cannot be tight: this training amplifies rounding (a 1e-7 relative nudge to the initial
-weights grew to 6% of the weights' movement over the schedule, measured), and float32 against
-float64, or one GPU run against another, is such a nudge. What the phase rules decide (when the
+comparison cannot be tight: this training amplifies rounding. Measured: free-running, the float32
+engine ended 7% of the weights' movement away from the float64 reference, and a float32 run whose
+initial weights were nudged by 1e-7 (relative) drifted as far from the unnudged one; one GPU run
+against another is such a nudge too. What the phase rules decide (when the
 teacher is snapshotted, which student is saved and put back) is not taken over, so a wrong rule
 shows as a teacher or student that differs by whole steps of training.
 """
