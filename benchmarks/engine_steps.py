@@ -49,7 +49,7 @@ class BenchRow:
     ms_per_step_median: float
 
 
-class _Timer:
+class Timer:
     """Elapsed seconds of a callable, by CUDA events on the GPU and the wall clock on the CPU."""
 
     def __init__(self, device: torch.device) -> None:
@@ -74,7 +74,7 @@ def _row(name: str, seconds: list[float], config: EngineBenchConfig) -> BenchRow
     return BenchRow(name, statistics.median(rates), min(rates), max(rates), per_step_ms)
 
 
-def _measure(steps: dict[str, Callable[[], None]], config: EngineBenchConfig, timer: _Timer) -> list[BenchRow]:
+def _measure(steps: dict[str, Callable[[], None]], config: EngineBenchConfig, timer: Timer) -> list[BenchRow]:
     """Round-robin repeats (each round times every step once), so background load hits all rows alike."""
     for step in steps.values():
         for _ in range(config.warmup_steps):
@@ -86,7 +86,7 @@ def _measure(steps: dict[str, Callable[[], None]], config: EngineBenchConfig, ti
     return [_row(name, times, config) for name, times in seconds.items()]
 
 
-def _synthetic_batch(config: EngineBenchConfig, device: torch.device, channels_last: bool, dtype: torch.dtype):
+def synthetic_batch(config: EngineBenchConfig, device: torch.device, channels_last: bool, dtype: torch.dtype):
     generator = torch.Generator(device="cpu").manual_seed(0)
     images = torch.randn(config.batch_size, 3, config.image_size_px, config.image_size_px, generator=generator)
     labels = torch.randint(0, config.num_classes, (config.batch_size,), generator=generator)
@@ -107,11 +107,11 @@ def engine_rows(config: EngineBenchConfig, graphs: bool) -> list[BenchRow]:
     device = torch.device(config.device)
     cuda = device.type == "cuda"
     engine = build_engine(bench_run_config(config, graphs), EngineSpec(config.num_classes), device)
-    images, labels = _synthetic_batch(config, device, True, torch.bfloat16 if cuda else torch.float32)
+    images, labels = synthetic_batch(config, device, True, torch.bfloat16 if cuda else torch.float32)
     batch = Batch(images, labels)
     engine.lr.fill_(engine.lr_at(0))
     engine.capture(batch)
-    timer, suffix = _Timer(device), "graphs" if engine.stepper.graphed else "eager"
+    timer, suffix = Timer(device), "graphs" if engine.stepper.graphed else "eager"
     steps = {f"engine {phase} step ({suffix})": (lambda p=phase: engine.stepper(p, images, labels, None)) for phase in (TEACHER, STUDENT)}
     rows = _measure(steps, config, timer)
     snapshot = (PhaseAction.SNAPSHOT_TEACHER,)
@@ -126,7 +126,7 @@ def baseline_rows(config: EngineBenchConfig) -> list[BenchRow]:
     torch.manual_seed(0)
     model = build_model(config.arch, config.num_classes, True).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-5)
-    images, labels = _synthetic_batch(config, device, False, torch.float32)
+    images, labels = synthetic_batch(config, device, False, torch.float32)
     holder = {"teacher": copy.deepcopy(model).eval()}
 
     def teacher_step() -> None:
@@ -142,7 +142,7 @@ def baseline_rows(config: EngineBenchConfig) -> list[BenchRow]:
         F.binary_cross_entropy_with_logits(model(images), targets, reduction="sum").div(len(labels)).backward()
         optimizer.step()
 
-    timer = _Timer(device)
+    timer = Timer(device)
     steps = {"eager baseline teacher step (NCHW fp32)": teacher_step, "eager baseline student step (NCHW fp32)": student_step}
     rows = _measure(steps, config, timer)
     deepcopy_seconds = [timer.seconds(lambda: holder.update(teacher=copy.deepcopy(model).eval())) for _ in range(config.repeats)]

@@ -90,23 +90,26 @@ def photo_jpegs(count: int, seed: int) -> list[bytes]:
     return out
 
 
-def write_bench_data(root: Path, jpegs: list[bytes]) -> None:
-    """``root/folder/photo/*.jpg`` (ImageFolder layout, one class) and shards of split ``bench`` in ``root/shards``."""
-    folder = root / "folder" / "photo"
-    folder.mkdir(parents=True)
+def write_bench_data(root: Path, jpegs: list[bytes], num_classes: int = 1) -> None:
+    """``root/folder/CLASS/*.jpg`` (ImageFolder layout) and shards of split ``bench`` in ``root/shards``,
+    the same bytes in both; image i has label i mod ``num_classes``."""
+    class_names = ["photo"] if num_classes == 1 else [f"c{c:04d}" for c in range(num_classes)]  # sorted = label order
     items = []
     for i, data in enumerate(jpegs):
+        label = i % num_classes
+        folder = root / "folder" / class_names[label]
+        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"img{i:05d}.jpg"
         path.write_bytes(data)
-        items.append(SourceItem(key=f"img{i:05d}", label=0, source=path.name, path=str(path)))
-    spec = SplitSpec(SPLIT, LabelKind.SINGLE, ["photo"])
+        items.append(SourceItem(key=f"img{i:05d}", label=label, source=path.name, path=str(path)))
+    spec = SplitSpec(SPLIT, LabelKind.SINGLE, class_names)
     write_split(root / "shards", spec, items, WriterSettings(progress=False))  # valid JPEGs pass through byte-for-byte
 
 
 class PilFolderLoader:
     """The baseline: ImageFolder + PIL transforms in a DataLoader, behind the ``epoch``/``close`` interface."""
 
-    def __init__(self, root: Path, config: LoaderBenchConfig) -> None:
+    def __init__(self, root: Path, config: LoaderBenchConfig, pin_memory: bool = False) -> None:
         from torchvision import datasets, transforms
 
         transform = transforms.Compose(
@@ -125,6 +128,7 @@ class PilFolderLoader:
             drop_last=True,
             num_workers=config.workers,
             persistent_workers=config.workers > 0,
+            pin_memory=pin_memory,
         )
 
     def epoch(self, epoch: int) -> Iterable[Any]:

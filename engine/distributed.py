@@ -43,9 +43,12 @@ def init_distributed(device_preference: str) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(device_preference, local_rank)
+    if device.type == "cuda":
+        # Every CUDA run, one process too: streams, events and graph captures are made on the
+        # *current* device, so --device cuda:1 without this would capture on device 0's streams
+        # while the tensors live on device 1 (an empty graph whose replays do nothing).
+        torch.cuda.set_device(device)
     if world_size > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend=backend)
     return DistInfo(rank, world_size, local_rank, device)

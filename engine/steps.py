@@ -113,13 +113,61 @@ class GraphedStep:
     def __init__(self, fn: StepFn, inputs: StaticInputs) -> None:
         self.inputs = inputs
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: loader threads (DALI's workers, the DataLoader's pin-memory thread) keep
+        # running during capture; their CUDA calls are legal and must not abort this capture,
+        # which "global" mode would do. This thread's own unsafe calls still fail the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.result = fn(inputs.images, inputs.labels, inputs.targets)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> StepResult:
         self.inputs.fill(images, labels, targets)
         self.graph.replay()
         return self.result
+
+
+# Steps the host may queue ahead of the device. Two keep the device fed: while it runs step i,
+# step i+1 is already queued, so it never idles waiting for the host's next launch. More buys no
+# speed, only more batches held in flight and a host (logs, signals) further behind the device.
+RUN_AHEAD_STEPS = 2
+
+
+class RunAheadLimit:
+    """Bounds the host's run-ahead: a ring of CUDA events, one recorded after each step; before
+    step i the host waits (on the host, no stream sync) for the event of step i - depth. No-op on CPU.
+
+    The ring also keeps each step's batch referenced until that wait, so the loader's tensors
+    outlive every device read of them by construction: captured steps read them in the copy into
+    their static buffers, eager steps read them directly, both only when the queued work runs.
+    Memory from torch's caching allocator would be safe without this (a freed block is reused
+    only by work queued later on the same stream), but a loader handing out its own buffers
+    (DALI outputs shared through DLPack) may recycle them as soon as the last reference goes; a
+    copy into a persistent buffer would not help, since that copy is queued too."""
+
+    def __init__(self, device: torch.device, depth: int = RUN_AHEAD_STEPS, new_event: Callable[[], object] | None = None) -> None:
+        if depth < 1:
+            raise ValueError(f"run-ahead depth must be >= 1, got {depth}")
+        self.enabled = device.type == "cuda"
+        make = new_event or (lambda: torch.cuda.Event(blocking=True))  # blocking: yield the core to loader threads
+        self.events = [make() for _ in range(depth)] if self.enabled else []
+        self.in_flight: list[object | None] = [None] * depth  # the batch each slot's step reads, or None
+        self.steps_queued = 0
+
+    def wait_turn(self) -> None:
+        """Before a step: wait until the step ``depth`` steps back has finished on the device."""
+        if not self.enabled:
+            return
+        slot = self.steps_queued % len(self.events)
+        if self.in_flight[slot] is not None:
+            self.events[slot].synchronize()  # a host wait on one event: not a stream sync
+            self.in_flight[slot] = None  # its batch may now be recycled by the loader
+
+    def step_queued(self, batch: object) -> None:
+        """After a step (and everything reading its outputs) is queued on the current stream."""
+        if self.enabled:
+            slot = self.steps_queued % len(self.events)
+            self.events[slot].record()
+            self.in_flight[slot] = batch
+        self.steps_queued += 1
 
 
 class Stepper:
@@ -134,6 +182,7 @@ class Stepper:
 
     def capture(self, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], learner: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Capture every phase's step; state changed by the warm-up iterations is put back."""
+        check_current_device(sample[0].device)
         saved = _snapshot(learner, optimizer)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -146,6 +195,23 @@ class Stepper:
         # one private memory pool per graph: phases replay in any order, so their pools must not alias
         self.steps = {phase: GraphedStep(fn, StaticInputs(*sample)) for phase, fn in self.steps.items()}
         self.graphed = True
+
+
+class CaptureDeviceError(ValueError):
+    """The current CUDA device is not the batch's: a capture would record on another device's streams."""
+
+
+def check_current_device(device: torch.device) -> None:
+    """Refuse to capture unless ``device`` (where the batch lives) is the current CUDA device.
+
+    Capture and warm-up run on the current device's streams; a batch on another device would
+    give a graph that records nothing of the step, and replays that silently do nothing."""
+    current = torch.cuda.current_device()
+    if device.type != "cuda" or device.index != current:
+        raise CaptureDeviceError(
+            f"CUDA graph capture: the batch is on {device} but the current CUDA device is cuda:{current}; "
+            f"call torch.cuda.set_device({str(device)!r}) first (engine.distributed.init_distributed does)"
+        )
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

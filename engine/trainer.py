@@ -25,7 +25,7 @@ from engine.distributed import DistInfo
 from engine.metrics import EvalAccumulator
 from engine.phases import module_state
 from engine.run_folder import RunFolder
-from engine.steps import StepResult, autocast_context
+from engine.steps import RunAheadLimit, StepResult, autocast_context
 from pipelines.contract import Batch, ShardDataError
 from shards.format import LabelKind
 from shards.manifest import SplitManifest, load_split
@@ -229,12 +229,15 @@ class Trainer:
         """One training step; its wall time counts towards images/s (the first batch's capture does not)."""
         if not self._captured:
             self._captured = True
+            self._run_ahead = RunAheadLimit(self.device)  # the host stays at most RUN_AHEAD_STEPS ahead
             reason = self.engine.capture(batch)
             if reason and self.dist.is_main:
                 log.info(reason)
         started = time.perf_counter()
+        self._run_ahead.wait_turn()  # the device is busy meanwhile: counted as training time, like _drain
         result = self.engine.train_step(self.step, batch)
         stats.update(result, batch.labels, self.step)
+        self._run_ahead.step_queued(batch)
         self.progress.step += 1
         stats.train_seconds += time.perf_counter() - started
 

@@ -12,7 +12,7 @@ app = typer.Typer(help="Measure the trainer's parts side by side; prints a table
 
 @app.callback()
 def main() -> None:
-    """Subcommands: loaders (input pipelines), convert (shard conversion), engine (training steps)."""
+    """Subcommands: loaders (input pipelines), convert (shard conversion), engine (training steps), e2e (all together)."""
 
 
 @app.command("loaders")
@@ -78,11 +78,50 @@ def engine(
     from benchmarks.loaders import environment
 
     config = bench_engine.EngineBenchConfig(arch, image_size, batch_size, num_classes, steps, repeats, warmup, device)
+    _use_device(device)
     env = environment()
     rows = bench_engine.run_engine_bench(config)
     typer.echo(bench_engine.format_table(rows))
     if out is not None:
         bench_engine.write_json(out, config, rows, env)
+        typer.echo(f"wrote {out}")
+
+
+def _use_device(device: str) -> None:
+    """``cuda:N``: make N the current device, where streams, events and graph captures are made."""
+    if device.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(device)
+
+
+@app.command("e2e")
+def e2e(
+    out: Path | None = typer.Option(None, "--out", help="Write the results as JSON to FILE."),
+    arch: str = typer.Option("resnet50", "--arch", help="Model (grid_cnn for a quick CPU check)."),
+    image_size: int = typer.Option(224, "--image-size", min=8, help="Image side in pixels."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per step."),
+    num_classes: int = typer.Option(1000, "--num-classes", min=2, help="Classes (labels cycle through them)."),
+    num_images: int = typer.Option(1024, "--num-images", min=1, help="Distinct synthetic ~500x375 photos (repeated to fill the rows)."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Timed steps per row."),
+    warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed steps first, per row."),
+    workers: int = typer.Option(8, "--workers", min=0, help="DataLoader processes / DALI threads (every loader)."),
+    k_teacher: int = typer.Option(10, "--k-teacher-steps", min=1, help="End-to-end rows: steps per teacher phase."),
+    k_student: int = typer.Option(5, "--k-student-steps", min=1, help="End-to-end rows: steps per student phase."),
+    device: str = typer.Option("cuda", "--device", help="cuda, cuda:N or cpu."),
+) -> None:
+    """Loader alone, engine alone (graphs on/off), loader + engine as trained, and the released code's way, with GPU telemetry."""
+    from benchmarks import e2e as bench_e2e
+    from benchmarks.loaders import environment
+
+    config = bench_e2e.E2EConfig(arch, image_size, batch_size, num_classes, num_images, steps, warmup, workers,
+                                 k_teacher, k_student, device)
+    _use_device(device)
+    env = environment()
+    rows = bench_e2e.run_e2e_bench(config)
+    typer.echo(bench_e2e.format_table(rows))
+    if out is not None:
+        bench_e2e.write_json(out, config, rows, env)
         typer.echo(f"wrote {out}")
 
 

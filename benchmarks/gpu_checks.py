@@ -1,0 +1,568 @@
+"""The GPU checks behind ``tools/gpu_checks.sh``, one subcommand each, runnable alone:
+
+    python -m benchmarks.gpu_checks CHECK --out DIR
+
+Each writes ``DIR/<id>-<name>.json`` and ends with one line ``RESULT <id> PASS|FAIL|SKIP <summary>``
+(exit code 1 on FAIL). Checks needing CUDA print SKIP without it; G2 and G7 print SKIP without DALI.
+
+- G0 env: versions (torch, CUDA, cuDNN, driver, torchvision, DALI), the current device, project imports.
+- G1 graph-tests: ``pytest -m gpu`` (captured steps == eager steps on the phase schedule, negative
+  control, no host sync in ``Engine.train_step`` and in the real ``Trainer`` loop; metrics on device).
+- G3 hot-loop: the real ``Trainer`` on photo shards for ~30 steps: no host sync in the engine's part of
+  the step (``set_sync_debug_mode("error")``), none in the loader's (``"warn"``, counted), and the host
+  returns from each step while the device still runs it (it runs ahead, bounded by the event ring).
+- G4 e2e: ``bench.py e2e``'s matrix (ResNet-50, 224 px, bf16, batch 256), the released-code baseline included.
+- G5 switch: each phase-switch action's device time (CUDA events), host time, no allocation, no sync,
+  against a ``deepcopy`` teacher.
+- G6 decode: torch backend nvJPEG decode vs CPU decode (and DALI mixed vs CPU where DALI imports):
+  mean absolute difference < 1/255, labels equal, channels-last strides.
+- G2 dali-lifetime: DALI output tensors held while later batches are fetched stay intact.
+- G7 dali-capture: CUDA-graph capture while a DALI iterator prefetches, then training on its batches.
+
+Project modules are imported inside each check, so that G0 can report a missing dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import typer
+
+app = typer.Typer(help="GPU checks; each prints a RESULT line and writes JSON.", no_args_is_help=True)
+OUT_OPTION = typer.Option(Path("gpu-checks"), "--out", help="Folder for the JSON results.")
+PIXEL_TOLERANCE = 1 / 255  # mean absolute difference of decoded images, in [0, 1] pixel units
+BUSY_FRACTION_MIN = 0.8  # steps after which the device was still busy when the host returned
+
+
+# -- plumbing --------------------------------------------------------------------------------------
+
+
+def verdict(check_id: str, name: str, out: Path, passed: bool | None, summary: str, details: dict[str, Any]) -> None:
+    """Write the JSON, print the RESULT line, exit 1 on FAIL (``passed`` None = SKIP)."""
+    word = "SKIP" if passed is None else ("PASS" if passed else "FAIL")
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"check": check_id, "name": name, "result": word, "summary": summary, **details}
+    (out / f"{check_id}-{name}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(f"RESULT {check_id} {word} {summary}", flush=True)
+    if passed is False:
+        raise typer.Exit(1)
+
+
+def guarded(check_id: str, name: str, out: Path, body: Callable[[], tuple[bool | None, str, dict[str, Any]]]) -> None:
+    """Run a check; an exception is a FAIL naming it (with the traceback in the JSON)."""
+    try:
+        passed, summary, details = body()
+    except Exception as error:
+        traceback.print_exc()
+        passed, summary, details = False, f"{type(error).__name__}: {error}", {"traceback": traceback.format_exc()}
+    verdict(check_id, name, out, passed, summary, details)
+
+
+def no_cuda() -> tuple[None, str, dict[str, Any]] | None:
+    return None if torch.cuda.is_available() else (None, "no CUDA device here", {})
+
+
+def dali_missing() -> tuple[None, str, dict[str, Any]] | None:
+    from pipelines import dali_import_error
+
+    reason = dali_import_error()
+    return (None, f"DALI does not import ({reason})", {}) if reason else None
+
+
+def set_sync_mode(device: torch.device, mode: str) -> None:
+    """``torch.cuda.set_sync_debug_mode`` on CUDA; nothing to watch on the CPU (so the checks' code
+    also runs there, for tests)."""
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def photo_shards(root: Path, num_images: int, num_classes: int, seed: int = 0) -> Path:
+    """Synthetic ~500x375 photo JPEGs as split ``bench`` in ``root/shards`` (and an image folder)."""
+    from benchmarks.loaders import photo_jpegs, write_bench_data
+
+    write_bench_data(root, photo_jpegs(num_images, seed), num_classes)
+    return root / "shards"
+
+
+# -- G0 environment ----------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+                           "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env.update(current_device=torch.cuda.current_device(), device_count=torch.cuda.device_count(), device_name=props.name,
+                   capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
+                   cudnn=torch.backends.cudnn.version())
+    env["driver"] = _driver_version()
+    for module in ("torchvision", "numpy", "PIL", "sklearn", "timm", "tomli_w", "pynvml", "nvidia.dali"):
+        env[module] = _version_of(module)
+    return env
+
+
+def _version_of(module: str) -> str:
+    try:
+        imported = __import__(module, fromlist=["__version__"])
+    except Exception as error:
+        return f"missing ({type(error).__name__}: {error})"
+    return str(getattr(imported, "__version__", "present"))
+
+
+def _driver_version() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return str(pynvml.nvmlSystemGetDriverVersion())
+    except Exception as error:
+        return f"unknown ({type(error).__name__})"
+
+
+@app.command("env")
+def check_env(out: Path = OUT_OPTION) -> None:
+    """G0: versions and the current device; FAIL when CUDA or a project import is missing."""
+
+    def body() -> tuple[bool | None, str, dict[str, Any]]:
+        env = environment()
+        problems = [] if env["cuda_available"] else ["CUDA not available"]
+        for module in ("engine.trainer", "benchmarks.e2e", "pipelines"):
+            try:
+                __import__(module)
+            except Exception as error:
+                problems.append(f"import {module}: {type(error).__name__}: {error}")
+        summary = "; ".join(problems) or (f"torch {env['torch']} CUDA {env['torch_cuda']} driver {env['driver']} "
+                                           f"{env.get('device_name')} (cuda:{env.get('current_device')}) DALI {env['nvidia.dali']}")
+        print(json.dumps(env, indent=1))
+        return not problems, summary, {"environment": env}
+
+    guarded("G0", "env", out, body)
+
+
+# -- G1 the GPU tests ----------------------------------------------------------------------------------
+
+
+@app.command("graph-tests")
+def check_graph_tests(out: Path = OUT_OPTION) -> None:
+    """G1: ``pytest -m gpu`` on the GPU tests; PASS when they all ran and passed."""
+
+    def body() -> tuple[bool | None, str, dict[str, Any]]:
+        if skip := no_cuda():
+            return skip
+        out.mkdir(parents=True, exist_ok=True)
+        junit = out / "G1-junit.xml"
+        command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rA", f"--junitxml={junit}",
+                   "tests/test_gpu.py", "tests/test_metrics.py"]
+        result = subprocess.run(command, text=True)
+        counts = _junit_counts(junit)
+        ran = counts.get("tests", 0) - counts.get("skipped", 0)
+        passed = result.returncode == 0 and ran > 0
+        return passed, f"pytest exit {result.returncode}: {counts}", {"command": command, "counts": counts}
+
+    guarded("G1", "graph-tests", out, body)
+
+
+def _junit_counts(path: Path) -> dict[str, int]:
+    import xml.etree.ElementTree as ElementTree
+
+    if not path.is_file():
+        return {}
+    suite = ElementTree.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    return {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+
+
+# -- G3 the real Trainer's hot loop ---------------------------------------------------------------------
+
+
+@dataclass
+class HotLoopResult:
+    steps_checked: int = 0
+    engine_sync_error: str | None = None  # the first host sync inside Engine.train_step / stats update
+    loader_syncs: list[str] = field(default_factory=list)  # sync warnings from the rest of the step (loader)
+    busy_after_step: list[bool] = field(default_factory=list)  # device still running when the host returned
+    unfinished_in_ring: list[int] = field(default_factory=list)  # queued steps not yet done, after each step
+    seconds: float = 0.0
+
+    @property
+    def busy_fraction(self) -> float:
+        return sum(self.busy_after_step) / max(1, len(self.busy_after_step))
+
+
+def hot_loop_check(shards: Path, out_dir: Path, *, arch: str, image_size: int, batch_size: int, steps: int,
+                   workers: int, backend: str = "auto", device: torch.device | None = None) -> HotLoopResult:
+    """Train ``steps`` steps with the real ``Trainer`` (graphs on), probing every step after the first
+    (the first captures the graphs, which synchronises by design)."""
+    device = device or default_device()
+    from engine.config import build_config
+    from engine.distributed import DistInfo
+    from engine.trainer import Trainer
+
+    values = {"data.root": str(shards), "data.train_split": "bench", "data.eval_split": "bench", "data.backend": backend,
+              "data.augment": True, "data.image_size_px": image_size, "data.num_workers": workers, "arch": arch,
+              "method.name": "mile", "method.k_teacher_steps": 10, "method.k_student_steps": 5, "num_steps": steps,
+              "global_batch_size": batch_size, "log_every": steps, "eval_every": steps, "checkpoint_every": steps,
+              "out_dir": str(out_dir), "device": str(device), "seed": 0}
+    trainer = Trainer(build_config({}, values), DistInfo(0, 1, 0, device))
+    result = HotLoopResult()
+    _probe(trainer, result, device)
+    start = time.perf_counter()
+    try:
+        trainer.run()
+    except RuntimeError:
+        if result.engine_sync_error is None:
+            raise
+    finally:
+        set_sync_mode(device, "default")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _probe(trainer: Any, result: HotLoopResult, device: torch.device) -> None:
+    """Wrap the trainer's step: "warn" around the whole step (loader included, warnings counted),
+    "error" around the engine's step and the statistics update."""
+    timed_step, train_step = trainer._timed_step, trainer.engine.train_step
+
+    def strict(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            set_sync_mode(device, "error")
+            try:
+                return fn(*args)
+            except RuntimeError as error:
+                result.engine_sync_error = result.engine_sync_error or f"{fn.__name__}: {error}"
+                raise
+            finally:
+                set_sync_mode(device, "warn")
+
+        return call
+
+    def probed_step(batches: Any, stats: Any) -> None:
+        if trainer.step == 0:
+            return timed_step(batches, stats)
+        if not getattr(stats, "_probed", False):
+            stats.update, stats._probed = strict(stats.update), True
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            set_sync_mode(device, "warn")
+            try:
+                timed_step(batches, stats)
+            finally:
+                set_sync_mode(device, "default")
+        result.loader_syncs += [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+        if device.type == "cuda":
+            result.busy_after_step.append(not torch.cuda.current_stream(device).query())
+        ring = trainer._run_ahead
+        result.unfinished_in_ring.append(sum(b is not None and not e.query() for e, b in zip(ring.events, ring.in_flight)))
+        result.steps_checked += 1
+
+    trainer._timed_step = probed_step
+    trainer.engine.train_step = strict(train_step)
+
+
+@app.command("hot-loop")
+def check_hot_loop(out: Path = OUT_OPTION, arch: str = "resnet50", image_size: int = 224, batch_size: int = 128,
+                   steps: int = 30, workers: int = 8, num_images: int = 512) -> None:
+    """G3: no host sync in the real Trainer's steps, and the host runs ahead of the device."""
+
+    def body() -> tuple[bool | None, str, dict[str, Any]]:
+        if skip := no_cuda():
+            return skip
+        with tempfile.TemporaryDirectory(prefix="gpu-hot-loop-") as tmp:
+            shards = photo_shards(Path(tmp), num_images, num_classes=100)
+            result = hot_loop_check(shards, Path(tmp) / "run", arch=arch, image_size=image_size, batch_size=batch_size,
+                                    steps=steps, workers=workers)
+        passed = (result.engine_sync_error is None and not result.loader_syncs and result.steps_checked == steps - 1
+                  and result.busy_fraction >= BUSY_FRACTION_MIN)
+        summary = (f"{result.steps_checked} steps probed; engine sync: {result.engine_sync_error or 'none'}; "
+                   f"loader syncs: {len(result.loader_syncs)}; device busy after {result.busy_fraction:.0%} of steps "
+                   f"(>= {BUSY_FRACTION_MIN:.0%} needed); unfinished steps in the ring: max {max(result.unfinished_in_ring, default=0)}")
+        return passed, summary, {"result": {**asdict(result), "busy_fraction": result.busy_fraction}}
+
+    guarded("G3", "hot-loop", out, body)
+
+
+# -- G4 the end-to-end matrix -------------------------------------------------------------------------
+
+
+@app.command("e2e")
+def check_e2e(out: Path = OUT_OPTION, arch: str = "resnet50", image_size: int = 224, batch_size: int = 256,
+              steps: int = 15, warmup: int = 5, workers: int = 12, num_images: int = 1024) -> None:
+    """G4: ``bench.py e2e``'s rows; PASS when every row was measured (baseline included)."""
+
+    def body() -> tuple[bool | None, str, dict[str, Any]]:
+        if skip := no_cuda():
+            return skip
+        from benchmarks import e2e
+        from benchmarks.loaders import environment as bench_environment
+
+        config = e2e.E2EConfig(arch, image_size, batch_size, 1000, num_images, steps, warmup, workers)
+        env = bench_environment()
+        rows = e2e.run_e2e_bench(config)
+        print(e2e.format_table(rows))
+        out.mkdir(parents=True, exist_ok=True)
+        e2e.write_json(out / "G4-e2e-table.json", config, rows, env)
+        (out / "G4-e2e-table.txt").write_text(e2e.format_table(rows) + "\n")
+        failed = [f"{r.group}/{r.name}: {r.error}" for r in rows if r.error]
+        groups = {r.group for r in rows if not r.error}
+        missing = [g for g in (e2e.LOADER, e2e.ENGINE, e2e.SWITCH, e2e.END_TO_END, e2e.BASELINE) if g not in groups]
+        graphed = any("(graphs)" in r.name for r in rows if r.group == e2e.END_TO_END and not r.error)
+        summary = f"{len(rows)} rows; failed: {failed or 'none'}; groups missing: {missing or 'none'}; graphed end to end: {graphed}"
+        return not failed and not missing and graphed, summary, {"speedups": _speedups(rows)}
+
+    guarded("G4", "e2e", out, body)
+
+
+def _speedups(rows: list[Any]) -> dict[str, float]:
+    """Each end-to-end row's images/s over the released-code baseline's."""
+    from benchmarks import e2e
+
+    base = [r.images_per_s for r in rows if r.group == e2e.BASELINE and r.images_per_s]
+    if not base:
+        return {}
+    return {r.name: r.images_per_s / base[0] for r in rows if r.group == e2e.END_TO_END and r.images_per_s}
+
+
+# -- G5 the phase switch ----------------------------------------------------------------------------------
+
+
+def switch_timings(arch: str, batch_size: int, image_size: int, repeats: int, device: torch.device | None = None) -> dict[str, Any]:
+    """Per action: device ms (CUDA events), host ms (enqueue only), bytes copied; allocation growth and
+    host syncs of the actions; and the released code's ``deepcopy`` teacher for comparison."""
+    import copy
+
+    from benchmarks.engine_steps import Timer
+    from engine.build import EngineSpec, build_engine
+    from engine.config import build_config
+    from engine.phases import PhaseAction
+
+    device = device or default_device()
+    config = build_config({}, {"arch": arch, "method.name": "mile", "method.student_init": "previous", "cuda_graphs": False,
+                               "global_batch_size": batch_size, "data.image_size_px": image_size, "device": str(device)})
+    engine = build_engine(config, EngineSpec(1000), device)
+    timer, switch, actions = Timer(device), engine.switch, list(PhaseAction)
+    switch.apply((PhaseAction.SAVE_STUDENT,))  # allocates the saved-student mirror, once
+    allocated = _allocated(device)
+    results = {}
+    for action in actions:
+        device_ms = [1000 * timer.seconds(lambda: switch.apply((action,))) for _ in range(repeats)]
+        host_ms = [1000 * _host_seconds(lambda: switch.apply((action,))) for _ in range(repeats)]
+        tensors = switch.teacher_state if action is PhaseAction.SNAPSHOT_TEACHER else switch.student_state
+        results[action.value] = {"device_ms": statistics.median(device_ms), "host_ms": statistics.median(host_ms),
+                                 "bytes": sum(t.numel() * t.element_size() for t in tensors)}
+    growth = _allocated(device) - allocated
+    sync_error = _first_sync_error(device, lambda: [switch.apply((action,)) for action in actions])
+    deepcopy_ms = [1000 * timer.seconds(lambda: copy.deepcopy(engine.learner)) for _ in range(repeats)]
+    return {"actions": results, "allocated_bytes_growth": growth, "sync_error": sync_error, "deepcopy_ms": statistics.median(deepcopy_ms)}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _allocated(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _host_seconds(action: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def _first_sync_error(device: torch.device, action: Callable[[], Any]) -> str | None:
+    """``action`` under ``set_sync_debug_mode("error")``: the error a host sync raised, or None."""
+    set_sync_mode(device, "error")
+    try:
+        action()
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        set_sync_mode(device, "default")
+    return None
+
+
+@app.command("switch")
+def check_switch(out: Path = OUT_OPTION, arch: str = "resnet50", repeats: int = 10) -> None:
+    """G5: the phase switch's device time; no allocation, no host sync, faster than a deepcopy teacher."""
+
+    def body() -> tuple[bool | None, str, dict[str, Any]]:
+        if skip := no_cuda():
+            return skip
+        timings = switch_timings(arch, 256, 224, repeats)
+        snapshot = timings["actions"]["snapshot_teacher"]
+        gbps = snapshot["bytes"] * 2 / (snapshot["device_ms"] / 1000) / 1e9  # each byte read once and written once
+        passed = timings["sync_error"] is None and timings["allocated_bytes_growth"] == 0 and snapshot["device_ms"] < timings["deepcopy_ms"]
+        summary = (f"snapshot {snapshot['device_ms']:.3f} ms on device ({gbps:.0f} GB/s), host {snapshot['host_ms']:.3f} ms; "
+                   + ", ".join(f"{k} {v['device_ms']:.3f} ms" for k, v in timings["actions"].items() if k != "snapshot_teacher")
+                   + f"; deepcopy teacher {timings['deepcopy_ms']:.3f} ms; allocation growth {timings['allocated_bytes_growth']} B; "
+                   f"sync: {timings['sync_error'] or 'none'}")
+        return passed, summary, {"timings": timings, "snapshot_gb_per_s": gbps}
+
+    guarded("G5", "switch", out, body)
+
+
+# -- G6 decode parity ----------------------------------------------------------------------------------------
+
+
+def compare_loaders(reference: Any, candidate: Any, std: tuple[float, ...]) -> dict[str, Any]:
+    """Batch by batch: mean and max absolute pixel difference (in [0, 1] units), labels, strides."""
+    scale = torch.tensor(std).view(1, 3, 1, 1)
+    diffs, maxima, labels_equal, channels_last, batches = [], [], True, True, 0
+    for ref, cand in zip(reference.epoch(0), candidate.epoch(0), strict=True):
+        images = cand.images.float().cpu()
+        pixel_diff = ((images - ref.images.float().cpu()) * scale).abs()
+        diffs.append(float(pixel_diff.mean()))
+        maxima.append(float(pixel_diff.max()))
+        labels_equal &= torch.equal(ref.labels.cpu(), cand.labels.cpu())
+        channels_last &= cand.images.is_contiguous(memory_format=torch.channels_last) and cand.images.stride() == ref.images.stride()
+        batches += 1
+    return {"batches": batches, "mean_abs_diff": statistics.fmean(diffs) if diffs else math.nan,
+            "max_abs_diff": max(maxima, default=math.nan),
+            "labels_equal": labels_equal, "channels_last": channels_last}
+
+
+def decode_pairs(shards: Path, batch_size: int, image_size: int, device: torch.device | None = None) -> dict[str, tuple[Any, Any, Any]]:
+    """(CPU loader, ``device`` loader, std) pairs to compare, by name."""
+    from pipelines import build_loader, dali_import_error
+    from pipelines.contract import LoaderConfig
+
+    def loader(backend: str, device: str, train: bool) -> Any:
+        config = LoaderConfig(batch_size=batch_size, image_size_px=image_size, train=train, backend=backend, num_workers=2, device=device)
+        return build_loader(shards, "bench", config)
+
+    target = str(device or default_device())
+    modes = (("eval", False), ("train", True))  # train: the torch backend seeds each sample's crop, so both crop alike
+    pairs = {f"torch backend {mode}": (loader("torch", "cpu", train), loader("torch", target, train)) for mode, train in modes}
+    if dali_import_error() is None:  # DALI's random crops differ between its CPU and GPU pipelines: eval only
+        pairs["DALI eval"] = (loader("dali", "cpu", False), loader("dali", target, False))
+    std = LoaderConfig().std
+    return {name: (cpu, gpu, std) for name, (cpu, gpu) in pairs.items()}
+
+
+@app.command("decode")
+def check_decode(out: Path = OUT_OPTION, num_images: int = 96, batch_size: int = 32, image_size: int = 224) -> None:
+    """G6: GPU decode equals CPU decode to within 1/255 on average; labels equal; channels-last."""
+
+    def body() -> tuple[bool | None, str, dict[str, Any]]:
+        if skip := no_cuda():
+            return skip
+        with tempfile.TemporaryDirectory(prefix="gpu-decode-") as tmp:
+            shards = photo_shards(Path(tmp), num_images, num_classes=10)
+            results = {}
+            for name, (cpu, gpu, std) in decode_pairs(shards, batch_size, image_size).items():
+                results[name] = compare_loaders(cpu, gpu, std)
+                cpu.close()
+                gpu.close()
+        passed = all(r["batches"] > 0 and r["mean_abs_diff"] < PIXEL_TOLERANCE and r["labels_equal"] and r["channels_last"]
+                     for r in results.values())
+        summary = "; ".join(f"{k}: mean |diff| {v['mean_abs_diff'] * 255:.3f}/255, max {v['max_abs_diff'] * 255:.1f}/255, labels "
+                            f"{'equal' if v['labels_equal'] else 'DIFFER'}, {'channels-last' if v['channels_last'] else 'WRONG STRIDES'}"
+                            for k, v in results.items())
+        return passed, summary, {"results": results, "tolerance": PIXEL_TOLERANCE}
+
+    guarded("G6", "decode", out, body)
+
+
+# -- G2 / G7 DALI ---------------------------------------------------------------------------------------------
+
+
+def dali_loader(shards: Path, batch_size: int, image_size: int, dtype: torch.dtype, device: torch.device | None = None) -> Any:
+    from pipelines import build_loader
+    from pipelines.contract import LoaderConfig
+
+    config = LoaderConfig(batch_size=batch_size, image_size_px=image_size, train=True, backend="dali", num_workers=4,
+                          device=str(device or default_device()), dtype=dtype)
+    return build_loader(shards, "bench", config)
+
+
+def dali_lifetime(shards: Path, batches: int, device: torch.device | None = None) -> tuple[int, list[int]]:
+    """Hold each DALI batch for RUN_AHEAD_STEPS + 1 further fetches (longer than the trainer holds
+    one), then check it still holds what it was handed out with: (batches checked, those changed)."""
+    from engine.steps import RUN_AHEAD_STEPS
+
+    loader = dali_loader(shards, 16, 224, torch.float32, device)  # float32: the iterator's own buffers, no conversion copy
+    held, changed, checked = [], [], 0
+    stream = loader.epoch(0)
+    try:
+        for index in range(batches):
+            batch = next(stream)
+            held.append((index, batch, batch.images.clone(), batch.labels.clone()))
+            if len(held) > RUN_AHEAD_STEPS + 1:
+                old_index, old, images, labels = held.pop(0)
+                _synchronize(old.images.device)  # every write queued so far has landed
+                checked += 1
+                if not (torch.equal(old.images, images) and torch.equal(old.labels, labels)):
+                    changed.append(old_index)
+    finally:
+        stream.close()
+    return checked, changed
+
+
+@app.command("dali-lifetime")
+def check_dali_lifetime(out: Path = OUT_OPTION, batches: int = 12) -> None:
+    """G2: DALI output tensors held while later batches are fetched stay intact."""
+
+    def body() -> tuple[bool | None, str, dict[str, Any]]:
+        if skip := no_cuda() or dali_missing():
+            return skip
+        from engine.steps import RUN_AHEAD_STEPS
+
+        with tempfile.TemporaryDirectory(prefix="gpu-dali-") as tmp:
+            checked, changed = dali_lifetime(photo_shards(Path(tmp), 16 * (batches + 1), num_classes=10), batches)
+        summary = f"{checked} batches held for {RUN_AHEAD_STEPS + 1} more fetches; changed meanwhile: {changed or 'none'}"
+        return checked > 0 and not changed, summary, {"changed": changed, "checked": checked}
+
+    guarded("G2", "dali-lifetime", out, body)
+
+
+@app.command("dali-capture")
+def check_dali_capture(out: Path = OUT_OPTION, arch: str = "resnet18", steps: int = 8) -> None:
+    """G7: capture the steps while a DALI iterator prefetches on its threads, then train on its batches."""
+
+    def body() -> tuple[bool | None, str, dict[str, Any]]:
+        if skip := no_cuda() or dali_missing():
+            return skip
+        from engine.build import EngineSpec, build_engine
+        from engine.config import build_config
+
+        with tempfile.TemporaryDirectory(prefix="gpu-dali-") as tmp:
+            shards = photo_shards(Path(tmp), 64 * 6, num_classes=10)
+            loader = dali_loader(shards, 32, 128, torch.bfloat16)
+            stream = loader.epoch(0)
+            first = next(stream)  # DALI's threads now prefetch the next batches while we capture
+            config = build_config({}, {"arch": arch, "method.name": "mile", "method.k_teacher_steps": 3, "method.k_student_steps": 2,
+                                       "global_batch_size": 32, "data.image_size_px": 128, "device": "cuda"})
+            engine = build_engine(config, EngineSpec(10), torch.device("cuda", torch.cuda.current_device()))
+            reason = engine.capture(first)
+            losses = [engine.train_step(step, next(stream)).loss.float().item() for step in range(steps)]
+            stream.close()
+        finite = all(math.isfinite(x) for x in losses)
+        summary = f"capture: {reason or 'graphed'}; {steps} steps on DALI batches, losses {'finite' if finite else 'NOT finite'}"
+        return reason is None and engine.stepper.graphed and finite, summary, {"losses": losses, "reason": reason}
+
+    guarded("G7", "dali-capture", out, body)
+
+
+if __name__ == "__main__":
+    app()
