@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from engine.config import Method, RunConfig
-from engine.models import build_model
+from engine.init_weights import load_backbone
+from engine.models import build_model, split_parameters
 from engine.phases import PhasePlan, PhaseSwitch
 from engine.schedule import lr_at
 from engine.steps import StepResult, StepSettings, Stepper, build_stepper, init_momentum
@@ -35,15 +37,22 @@ class EngineSpec:
 class Engine:
     """A learner, its teacher (MILe), optimizer, phase plan and switch, and one step per phase."""
 
-    def __init__(self, config: RunConfig, spec: EngineSpec, device: torch.device, distributed: bool = False) -> None:
+    def __init__(self, config: RunConfig, spec: EngineSpec, device: torch.device, distributed: bool = False, init_weights: bool = True) -> None:
+        """``init_weights``: load ``config.init_checkpoint`` into the learner (False when a resume
+        loads a checkpoint over it anyway)."""
         self.config, self.device, self.distributed = config, device, distributed
         self.plan = PhasePlan(config.method)
         torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts them too)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # training shapes never change: pick the fastest kernels once
         self.learner = self._new_model(spec)
+        if config.init_checkpoint and init_weights:
+            load_backbone(self.learner, Path(config.init_checkpoint))  # before the teacher copies the learner
         self.teacher = self._new_teacher(spec) if config.method.name is Method.MILE else None
-        self.lr = torch.zeros((), device=device)  # read by fused SGD inside the captured steps
+        # learning rates of the backbone and the classifier: device tensors read by fused SGD inside the
+        # captured steps, filled before every step (the first fill here, for callers that step directly)
+        self.lr = torch.full((), self.lr_at(0), device=device)
+        self.head_lr = torch.full((), self.lr_at(0) * config.optim.head_lr_scale, device=device)
         self.optimizer = self._new_optimizer()
         self.switch = PhaseSwitch(self.learner, self.teacher, init_momentum(self.optimizer))
         self.settings = StepSettings(
@@ -63,7 +72,7 @@ class Engine:
         return torch.channels_last if self.config.channels_last else torch.contiguous_format
 
     def _new_model(self, spec: EngineSpec) -> nn.Module:
-        model = build_model(self.config.arch.value, spec.num_classes, self.config.method.multi_label_head)
+        model = build_model(self.config.arch, spec.num_classes, self.config.method.multi_label_head)
         return model.to(self.device, memory_format=self.memory_format)
 
     def _new_teacher(self, spec: EngineSpec) -> nn.Module:
@@ -74,8 +83,9 @@ class Engine:
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         optim = self.config.optim
+        backbone, head = split_parameters(self.learner)
         return torch.optim.SGD(
-            self.learner.parameters(),
+            [{"params": backbone, "lr": self.lr}, {"params": head, "lr": self.head_lr}],
             lr=self.lr,
             momentum=optim.momentum,
             nesterov=optim.nesterov,
@@ -111,14 +121,16 @@ class Engine:
     def train_step(self, step: int, batch: Batch) -> StepResult:
         """Optimizer step number ``step`` (0-based) on ``batch``: no host sync anywhere in it."""
         self.switch.apply(self.plan.transitions_before(step))
-        self.lr.fill_(self.lr_at(step))  # fill_ with a Python float is a kernel launch, not a sync
+        lr = self.lr_at(step)
+        self.lr.fill_(lr)  # fill_ with a Python float is a kernel launch, not a sync
+        self.head_lr.fill_(lr * self.config.optim.head_lr_scale)
         return self.stepper(self.plan.position(step).phase, batch.images, batch.labels, batch.targets)
 
     # -- state ----------------------------------------------------------------------------------
 
     def components(self) -> dict[str, Any]:
         """The engine's parts that carry state, by checkpoint name."""
-        parts: dict[str, Any] = {"learner": self.learner, "optimizer": OptimizerInPlace(self.optimizer, self.lr), "phase_switch": self.switch}
+        parts: dict[str, Any] = {"learner": self.learner, "optimizer": OptimizerInPlace(self.optimizer, [self.lr, self.head_lr]), "phase_switch": self.switch}
         if self.teacher is not None:
             parts["teacher"] = self.teacher
         return parts
@@ -127,10 +139,10 @@ class Engine:
 class OptimizerInPlace:
     """The optimizer's state_dict, loaded into the tensors that already exist: the momentum
     buffers keep their addresses (the phase switch and captured graphs point at them) and the
-    learning rate stays the device tensor the steps read."""
+    learning rate of each parameter group stays the device tensor the steps read."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> None:
-        self.optimizer, self.lr = optimizer, lr
+    def __init__(self, optimizer: torch.optim.Optimizer, group_lrs: list[torch.Tensor]) -> None:
+        self.optimizer, self.group_lrs = optimizer, group_lrs
 
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
@@ -139,8 +151,8 @@ class OptimizerInPlace:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         existing = {id(p): dict(self.optimizer.state[p]) for group in self.optimizer.param_groups for p in group["params"]}
         self.optimizer.load_state_dict(state)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+        for group, lr in zip(self.optimizer.param_groups, self.group_lrs, strict=True):
+            group["lr"] = lr
             for param in group["params"]:
                 for name, old in existing[id(param)].items():
                     new = self.optimizer.state[param].get(name)
@@ -149,6 +161,6 @@ class OptimizerInPlace:
                         self.optimizer.state[param][name] = old
 
 
-def build_engine(config: RunConfig, spec: EngineSpec, device: torch.device, distributed: bool = False) -> Engine:
+def build_engine(config: RunConfig, spec: EngineSpec, device: torch.device, distributed: bool = False, init_weights: bool = True) -> Engine:
     """The engine ``engine-run`` trains with: what the trainer, benchmarks and tests all call."""
-    return Engine(config, spec, device, distributed)
+    return Engine(config, spec, device, distributed, init_weights)

@@ -46,7 +46,7 @@ def _flag_decls(key: Key) -> list[str]:
 
 def _cli_type(key: Key) -> Any:
     if typing.get_origin(key.type) is tuple:
-        return list[float]
+        return list[typing.get_args(key.type)[0]]
     return key.type
 
 

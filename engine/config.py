@@ -68,11 +68,13 @@ class Backend(Choice):
     TORCH = "torch"
 
 
-class Arch(Choice):
-    GRID_CNN = "grid_cnn"
-    RESNET18 = "resnet18"
-    RESNET50 = "resnet50"
-    RESNET50D = "resnet50d"
+class EvalPrecision(Choice):
+    BF16 = "bf16"  # bf16 autocast on CUDA, as training (CPU evaluation is fp32 either way)
+    FP32 = "fp32"  # autocast off and fp32 images in evaluation
+
+
+# Architectures built without timm; resnet18/resnet50 are torchvision's although timm has the names too.
+BUILTIN_ARCHS = ("grid_cnn", "resnet18", "resnet50")
 
 
 class Switch(Choice):
@@ -91,10 +93,13 @@ def knob(
     le: float | None = None,
     lt: float | None = None,
     resume_safe: bool = False,
+    allow_empty: bool = False,
 ) -> Any:
-    """Declare a config field: everything the CLI, the TOML reader and the validator need."""
+    """Declare a config field: everything the CLI, the TOML reader and the validator need.
+    ``allow_empty``: a list key that may be empty (lists must hold at least one value otherwise)."""
     bounds = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
-    return field(default=default, metadata={"help": help, "alias": alias, "bounds": bounds, "resume_safe": resume_safe})
+    metadata = {"help": help, "alias": alias, "bounds": bounds, "resume_safe": resume_safe, "allow_empty": allow_empty}
+    return field(default=default, metadata=metadata)
 
 
 class _Component:
@@ -163,7 +168,12 @@ class OptimConfig(_Component):
     schedule: Schedule = knob(Schedule.COSINE, "Learning-rate decay after the warmup.", alias="--schedule")
     warmup_lr_steps: int = knob(0, "Linear learning-rate warmup steps.", alias="--warmup-lr-steps", ge=0)
     step_decay_every: int = knob(0, "Step schedule: multiply the rate by step_decay_factor every N steps.", alias="--step-decay-every", ge=0)
+    lr_milestones: tuple[int, ...] = knob(
+        (), "Step schedule: multiply the rate by step_decay_factor at each of these optimizer steps (steps, not epochs; "
+        "repeat the flag for several); instead of step_decay_every.", alias="--lr-milestones", ge=1, allow_empty=True,
+    )
     step_decay_factor: float = knob(0.1, "Step schedule: the factor.", alias="--step-decay-factor", gt=0, le=1)
+    head_lr_scale: float = knob(1.0, "The classifier's learning rate as a multiple of the backbone's (e.g. 10 when fine-tuning from --init-checkpoint).", alias="--head-lr-scale", ge=0)
 
 
 @dataclass(frozen=True)
@@ -173,9 +183,14 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    arch: Arch = knob(Arch.GRID_CNN, "Model architecture.", alias="--arch")
+    arch: str = knob("grid_cnn", f"Model architecture: {' | '.join(BUILTIN_ARCHS)}, or any timm model name (timm.list_models()); never downloads weights.", alias="--arch")
+    init_checkpoint: str = knob(
+        "", "Start the backbone from these weights: a state dict (.pt/.pth), a .safetensors file or a run's checkpoint; "
+        "MoCo/SimCLR/BYOL/SwAV prefixes are mapped; the classifier is re-initialised. Empty = random init.", alias="--init-checkpoint",
+    )
     # resume-safe so a run can be extended; the cosine schedule then stretches over the new total
     num_steps: int = knob(3000, "Optimizer steps in total.", alias="--steps", ge=1, resume_safe=True)
+    num_epochs: int = knob(0, "Epochs of the train split instead of num_steps (steps = epochs x full batches per epoch); 0 = use num_steps.", alias="--epochs", ge=0, resume_safe=True)
     global_batch_size: int = knob(128, "Images per step over all processes.", alias="--batch-size", ge=1)
     eval_thetas: tuple[float, ...] = knob((0.25, 0.5), "Eval threshold(s) for F1 and coverage; repeat the flag for several.", alias="--theta", gt=0, lt=1)
     multilabel_metrics: Switch = knob(Switch.AUTO, "F1/coverage/mAP: auto = when the eval split has multi-labels; on = require them.", alias="--multilabel-metrics")
@@ -188,6 +203,7 @@ class RunConfig:
     cuda_graphs: bool = knob(True, "Capture the steps as CUDA graphs (CUDA only).", alias="--cuda-graphs", resume_safe=True)
     channels_last: bool = knob(True, "Channels-last memory format for images and weights.", alias="--channels-last")
     bf16: bool = knob(True, "bf16 autocast on CUDA (CPU runs are fp32).", alias="--bf16")
+    eval_precision: EvalPrecision = knob(EvalPrecision.BF16, "Evaluation precision on CUDA: bf16 (autocast, as training) or fp32 (autocast off).", alias="--eval-precision", resume_safe=True)
 
     def __post_init__(self) -> None:
         _normalise(self, "")
@@ -286,9 +302,12 @@ def coerce(key: Key, value: Any) -> Any:
             return str(value)
         raise ConfigError(f"{key.label()}: expected a string, got {value!r}")
     if typing.get_origin(kind) is tuple:
-        if not isinstance(value, (list, tuple)) or not value:
-            raise ConfigError(f"{key.label()}: expected a non-empty list of numbers, got {value!r}")
-        return tuple(coerce(Key(key.name, key.field, float), item) for item in value)
+        item_type = typing.get_args(kind)[0]
+        allow_empty = key.field.metadata.get("allow_empty", False)
+        if not isinstance(value, (list, tuple)) or not (value or allow_empty):
+            what = "whole numbers" if item_type is int else "numbers"
+            raise ConfigError(f"{key.label()}: expected a {'' if allow_empty else 'non-empty '}list of {what}, got {value!r}")
+        return tuple(coerce(Key(key.name, key.field, item_type), item) for item in value)
     raise TypeError(f"config key {key.name}: unsupported type {kind!r}")  # a schema bug, not a user error
 
 
@@ -320,10 +339,45 @@ def _check_combinations(config: RunConfig) -> None:
         raise ConfigError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     if config.optim.nesterov and config.optim.momentum == 0:
         raise ConfigError("optim.nesterov (--nesterov) needs optim.momentum (--momentum) > 0")
-    if config.optim.schedule is Schedule.STEP and config.optim.step_decay_every == 0:
-        raise ConfigError("optim.schedule = step needs optim.step_decay_every (--step-decay-every) > 0")
+    _check_step_schedule(config.optim)
+    check_arch(config.arch)
     if not config.out_dir:
         raise ConfigError("out_dir (--out) must not be empty")
+
+
+def _check_step_schedule(optim: OptimConfig) -> None:
+    """The step schedule decays either every N steps or at listed milestones: exactly one of them."""
+    every, milestones = optim.step_decay_every, optim.lr_milestones
+    if optim.schedule is not Schedule.STEP:
+        if milestones:
+            raise ConfigError(f"optim.lr_milestones (--lr-milestones) {list(milestones)} is used by optim.schedule = step only, not {optim.schedule}")
+        return
+    if every == 0 and not milestones:
+        raise ConfigError("optim.schedule = step needs optim.step_decay_every (--step-decay-every) > 0 or optim.lr_milestones (--lr-milestones)")
+    if every and milestones:
+        raise ConfigError("optim.schedule = step: give optim.step_decay_every (--step-decay-every) or optim.lr_milestones (--lr-milestones), not both")
+    if list(milestones) != sorted(set(milestones)):
+        raise ConfigError(f"optim.lr_milestones (--lr-milestones) must be strictly increasing, got {list(milestones)}")
+
+
+def check_arch(name: str) -> None:
+    """``name`` is a built-in architecture or a timm model name; else an error listing close matches.
+    timm is imported only for names that are not built in (importing it takes seconds)."""
+    if name in BUILTIN_ARCHS:
+        return
+    import difflib
+
+    import timm
+
+    known = timm.list_models()
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, list(dict.fromkeys([*BUILTIN_ARCHS, *known])), n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise ConfigError(
+        f"arch (--arch): {name!r} is not one of {', '.join(BUILTIN_ARCHS)} nor a timm model name{hint} "
+        f"(timm.list_models() lists every timm name)"
+    )
 
 
 def _plain(value: Any) -> Any:

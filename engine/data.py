@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import DataConfig, RunConfig
+from engine.config import DataConfig, EvalPrecision, RunConfig
 from pipelines import build_loader
 from pipelines.contract import AugmentConfig, Loader, LoaderConfig
 from shards.manifest import ShardError
@@ -32,12 +32,22 @@ def resolve_data_root(data: DataConfig) -> Path:
     return root
 
 
+def compute_dtype(config: RunConfig, device: torch.device, train: bool) -> torch.dtype | None:
+    """The autocast dtype of training or evaluation steps (None = full precision): bf16 on CUDA
+    with ``bf16``; evaluation with ``eval_precision = fp32`` turns it off."""
+    if device.type != "cuda" or not config.bf16:
+        return None
+    if not train and config.eval_precision is EvalPrecision.FP32:
+        return None
+    return torch.bfloat16
+
+
 def loader_config(config: RunConfig, train: bool, rank: int, world_size: int, device: torch.device) -> LoaderConfig:
     data = config.data
     per_rank_batch = config.global_batch_size // world_size
     augment = AugmentConfig(random_resized_crop=data.augment, flip=data.augment, scale_min=data.crop_scale_min)
     # bf16 runs take bf16 images: half the host-to-device bytes, and autocast would cast anyway
-    dtype = torch.bfloat16 if (device.type == "cuda" and config.bf16) else torch.float32
+    dtype = compute_dtype(config, device, train) or torch.float32
     return LoaderConfig(
         batch_size=per_rank_batch,
         image_size_px=data.image_size_px,

@@ -5,7 +5,8 @@ secondary-label recovery mAP, the ranking metrics a larger prediction set cannot
 attribute splits per-sample F1@theta and per-attribute balanced accuracy), ``ranking_metrics`` (F1 at
 matched coverage, top-|T| F1, label-ranking AP), ``trivial_predictor_scores`` (the model-free
 references), ``average_precision_per_class`` (scikit-learn's average precision, ties included, in
-torch) and ``metric_key`` (the one spelling of threshold-suffixed metric names).
+torch), ``metric_key`` (the one spelling of threshold-suffixed metric names) and ``prediction_sets``
+(the prediction-set rule, also what ``mile-predict`` reports).
 
 ``update`` does only device work (no ``.item()``, no branching on tensor values), so it can sit in the
 eval loop without stalling the device. ``compute`` is the one deliberate host sync; under
@@ -194,7 +195,7 @@ class EvalAccumulator:
             sums["num_evaluated"] += evaluated.sum()
             sums["real_top1_hits"] += (evaluated & truth.gather(1, top1[:, None]).squeeze(1)).sum()
         for theta in self.thetas:
-            predicted = argmax_set if self.method_kind == "softmax" else argmax_set | (probs > theta)
+            predicted = prediction_set(argmax_set, probs, theta, self.method_kind)
             set_size = predicted.sum(dim=1)
             sums[metric_key("coverage_sum", theta)] += (set_size * evaluated).sum()
             if truth is not None:
@@ -223,7 +224,7 @@ class EvalAccumulator:
         sums["positives"] += truth.sum(dim=0)
         truth_size = truth.sum(dim=1)
         for theta in self.thetas:
-            predicted = probs > theta  # no forced argmax: attributes are independent
+            predicted = attribute_set(probs, theta)
             hits = predicted & truth
             denominator = predicted.sum(dim=1) + truth_size
             # Empty P and empty T is a perfect answer for an image without any attribute.
@@ -308,6 +309,29 @@ class EvalAccumulator:
             # uint8 rather than bool: not every backend all-gathers bool tensors.
             return _all_gather_rows(rows.to(torch.uint8), process_group).bool()
         return _all_gather_rows(rows, process_group)
+
+
+def prediction_set(argmax_set: torch.Tensor, probs: torch.Tensor, theta: float, method_kind: str) -> torch.Tensor:
+    """Bool N×C prediction sets of a classifier (docs/DESIGN.md, "Metrics"): {argmax} for softmax-trained
+    models, {argmax} ∪ {c : sigmoid(z_c) > theta} for sigmoid-trained ones (MILe too).
+    ``argmax_set``: bool N×C, True at each row's argmax; ``probs``: sigmoid of the logits."""
+    return argmax_set if method_kind == "softmax" else argmax_set | (probs > theta)
+
+
+def attribute_set(probs: torch.Tensor, theta: float) -> torch.Tensor:
+    """Bool N×C predicted attributes: {c : sigmoid(z_c) > theta}, no forced argmax (attributes are independent)."""
+    return probs > theta
+
+
+def prediction_sets(logits: torch.Tensor, theta: float, method_kind: str, attributes: bool = False) -> torch.Tensor:
+    """Bool N×C prediction sets from logits, by the rules ``EvalAccumulator`` scores (``prediction_set``,
+    ``attribute_set``); argmax ties go to the lower class index, as ``argmax`` gives them."""
+    z = logits.float()
+    probs = torch.sigmoid(z)
+    if attributes:
+        return attribute_set(probs, theta)
+    classes = torch.arange(z.shape[1], device=z.device)
+    return prediction_set(classes == z.argmax(dim=1)[:, None], probs, theta, method_kind)
 
 
 def average_precision_per_class(

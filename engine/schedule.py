@@ -1,7 +1,9 @@
-"""Learning-rate schedule per optimizer step: linear warmup, then cosine, step or constant."""
+"""Learning-rate schedule per optimizer step: linear warmup, then cosine, step (every N steps or at
+milestones) or constant."""
 
 from __future__ import annotations
 
+import bisect
 import math
 
 from engine.config import OptimConfig
@@ -20,7 +22,15 @@ def lr_at(step: int, num_steps: int, optim: OptimConfig, global_batch_size: int)
     if optim.schedule == "constant":
         return peak
     if optim.schedule == "step":
-        return peak * optim.step_decay_factor ** (step // optim.step_decay_every)
+        return peak * optim.step_decay_factor ** decays_before(step, optim)
     decay_steps = max(1, num_steps - optim.warmup_lr_steps)
     progress = min(1.0, (step - optim.warmup_lr_steps) / decay_steps)
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def decays_before(step: int, optim: OptimConfig) -> int:
+    """How many step-schedule decays apply at optimizer step ``step`` (0-based): one per milestone
+    m <= step, or one per whole ``step_decay_every`` steps. Milestones count optimizer steps from 0."""
+    if optim.lr_milestones:
+        return bisect.bisect_right(optim.lr_milestones, step)
+    return step // optim.step_decay_every

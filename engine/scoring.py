@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.checkpoint import read_checkpoint
 from engine.config import RunConfig
-from engine.data import loader_config, resolve_data_root
+from engine.data import compute_dtype, loader_config, resolve_data_root
 from engine.models import build_model
 from engine.run_folder import RunFolder, saved_config
 from engine.steps import autocast_context
@@ -35,7 +35,7 @@ def load_learner(run_dir: Path, device: torch.device) -> tuple[RunConfig, nn.Mod
     config = saved_config(run_dir)
     root = resolve_data_root(config.data)
     num_classes = load_split(root, config.data.train_split).num_classes
-    model = build_model(config.arch.value, num_classes, config.method.multi_label_head)
+    model = build_model(config.arch, num_classes, config.method.multi_label_head)
     state = read_checkpoint(RunFolder(run_dir).checkpoint_path, device)["components"]["learner"]
     model.load_state_dict(state)
     return config, model.to(device).eval()
@@ -50,7 +50,7 @@ def eval_outputs(run_dir: Path, device: torch.device = torch.device("cpu"), spli
     logits, labels, targets = [], [], []
     try:
         for batch in loader.epoch(0):
-            with autocast_context(torch.bfloat16 if (device.type == "cuda" and config.bf16) else None, device.type):
+            with autocast_context(compute_dtype(config, device, train=False), device.type):
                 logits.append(model(batch.images).float().cpu())
             labels.append(batch.labels.cpu())
             if batch.targets is not None:

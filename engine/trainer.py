@@ -7,6 +7,7 @@ at log, eval and checkpoint points, each marked ``# SYNC``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from engine.build import Engine, EngineSpec, build_engine
 from engine.checkpoint import Progress, RngState, load_components, read_checkpoint, save_checkpoint
 from engine.config import ConfigError, Method, RunConfig, Switch
-from engine.data import build_loaders, resolve_data_root
+from engine.data import build_loaders, compute_dtype, resolve_data_root
 from engine.distributed import DistInfo
 from engine.metrics import EvalAccumulator
 from engine.phases import module_state
@@ -134,6 +135,17 @@ def check_against_data(config: RunConfig, train: SplitManifest, evaluation: Spli
     return has and config.multilabel_metrics is not Switch.OFF
 
 
+def steps_from_epochs(config: RunConfig, batches_per_epoch: int, is_main: bool = True) -> RunConfig:
+    """``config`` with ``num_steps`` = ``num_epochs`` x full training batches per epoch when
+    ``num_epochs`` is set (the split's size is known only here); unchanged otherwise."""
+    if config.num_epochs == 0:
+        return config
+    num_steps = config.num_epochs * batches_per_epoch
+    if is_main:
+        log.info("num_epochs %d x %d batches per epoch = %d optimizer steps", config.num_epochs, batches_per_epoch, num_steps)
+    return dataclasses.replace(config, num_steps=num_steps)
+
+
 class Trainer:
     def __init__(self, config: RunConfig, dist: DistInfo, resume: bool = False) -> None:
         self.config, self.dist, self.device = config, dist, dist.device
@@ -144,8 +156,9 @@ class Trainer:
         self.eval_split = load_split(root, config.data.eval_split)
         self.score_targets = check_against_data(config, self.train_split, self.eval_split, dist.world_size)
         self.train_loader, self.eval_loader = build_loaders(config, root, dist.rank, dist.world_size, self.device)
+        self.config = config = steps_from_epochs(config, self.train_loader.batches_per_epoch, dist.is_main)
         spec = EngineSpec(self.train_split.num_classes, self.train_split.label_kind is LabelKind.ATTRIBUTES)
-        self.engine: Engine = build_engine(config, spec, self.device, distributed=dist.enabled)
+        self.engine: Engine = build_engine(config, spec, self.device, distributed=dist.enabled, init_weights=not resume)
         self.progress, self.rng = Progress(), RngState()
         if resume:
             self._load(self.folder.checkpoint_path)
@@ -317,7 +330,7 @@ class Trainer:
         learner = self.engine.learner
         learner.eval()
         for batch in self.eval_loader.epoch(0):
-            with autocast_context(self.engine.settings.autocast_dtype, self.device.type):
+            with autocast_context(compute_dtype(self.config, self.device, train=False), self.device.type):
                 logits = learner(batch.images)
             accumulator.update(logits.float(), batch.labels, batch.targets if self.score_targets else None)
         learner.train()

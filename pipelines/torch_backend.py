@@ -129,7 +129,7 @@ class TorchLoader:
         self._device = torch.device(config.device)
         self._decode_on_device = self._device.type == "cuda" if decode_on_device is None else decode_on_device
         self._spec = transform_spec(config)
-        self._scale, self._bias = _normalisation(config, self._device)
+        self._scale, self._bias = normalisation(config.mean, config.std, self._device)
         self._plan = _EpochPlan()
         self._reader = BatchReader(self.table, self._spec, config.seed, decode=not self._decode_on_device)
         self._dataloader: DataLoader | None = _make_dataloader(self._reader, self._plan, config, pin=self._device.type == "cuda")
@@ -207,9 +207,10 @@ def normalise(images_nhwc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
     return images if dtype == torch.float32 else images.to(dtype)
 
 
-def _normalisation(config: LoaderConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    std_255 = torch.tensor(config.std, dtype=torch.float32) * 255.0
-    mean_255 = torch.tensor(config.mean, dtype=torch.float32) * 255.0
+def normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias) of ``normalise`` for per-channel ``mean`` and ``std`` of [0, 1] pixels."""
+    std_255 = torch.tensor(std, dtype=torch.float32) * 255.0
+    mean_255 = torch.tensor(mean, dtype=torch.float32) * 255.0
     scale = (1.0 / std_255).view(1, 3, 1, 1).to(device)
     bias = (-mean_255 / std_255).view(1, 3, 1, 1).to(device)
     return scale, bias

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app, default_config_path
-from engine.config import ConfigError, Key, RunConfig, build_config, config_keys, load_toml, to_toml
+from engine.config import ConfigError, Key, RunConfig, build_config, config_keys, key_by_name, load_toml, to_toml
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -33,8 +33,17 @@ def other_value(key: Key) -> typing.Any:
         return {"method.rho": 0.3, "optim.momentum": 0.8, "data.crop_scale_min": 0.2, "data.eval_crop_fraction": 0.9,
                 "optim.step_decay_factor": 0.5}.get(key.name, default + 0.125)
     if typing.get_origin(key.type) is tuple:
-        return [0.3, 0.7]
-    return {"device": "cpu", "out_dir": "runs/elsewhere"}.get(key.name, "some_value")
+        return [3, 7] if typing.get_args(key.type)[0] is int else [0.3, 0.7]
+    return {"device": "cpu", "out_dir": "runs/elsewhere", "arch": "resnet18"}.get(key.name, "some_value")
+
+
+# Keys whose other value is valid only with another key set too: {key: {other key: value}}.
+COMPANIONS = {"optim.lr_milestones": {"optim.schedule": "step"}}
+
+
+def with_companions(key: Key, value: typing.Any) -> dict[str, typing.Any]:
+    """``{key: value}`` plus the values it needs, as ``{"section.key": value}``."""
+    return {key.name: value, **COMPANIONS.get(key.name, {})}
 
 
 def cli_args(key: Key, value: typing.Any) -> list[str]:
@@ -58,14 +67,19 @@ def lookup(values: dict, name: str) -> typing.Any:
 
 def test_every_key_is_a_flag_and_a_toml_key_of_the_same_name(tmp_path: Path) -> None:
     keys = config_keys()
+    by_name = {key.name: key for key in keys}
     assert len(keys) >= 35
     for key in keys:
         value = other_value(key)
-        from_flag = printed_config(*cli_args(key, value))
+        values = with_companions(key, value)
+        from_flag = printed_config(*[arg for name, v in values.items() for arg in cli_args(by_name[name], v)])
         assert lookup(from_flag, key.name) == value, key.name
-        section, _, field = key.name.rpartition(".")
+        nested: dict = {}
+        for name, v in values.items():
+            section, _, field = name.rpartition(".")
+            (nested.setdefault(section, {}) if section else nested)[field] = v
         toml_file = tmp_path / f"{key.name}.toml"
-        toml_file.write_text(to_toml(build_config({section: {field: value}} if section else {field: value}, {})))
+        toml_file.write_text(to_toml(build_config(nested, {})))
         assert lookup(printed_config("--config", str(toml_file)), key.name) == value, key.name
 
 
@@ -75,6 +89,7 @@ def test_aliases_set_the_same_key() -> None:
             value = other_value(key)
             args = cli_args(key, value)
             aliased = [key.alias if arg == key.flag else arg for arg in args]
+            aliased += [arg for name, v in COMPANIONS.get(key.name, {}).items() for arg in cli_args(key_by_name()[name], v)]
             assert lookup(printed_config(*aliased), key.name) == value, key.alias
 
 
@@ -85,6 +100,9 @@ def test_help_lists_every_key_and_the_choices_of_every_enum() -> None:
         assert key.flag in result.stdout, key.flag
         if isinstance(key.type, type) and issubclass(key.type, enum.Enum):
             assert "|".join(m.value for m in key.type) in result.stdout, key.name
+    # arch is a string: any timm model name besides the built-in architectures
+    help_text = " ".join(result.stdout.split())
+    assert "grid_cnn | resnet18 | resnet50, or any timm model name" in help_text
 
 
 def test_print_config_round_trips_to_the_default_run(tmp_path: Path) -> None:
@@ -116,7 +134,16 @@ INVALID = [
     (["--momentum", "1.0"], "optim.momentum"),
     (["--image-size", "4"], "data.image_size_px"),
     (["--workers", "-1"], "data.num_workers"),
-    (["--arch", "vit_b_16"], "grid_cnn"),
+    (["--arch", "vit_b_16"], "grid_cnn, resnet18, resnet50 nor a timm model name"),
+    (["--arch", "resnet5O"], "close matches: resnet50, "),
+    (["--arch", "efficientnet_b9x"], "timm.list_models()"),
+    (["--schedule", "step", "--step-decay-every", "10", "--lr-milestones", "5"], "not both"),
+    (["--lr-milestones", "5"], "optim.lr_milestones (--lr-milestones) [5] is used by optim.schedule = step only"),
+    (["--schedule", "step", "--lr-milestones", "9", "--lr-milestones", "5"], "must be strictly increasing"),
+    (["--schedule", "step", "--lr-milestones", "0"], "optim.lr_milestones"),
+    (["--epochs", "-1"], "num_epochs (--num_epochs / --epochs) must be >= 0"),
+    (["--head-lr-scale", "-1"], "optim.head_lr_scale"),
+    (["--eval-precision", "fp16"], "bf16"),
     (["--method", "softmaxx"], "softmax"),
     (["--schedule", "linear"], "cosine"),
     (["--loader", "ffcv"], "dali"),
@@ -135,6 +162,9 @@ BAD_TOML = [
     ("[method]\nrh0 = 0.3\n", "unknown key 'method.rh0'"),
     ("method = \"mile\"\n", "method must be a table"),
     ("eval_thetas = 0.25\n", "eval_thetas (--eval_thetas / --theta): expected a non-empty list"),
+    ("eval_thetas = []\n", "eval_thetas (--eval_thetas / --theta): expected a non-empty list"),
+    ("[optim]\nlr_milestones = [10.5]\n", "optim.lr_milestones (--optim.lr_milestones / --lr-milestones): expected a whole number"),
+    ("arch = 3\n", "arch (--arch): expected a string"),
     ("num_steps = true\n", "expected a whole number, got True"),
     ("arch = = 1\n", "not valid TOML"),
 ]

@@ -1,0 +1,91 @@
+"""``mile-eval --model DIR --data SHARDS [--split val]``: score an exported model on any converted split.
+
+The split is read by the same loaders and scored by the same ``EvalAccumulator`` as a run's
+evaluation, with the preprocessing and thresholds of ``model.json``, so the run's own eval split
+reproduces its summary metrics. The metrics are printed as JSON (and written to ``--out``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import typer
+
+from engine.export import ExportedModel, ExportError, autocast_dtype, load_exported, resolve_device, run_cli
+from engine.metrics import EvalAccumulator
+from engine.steps import autocast_context
+from pipelines import build_loader
+from pipelines.contract import LoaderConfig
+from shards.format import LabelKind
+from shards.manifest import atomic_write_text, load_split
+
+
+@torch.no_grad()
+def evaluate_exported(
+    model_dir: Path, data: Path, split: str, device: torch.device, thetas: tuple[float, ...] = (), batch_size: int = 128,
+    backend: str = "auto", num_workers: int = 2,
+) -> dict[str, Any]:
+    """Metrics of the exported model on ``split`` of the shard folder ``data`` (thetas: model.json's by default)."""
+    meta, model = load_exported(model_dir, device)
+    manifest = load_split(data, split)
+    if manifest.num_classes != meta.num_classes:
+        raise ExportError(f"split {split!r} of {data} has {manifest.num_classes} classes; the model in {model_dir} has {meta.num_classes}")
+    attributes = manifest.label_kind is LabelKind.ATTRIBUTES
+    has_targets = manifest.label_kind.has_targets
+    accumulator = EvalAccumulator(
+        num_classes=meta.num_classes, thetas=thetas or tuple(meta.thetas), method_kind=meta.method_kind,
+        has_targets=has_targets, attributes=attributes, device=device,
+    )
+    dtype = autocast_dtype(meta, device)
+    loader = build_loader(data, split, _loader_config(meta, batch_size, backend, num_workers, device, dtype))
+    try:
+        for batch in loader.epoch(0):
+            with autocast_context(dtype, device.type):
+                logits = model(batch.images)
+            accumulator.update(logits.float(), batch.labels, batch.targets if has_targets else None)
+    finally:
+        loader.close()
+    return accumulator.compute()
+
+
+def _loader_config(meta: ExportedModel, batch_size: int, backend: str, num_workers: int, device: torch.device, dtype: torch.dtype | None) -> LoaderConfig:
+    return LoaderConfig(
+        batch_size=batch_size, image_size_px=meta.image_size_px, train=False, eval_crop_fraction=meta.eval_crop_fraction,
+        mean=tuple(meta.mean), std=tuple(meta.std), backend=backend, num_workers=num_workers, device=str(device),
+        dtype=dtype or torch.float32,
+    )
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def evaluate(
+    model: Path = typer.Option(..., "--model", help="An exported model folder (mile-export)."),
+    data: Path = typer.Option(..., "--data", help="A shard folder with manifest.json (make-shards)."),
+    split: str = typer.Option("val", "--split", help="Split to score."),
+    theta: Optional[list[float]] = typer.Option(None, "--theta", min=0.0, max=1.0, help="F1/coverage threshold(s); default: the run's. Repeat for several."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics JSON here."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available) | cpu | cuda | cuda:N."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    loader: str = typer.Option("auto", "--loader", help="auto | dali | torch, as engine-run's --loader."),
+    workers: int = typer.Option(2, "--workers", min=0, help="Loader worker processes (torch) or threads (DALI)."),
+) -> None:
+    """Score an exported model on a converted split with the run's metrics; prints them as JSON."""
+    metrics = evaluate_exported(model, data, split, resolve_device(device), tuple(theta or ()), batch_size, loader, workers)
+    text = json.dumps({"split": split, **metrics}, indent=1) + "\n"
+    typer.echo(text, nl=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, text)
+
+
+def main() -> None:
+    run_cli(app)
+
+
+if __name__ == "__main__":
+    main()
