@@ -63,7 +63,7 @@ def items(count: int, num_classes: int, multi: bool) -> list[SourceItem]:
                 label=label,
                 source=f"mem/{i}",
                 pixels=smooth_pixels(width, height, i),
-                labels=multi_labels(label) if multi else None,
+                label_set=multi_labels(label) if multi else None,
             )
         )
     return out
