@@ -21,6 +21,7 @@ How it works:
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
@@ -148,6 +149,11 @@ class TorchLoader:
         if self._dataloader is None:
             raise RuntimeError("loader is closed")
         self._plan.requests = [BatchRequest(epoch, idx) for idx in self.batch_indices(epoch)[start_batch:]]
+        if self.config.num_workers > 0:
+            # Collect unreachable objects before the DataLoader forks its workers: one that owns
+            # threads (a DALI pipeline no longer referenced) would otherwise be finalised inside a
+            # forked worker, where its threads do not exist, and hang it (seen in the test suite).
+            gc.collect()
         try:
             for raw in self._dataloader:
                 yield self._to_batch(raw, epoch)
