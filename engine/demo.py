@@ -1,7 +1,8 @@
 """The main job (``make demo``): the paper's multi-label grid experiment, softmax vs sigmoid vs MILe.
 
-Every method trains from ``engine/configs/digits_grid.toml`` with the same budget; only
-``[method].name`` changes (settings chosen on the tune split, docs/TUNING.md). Writes to ``--out``:
+Every method trains from ``engine/configs/digits_grid.toml`` with the same budget; each method's
+learning rate (and MILe's rho) come from ``engine/configs/demo/methods.toml``, chosen on the tune
+split (docs/TUNING.md). Writes to ``--out``:
 ``table.md`` / ``table.csv`` (per method: F1@theta, coverage, F1 at matched coverage, top-|T| F1,
 label-ranking AP, secondary mAP, top-1, mean ± std over seeds; and rows for predictors that need no
 model), ``f1_curve.png`` (F1@0.25 over training) and ``f1_vs_coverage.png`` (F1 against coverage
@@ -22,7 +23,7 @@ from typing import Any
 
 import typer
 
-from engine.config import RunConfig, build_config, load_toml
+from engine.config import RunConfig, build_config, load_toml, tomllib
 from engine.metrics import coverage_curve, trivial_predictor_scores
 from engine.run_folder import CONFIG_NAME, RunFolderError, read_metrics, saved_config
 
@@ -38,11 +39,22 @@ CURVE_THETAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.
 TRIVIAL_K_RANDOM = (1, 2)
 
 
-def method_config(base: dict[str, Any], method: str, out_root: Path, overrides: dict[str, Any], seed_index: int = 0) -> RunConfig:
-    """The run config of one method and seed: seed index 0 keeps the config's seed and ``OUT/METHOD``."""
-    config = build_config(base, {**overrides, "method.name": method})
+def default_method_settings() -> dict[str, dict[str, Any]]:
+    """Each method's own settings (chosen on the tune split, docs/TUNING.md), applied over the base config."""
+    from importlib import resources
+
+    path = Path(str(resources.files("engine") / "configs" / "demo" / "methods.toml"))
+    return tomllib.loads(path.read_text())
+
+
+def method_config(base: dict[str, Any], method: str, out_root: Path, overrides: dict[str, Any], seed_index: int = 0,
+                  method_settings: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """The run config of one method and seed: base < the method's settings < overrides. Seed index 0
+    keeps the config's seed and ``OUT/METHOD``."""
+    settings = {**(method_settings or {}).get(method, {}), **{k: v for k, v in overrides.items() if v is not None}, "method.name": method}
+    config = build_config(base, settings)
     folder = out_root / (method if seed_index == 0 else f"{method}-seed{config.seed + seed_index}")
-    return build_config(base, {**overrides, "method.name": method, "seed": config.seed + seed_index, "out_dir": str(folder)})
+    return build_config(base, {**settings, "seed": config.seed + seed_index, "out_dir": str(folder)})
 
 
 def run_method(config: RunConfig) -> dict[str, Any]:
@@ -82,10 +94,10 @@ def _value(summary: dict[str, Any], key: str) -> float | None:
     return summary.get(key)
 
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float], spec: str = ".2f") -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:{spec}}"
+    return f"{statistics.mean(values):{spec}} ± {statistics.stdev(values):{spec}}"
 
 
 def method_rows(summaries: dict[str, list[dict[str, Any]]]) -> list[dict[str, str]]:
@@ -95,7 +107,8 @@ def method_rows(summaries: dict[str, list[dict[str, Any]]]) -> list[dict[str, st
         row = {"method": method, "seeds": str(len(runs))}
         for title, key, scale in TABLE_COLUMNS:
             values = [_value(s, key) for s in runs]
-            row[title] = "-" if any(v is None for v in values) else _cell([scale * v for v in values])
+            spec = ".3g" if key == "threshold@matched" else ".2f"  # thresholds near 0.01 need significant digits
+            row[title] = "-" if any(v is None for v in values) else _cell([scale * v for v in values], spec)
         row["paper F1@0.25"] = f"{PAPER_F1_025[method]:.2f}"
         walls = [s["wall_s"] for s in runs if s.get("wall_s") is not None]
         row["wall s"] = f"{sum(walls):.0f}" if walls else "-"
@@ -207,7 +220,7 @@ def score_final_models(out_root: Path, methods: tuple[str, ...]) -> tuple[dict[s
 
 
 def main(
-    config: Path = typer.Option(None, "--config", help="Experiment config (default: engine/configs/digits_grid.toml)."),
+    config: Path = typer.Option(None, "--config", help="Experiment config for every method (default: engine/configs/digits_grid.toml with each method's tuned settings from engine/configs/demo/methods.toml)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the runs, the table and the plots."),
     steps: int = typer.Option(None, "--steps", min=1, help="Override the step budget (all methods)."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Train every method with N seeds (config seed, +1, ...); the table shows mean ± std."),
@@ -219,7 +232,8 @@ def main(
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     base = load_toml(config or default_config_path())
     overrides = {"num_steps": steps, "device": device}
-    configs = {m: [method_config(base, m, out, overrides, i) for i in range(seeds)] for m in METHODS}  # all checked before any training
+    settings = default_method_settings() if config is None else {}  # a user's --config is taken as it is
+    configs = {m: [method_config(base, m, out, overrides, i, settings) for i in range(seeds)] for m in METHODS}  # all checked before any training
     out.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, list[dict[str, Any]]] = {}
     for method, runs in configs.items():

@@ -105,7 +105,8 @@ def write_results(out_root: Path, results: list[dict[str, Any]], columns: list[s
 
 def results_markdown(results: list[dict[str, Any]], columns: list[str], select_by: str) -> str:
     best = {id(r) for r in best_per_method(results, select_by).values()}
-    lines = ["| method | run | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    header = [c.replace("|", "\\|") for c in columns]  # a bare | would split a Markdown cell
+    lines = ["| method | run | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(columns)]
     for r in results:
         cells = [f"{100 * r[c]:.2f}" if isinstance(r.get(c), float) and "coverage" not in c and "theta" not in c else
                  (f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-"))) for c in columns]
