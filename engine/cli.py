@@ -11,7 +11,6 @@ import enum
 import inspect
 import logging
 import os
-import subprocess
 import sys
 import traceback
 import typing
@@ -177,9 +176,14 @@ app.command(context_settings={"help_option_names": ["-h", "--help"]})(run)
 
 
 def _relaunch(gpus: int) -> None:
+    """Become the launcher (exec, not a child): a signal sent to this command (a terminal's, SLURM's)
+    then reaches the launcher, which forwards it to the workers, and its exit status is this command's."""
     from engine.distributed import torchrun_command
 
-    raise SystemExit(subprocess.call(torchrun_command(gpus, without_gpus_flag(sys.argv[1:]))))
+    command = torchrun_command(gpus, without_gpus_flag(sys.argv[1:]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
 
 
 def without_gpus_flag(argv: list[str]) -> list[str]:
