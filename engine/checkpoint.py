@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import logging
 import os
 import random
 import re
@@ -38,7 +37,6 @@ import torch
 
 CHECKPOINT_FORMAT = 2
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
-log = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
