@@ -18,15 +18,21 @@ Each writes ``DIR/<id>-<name>.json`` and ends with one line ``RESULT <id> PASS|F
   mean absolute difference < 1/255, labels equal, channels-last strides.
 - G2 dali-lifetime: DALI output tensors held while later batches are fetched stay intact.
 - G7 dali-capture: CUDA-graph capture while a DALI iterator prefetches, then training on its batches.
+- G8 ddp-graphs: one process as a DDP job of world size 1 (NCCL, init from the environment with
+  MASTER_ADDR=127.0.0.1): the MILe engine with graphs on equals graphs off step by step, and the
+  captured DDP step takes at most 5% longer than the captured non-DDP step.
 
 Project modules are imported inside each check, so that G0 can report a missing dependency.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +42,7 @@ import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import typer
@@ -45,6 +51,9 @@ app = typer.Typer(help="GPU checks; each prints a RESULT line and writes JSON.",
 OUT_OPTION = typer.Option(Path("gpu-checks"), "--out", help="Folder for the JSON results.")
 PIXEL_TOLERANCE = 1 / 255  # mean absolute difference of decoded images, in [0, 1] pixel units
 BUSY_FRACTION_MIN = 0.8  # steps after which the device was still busy when the host returned
+# G8: graphed vs eager DDP steps, error relative to each step's movement (as G1: a quarter of a bf16
+# ulp at the median, 5e-2 at most), and the DDP step's time over the non-DDP step's
+DDP_ERROR_MEDIAN, DDP_ERROR_MAX, DDP_SLOWDOWN_MAX = 1e-3, 5e-2, 1.05
 
 
 # -- plumbing --------------------------------------------------------------------------------------
@@ -562,6 +571,132 @@ def check_dali_capture(out: Path = OUT_OPTION, arch: str = "resnet18", steps: in
         return reason is None and engine.stepper.graphed and finite, summary, {"losses": losses, "reason": reason}
 
     guarded("G7", "dali-capture", out, body)
+
+
+# -- G8 captured steps under DDP ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def single_process_group(device: torch.device) -> Iterator[None]:
+    """A process group of one (NCCL on CUDA, gloo on the CPU), initialised from the environment as
+    torchrun would, asynchronous error handling off as the CUDA-graph notes on DDP ask; destroyed and
+    the environment put back afterwards."""
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    saved = {name: os.environ.get(name) for name in names}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def ddp_engines(arch: str, image_size: int, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """Three engines built alike (same seed: same initial weights): DDP graphed, DDP eager, plain graphed."""
+    from engine.build import EngineSpec, build_engine
+    from engine.config import build_config
+
+    def config(graphs: bool) -> Any:
+        return build_config({}, {"arch": arch, "method.name": "mile", "method.k_teacher_steps": 3, "method.k_student_steps": 2,
+                                 "global_batch_size": batch_size, "data.image_size_px": image_size, "device": str(device),
+                                 "cuda_graphs": graphs})
+
+    return {"ddp graphed": build_engine(config(True), EngineSpec(10), device, distributed=True),
+            "ddp eager": build_engine(config(False), EngineSpec(10), device, distributed=True),
+            "plain graphed": build_engine(config(True), EngineSpec(10), device)}
+
+
+def synthetic_batches(count: int, batch_size: int, image_size: int, device: torch.device, dtype: torch.dtype) -> list[Any]:
+    from pipelines.contract import Batch
+
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device, dtype)
+        labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+        batches.append(Batch(images.contiguous(memory_format=torch.channels_last), labels))
+    return batches
+
+
+@torch.no_grad()
+def _movement_error(before: list[torch.Tensor], graphed: list[torch.Tensor], eager: list[torch.Tensor]) -> float:
+    """|graphed - eager| relative to how far the graphed step moved the state (floating tensors)."""
+    pairs = [(b, g, e) for b, g, e in zip(before, graphed, eager) if b.is_floating_point()]
+    moved = torch.stack([torch.linalg.vector_norm((g - b).float()) for b, g, _ in pairs]).norm()
+    apart = torch.stack([torch.linalg.vector_norm((g - e).float()) for _, g, e in pairs]).norm()
+    return float(apart / moved.clamp_min(1e-30))  # SYNC: check
+
+
+def ddp_lockstep_errors(graphed: Any, eager: Any, batches: list[Any]) -> list[float]:
+    """Each step from the same state (the eager engine gets the graphed one's weights, statistics,
+    momentum and teacher before it): the error of the graphed DDP step against the eager one."""
+    errors = []
+    for step, batch in enumerate(batches):
+        with torch.no_grad():
+            torch._foreach_copy_(eager.switch.student_state + eager.switch.teacher_state,
+                                 graphed.switch.student_state + graphed.switch.teacher_state)
+        before = [t.clone() for t in graphed.switch.student_state]
+        graphed.train_step(step, batch)
+        eager.train_step(step, batch)
+        errors.append(_movement_error(before, graphed.switch.student_state, eager.switch.student_state))
+    return errors
+
+
+def step_ms(engine: Any, batches: list[Any], repeats: int, device: torch.device) -> float:
+    """Median over ``repeats`` of the mean time of one step over ``batches`` (device time on CUDA)."""
+    from benchmarks.engine_steps import Timer
+
+    timer = Timer(device)
+
+    def steps() -> None:
+        for step, batch in enumerate(batches):
+            engine.train_step(step, batch)
+
+    steps()  # warm-up
+    return statistics.median(timer.seconds(steps) for _ in range(repeats)) / len(batches) * 1000
+
+
+def ddp_graph_comparison(arch: str, image_size: int, batch_size: int, steps: int, repeats: int, device: torch.device | None = None) -> dict[str, Any]:
+    """G8's measurements: capture reasons, lockstep errors, and step times of the DDP and plain graphed engines."""
+    device = device or default_device()
+    with single_process_group(device):
+        engines = ddp_engines(arch, image_size, batch_size, device)
+        batches = synthetic_batches(steps, batch_size, image_size, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        reasons = {name: engine.capture(batches[0]) for name, engine in engines.items()}
+        errors = ddp_lockstep_errors(engines["ddp graphed"], engines["ddp eager"], batches)
+        times = {name: step_ms(engines[name], batches, repeats, device) for name in ("ddp graphed", "plain graphed")}
+    return {"capture": reasons, "errors": errors, "step_ms": times, "slowdown": times["ddp graphed"] / times["plain graphed"]}
+
+
+@app.command("ddp-graphs")
+def check_ddp_graphs(out: Path = OUT_OPTION, arch: str = "resnet18", image_size: int = 128, batch_size: int = 64,
+                     steps: int = 20, repeats: int = 5) -> None:
+    """G8: DDP (world size 1, NCCL) graphed == eager, and its step within 5% of the non-DDP captured step."""
+
+    def body() -> tuple[bool | None, str, dict[str, Any]]:
+        if skip := no_cuda():
+            return skip
+        result = ddp_graph_comparison(arch, image_size, batch_size, steps, repeats)
+        errors, graphed = result["errors"], result["capture"]["ddp graphed"] is None and result["capture"]["plain graphed"] is None
+        median_error, max_error = statistics.median(errors), max(errors)
+        passed = (graphed and median_error <= DDP_ERROR_MEDIAN and max_error <= DDP_ERROR_MAX
+                  and result["slowdown"] <= DDP_SLOWDOWN_MAX)
+        summary = (f"capture: {result['capture']}; graphed vs eager DDP over {steps} steps: median error {median_error:.2e} "
+                   f"(<= {DDP_ERROR_MEDIAN:g}), max {max_error:.2e} (<= {DDP_ERROR_MAX:g}); step "
+                   f"{result['step_ms']['ddp graphed']:.3f} ms under DDP vs {result['step_ms']['plain graphed']:.3f} ms without "
+                   f"(x{result['slowdown']:.3f}, <= {DDP_SLOWDOWN_MAX})")
+        return passed, summary, {"result": result}
+
+    guarded("G8", "ddp-graphs", out, body)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from engine.config import Method, RunConfig
+from engine.distributed import broadcast_buffers
 from engine.init_weights import load_backbone
 from engine.models import build_model, split_parameters
-from engine.phases import PhasePlan, PhaseSwitch
+from engine.phases import PhaseAction, PhasePlan, PhaseSwitch
 from engine.schedule import lr_at
-from engine.steps import StepResult, StepSettings, Stepper, build_stepper, init_momentum
+from engine.steps import GRAPH_WARMUP_ITERS, GRAPH_WARMUP_ITERS_DDP, StepResult, StepSettings, Stepper, build_stepper, init_momentum
+from engine.sync_bn import convert_sync_batchnorm
 from pipelines.contract import Batch
 
 log = logging.getLogger(__name__)
@@ -94,10 +96,44 @@ class Engine:
         )
 
     def _maybe_ddp(self, learner: nn.Module) -> nn.Module:
+        """The learner under DDP in a process group (the teacher has no gradients: never wrapped).
+
+        - ``sync_bn``: its BatchNorm layers become SyncBatchNorm, keeping their tensors (the optimizer,
+          the phase switch and the teacher copy hold them).
+        - ``forward_sync_buffers=False`` (buffers are synchronised once, at construction): BatchNorm
+          statistics are read only by the teacher snapshot and by evaluation, and the engine gives
+          every rank rank 0's statistics right before both (``sync_buffers``); a broadcast before
+          every forward would cost a collective per step for nothing. Rank 0's statistics, the ones
+          checkpointed, follow its own batches either way.
+        - ``static_graph`` and ``gradient_as_bucket_view`` (gradients are views into the all-reduce
+          buckets: no copy) and, on CUDA, construction on a side stream: what the PyTorch CUDA-graph
+          notes ask for capturing the all-reduce inside the step's graph.
+        - ``ddp_bf16_grads``: DDP's bf16 compression hook halves the bytes all-reduced."""
         if not self.distributed:
             return learner
-        device_ids = [self.device] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(learner, device_ids=device_ids)  # only the learner is wrapped
+        if self.config.sync_bn:
+            convert_sync_batchnorm(learner, self.device.type)
+        options: dict[str, Any] = dict(forward_sync_buffers=False, gradient_as_bucket_view=True, static_graph=True)
+        if self.device.type != "cuda":
+            return self._with_comm_hook(nn.parallel.DistributedDataParallel(learner, **options))
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            model = nn.parallel.DistributedDataParallel(learner, device_ids=[self.device], **options)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return self._with_comm_hook(model)
+
+    def _with_comm_hook(self, model: nn.parallel.DistributedDataParallel) -> nn.Module:
+        if self.config.ddp_bf16_grads:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+            model.register_comm_hook(None, bf16_compress_hook)
+        return model
+
+    def sync_buffers(self) -> None:
+        """Every rank takes rank 0's buffers (BatchNorm statistics): a collective, in a process group only."""
+        if self.distributed:
+            broadcast_buffers(self.learner)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -107,10 +143,9 @@ class Engine:
             return "CUDA graphs turned off (--cuda-graphs false)"
         if self.device.type != "cuda":
             return f"device is {self.device.type}: steps run eagerly"
-        if self.distributed:
-            return "multi-process runs keep DDP steps eager for now"
+        warmup = GRAPH_WARMUP_ITERS_DDP if self.distributed else GRAPH_WARMUP_ITERS
         try:
-            self.stepper.capture((batch.images, batch.labels, batch.targets), self.learner, self.optimizer)
+            self.stepper.capture((batch.images, batch.labels, batch.targets), self.learner, self.optimizer, warmup)
         except RuntimeError as error:  # capture can fail on exotic ops; eager still trains
             return f"CUDA graph capture failed ({error}); running eagerly"
         return None
@@ -120,7 +155,13 @@ class Engine:
 
     def train_step(self, step: int, batch: Batch) -> StepResult:
         """Optimizer step number ``step`` (0-based) on ``batch``: no host sync anywhere in it."""
-        self.switch.apply(self.plan.transitions_before(step))
+        actions = self.plan.transitions_before(step)
+        if PhaseAction.SNAPSHOT_TEACHER in actions:
+            # Without SyncBatchNorm each rank's BatchNorm statistics follow its own batches; the
+            # teacher must be one network on every rank, or the ranks would disagree on pseudo-labels.
+            # One collective of a few kilobytes (statistics only) every k steps, outside the graphs.
+            self.sync_buffers()
+        self.switch.apply(actions)
         lr = self.lr_at(step)
         self.lr.fill_(lr)  # fill_ with a Python float is a kernel launch, not a sync
         self.head_lr.fill_(lr * self.config.optim.head_lr_scale)

@@ -10,14 +10,25 @@ Only tensors, numbers, strings, lists and dicts are stored, so loading never run
 still unpickle; truncated and empty files fail to unpickle; both give an error naming the file.
 The write goes to a unique temporary sibling, is fsynced and renamed, so a crash mid-write leaves
 the previous checkpoint whole.
+
+``CheckpointWriter`` is how the trainer writes: the state is copied to host memory at the checkpoint
+point (quick), then hashed, written, fsynced and renamed by a background thread while training goes
+on; the next checkpoint, and the end of the run, wait for the previous write. Besides ``last.pt`` it
+keeps the last N checkpoints as ``step-XXXXXXX.pt`` and the best one as ``best.pt`` (hard links to
+one written file where the file system has them, so a checkpoint is written once).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
+import re
+import shutil
+import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +36,7 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = 2
+STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
 
 
 class CheckpointError(Exception):
@@ -38,16 +50,22 @@ class Stateful(Protocol):
 
 
 class Progress:
-    """How far training got: the next optimizer step, and the next batch to read (epoch, index)."""
+    """How far training got: the next optimizer step, the next batch to read (epoch, index of the
+    global batch in the epoch: the same samples on any number of processes with the torch backend),
+    and the best value of ``checkpoint.best_metric`` so far (None before the first evaluation)."""
 
     def __init__(self) -> None:
         self.step, self.epoch, self.batch = 0, 0, 0
+        self.best_value: float | None = None
+        self.best_step = -1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch}
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "best_value": self.best_value, "best_step": self.best_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
+        # absent from checkpoints written before best.pt existed: no best yet
+        self.best_value, self.best_step = state.get("best_value"), int(state.get("best_step", -1))
 
 
 class RngState:
@@ -99,21 +117,162 @@ def digest(tree: Any) -> str:
     return hasher.hexdigest()
 
 
+def host_copy(tree: Any) -> Any:
+    """``tree`` with every tensor copied to host memory (device tensors without waiting one by one:
+    the caller synchronises once, ``host_snapshot`` does); plain values are immutable or rebuilt."""
+    if isinstance(tree, torch.Tensor):
+        tensor = tree.detach()
+        return tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu", non_blocking=True)
+    if isinstance(tree, dict):
+        return {key: host_copy(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(host_copy(value) for value in tree)
+    return tree
+
+
+def host_snapshot(components: dict[str, Stateful], config: dict[str, Any]) -> dict[str, Any]:
+    """Every component's state, copied to host memory now: training may go on changing the originals."""
+    states = host_copy({name: component.state_dict() for name, component in components.items()})
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # SYNC: checkpoint point; the non-blocking copies have landed
+    return {"format": CHECKPOINT_FORMAT, "config": config, "components": states}
+
+
 def save_checkpoint(path: Path, components: dict[str, Stateful], config: dict[str, Any]) -> None:
     """Collect every component's state and write it atomically: unique temporary sibling, fsync, rename."""
-    states = {name: component.state_dict() for name, component in components.items()}
-    payload = {"format": CHECKPOINT_FORMAT, "config": config, "components": states}
-    payload["digest"] = digest({"config": config, "components": states})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    write_payload(host_snapshot(components, config), [path])
+
+
+def write_payload(payload: dict[str, Any], paths: list[Path]) -> None:
+    """Add the digest, write once to a temporary file, fsync, and publish it under every path of
+    ``paths`` in order, each atomically: a crash leaves every path either its old or its new file."""
+    payload = {**payload, "digest": digest({"config": payload["config"], "components": payload["components"]})}
+    folder = paths[0].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{paths[0].name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        for path in paths[:-1]:
+            _publish_copy(tmp, path)
+        os.replace(tmp, paths[-1])
+        _fsync_folder(folder)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _publish_copy(source: Path, path: Path) -> None:
+    """``path`` becomes a second name of ``source`` (a hard link; a copy where links are refused)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK, errno.EOPNOTSUPP):
+                raise
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames durable (a power cut could otherwise lose them)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the rename is still atomic
+    finally:
+        os.close(handle)
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files of writes that a killed process left behind; the list removed."""
+    stale = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+@dataclass(frozen=True)
+class CheckpointTargets:
+    """Where one checkpoint goes: ``last.pt`` (with ``step-XXXXXXX.pt`` when the last N are kept),
+    ``best.pt``, or both."""
+
+    step: int
+    last: bool = True
+    best: bool = False
+
+
+class CheckpointWriter:
+    """Writes checkpoints into ``folder`` on a background thread, one at a time (module docstring)."""
+
+    def __init__(self, folder: Path, keep_last: int = 0) -> None:
+        self.folder, self.keep_last = Path(folder), keep_last
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def last_path(self) -> Path:
+        return self.folder / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.folder / "best.pt"
+
+    def step_path(self, step: int) -> Path:
+        return self.folder / f"step-{step:07d}.pt"
+
+    def save(self, components: dict[str, Stateful], config: dict[str, Any], targets: CheckpointTargets) -> None:
+        """Copy the state to host memory now; write it in the background. Raises the error of the
+        previous write, if it failed (its files were left as they were before it)."""
+        self.wait()
+        payload = host_snapshot(components, config)
+        self._thread = threading.Thread(target=self._write, args=(payload, targets), name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Until the write in flight is on disk; its error, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _write(self, payload: dict[str, Any], targets: CheckpointTargets) -> None:
+        try:
+            write_payload(payload, self.paths(targets))
+            if targets.last and self.keep_last:
+                self._prune()
+        except BaseException as error:  # reported to the training thread by wait()
+            self._error = error
+
+    def paths(self, targets: CheckpointTargets) -> list[Path]:
+        """In publishing order: a killed write leaves last.pt at an older, whole checkpoint."""
+        paths = []
+        if targets.last:
+            paths += ([self.step_path(targets.step)] if self.keep_last else []) + [self.last_path]
+        if targets.best:
+            paths.append(self.best_path)
+        return paths
+
+    def step_files(self) -> list[Path]:
+        """The kept ``step-XXXXXXX.pt`` files, oldest first."""
+        found = [p for p in self.folder.iterdir() if STEP_FILE.match(p.name)] if self.folder.is_dir() else []
+        return sorted(found, key=lambda p: int(STEP_FILE.match(p.name).group(1)))
+
+    def _prune(self) -> None:
+        for path in self.step_files()[: -self.keep_last]:
+            path.unlink(missing_ok=True)
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

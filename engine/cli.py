@@ -11,8 +11,8 @@ import enum
 import inspect
 import logging
 import os
-import subprocess
 import sys
+import traceback
 import typing
 from importlib import resources
 from pathlib import Path
@@ -23,7 +23,7 @@ import typer
 from engine.config import ConfigError, Key, RunConfig, build_config, changed_keys, config_keys, load_toml, to_toml
 
 DEFAULT_CONFIG = "digits_grid.toml"
-_PANELS = {"data": "Data", "method": "Method", "optim": "Optimizer"}
+_PANELS = {"data": "Data", "method": "Method", "optim": "Optimizer", "checkpoint": "Checkpoints"}
 
 
 def default_config_path() -> Path:
@@ -82,21 +82,39 @@ def overrides_from(options: dict[str, Any]) -> dict[str, Any]:
 # -- resolving the config -------------------------------------------------------------------
 
 
-def resolve_config(config_file: Optional[Path], resume: bool, overrides: dict[str, Any]) -> RunConfig:
-    """``--resume``: the run's saved config, with only safe changes; else ``--config FILE`` (default:
-    MILe on the digit grid). Flags win over the file."""
-    if not resume:
-        path = config_file or default_config_path()
-        return build_config(load_toml(path), overrides, source=str(path))
-    if config_file is not None:
-        raise ConfigError("--resume continues a run with its own config.toml; drop --config (flags may change safe keys)")
-    from engine.run_folder import saved_config
+def resolve_config(config_file: Optional[Path], resume: bool, overrides: dict[str, Any], resume_auto: bool = False) -> tuple[RunConfig, bool]:
+    """The run's config and whether it resumes.
 
-    out_dir = overrides.get("out_dir") or RunConfig.__dataclass_fields__["out_dir"].default
-    saved = saved_config(out_dir)
-    config = build_config(saved.to_json(), overrides, source=f"{out_dir}/config.toml")
-    check_resume_changes(saved, config)
-    return config
+    ``--resume``: the run's saved config, with only safe changes. Otherwise ``--config FILE`` (default:
+    MILe on the digit grid), flags winning over the file; with ``--resume-auto`` (and in a worker
+    group that torchrun restarted) that config resumes the run in ``--out`` when the folder holds a
+    checkpoint, after the same check of what changed, and starts afresh when it holds none."""
+    if resume:
+        if config_file is not None:
+            raise ConfigError("--resume continues a run with its own config.toml; drop --config (flags may change safe keys)")
+        from engine.run_folder import saved_config
+
+        out_dir = overrides.get("out_dir") or RunConfig.__dataclass_fields__["out_dir"].default
+        saved = saved_config(out_dir)
+        config = build_config(saved.to_json(), overrides, source=f"{out_dir}/config.toml")
+        check_resume_changes(saved, config)
+        return config, True
+    path = config_file or default_config_path()
+    config = build_config(load_toml(path), overrides, source=str(path))
+    if not (resume_auto or restarted_by_torchrun()):
+        return config, False
+    from engine.run_folder import RunFolder, saved_config
+
+    if not RunFolder(config.out_dir).checkpoint_path.is_file():
+        return config, False
+    check_resume_changes(saved_config(config.out_dir), config)
+    return config, True
+
+
+def restarted_by_torchrun() -> bool:
+    """A worker group that ``torchrun --max-restarts N`` started again after a failure: it continues
+    from the last checkpoint without being told to."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
 def check_resume_changes(saved: RunConfig, config: RunConfig) -> None:
@@ -117,6 +135,7 @@ def run(
     config: Optional[Path] = None,
     print_config: bool = False,
     resume: bool = False,
+    resume_auto: bool = False,
     gpus: int = 1,
     **options: Any,
 ) -> None:
@@ -126,14 +145,16 @@ def run(
     Without --config, the digit-grid experiment (engine/configs/digits_grid.toml) sets the values first;
     "built-in" is the schema's value for a key that no config sets. --print-config shows what a run would use.
     """
-    run_config = resolve_config(config, resume, overrides_from(options))
+    if resume and resume_auto:
+        raise ConfigError("give --resume or --resume-auto, not both")
+    run_config, resuming = resolve_config(config, resume, overrides_from(options), resume_auto)
     if print_config:
         typer.echo(to_toml(run_config), nl=False)
         return
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(gpus)
         return
-    _train(run_config, resume)
+    _train(run_config, resuming)
 
 
 _FIXED = [
@@ -143,17 +164,26 @@ _FIXED = [
                       default=typer.Option(False, "--print-config", help="Print the resolved config as TOML and exit (nothing is built or written).")),
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                       default=typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint, with its saved config.")),
+    inspect.Parameter("resume_auto", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--resume-auto", help="Resume the run in --out when it holds a checkpoint of this same "
+                                           "config (changes as --resume allows them), else start it: one command for a job that may be "
+                                           "re-queued. A worker group restarted by torchrun --max-restarts does this by itself.")),
     inspect.Parameter("gpus", inspect.Parameter.KEYWORD_ONLY, annotation=int,
-                      default=typer.Option(1, "--gpus", min=1, help="GPUs on this node; N > 1 re-launches under torchrun.")),
+                      default=typer.Option(1, "--gpus", min=1, help="GPUs on this node; N > 1 re-launches under torchrun (engine.launch).")),
 ]
 run.__signature__ = inspect.Signature(_FIXED + config_parameters())  # type: ignore[attr-defined]
 app.command(context_settings={"help_option_names": ["-h", "--help"]})(run)
 
 
 def _relaunch(gpus: int) -> None:
+    """Become the launcher (exec, not a child): a signal sent to this command (a terminal's, SLURM's)
+    then reaches the launcher, which forwards it to the workers, and its exit status is this command's."""
     from engine.distributed import torchrun_command
 
-    raise SystemExit(subprocess.call(torchrun_command(gpus, without_gpus_flag(sys.argv[1:]))))
+    command = torchrun_command(gpus, without_gpus_flag(sys.argv[1:]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
 
 
 def without_gpus_flag(argv: list[str]) -> list[str]:
@@ -174,7 +204,7 @@ def _train(run_config: RunConfig, resume: bool) -> None:
     from engine.report import print_metrics_table
     from engine.trainer import Trainer
 
-    dist = init_distributed(run_config.device)
+    dist = init_distributed(run_config.device, run_config.cuda_graphs)
     completed = False
     try:
         summary = Trainer(run_config, dist, resume).run()
@@ -186,26 +216,45 @@ def _train(run_config: RunConfig, resume: bool) -> None:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    code = run_command()
+    from engine.distributed import exit_worker, joined_process_group
+
+    if joined_process_group():
+        exit_worker(code)  # a worker of a multi-process run: see exit_worker for why not SystemExit
+    raise SystemExit(code)
+
+
+def run_command() -> int:
+    """Run ``engine-run`` on ``sys.argv``; its exit status (errors are printed as one line)."""
     from engine.checkpoint import CheckpointError
+    from engine.distributed import joined_process_group
     from engine.run_folder import RunFolderError
     from engine.trainer import NonFiniteLoss, RunInterrupted
     from shards.manifest import ShardError
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         app()
+    except SystemExit as finished:  # typer ends every command this way, 0 included
+        return finished.code if isinstance(finished.code, int) else (0 if finished.code is None else 1)
     except RunInterrupted as stopped:
         typer.secho(str(stopped), fg=typer.colors.YELLOW, err=True)
-        raise SystemExit(stopped.exit_code) from None
+        return stopped.exit_code
     except NonFiniteLoss as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise SystemExit(3) from None
+        return 3
     except (ConfigError, ShardError, RunFolderError, CheckpointError, FileNotFoundError, ValueError) as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise SystemExit(2) from None
+        return 2
     except OSError as error:  # a full disk, a read-only --out: the message names the path; the last checkpoint is intact
         typer.secho(f"error: {error}. Free space or choose another --out, then continue with --resume.", fg=typer.colors.RED, err=True)
-        raise SystemExit(2) from None
+        return 2
+    except Exception:  # a peer that died, a bug: the traceback, then the same careful exit
+        if not joined_process_group():
+            raise
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

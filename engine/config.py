@@ -177,12 +177,29 @@ class OptimConfig(_Component):
 
 
 @dataclass(frozen=True)
+class CheckpointConfig(_Component):
+    """Which checkpoints a run keeps besides ``checkpoints/last.pt`` (docs/DESIGN.md, "Checkpoints")."""
+
+    SECTION: ClassVar[str] = "checkpoint"
+
+    keep_last: int = knob(
+        0, "Also keep the last N checkpoints as checkpoints/step-XXXXXXX.pt (last.pt is the newest of them); 0 = last.pt only.",
+        alias="--keep-checkpoints", ge=0, resume_safe=True,
+    )
+    best_metric: str = knob(
+        "", "Also keep checkpoints/best.pt: the state at the evaluation with the highest value of this eval metric "
+        "(e.g. lrap, top1, f1@matched, f1@0.25); empty = off.", alias="--best-metric",
+    )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one training run needs."""
 
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     arch: str = knob("grid_cnn", f"Model architecture: {' | '.join(BUILTIN_ARCHS)}, or any timm model name (timm.list_models()); never downloads weights.", alias="--arch")
     init_checkpoint: str = knob(
         "", "Start the backbone from these weights: a state dict (.pt/.pth), a .safetensors file or a run's checkpoint; "
@@ -204,6 +221,14 @@ class RunConfig:
     channels_last: bool = knob(True, "Channels-last memory format for images and weights.", alias="--channels-last")
     bf16: bool = knob(True, "bf16 autocast on CUDA (CPU runs are fp32).", alias="--bf16")
     eval_precision: EvalPrecision = knob(EvalPrecision.BF16, "Evaluation precision on CUDA: bf16 (autocast, as training) or fp32 (autocast off).", alias="--eval-precision", resume_safe=True)
+    sync_bn: bool = knob(
+        False, "Multi-process runs: SyncBatchNorm in the learner, so BatchNorm normalises over the global batch and a run "
+        "trains alike on any number of processes (the teacher is never converted).", alias="--sync-bn",
+    )
+    ddp_bf16_grads: bool = knob(
+        False, "Multi-process runs: all-reduce gradients in bf16 (DDP's bf16 compression hook): half the bytes, "
+        "gradients rounded to bf16.", alias="--ddp-bf16-grads",
+    )
 
     def __post_init__(self) -> None:
         _normalise(self, "")
@@ -214,7 +239,7 @@ class RunConfig:
         return _plain(dataclasses.asdict(self))
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "method": MethodConfig, "optim": OptimConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "method": MethodConfig, "optim": OptimConfig, "checkpoint": CheckpointConfig}
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 

@@ -21,6 +21,7 @@ from engine.phases import STUDENT, TEACHER, TRAIN, module_state
 
 log = logging.getLogger(__name__)
 GRAPH_WARMUP_ITERS = 3  # eager iterations on a side stream before capture, as the CUDA-graph docs ask
+GRAPH_WARMUP_ITERS_DDP = 11  # under DDP: "at least 11 DDP-enabled eager iterations before capture" (same notes)
 
 
 @dataclass
@@ -180,7 +181,10 @@ class Stepper:
     def __call__(self, phase: str, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> StepResult:
         return self.steps[phase](images, labels, targets)
 
-    def capture(self, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], learner: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def capture(
+        self, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], learner: nn.Module, optimizer: torch.optim.Optimizer,
+        warmup_iters: int = GRAPH_WARMUP_ITERS,
+    ) -> None:
         """Capture every phase's step; state changed by the warm-up iterations is put back."""
         check_current_device(sample[0].device)
         saved = _snapshot(learner, optimizer)
@@ -188,7 +192,7 @@ class Stepper:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for fn in self.steps.values():
-                for _ in range(GRAPH_WARMUP_ITERS):
+                for _ in range(warmup_iters):
                     fn(*sample)
         torch.cuda.current_stream().wait_stream(side)
         _restore(saved, learner, optimizer)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +22,10 @@ import torch
 from tqdm import tqdm
 
 from engine.build import Engine, EngineSpec, build_engine
-from engine.checkpoint import Progress, RngState, load_components, read_checkpoint, save_checkpoint
+from engine.checkpoint import CheckpointTargets, CheckpointWriter, Progress, RngState, load_components, read_checkpoint, remove_temporaries
 from engine.config import ConfigError, Method, RunConfig, Switch
 from engine.data import build_loaders, compute_dtype, resolve_data_root
-from engine.distributed import DistInfo
+from engine.distributed import DistInfo, gather_floats
 from engine.metrics import EvalAccumulator
 from engine.phases import module_state
 from engine.run_folder import RunFolder
@@ -39,7 +42,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class TrainStats:
-    """Device-side accumulators between two log points."""
+    """Device-side accumulators between two log points (this rank's; ``reduce_log_rows`` combines the ranks')."""
 
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), device=device)
@@ -48,6 +51,7 @@ class TrainStats:
         self.num_images = 0  # host-side: batch sizes are known without asking the device
         self.num_steps = 0
         self.train_seconds = 0.0  # wall time of training steps only (no eval, checkpoint or capture)
+        self.data_wait_seconds = 0.0  # wall time blocked waiting for the loader's next batch
 
     def update(self, result: StepResult, labels: torch.Tensor, step: int) -> None:
         self.loss_sum += result.loss
@@ -60,18 +64,45 @@ class TrainStats:
     def first_bad(self) -> int:
         return int(self.first_bad_step)  # SYNC: read at log/checkpoint points only
 
-    def read_and_reset(self) -> dict[str, float]:
-        loss, correct = (self.loss_sum / max(1, self.num_steps)).item(), self.correct.item()  # SYNC: log point
-        out = {"loss": loss, "train_top1": correct / max(1, self.num_images)}
+    def read_and_reset(self) -> list[float]:
+        """This rank's totals since the last log point, in ``LOCAL_FIELDS`` order; then zero."""
+        values = [self.loss_sum.item(), float(self.correct.item()), float(self.num_images), float(self.num_steps),  # SYNC: log point
+                  self.train_seconds, self.data_wait_seconds]
         self.loss_sum.zero_()
         self.correct.zero_()
         self.num_images = self.num_steps = 0
-        self.train_seconds = 0.0
-        return out
+        self.train_seconds = self.data_wait_seconds = 0.0
+        return values
+
+
+LOCAL_FIELDS = ("loss_sum", "correct", "num_images", "num_steps", "train_seconds", "data_wait_s", "signum")
+
+
+def reduce_log_rows(rows: list[list[float]]) -> dict[str, Any]:
+    """One log record's figures from every rank's ``LOCAL_FIELDS`` (one row per rank): loss and
+    accuracy over all ranks' images, images/s of the whole job (the slowest rank's time bounds it:
+    every step waits for every rank) and per process, and each rank's data wait."""
+    by_field = {name: [row[i] for row in rows] for i, name in enumerate(LOCAL_FIELDS)}
+    images, steps = sum(by_field["num_images"]), sum(by_field["num_steps"])
+    seconds = max(by_field["train_seconds"])
+    images_per_s = images / max(seconds, 1e-9)
+    return {
+        "loss": sum(by_field["loss_sum"]) / max(1.0, steps),
+        "train_top1": sum(by_field["correct"]) / max(1.0, images),
+        "images_per_s": images_per_s,  # training steps only, all processes together
+        "images_per_s_per_process": images_per_s / len(rows),
+        "data_wait_s": by_field["data_wait_s"][0],  # this log interval, rank 0
+        "data_wait_s_max": max(by_field["data_wait_s"]),
+        "data_wait_s_by_rank": by_field["data_wait_s"],
+        "signum": int(max(by_field["signum"])),
+    }
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before pre-emption
 
 
 class RunInterrupted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved. ``exit_code`` is 128 + the signal number."""
+    """SIGTERM/SIGINT/SIGUSR1 arrived; a checkpoint was saved. ``exit_code`` is 128 + the signal number."""
 
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
@@ -86,7 +117,8 @@ class _StopWhileWaiting(Exception):
 
 @dataclass
 class StopRequest:
-    """Set by SIGTERM/SIGINT; the loop saves a checkpoint and exits at the next step boundary.
+    """Set by SIGTERM/SIGINT/SIGUSR1; the loop saves a checkpoint and exits at the next step boundary
+    (several processes: at the next log point, all after the same step).
 
     While the loop waits for a batch (a loader starting, a slow disk) there is no step to finish,
     so the signal interrupts the wait at once (``waiting``); the checkpoint then holds the state
@@ -146,6 +178,20 @@ def steps_from_epochs(config: RunConfig, batches_per_epoch: int, is_main: bool =
     return dataclasses.replace(config, num_steps=num_steps)
 
 
+# Metric names a higher value of which is not better: refused as checkpoint.best_metric.
+NOT_A_SCORE = re.compile(r"^(num_.*|coverage@.*|matched_target|theta@matched|m@matched)$")
+
+
+def check_best_metric(name: str, available: tuple[str, ...]) -> None:
+    """``checkpoint.best_metric`` must be one of the run's eval metrics for which higher is better."""
+    if not name:
+        return
+    scores = [metric for metric in available if not NOT_A_SCORE.match(metric)]
+    if name not in scores:
+        raise ConfigError(f"checkpoint.best_metric (--best-metric) {name!r} is not a score this run's evaluation reports; "
+                          f"choose one of {', '.join(scores)}")
+
+
 class Trainer:
     def __init__(self, config: RunConfig, dist: DistInfo, resume: bool = False) -> None:
         self.config, self.dist, self.device = config, dist, dist.device
@@ -155,6 +201,7 @@ class Trainer:
         self.train_split = load_split(root, config.data.train_split)
         self.eval_split = load_split(root, config.data.eval_split)
         self.score_targets = check_against_data(config, self.train_split, self.eval_split, dist.world_size)
+        check_best_metric(config.checkpoint.best_metric, self._new_accumulator().metric_names())
         self.train_loader, self.eval_loader = build_loaders(config, root, dist.rank, dist.world_size, self.device)
         self.config = config = steps_from_epochs(config, self.train_loader.batches_per_epoch, dist.is_main)
         spec = EngineSpec(self.train_split.num_classes, self.train_split.label_kind is LabelKind.ATTRIBUTES)
@@ -163,6 +210,9 @@ class Trainer:
         if resume:
             self._load(self.folder.checkpoint_path)
         self.folder.prepare(config, resume)  # only now, with everything checked, is the folder written
+        self.checkpoints = CheckpointWriter(self.folder.checkpoint_path.parent, config.checkpoint.keep_last) if dist.is_main else None
+        if dist.is_main and remove_temporaries(self.folder.checkpoint_path.parent):
+            log.warning("removed the temporary files of a checkpoint write that was killed; %s is whole", self.folder.checkpoint_path)
         self._captured = False
 
     @property
@@ -177,12 +227,15 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         stop = StopRequest()
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
         try:
-            return self._loop(stop)
+            summary = self._loop(stop)
+            self._wait_for_checkpoint()
+            return summary
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self._wait_for_checkpoint(report=False)  # an error is on its way already: keep it
             self.train_loader.close()
             self.eval_loader.close()
             self.folder.close()
@@ -190,7 +243,8 @@ class Trainer:
     def _loop(self, stop: StopRequest) -> dict[str, Any]:
         stats = TrainStats(self.device)
         batches = self._batches()
-        bar = tqdm(total=self.config.num_steps, initial=self.step, unit="step", disable=not self.dist.is_main, dynamic_ncols=True)
+        # a bar on a terminal; in a log file (a cluster job) the log points print plain lines instead
+        bar = tqdm(total=self.config.num_steps, initial=self.step, unit="step", disable=not self._on_terminal(), dynamic_ncols=True)
         eval_metrics: dict[str, float] = {}
         self.engine.learner.train()
         with bar:
@@ -207,16 +261,23 @@ class Trainer:
         self.folder.write_summary(summary)
         return summary
 
+    def _on_terminal(self) -> bool:
+        return self.dist.is_main and sys.stderr.isatty()
+
     def _next_batch(self, stop: StopRequest, batches: Iterator[Batch], stats: TrainStats) -> Batch:
+        started = time.perf_counter()
         try:
             # several processes must leave after the same step: they agree at log points instead
             return stop.next_batch(batches, interruptible=not self.dist.enabled)
         except _StopWhileWaiting as stopped:
-            self._save_checkpoint(stats)
+            self._save_checkpoint(stats, CheckpointTargets(self.step))
+            self._wait_for_checkpoint()
             raise RunInterrupted(stopped.signum, self._stopped_message(stopped.signum)) from None
         except ShardDataError as error:  # damaged data: stop cleanly, the last checkpoint stays as it was
             advice = "Repair or re-convert the data, then continue with --resume."
             raise ShardDataError(f"{error}\n{self._kept_message(advice)}") from None
+        finally:
+            stats.data_wait_seconds += time.perf_counter() - started
 
     def _step_points(self, stop: StopRequest, stats: TrainStats, bar: tqdm) -> dict[str, float] | None:
         """Log, eval and checkpoint points after a step; the eval metrics when it evaluated."""
@@ -226,15 +287,20 @@ class Trainer:
         eval_point = self.step % config.eval_every == 0 or done
         if log_point or eval_point:
             self._drain(stats)
+        # one process stops at once; several agree at log points, so that all leave after the same
+        # step (a rank that ran one more step would wait in its gradient all-reduce forever)
+        signum = 0 if self.dist.enabled else (stop.signum or 0)
         if log_point:
-            self._log_point(stats, bar)
+            signum = self._log_point(stats, bar, stop)
         if eval_point:
             eval_metrics = self.evaluate()
-        signum = self._agreed_stop(stop, log_point)
-        if self.step % config.checkpoint_every == 0 or done or signum:
+        best = self._improves_best(eval_metrics)
+        if self.step % config.checkpoint_every == 0 or done or signum or best:
+            last = self.step % config.checkpoint_every == 0 or done or bool(signum)
             self._drain(stats)
-            self._save_checkpoint(stats)
+            self._save_checkpoint(stats, CheckpointTargets(self.step, last=last, best=best))
         if signum:
+            self._wait_for_checkpoint()
             raise RunInterrupted(signum, self._stopped_message(signum))
         return eval_metrics
 
@@ -253,18 +319,6 @@ class Trainer:
         self._run_ahead.step_queued(batch)
         self.progress.step += 1
         stats.train_seconds += time.perf_counter() - started
-
-    def _agreed_stop(self, stop: StopRequest, log_point: bool) -> int:
-        """The signal to stop on (0 = go on). One process stops at once; several processes agree at
-        log points only, so that all of them leave after the same step (a rank that ran one more
-        step would wait in its gradient all-reduce forever)."""
-        if not self.dist.enabled:
-            return stop.signum or 0
-        if not log_point:
-            return 0
-        flag = torch.tensor([stop.signum or 0], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # SYNC: log point
-        return int(flag.item())
 
     def _batches(self) -> Iterator[Batch]:
         """Endless training batches from the saved data position; keeps ``self.progress`` current."""
@@ -285,16 +339,23 @@ class Trainer:
             torch.cuda.current_stream(self.device).synchronize()  # SYNC: log/eval/checkpoint point
             stats.train_seconds += time.perf_counter() - started
 
-    def _log_point(self, stats: TrainStats, bar: tqdm) -> None:
+    def _log_point(self, stats: TrainStats, bar: tqdm, stop: StopRequest) -> int:
+        """Log the ranks' loss, accuracy, images/s and data wait (one all-gather); the signal the
+        ranks agree to stop on (0 = go on)."""
         self._check_finite(stats)
-        images = stats.num_images * self.dist.world_size
-        seconds = stats.train_seconds
+        rows = gather_floats([*stats.read_and_reset(), float(stop.signum or 0)], self.device)  # SYNC: log point
+        reduced = reduce_log_rows(rows)
+        signum = reduced.pop("signum")
         position = self.engine.plan.position(self.step - 1)
-        record = {"kind": "train", "step": self.step, "phase": position.phase.value, "cycle": position.cycle, **stats.read_and_reset()}
+        record = {"kind": "train", "step": self.step, "phase": position.phase.value, "cycle": position.cycle, **reduced}
         record["lr"] = self.engine.lr_at(self.step - 1)
-        record["images_per_s"] = images / max(seconds, 1e-9)  # training steps only
         self.folder.log(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", phase=position.phase.value, img_s=f"{record['images_per_s']:.0f}")
+        if self.dist.is_main and not self._on_terminal():
+            log.info("step %d/%d %s loss %.4f top1 %.3f lr %.4g %.0f images/s data wait %.2fs (max over ranks %.2fs)",
+                     self.step, self.config.num_steps, position.phase.value, record["loss"], record["train_top1"], record["lr"],
+                     record["images_per_s"], record["data_wait_s"], record["data_wait_s_max"])
+        return signum
 
     def _check_finite(self, stats: TrainStats) -> None:
         bad_step = stats.first_bad()
@@ -310,16 +371,15 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite weights or BatchNorm statistics after step {self.step}; {self._kept_message()}")
 
     def _kept_message(self, advice: str = "Try a lower --lr or check the data.") -> str:
+        self._wait_for_checkpoint(report=False)
         path = self.folder.checkpoint_path
         kept = f"the last good checkpoint ({path}) is kept" if path.is_file() else "no checkpoint had been written yet"
         return f"stopping; {kept}. {advice}"
 
     # -- evaluation and checkpoints -----------------------------------------------------------
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        started = time.perf_counter()
-        accumulator = EvalAccumulator(
+    def _new_accumulator(self) -> EvalAccumulator:
+        return EvalAccumulator(
             num_classes=self.eval_split.num_classes,
             thetas=self.config.eval_thetas,
             method_kind="softmax" if self.config.method.name is Method.SOFTMAX else "sigmoid",
@@ -327,6 +387,12 @@ class Trainer:
             attributes=self.eval_split.label_kind is LabelKind.ATTRIBUTES,
             device=self.device,
         )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        started = time.perf_counter()
+        accumulator = self._new_accumulator()
+        self.engine.sync_buffers()  # every rank evaluates its share with rank 0's BatchNorm statistics
         learner = self.engine.learner
         learner.eval()
         for batch in self.eval_loader.epoch(0):
@@ -340,11 +406,35 @@ class Trainer:
         self.folder.log({**record, "eval_seconds": time.perf_counter() - started})
         return metrics
 
-    def _save_checkpoint(self, stats: TrainStats) -> None:
+    def _improves_best(self, metrics: dict[str, float] | None) -> bool:
+        """Whether ``metrics`` beat the best value of ``checkpoint.best_metric`` so far (recorded if so)."""
+        name = self.config.checkpoint.best_metric
+        if not name or not metrics or not math.isfinite(metrics.get(name, math.nan)):
+            return False
+        progress = self.progress
+        if progress.best_value is not None and metrics[name] <= progress.best_value:
+            return False
+        progress.best_value, progress.best_step = metrics[name], self.step
+        if self.dist.is_main:
+            log.info("best %s so far: %.4f at step %d -> %s", name, metrics[name], self.step, self.checkpoints.best_path)
+        return True
+
+    def _save_checkpoint(self, stats: TrainStats, targets: CheckpointTargets) -> None:
+        """Check, copy the state to host memory, and let the writer's thread put it on disk."""
         self._check_finite(stats)  # never checkpoint weights that a NaN step has touched
         self._check_finite_state()
-        if self.dist.is_main:
-            save_checkpoint(self.folder.checkpoint_path, self.components(), self.config.to_json())
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.components(), self.config.to_json(), targets)
+
+    def _wait_for_checkpoint(self, report: bool = True) -> None:
+        """Until the checkpoint being written is on disk; its error unless ``report`` is off."""
+        if self.checkpoints is None:
+            return
+        try:
+            self.checkpoints.wait()
+        except Exception:
+            if report:
+                raise
 
     def _load(self, path: Path) -> None:
         payload = read_checkpoint(path, self.device)

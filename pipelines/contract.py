@@ -121,11 +121,22 @@ def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
 
 
+def train_batch_range(batch_index: int, batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Positions in the epoch's global permutation that rank ``rank`` trains on in batch ``batch_index``
+    of the epoch (the torch backend's rule): the global batch of ``G = batch_size * world_size`` samples
+    is [s*G, (s+1)*G) and rank r takes its contiguous slice [s*G + r*B, s*G + (r+1)*B). Every step
+    therefore trains on the same samples whatever the number of processes, and a data position (epoch,
+    batch index) means the same samples after a restart on another number of processes."""
+    start = batch_index * batch_size * world_size + rank * batch_size
+    return start, start + batch_size
+
+
 def batches_per_epoch(num_samples: int, config: LoaderConfig) -> int:
-    """Batches per epoch on ``config.rank``, the same rule for every backend. Training: full batches
-    of the smallest rank share, so every rank steps equally often (DDP would hang otherwise).
-    Evaluation: this rank's whole share, the last batch possibly partial."""
+    """Batches per epoch on ``config.rank``, the same rule for every backend. Training: full global
+    batches, the same count on every rank (DDP would hang otherwise); N // (B*W) equals the full
+    per-rank batches of the smallest rank share, (N // W) // B. Evaluation: this rank's whole
+    share, the last batch possibly partial."""
     if config.train:
-        return (num_samples // config.world_size) // config.batch_size
+        return num_samples // (config.batch_size * config.world_size)
     start, stop = rank_range(num_samples, config.rank, config.world_size)
     return -(-(stop - start) // config.batch_size)

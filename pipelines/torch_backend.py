@@ -3,9 +3,11 @@
 How it works:
 
 - The main process plans each epoch as a list of batches of sample indices: in training a global
-  permutation fixed by (seed, epoch), of which this rank takes its ``rank_range`` slice, cut into
-  full batches (the same count on every rank); in evaluation the rank's ``rank_range`` in file
-  order, the last batch possibly partial. ``epoch(e, start_batch=k)`` simply starts at batch k.
+  permutation fixed by (seed, epoch), cut into global batches of batch_size x world_size samples, of
+  which this rank takes its contiguous slice (``contract.train_batch_range``): a step trains on the
+  same samples whatever the number of processes, so a run resumes exactly on another number of
+  processes too. In evaluation the rank's ``rank_range`` in file order, the last batch possibly
+  partial. ``epoch(e, start_batch=k)`` simply starts at batch k.
 - DataLoader worker processes (persistent across epochs) turn a planned batch into tensors: they
   read member bytes with ``pread`` through the ``.idx`` offsets and, when the device is the CPU,
   decode (``torchvision.io.decode_jpeg``) and augment each image, returning a uint8 N×S×S×C batch.
@@ -31,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipelines.contract import Batch, LoaderConfig, ShardDataError, batches_per_epoch, rank_range
+from pipelines.contract import Batch, LoaderConfig, ShardDataError, batches_per_epoch, rank_range, train_batch_range
 from pipelines.sample_table import SampleTable, ShardReader, build_sample_table
 from pipelines.transforms import Mode, TransformSpec, epoch_permutation, sample_rng, transform_image, transform_spec
 from shards.manifest import SplitManifest
@@ -141,8 +143,9 @@ class TorchLoader:
         batch = self.config.batch_size
         if not self.config.train:
             return [np.arange(i, min(i + batch, stop)) for i in range(start, stop, batch)]
-        order = epoch_permutation(len(self.table), self.config.seed, epoch)[start:stop]
-        return [order[i * batch : (i + 1) * batch] for i in range(self.batches_per_epoch)]
+        order = epoch_permutation(len(self.table), self.config.seed, epoch)
+        rank, world_size = self.config.rank, self.config.world_size
+        return [order[slice(*train_batch_range(i, batch, rank, world_size))] for i in range(self.batches_per_epoch)]
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from ``start_batch`` on; one epoch at a time per loader."""

@@ -87,3 +87,21 @@ def test_dali_buffer_lifetime_check_on_cpu(tmp_path: Path) -> None:
     shards = gpu_checks.photo_shards(tmp_path / "photos", 16 * 7, num_classes=4)
     checked, changed = gpu_checks.dali_lifetime(shards, 6, torch.device("cpu"))
     assert checked == 6 - 3 and changed == []
+
+
+def test_ddp_graph_check_runs_on_cpu() -> None:
+    """G8's code under a gloo process group of one: DDP builds with the capture options, the
+    lockstep comparison and the timings run (no graphs on a CPU: graphed and eager are the same
+    steps, so every error is 0), and the environment is left as it was."""
+    import os
+
+    import torch
+
+    from benchmarks import gpu_checks
+
+    before = {name: os.environ.get(name) for name in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    result = gpu_checks.ddp_graph_comparison("grid_cnn", 24, 8, 4, 2, torch.device("cpu"))
+    assert result["capture"]["ddp graphed"].startswith("device is cpu") and result["errors"] == [0.0] * 4
+    assert result["step_ms"]["ddp graphed"] > 0 and result["slowdown"] > 0
+    assert not torch.distributed.is_initialized()
+    assert {name: os.environ.get(name) for name in before} == before

@@ -226,7 +226,7 @@ def test_gpus_relaunch_drops_only_the_gpus_flag(monkeypatch) -> None:
     assert without_gpus_flag(argv) == ["--method", "mile", "--out", "runs/x"]
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 8)
     command = distributed.torchrun_command(8, ["--method", "mile"])
-    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert command[:3] == [sys.executable, "-m", "engine.launch"]  # torchrun, forwarding SIGUSR1 too
     assert "--nproc_per_node=8" in command and command[-4:] == ["-m", "engine.cli", "--method", "mile"]
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match="--gpus 8: only 2"):

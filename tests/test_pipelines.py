@@ -167,6 +167,21 @@ def test_train_fixed_batches_drop_last_partial(root: Path, backend: str) -> None
             assert len(set(labels)) == len(labels)  # no sample twice within an epoch
 
 
+def test_torch_global_batch_is_the_same_on_any_number_of_processes(root: Path) -> None:
+    """Step s of an epoch trains on the same samples and images whether 1, 2 or 4 processes share a
+    global batch of 8: rank r's batch is the r-th contiguous slice of the one-process batch. So a
+    data position (epoch, batch) means the same samples after a restart on another number of processes."""
+    single = run_epoch(root, "multi", config("torch", train=True, augment=AugmentConfig()), epoch=1)
+    assert len(single) == NUM_MULTI // 8
+    for world_size in (2, 4):
+        shards = [run_epoch(root, "multi", config("torch", train=True, augment=AugmentConfig(), batch_size=8 // world_size,
+                                                   rank=rank, world_size=world_size), epoch=1) for rank in range(world_size)]
+        for step, whole in enumerate(single):
+            parts = [shard[step] for shard in shards]
+            assert torch.equal(cat(parts, "labels"), whole.labels), (world_size, step)
+            assert torch.equal(cat(parts, "images"), whole.images), (world_size, step)  # augmentation seeded per sample
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_epochs_shuffle_differently(root: Path, backend: str) -> None:
     cfg = config(backend, train=True, shuffle_buffer=64)

@@ -4,7 +4,7 @@
 # line per check. About 5 minutes on one H100 when all pass; never more than GPU_CHECKS_BUDGET_S
 # (default 540 s) in all, so that it fits one 600 s device call.
 #
-#   bash tools/gpu_checks.sh [OUT_DIR] [CHECK...]     (from the repository root; CHECK: G0 G1 G3 G4 G5 G6 G2 G7)
+#   bash tools/gpu_checks.sh [OUT_DIR] [CHECK...]     (from the repository root; CHECK: G0 G1 G8 G3 G4 G5 G6 G2 G7)
 #
 # Writes OUT_DIR/<check>.txt (its output) and OUT_DIR/<check>-*.json (its results); what each check
 # does is in benchmarks/gpu_checks.py. Works without DALI (G2 and G7 then print SKIP) and without
@@ -55,6 +55,7 @@ run_check() {  # ID LIMIT_S COMMAND...: run, keep its output, record its RESULT 
 checks=(-m benchmarks.gpu_checks)
 run_check G0 30 "$py" "${checks[@]}" env --out "$out"
 run_check G1 150 "$py" "${checks[@]}" graph-tests --out "$out"
+run_check G8 60 "$py" "${checks[@]}" ddp-graphs --out "$out"
 run_check G3 100 "$py" "${checks[@]}" hot-loop --out "$out"
 run_check G4 170 "$py" "${checks[@]}" e2e --out "$out"
 run_check G5 45 "$py" "${checks[@]}" switch --out "$out"
