@@ -79,7 +79,13 @@ def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for name in a:
         if a[name].is_floating_point():
-            torch.testing.assert_close(a[name], b[name], atol=WEIGHT_ATOL, rtol=WEIGHT_RTOL, msg=name)
+            # BatchNorm running statistics are running averages of batch means/variances that SyncBN
+            # reduces over ranks in another order than one process does: their rounding noise is a few
+            # times the parameters' (seen: 1.6e-4 on a mean of 0.057 after a 2 -> 1 process resume).
+            # A wrong batch shows first in the losses (compared to 1e-5 relative), far above this.
+            scale = 5 if name.endswith(("running_mean", "running_var")) else 1
+            torch.testing.assert_close(a[name], b[name], atol=scale * WEIGHT_ATOL, rtol=scale * WEIGHT_RTOL,
+                                       msg=lambda detail, name=name: f"{name}: {detail}")
         else:
             assert torch.equal(a[name], b[name]), name
 
