@@ -34,6 +34,7 @@ class EngineSpec:
 
     num_classes: int
     attributes: bool = False  # supervised targets are multi-hot attributes (CelebA), not single labels
+    batches_per_epoch: int = 0  # full global batches of the train split: places epoch milestones (0 = unknown)
 
 
 class Engine:
@@ -42,7 +43,7 @@ class Engine:
     def __init__(self, config: RunConfig, spec: EngineSpec, device: torch.device, distributed: bool = False, init_weights: bool = True) -> None:
         """``init_weights``: load ``config.init_checkpoint`` into the learner (False when a resume
         loads a checkpoint over it anyway)."""
-        self.config, self.device, self.distributed = config, device, distributed
+        self.config, self.spec, self.device, self.distributed = config, spec, device, distributed
         self.plan = PhasePlan(config.method)
         torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts them too)
         if device.type == "cuda":
@@ -151,7 +152,7 @@ class Engine:
         return None
 
     def lr_at(self, step: int) -> float:
-        return lr_at(step, self.config.num_steps, self.config.optim, self.config.global_batch_size)
+        return lr_at(step, self.config.num_steps, self.config.optim, self.config.global_batch_size, self.spec.batches_per_epoch)
 
     def train_step(self, step: int, batch: Batch) -> StepResult:
         """Optimizer step number ``step`` (0-based) on ``batch``: no host sync anywhere in it."""

@@ -62,6 +62,11 @@ class Schedule(Choice):
     CONSTANT = "constant"
 
 
+class MilestoneUnit(Choice):
+    STEPS = "steps"  # optimizer steps, counted from 0
+    EPOCHS = "epochs"  # whole passes over the train split (x its full batches per epoch)
+
+
 class Backend(Choice):
     AUTO = "auto"  # DALI when it imports, else torch
     DALI = "dali"
@@ -169,8 +174,12 @@ class OptimConfig(_Component):
     warmup_lr_steps: int = knob(0, "Linear learning-rate warmup steps.", alias="--warmup-lr-steps", ge=0)
     step_decay_every: int = knob(0, "Step schedule: multiply the rate by step_decay_factor every N steps.", alias="--step-decay-every", ge=0)
     lr_milestones: tuple[int, ...] = knob(
-        (), "Step schedule: multiply the rate by step_decay_factor at each of these optimizer steps (steps, not epochs; "
+        (), "Step schedule: multiply the rate by step_decay_factor at each of these points (in optim.lr_milestones_unit; "
         "repeat the flag for several); instead of step_decay_every.", alias="--lr-milestones", ge=1, allow_empty=True,
+    )
+    lr_milestones_unit: MilestoneUnit = knob(
+        MilestoneUnit.STEPS, "Unit of optim.lr_milestones: optimizer steps, or epochs of the train split "
+        "(the paper's baselines decay at epochs 30, 60, 80).", alias="--lr-milestones-unit",
     )
     step_decay_factor: float = knob(0.1, "Step schedule: the factor.", alias="--step-decay-factor", gt=0, le=1)
     head_lr_scale: float = knob(1.0, "The classifier's learning rate as a multiple of the backbone's (e.g. 10 when fine-tuning from --init-checkpoint).", alias="--head-lr-scale", ge=0)

@@ -204,7 +204,8 @@ class Trainer:
         check_best_metric(config.checkpoint.best_metric, self._new_accumulator().metric_names())
         self.train_loader, self.eval_loader = build_loaders(config, root, dist.rank, dist.world_size, self.device)
         self.config = config = steps_from_epochs(config, self.train_loader.batches_per_epoch, dist.is_main)
-        spec = EngineSpec(self.train_split.num_classes, self.train_split.label_kind is LabelKind.ATTRIBUTES)
+        spec = EngineSpec(self.train_split.num_classes, self.train_split.label_kind is LabelKind.ATTRIBUTES,
+                          batches_per_epoch=self.train_loader.batches_per_epoch)
         self.engine: Engine = build_engine(config, spec, self.device, distributed=dist.enabled, init_weights=not resume)
         self.progress, self.rng = Progress(), RngState()
         if resume:

@@ -3,6 +3,7 @@ self-supervised releases, the classifier's own learning rate, milestones, epochs
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -193,6 +194,25 @@ def test_step_schedule_at_milestones() -> None:
     optim = OptimConfig(lr_per_256=0.1, schedule="step", lr_milestones=(5, 8), step_decay_factor=0.5)
     assert [lr_at(step, 100, optim, 256) for step in (0, 4, 5, 7, 8, 50)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
     assert config_from_flags("--schedule", "step", "--lr-milestones", "30", "--lr-milestones", "60").optim.lr_milestones == (30, 60)
+
+
+def test_milestones_in_epochs_decay_at_each_epochs_first_step() -> None:
+    optim = OptimConfig(lr_per_256=0.1, schedule="step", lr_milestones=(2, 3), lr_milestones_unit="epochs", step_decay_factor=0.5)
+    # 4 batches per epoch: epoch 2 starts at step 8, epoch 3 at step 12
+    assert [lr_at(step, 100, optim, 256, batches_per_epoch=4) for step in (7, 8, 11, 12)] == pytest.approx([0.1, 0.05, 0.05, 0.025])
+    with pytest.raises(ValueError, match="batches per epoch"):
+        lr_at(8, 100, optim, 256)
+
+
+def test_trainer_places_epoch_milestones_by_the_train_split(grid_root: Path, tmp_path: Path) -> None:
+    """640 training grids at batch 64 = 10 batches per epoch: the rate drops after step 10 (1-based)."""
+    out = tmp_path / "run"
+    config = tiny_config(grid_root, out, global_batch_size=64, num_steps=12, log_every=1, eval_every=100, checkpoint_every=100,
+                         **{"method.name": "softmax", "optim.schedule": "step", "optim.lr_milestones": (1,),
+                            "optim.lr_milestones_unit": "epochs", "optim.lr_per_256": 0.4})
+    Trainer(config, CPU).run()
+    rates = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"}
+    assert rates[10] == pytest.approx(0.1) and rates[11] == pytest.approx(0.01)
 
 
 def test_epochs_set_the_number_of_steps(grid_root: Path, tmp_path: Path) -> None:
