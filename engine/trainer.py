@@ -253,8 +253,11 @@ class Trainer:
         self.eval_split = load_split(root, config.data.eval_split)
         self.score_targets = check_against_data(config, self.train_split, self.eval_split, dist.world_size)
         check_best_metric(config.checkpoint.best_metric, self._new_accumulator().metric_names())
+        unlabelled_root = resolve_unlabelled_root(config.data, root)
+        if unlabelled_root is not None:  # checked before any loader starts
+            load_unlabelled_split(config, unlabelled_root, self.train_split, dist.world_size)
         self.train_loader, self.eval_loader = build_loaders(config, root, dist.rank, dist.world_size, self.device)
-        self.unlabelled_loader = self._unlabelled_loader(root)
+        self.unlabelled_loader = None if unlabelled_root is None else build_unlabelled_loader(config, unlabelled_root, dist.rank, dist.world_size, self.device)
         self.config = config = steps_from_epochs(config, self.train_loader.batches_per_epoch, dist.is_main)
         spec = EngineSpec(self.train_split.num_classes, self.train_split.label_kind is LabelKind.ATTRIBUTES)
         self.engine: Engine = build_engine(config, spec, self.device, distributed=dist.enabled, init_weights=not resume)
@@ -267,14 +270,6 @@ class Trainer:
             log.warning("removed the temporary files of a checkpoint write that was killed; %s is whole", self.folder.checkpoint_path)
         self._captured = False
         self._placeholders: UnlabelledPlaceholders | None = None
-
-    def _unlabelled_loader(self, train_root: Path) -> Any:
-        """The loader of ``data.unlabelled_split``, checked against the train split; None when the run has none."""
-        root = resolve_unlabelled_root(self.config.data, train_root)
-        if root is None:
-            return None
-        load_unlabelled_split(self.config, root, self.train_split, self.dist.world_size)
-        return build_unlabelled_loader(self.config, root, self.dist.rank, self.dist.world_size, self.device)
 
     @property
     def step(self) -> int:

@@ -228,7 +228,8 @@ def test_student_steps_read_only_unlabelled_batches_and_teacher_steps_only_label
 
     trainer.engine.train_step = recording_step
     trainer.run()
-    assert {(phase, split) for phase, split, _ in seen} == {(TEACHER.value, "train"), (STUDENT.value, "train_unlabelled")}
+    pairs = {(phase, split) for phase, split, _ in seen}
+    assert pairs == {(TEACHER.value, "train"), (STUDENT.value, "train_unlabelled")}
     assert not any(no_label for _, _, no_label in seen)  # the step sees placeholder labels, never NO_LABEL
     assert len(source) == len(seen) == 13  # no batch read that no step used
 
