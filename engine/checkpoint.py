@@ -52,18 +52,24 @@ class Stateful(Protocol):
 class Progress:
     """How far training got: the next optimizer step, the next batch to read (epoch, index of the
     global batch in the epoch: the same samples on any number of processes with the torch backend),
-    and the best value of ``checkpoint.best_metric`` so far (None before the first evaluation)."""
+    the same for the unlabelled split of a semi-supervised run (its own position: each stream
+    advances only on the steps that read it), and the best value of ``checkpoint.best_metric`` so far
+    (None before the first evaluation)."""
 
     def __init__(self) -> None:
         self.step, self.epoch, self.batch = 0, 0, 0
+        self.unlabelled_epoch, self.unlabelled_batch = 0, 0
         self.best_value: float | None = None
         self.best_step = -1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "best_value": self.best_value, "best_step": self.best_step}
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "unlabelled_epoch": self.unlabelled_epoch,
+                "unlabelled_batch": self.unlabelled_batch, "best_value": self.best_value, "best_step": self.best_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
+        # absent from checkpoints written before semi-supervised runs existed: the stream's start
+        self.unlabelled_epoch, self.unlabelled_batch = int(state.get("unlabelled_epoch", 0)), int(state.get("unlabelled_batch", 0))
         # absent from checkpoints written before best.pt existed: no best yet
         self.best_value, self.best_step = state.get("best_value"), int(state.get("best_step", -1))
 

@@ -125,6 +125,11 @@ class DataConfig(_Component):
     root: str = knob("", "Shard folder (with manifest.json); empty = the embedded digit grid, built on first use.", alias="--data")
     train_split: str = knob("train", "Split to train on.", alias="--train-split")
     eval_split: str = knob("val", "Split to evaluate on.", alias="--eval-split")
+    unlabelled_split: str = knob(
+        "", "MILe semi-supervised: imitation (student) phases train on this split's images, pseudo-labelled by the teacher, "
+        "and never read its labels; interaction (teacher) phases train on train_split. Empty = off.", alias="--unlabelled-split",
+    )
+    unlabelled_root: str = knob("", "Shard folder of unlabelled_split; empty = the folder of the train split (data.root).", alias="--unlabelled-data")
     image_size_px: int = knob(24, "Image side in pixels.", alias="--image-size", ge=8)
     augment: bool = knob(False, "Random-resized-crop + flip in training (off for the digit grid: crops remove digits).", alias="--augment")
     crop_scale_min: float = knob(0.08, "Smallest random-resized-crop area, as a fraction of the image.", alias="--crop-scale-min", gt=0, le=1)
@@ -374,9 +379,22 @@ def _check_combinations(config: RunConfig) -> None:
     if config.optim.nesterov and config.optim.momentum == 0:
         raise ConfigError("optim.nesterov (--nesterov) needs optim.momentum (--momentum) > 0")
     _check_step_schedule(config.optim)
+    _check_unlabelled(config)
     check_arch(config.arch)
     if not config.out_dir:
         raise ConfigError("out_dir (--out) must not be empty")
+
+
+def _check_unlabelled(config: RunConfig) -> None:
+    """An unlabelled split feeds MILe's imitation phases; the baselines have none to feed."""
+    data = config.data
+    if data.unlabelled_root and not data.unlabelled_split:
+        raise ConfigError("data.unlabelled_root (--unlabelled-data) needs data.unlabelled_split (--unlabelled-split)")
+    if data.unlabelled_split and config.method.name is not Method.MILE:
+        raise ConfigError(
+            f"data.unlabelled_split (--unlabelled-split) {data.unlabelled_split!r}: method.name (--method) {config.method.name} "
+            f"has no imitation phase to train on unlabelled images; use --method mile"
+        )
 
 
 def _check_step_schedule(optim: OptimConfig) -> None:

@@ -32,6 +32,19 @@ def resolve_data_root(data: DataConfig) -> Path:
     return root
 
 
+def resolve_unlabelled_root(data: DataConfig, train_root: Path) -> Path | None:
+    """The shard folder of ``unlabelled_split`` (None when the run has none): the train split's
+    folder unless ``unlabelled_root`` names another."""
+    if not data.unlabelled_split:
+        return None
+    if not data.unlabelled_root:
+        return train_root
+    root = Path(data.unlabelled_root)
+    if not root.is_dir():
+        raise ShardError(f"--unlabelled-data {root} {'is not a folder' if root.exists() else 'does not exist'}")
+    return root
+
+
 def compute_dtype(config: RunConfig, device: torch.device, train: bool) -> torch.dtype | None:
     """The autocast dtype of training or evaluation steps (None = full precision): bf16 on CUDA
     with ``bf16``; evaluation with ``eval_precision = fp32`` turns it off."""
@@ -71,3 +84,8 @@ def build_loaders(config: RunConfig, root: Path, rank: int, world_size: int, dev
     train = build_loader(root, config.data.train_split, loader_config(config, True, rank, world_size, device))
     evaluation = build_loader(root, config.data.eval_split, loader_config(config, False, rank, world_size, device))
     return train, evaluation
+
+
+def build_unlabelled_loader(config: RunConfig, root: Path, rank: int, world_size: int, device: torch.device) -> Loader:
+    """The loader of the unlabelled split: training order, batch size and augmentation, like the train split's."""
+    return build_loader(root, config.data.unlabelled_split, loader_config(config, True, rank, world_size, device))

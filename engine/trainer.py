@@ -24,15 +24,15 @@ from tqdm import tqdm
 from engine.build import Engine, EngineSpec, build_engine
 from engine.checkpoint import CheckpointTargets, CheckpointWriter, Progress, RngState, load_components, read_checkpoint, remove_temporaries
 from engine.config import ConfigError, Method, RunConfig, Switch
-from engine.data import build_loaders, compute_dtype, resolve_data_root
+from engine.data import build_loaders, build_unlabelled_loader, compute_dtype, resolve_data_root, resolve_unlabelled_root
 from engine.distributed import DistInfo, gather_floats
 from engine.metrics import EvalAccumulator
-from engine.phases import module_state
+from engine.phases import STUDENT, module_state
 from engine.run_folder import RunFolder
 from engine.steps import RunAheadLimit, StepResult, autocast_context
 from pipelines.contract import Batch, ShardDataError
 from shards.format import LabelKind
-from shards.manifest import SplitManifest, load_split
+from shards.manifest import ShardError, SplitManifest, load_split
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,18 @@ class TrainStats:
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
         self.num_images = 0  # host-side: batch sizes are known without asking the device
+        self.num_labelled = 0  # images with ground truth: train accuracy counts only these
         self.num_steps = 0
         self.train_seconds = 0.0  # wall time of training steps only (no eval, checkpoint or capture)
         self.data_wait_seconds = 0.0  # wall time blocked waiting for the loader's next batch
 
-    def update(self, result: StepResult, labels: torch.Tensor, step: int) -> None:
+    def update(self, result: StepResult, labels: torch.Tensor, step: int, labelled: bool = True) -> None:
+        """``labelled`` False: a batch of an unlabelled split, whose labels are placeholders that
+        must not count as correct or wrong."""
         self.loss_sum += result.loss
-        self.correct += (result.logits.argmax(dim=1) == labels).sum()
+        if labelled:
+            self.correct += (result.logits.argmax(dim=1) == labels).sum()
+            self.num_labelled += labels.shape[0]
         bad = ~torch.isfinite(result.loss) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(bad, step, self.first_bad_step)
         self.num_images += labels.shape[0]
@@ -66,16 +71,16 @@ class TrainStats:
 
     def read_and_reset(self) -> list[float]:
         """This rank's totals since the last log point, in ``LOCAL_FIELDS`` order; then zero."""
-        values = [self.loss_sum.item(), float(self.correct.item()), float(self.num_images), float(self.num_steps),  # SYNC: log point
-                  self.train_seconds, self.data_wait_seconds]
+        values = [self.loss_sum.item(), float(self.correct.item()), float(self.num_images), float(self.num_labelled),  # SYNC: log point
+                  float(self.num_steps), self.train_seconds, self.data_wait_seconds]
         self.loss_sum.zero_()
         self.correct.zero_()
-        self.num_images = self.num_steps = 0
+        self.num_images = self.num_labelled = self.num_steps = 0
         self.train_seconds = self.data_wait_seconds = 0.0
         return values
 
 
-LOCAL_FIELDS = ("loss_sum", "correct", "num_images", "num_steps", "train_seconds", "data_wait_s", "signum")
+LOCAL_FIELDS = ("loss_sum", "correct", "num_images", "num_labelled", "num_steps", "train_seconds", "data_wait_s", "signum")
 
 
 def reduce_log_rows(rows: list[list[float]]) -> dict[str, Any]:
@@ -83,12 +88,15 @@ def reduce_log_rows(rows: list[list[float]]) -> dict[str, Any]:
     accuracy over all ranks' images, images/s of the whole job (the slowest rank's time bounds it:
     every step waits for every rank) and per process, and each rank's data wait."""
     by_field = {name: [row[i] for row in rows] for i, name in enumerate(LOCAL_FIELDS)}
-    images, steps = sum(by_field["num_images"]), sum(by_field["num_steps"])
+    images, steps, labelled = sum(by_field["num_images"]), sum(by_field["num_steps"]), sum(by_field["num_labelled"])
     seconds = max(by_field["train_seconds"])
     images_per_s = images / max(seconds, 1e-9)
     return {
         "loss": sum(by_field["loss_sum"]) / max(1.0, steps),
-        "train_top1": sum(by_field["correct"]) / max(1.0, images),
+        # over the images with ground truth; None when the interval read only unlabelled ones
+        "train_top1": sum(by_field["correct"]) / labelled if labelled else None,
+        "labelled_images": int(labelled),  # all processes; the rest came from the unlabelled split
+        "unlabelled_images": int(images - labelled),
         "images_per_s": images_per_s,  # training steps only, all processes together
         "images_per_s_per_process": images_per_s / len(rows),
         "data_wait_s": by_field["data_wait_s"][0],  # this log interval, rank 0
@@ -146,6 +154,13 @@ class StopRequest:
 
 def check_against_data(config: RunConfig, train: SplitManifest, evaluation: SplitManifest, world_size: int) -> bool:
     """Config rules that need the data; True when the eval split's multi-hot targets are to be scored."""
+    for key, split, manifest in (("train_split (--train-split)", config.data.train_split, train),
+                                 ("eval_split (--eval-split)", config.data.eval_split, evaluation)):
+        if manifest.label_kind is LabelKind.UNLABELLED:
+            raise ConfigError(
+                f"data.{key}: split {split!r} is unlabelled (no ground truth to train or score on); "
+                f"use it as data.unlabelled_split (--unlabelled-split) with --method mile"
+            )
     if train.label_kind is LabelKind.ATTRIBUTES and config.method.name is Method.SOFTMAX:
         raise ConfigError(
             f"--method softmax: split {config.data.train_split!r} holds independent binary attributes "
@@ -165,6 +180,26 @@ def check_against_data(config: RunConfig, train: SplitManifest, evaluation: Spli
             f"(label kind {evaluation.label_kind.value}); use a split with multi-label sets or auto"
         )
     return has and config.multilabel_metrics is not Switch.OFF
+
+
+def load_unlabelled_split(config: RunConfig, root: Path, train: SplitManifest, world_size: int) -> SplitManifest:
+    """The manifest of ``data.unlabelled_split``, checked against the train split: same classes (the
+    teacher's pseudo-labels index the train split's classes) and at least one full batch."""
+    key, name = "data.unlabelled_split (--unlabelled-split)", config.data.unlabelled_split
+    try:
+        unlabelled = load_split(root, name)
+    except ShardError as error:
+        raise ConfigError(f"{key} {name!r}: {error}") from None
+    if unlabelled.class_names != train.class_names:
+        raise ConfigError(
+            f"{key} {name!r} in {root} has {unlabelled.num_classes} classes {unlabelled.class_names[:5]}..., not the "
+            f"{train.num_classes} classes {train.class_names[:5]}... of the train split {config.data.train_split!r}: "
+            f"pseudo-labels would index other classes; convert both from one dataset"
+        )
+    if config.global_batch_size // world_size > unlabelled.num_samples // world_size:
+        raise ConfigError(f"global_batch_size (--batch-size) {config.global_batch_size} is larger than {key} {name!r}, "
+                          f"which holds {unlabelled.num_samples} samples; use a smaller --batch-size")
+    return unlabelled
 
 
 def steps_from_epochs(config: RunConfig, batches_per_epoch: int, is_main: bool = True) -> RunConfig:
@@ -192,6 +227,22 @@ def check_best_metric(name: str, available: tuple[str, ...]) -> None:
                           f"choose one of {', '.join(scores)}")
 
 
+class UnlabelledPlaceholders:
+    """Labels and targets for batches of the unlabelled split, allocated once: the steps of every phase
+    take one input layout (captured graphs replay on fixed buffers), and an imitation step never
+    reads them. Labels are class 0 rather than NO_LABEL so that a supervised step run on them (graph
+    capture warms every phase up on the first batch, whichever split it came from) stays in range;
+    train accuracy never counts them (``TrainStats.update``)."""
+
+    def __init__(self, like: Batch, train: SplitManifest) -> None:
+        size, device = like.images.shape[0], like.images.device
+        self.labels = torch.zeros(size, dtype=torch.long, device=device)
+        self.targets = torch.zeros(size, train.num_classes, device=device) if train.label_kind.has_targets else None
+
+    def fit(self, batch: Batch) -> Batch:
+        return Batch(images=batch.images, labels=self.labels, targets=self.targets)
+
+
 class Trainer:
     def __init__(self, config: RunConfig, dist: DistInfo, resume: bool = False) -> None:
         self.config, self.dist, self.device = config, dist, dist.device
@@ -202,7 +253,11 @@ class Trainer:
         self.eval_split = load_split(root, config.data.eval_split)
         self.score_targets = check_against_data(config, self.train_split, self.eval_split, dist.world_size)
         check_best_metric(config.checkpoint.best_metric, self._new_accumulator().metric_names())
+        unlabelled_root = resolve_unlabelled_root(config.data, root)
+        if unlabelled_root is not None:  # checked before any loader starts
+            load_unlabelled_split(config, unlabelled_root, self.train_split, dist.world_size)
         self.train_loader, self.eval_loader = build_loaders(config, root, dist.rank, dist.world_size, self.device)
+        self.unlabelled_loader = None if unlabelled_root is None else build_unlabelled_loader(config, unlabelled_root, dist.rank, dist.world_size, self.device)
         self.config = config = steps_from_epochs(config, self.train_loader.batches_per_epoch, dist.is_main)
         spec = EngineSpec(self.train_split.num_classes, self.train_split.label_kind is LabelKind.ATTRIBUTES,
                           batches_per_epoch=self.train_loader.batches_per_epoch)
@@ -215,10 +270,15 @@ class Trainer:
         if dist.is_main and remove_temporaries(self.folder.checkpoint_path.parent):
             log.warning("removed the temporary files of a checkpoint write that was killed; %s is whole", self.folder.checkpoint_path)
         self._captured = False
+        self._placeholders: UnlabelledPlaceholders | None = None
 
     @property
     def step(self) -> int:
         return self.progress.step
+
+    def reads_unlabelled(self, step: int) -> bool:
+        """Whether step ``step`` trains on the unlabelled split: imitation steps of a semi-supervised run."""
+        return self.unlabelled_loader is not None and self.engine.plan.position(step).phase is STUDENT
 
     def components(self) -> dict[str, Any]:
         """Everything with state, by checkpoint name: the checkpoint is their collection."""
@@ -239,18 +299,23 @@ class Trainer:
             self._wait_for_checkpoint(report=False)  # an error is on its way already: keep it
             self.train_loader.close()
             self.eval_loader.close()
+            if self.unlabelled_loader is not None:
+                self.unlabelled_loader.close()
             self.folder.close()
 
     def _loop(self, stop: StopRequest) -> dict[str, Any]:
         stats = TrainStats(self.device)
-        batches = self._batches()
+        # one stream per split, each at its own data position; a stream is read only by the steps that need it
+        streams = {False: self._batches(self.train_loader, "epoch", "batch")}
+        if self.unlabelled_loader is not None:
+            streams[True] = self._batches(self.unlabelled_loader, "unlabelled_epoch", "unlabelled_batch")
         # a bar on a terminal; in a log file (a cluster job) the log points print plain lines instead
         bar = tqdm(total=self.config.num_steps, initial=self.step, unit="step", disable=not self._on_terminal(), dynamic_ncols=True)
         eval_metrics: dict[str, float] = {}
         self.engine.learner.train()
         with bar:
             while self.step < self.config.num_steps:
-                self._timed_step(self._next_batch(stop, batches, stats), stats)
+                self._timed_step(self._next_batch(stop, streams[self.reads_unlabelled(self.step)], stats), stats)
                 bar.update(1)
                 eval_metrics = self._step_points(stop, stats, bar) or eval_metrics
         if not eval_metrics:  # resumed at its last step: nothing ran; the finished run's summary stands
@@ -310,27 +375,39 @@ class Trainer:
         if not self._captured:
             self._captured = True
             self._run_ahead = RunAheadLimit(self.device)  # the host stays at most RUN_AHEAD_STEPS ahead
-            reason = self.engine.capture(batch)
+            reason = self.engine.capture(self._step_batch(batch))
             if reason and self.dist.is_main:
                 log.info(reason)
         started = time.perf_counter()
         self._run_ahead.wait_turn()  # the device is busy meanwhile: counted as training time, like _drain
-        result = self.engine.train_step(self.step, batch)
-        stats.update(result, batch.labels, self.step)
+        result = self.engine.train_step(self.step, self._step_batch(batch))
+        stats.update(result, batch.labels, self.step, labelled=not self.reads_unlabelled(self.step))
         self._run_ahead.step_queued(batch)
         self.progress.step += 1
         stats.train_seconds += time.perf_counter() - started
 
-    def _batches(self) -> Iterator[Batch]:
-        """Endless training batches from the saved data position; keeps ``self.progress`` current."""
+    def _step_batch(self, batch: Batch) -> Batch:
+        """What the step reads: ``batch``, or for a batch of the unlabelled split its images with placeholder labels."""
+        if not self.reads_unlabelled(self.step):
+            return batch
+        if self._placeholders is None:  # allocated once, on the device, with the first unlabelled batch
+            self._placeholders = UnlabelledPlaceholders(batch, self.train_split)
+        return self._placeholders.fit(batch)
+
+    def _batches(self, loader: Any, epoch_field: str, batch_field: str) -> Iterator[Batch]:
+        """Endless batches of ``loader`` from the data position saved in ``self.progress`` under
+        ``epoch_field``/``batch_field``, kept current as batches are taken (the train split's
+        stream: ``epoch``/``batch``; the unlabelled split's: ``unlabelled_epoch``/``unlabelled_batch``)."""
         progress = self.progress
-        epoch, start = progress.epoch, progress.batch
+        epoch, start = getattr(progress, epoch_field), getattr(progress, batch_field)
         while True:
-            for index, batch in enumerate(self.train_loader.epoch(epoch, start), start=start):
-                progress.epoch, progress.batch = epoch, index + 1
+            for index, batch in enumerate(loader.epoch(epoch, start), start=start):
+                setattr(progress, epoch_field, epoch)
+                setattr(progress, batch_field, index + 1)
                 yield batch
             epoch, start = epoch + 1, 0
-            progress.epoch, progress.batch = epoch, 0
+            setattr(progress, epoch_field, epoch)
+            setattr(progress, batch_field, 0)
 
     def _drain(self, stats: TrainStats) -> None:
         """Wait for the queued steps, counting the wait as training time: the host runs ahead of
@@ -353,8 +430,9 @@ class Trainer:
         self.folder.log(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", phase=position.phase.value, img_s=f"{record['images_per_s']:.0f}")
         if self.dist.is_main and not self._on_terminal():
-            log.info("step %d/%d %s loss %.4f top1 %.3f lr %.4g %.0f images/s data wait %.2fs (max over ranks %.2fs)",
-                     self.step, self.config.num_steps, position.phase.value, record["loss"], record["train_top1"], record["lr"],
+            top1 = "-" if record["train_top1"] is None else f"{record['train_top1']:.3f}"
+            log.info("step %d/%d %s loss %.4f top1 %s lr %.4g %.0f images/s data wait %.2fs (max over ranks %.2fs)",
+                     self.step, self.config.num_steps, position.phase.value, record["loss"], top1, record["lr"],
                      record["images_per_s"], record["data_wait_s"], record["data_wait_s_max"])
         return signum
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.contract import ShardDataError, verify_advice
-from shards.format import FIELD_IMAGE, FIELD_LABEL, FIELD_TARGETS, LABEL_DTYPE, NO_LABEL, TARGETS_DTYPE, LabelKind
+from shards.format import FIELD_IMAGE, FIELD_LABEL, FIELD_TARGETS, LABEL_DTYPE, TARGETS_DTYPE
 from shards.manifest import SplitManifest, check_index_file
 from shards.tar_io import read_index, split_name
 
@@ -35,7 +35,7 @@ class SampleTable:
     label_offset: np.ndarray  # int64 byte offset of KEY.lbl (4 bytes int32 LE)
     targets_offset: np.ndarray | None  # int64 byte offset of KEY.tgt (num_classes bytes)
     num_classes: int
-    min_label: int  # NO_LABEL in attribute splits (no single label), else 0
+    label_range: tuple[int, int]  # [low, high) of the KEY.lbl values (LabelKind.label_range)
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -74,7 +74,7 @@ def build_sample_table(root: Path, manifest: SplitManifest) -> SampleTable:
         label_offset=np.asarray(columns["label_offset"], dtype=np.int64),
         targets_offset=np.asarray(columns["targets_offset"], dtype=np.int64) if has_targets else None,
         num_classes=manifest.num_classes,
-        min_label=NO_LABEL if manifest.label_kind is LabelKind.ATTRIBUTES else 0,
+        label_range=manifest.label_kind.label_range(manifest.num_classes),
     )
 
 
@@ -117,8 +117,9 @@ class ShardReader:
     def label(self, index: int) -> int:
         data = self.read(index, int(self.table.label_offset[index]), LABEL_DTYPE.itemsize)
         label = int(np.frombuffer(data, dtype=LABEL_DTYPE)[0])
-        if not self.table.min_label <= label < self.table.num_classes:
-            raise self.data_error(index, f"label {label} outside [{self.table.min_label}, {self.table.num_classes})")
+        low, high = self.table.label_range
+        if not low <= label < high:
+            raise self.data_error(index, f"label {label} outside [{low}, {high})")
         return label
 
     def targets(self, index: int) -> np.ndarray:

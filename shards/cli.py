@@ -89,6 +89,11 @@ def folder_command(
     images: Path = typer.Option(..., "--images", help="Image folder; label-file paths are relative to it."),
     labels: Path = typer.Option(..., "--labels", help="CSV (header path,label[,labels]) or JSONL label file."),
     split: str = typer.Option(..., "--split", help="Split name to write (e.g. train, val)."),
+    unlabelled: bool = typer.Option(
+        False, "--unlabelled",
+        help="Write an unlabelled split (semi-supervised training): only the label file's path column is read; "
+        "convert a labelled split into --out first (its class names are kept).",
+    ),
     out: Path = OutOption,
     seed: int = SeedOption,
     workers: int = WorkersOption,
@@ -100,7 +105,7 @@ def folder_command(
 ) -> None:
     """Any image folder plus a label file; run again with another --split to add splits."""
     with output_lock(out):  # the classes are read from the manifest: hold the lock from here
-        items, class_names, kind = folder.folder_items(images, labels, out, split, follow_symlinks)
+        items, class_names, kind = folder.folder_items(images, labels, out, split, follow_symlinks, unlabelled)
         spec = folder.folder_spec(split, class_names, kind, labels)
         write_split(out, spec, items, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
 
@@ -135,6 +140,11 @@ def imagenet_command(
         None, "--fraction",
         help="Keep this fraction of each train class, chosen with --seed (e.g. 0.05).",
     ),
+    unlabelled_complement: str | None = typer.Option(
+        None, "--unlabelled-complement",
+        help="With --fraction or --subset: also write the train images not kept, without labels, as this split "
+        "(e.g. train_unlabelled), for semi-supervised training (--unlabelled-split).",
+    ),
     classes: int | None = typer.Option(
         None, "--classes",
         help="Only the first N sorted WNIDs present; class index = position among them.",
@@ -156,6 +166,7 @@ def imagenet_command(
         root=root, splits=parse_splits(splits, imagenet.SPLITS), val_layout=val_layout, val_labels=val_labels,
         devkit_synsets=devkit_synsets, real_labels=real_labels, use_real=not no_real, subset=subset,
         fraction=fraction, seed=seed, num_classes=classes, class_list=class_list, follow_symlinks=follow_symlinks,
+        unlabelled_complement=unlabelled_complement,
     )
     with output_lock(out):
         planned = imagenet.imagenet_plan(options)

@@ -3,8 +3,8 @@
 A sample is a group of tar members sharing a key (webdataset convention):
 
 - ``KEY.jpg``  RGB baseline JPEG bytes.
-- ``KEY.cls``  the dataset's own single label as ASCII digits (``-1`` where a split has none,
-  e.g. CelebA attributes); this is what the plain ``webdataset`` library reads.
+- ``KEY.cls``  the dataset's own single label as ASCII digits (``-1`` where a split has none:
+  CelebA attributes, unlabelled splits); this is what the plain ``webdataset`` library reads.
 - ``KEY.lbl``  the same label as 4 bytes little-endian int32: DALI reads raw bytes with a dtype
   and cannot parse ASCII or JSON, so the label is stored a second time in a fixed binary form.
 - ``KEY.tgt``  only in multi-label and attribute splits: ``num_classes`` bytes, one uint8 0/1 per
@@ -43,10 +43,26 @@ class LabelKind(str, enum.Enum):
     SINGLE = "single"  # one label per image (ImageNet train, WebVision)
     MULTI = "multi"  # one label plus a multi-label set (ImageNet val + ReaL, digit grid val)
     ATTRIBUTES = "attributes"  # binary attributes only (CelebA); label is NO_LABEL
+    # images without ground truth (semi-supervised imitation phases); label is NO_LABEL, no targets.
+    # The split still records the dataset's class names: the classes the teacher's pseudo-labels index.
+    UNLABELLED = "unlabelled"
 
     @property
     def has_targets(self) -> bool:
-        return self is not LabelKind.SINGLE
+        return self in (LabelKind.MULTI, LabelKind.ATTRIBUTES)
+
+    @property
+    def has_single_label(self) -> bool:
+        """Whether ``KEY.cls``/``KEY.lbl`` hold a class index; NO_LABEL otherwise."""
+        return self in (LabelKind.SINGLE, LabelKind.MULTI)
+
+    def label_range(self, num_classes: int) -> tuple[int, int]:
+        """[low, high) of the values ``KEY.lbl`` may hold in a split of this kind."""
+        if self is LabelKind.UNLABELLED:
+            return NO_LABEL, NO_LABEL + 1
+        if self is LabelKind.ATTRIBUTES:
+            return NO_LABEL, num_classes  # the label is unused; historically any class or NO_LABEL
+        return 0, num_classes
 
 
 def fields_for(kind: LabelKind) -> tuple[str, ...]:
@@ -86,8 +102,9 @@ class Sample:
 def encode_sample(sample: Sample, kind: LabelKind, num_classes: int) -> list[tuple[str, bytes]]:
     """Tar members (name, bytes) for one sample, in ``fields_for(kind)`` order."""
     check_key(sample.key)
-    if kind is not LabelKind.ATTRIBUTES and not 0 <= sample.label < num_classes:
-        raise FormatError(f"sample {sample.key}: label {sample.label} outside [0, {num_classes})")
+    low, high = kind.label_range(num_classes)
+    if not low <= sample.label < high:
+        raise FormatError(f"sample {sample.key}: label {sample.label} outside [{low}, {high}) ({kind.value} split)")
     meta = dict(sample.meta)
     members = {
         FIELD_IMAGE: sample.jpeg,

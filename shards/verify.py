@@ -220,8 +220,9 @@ def _source_of(by_ext: dict[str, bytes]) -> str:
 
 
 def _label_problem(task: _ShardTask, label: int, by_ext: dict[str, bytes]) -> str | None:
-    if task.kind is not LabelKind.ATTRIBUTES and not 0 <= label < task.num_classes:
-        return f"label {label} outside [0, {task.num_classes})"
+    low, high = task.kind.label_range(task.num_classes)
+    if not low <= label < high:
+        return f"label {label} outside [{low}, {high}) ({task.kind.value} split)"
     if FIELD_TARGETS in by_ext and len(by_ext[FIELD_TARGETS]) != task.num_classes * TARGETS_DTYPE.itemsize:
         return f"targets hold {len(by_ext[FIELD_TARGETS])} bytes, expected {task.num_classes}"
     return None

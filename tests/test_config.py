@@ -38,7 +38,7 @@ def other_value(key: Key) -> typing.Any:
 
 
 # Keys whose other value is valid only with another key set too: {key: {other key: value}}.
-COMPANIONS = {"optim.lr_milestones": {"optim.schedule": "step"}}
+COMPANIONS = {"optim.lr_milestones": {"optim.schedule": "step"}, "data.unlabelled_root": {"data.unlabelled_split": "some_value"}}
 
 
 def with_companions(key: Key, value: typing.Any) -> dict[str, typing.Any]:
@@ -151,6 +151,8 @@ INVALID = [
     (["--schedule", "step"], "optim.step_decay_every"),
     (["--nesterov", "--momentum", "0"], "optim.nesterov"),
     (["--eval-crop", "1.5"], "data.eval_crop_fraction"),
+    (["--unlabelled-split", "u", "--method", "softmax"], "data.unlabelled_split (--unlabelled-split) 'u': method.name (--method) softmax"),
+    (["--unlabelled-data", "shards/more"], "data.unlabelled_root (--unlabelled-data) needs data.unlabelled_split"),
 ]
 
 BAD_TOML = [

@@ -164,6 +164,33 @@ def test_one_percent_subset_keeps_exactly_the_listed_files(imagenet_root, tmp_pa
     assert fraction["listed_in_classes"] == len(listed)
 
 
+def test_fraction_complement_is_written_as_an_unlabelled_split(imagenet_root, tmp_path):
+    out = tmp_path / "out"
+    convert_imagenet(out, root=imagenet_root, splits=("train",), fraction=0.25, unlabelled_complement="train_unlabelled")
+    train, rest = load_split(out, "train"), load_split(out, "train_unlabelled")
+    assert rest.label_kind is LabelKind.UNLABELLED and rest.class_names == train.class_names
+    labelled, unlabelled = read_split(out, "train"), read_split(out, "train_unlabelled")
+    assert not set(labelled) & set(unlabelled) and all(s.label == NO_LABEL for s in unlabelled.values())
+    everything = {source for source, outcome in outcomes(out, "train").items() if outcome != "skipped"}
+    everything |= {source for source, outcome in outcomes(out, "train_unlabelled").items() if outcome != "skipped"}
+    assert everything == {p for p, outcome in make_imagenet_train(tmp_path / "again").expected.items() if outcome != "skipped"}
+    assert rest.extra["complement_of"] == "train"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({}, "--unlabelled-complement needs --fraction or --subset"),
+        ({"fraction": 0.5, "unlabelled_complement": "val"}, "a plain split name other than train and val"),
+        ({"fraction": 0.5, "unlabelled_complement": "a/b"}, "a plain split name"),
+        ({"fraction": 0.5, "splits": ("val",)}, "include train in --splits"),
+    ],
+)
+def test_unlabelled_complement_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        ImageNetOptions(root=Path("in"), **{"unlabelled_complement": "rest", **options})
+
+
 def test_seeded_fraction_is_per_class_and_reproducible(imagenet_root, tmp_path):
     def kept(name: str, **options) -> set[str]:
         convert_imagenet(tmp_path / name, root=imagenet_root, splits=("train",), fraction=0.25, **options)

@@ -4,6 +4,11 @@ Paths are relative to the image folder. ``label`` is a class name or integer; ``
 is the multi-label set, names separated by ``;`` or spaces in CSV, a list in JSONL. Classes are the
 sorted names found (integers keep their value), or those of a split already in the output
 manifest, so every split of one dataset shares one class index.
+
+An unlabelled split (``unlabelled=True``, ``make-shards folder --unlabelled``) needs only the
+``path`` column; any label columns are not read. Its samples carry ``NO_LABEL`` and label kind
+``unlabelled``, and it takes its class names from a labelled split already in the manifest
+(the classes a teacher's pseudo-labels index), so that split must be converted first.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.format import LabelKind, safe_key
+from shards.format import NO_LABEL, LabelKind, safe_key
 from shards.manifest import ShardError, load_splits, manifest_path
 from shards.sources.common import PathGuard, SourceError, read_text
 from shards.writer import SourceItem, SplitSpec
@@ -32,8 +37,9 @@ class Row:
     label_set: tuple[str, ...] | None  # the CSV/JSONL "labels" column
 
 
-def read_rows(labels_file: Path) -> list[Row]:
-    """Parse a CSV (with a header row) or JSONL label file."""
+def read_rows(labels_file: Path, unlabelled: bool = False) -> list[Row]:
+    """Parse a CSV (with a header row) or JSONL label file; ``unlabelled``: only paths are read
+    (each row's label is "" and its label set None)."""
     if not labels_file.is_file():
         raise LabelFileError(f"label file {labels_file} does not exist")
     try:
@@ -41,32 +47,35 @@ def read_rows(labels_file: Path) -> list[Row]:
     except SourceError as error:
         raise LabelFileError(str(error)) from None
     if labels_file.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = _read_jsonl(labels_file, text)
+        rows = _read_jsonl(labels_file, text, unlabelled)
     else:
-        rows = _read_csv(labels_file, text)
+        rows = _read_csv(labels_file, text, unlabelled)
     if not rows:
         raise LabelFileError(f"{labels_file}: no rows")
     return rows
 
 
-def _read_csv(path: Path, text: str) -> list[Row]:
+def _read_csv(path: Path, text: str, unlabelled: bool) -> list[Row]:
     # read_text drops the byte-order mark spreadsheet programs put before a "CSV UTF-8" header
     with io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
-        for column in ("path", "label"):
+        for column in ("path",) if unlabelled else ("path", "label"):
             if column not in header:
                 raise LabelFileError(f"{path}:1: header {header} has no {column!r} column (expected path,label[,labels])")
         rows = []
         for record in reader:
             line = reader.line_num
+            if unlabelled:
+                rows.append(Row(line, _field(path, line, record, "path"), "", None))
+                continue
             labels = record.get("labels")
             split_labels = tuple(labels.replace(";", " ").split()) if labels and labels.strip() else None
             rows.append(Row(line, _field(path, line, record, "path"), _field(path, line, record, "label"), split_labels))
     return rows
 
 
-def _read_jsonl(path: Path, content: str) -> list[Row]:
+def _read_jsonl(path: Path, content: str, unlabelled: bool) -> list[Row]:
     rows = []
     for line, text in enumerate(content.splitlines(), start=1):
         if not text.strip():
@@ -77,6 +86,9 @@ def _read_jsonl(path: Path, content: str) -> list[Row]:
             raise LabelFileError(f"{path}:{line}: not JSON ({error})") from None
         if not isinstance(record, dict):
             raise LabelFileError(f"{path}:{line}: expected a JSON object with path and label, got {text[:60]!r}")
+        if unlabelled:
+            rows.append(Row(line, _field(path, line, record, "path"), "", None))
+            continue
         labels = _jsonl_labels(path, line, record.get("labels"))
         rows.append(Row(line, _field(path, line, record, "path"), _field(path, line, record, "label"), labels))
     return rows
@@ -120,30 +132,50 @@ def class_names_for(rows: list[Row], out: Path, split: str | None = None) -> lis
 
 
 def folder_items(
-    images: Path, labels_file: Path, out: Path, split: str | None = None, follow_symlinks: bool = False
+    images: Path, labels_file: Path, out: Path, split: str | None = None, follow_symlinks: bool = False, unlabelled: bool = False
 ) -> tuple[list[SourceItem], list[str], LabelKind]:
     """Items, class names and label kind of ``split``; every structural problem is an error naming
-    the line, a path leaving ``images`` included (see ``PathGuard``)."""
+    the line, a path leaving ``images`` included (see ``PathGuard``). ``unlabelled``: the label
+    file's paths only, as an unlabelled split (see the module docstring)."""
     if not images.is_dir():
         raise ShardError(f"image folder {images} does not exist")
     guard = PathGuard(images, follow_symlinks)
-    rows = read_rows(labels_file)
-    class_names = class_names_for(rows, out, split)
+    rows = read_rows(labels_file, unlabelled)
+    class_names = unlabelled_class_names(out, split) if unlabelled else class_names_for(rows, out, split)
     index = {name: i for i, name in enumerate(class_names)}
-    kind = LabelKind.MULTI if any(row.label_set is not None for row in rows) else LabelKind.SINGLE
-    items = []
-    for row in rows:
-        where = f"{labels_file}:{row.line}"
-        file = Path(guard.path(row.path, where))
-        if not file.is_file():
-            raise LabelFileError(f"{where}: image {row.path!r} not found under {images}")
-        for name in (row.label, *(row.label_set or ())):
-            if name not in index:
-                raise LabelFileError(f"{where}: class {name!r} is not among the dataset's {len(class_names)} classes")
-        label_set = tuple(sorted({index[n] for n in row.label_set})) if row.label_set is not None else ()
-        items.append(SourceItem(key=safe_key(row.path), label=index[row.label], source=row.path, path=str(file), label_set=label_set))
+    if unlabelled:
+        kind = LabelKind.UNLABELLED
+    else:
+        kind = LabelKind.MULTI if any(row.label_set is not None for row in rows) else LabelKind.SINGLE
+    items = [_item(guard, row, f"{labels_file}:{row.line}", images, index, unlabelled) for row in rows]
     _check_unique_keys(items, rows, labels_file)
     return items, class_names, kind
+
+
+def _item(guard: PathGuard, row: Row, where: str, images: Path, index: dict[str, int], unlabelled: bool) -> SourceItem:
+    file = Path(guard.path(row.path, where))
+    if not file.is_file():
+        raise LabelFileError(f"{where}: image {row.path!r} not found under {images}")
+    if unlabelled:
+        return SourceItem(key=safe_key(row.path), label=NO_LABEL, source=row.path, path=str(file))
+    for name in (row.label, *(row.label_set or ())):
+        if name not in index:
+            raise LabelFileError(f"{where}: class {name!r} is not among the dataset's {len(index)} classes")
+    label_set = tuple(sorted({index[n] for n in row.label_set})) if row.label_set is not None else ()
+    return SourceItem(key=safe_key(row.path), label=index[row.label], source=row.path, path=str(file), label_set=label_set)
+
+
+def unlabelled_class_names(out: Path, split: str | None) -> list[str]:
+    """The classes of a labelled split already in ``out``: an unlabelled split has none of its own."""
+    labelled = []
+    if manifest_path(out).is_file():
+        labelled = [s for name, s in load_splits(out).items() if name != split and s.label_kind is not LabelKind.UNLABELLED]
+    if not labelled:
+        raise ShardError(
+            f"--unlabelled: {out} holds no labelled split yet; convert the labelled split first "
+            f"(the unlabelled split takes its class names, which the teacher's pseudo-labels index)"
+        )
+    return labelled[0].class_names
 
 
 def _check_unique_keys(items: list[SourceItem], rows: list[Row], labels_file: Path) -> None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import pkgutil
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from shards.format import LabelKind, safe_key
+from shards.format import NO_LABEL, LabelKind, safe_key
 from shards.sources.common import (
     NON_UTF8_NAME,
     WNID_PATTERN,
@@ -43,6 +44,7 @@ from shards.sources.common import (
 from shards.writer import SourceItem, SplitSpec
 
 SPLITS = ("train", "val")
+_KEY_LIKE = re.compile(r"[A-Za-z0-9_\-]+")  # a split name is a folder name (shards.format.check_key)
 VAL_LAYOUTS = ("auto", "folders", "kaggle", "devkit")
 KAGGLE_VAL_FILE = "LOC_val_solution.csv"
 DEVKIT_VAL_FILE = "ILSVRC2012_validation_ground_truth.txt"
@@ -70,6 +72,7 @@ class ImageNetOptions:
     num_classes: int | None = None
     class_list: Path | None = None
     follow_symlinks: bool = False  # read symlinked files or folders whose target is outside root
+    unlabelled_complement: str | None = None  # split name for the train images --subset/--fraction leaves out
 
     def __post_init__(self) -> None:
         if self.val_layout not in VAL_LAYOUTS:
@@ -82,6 +85,19 @@ class ImageNetOptions:
             raise ValueError("--classes and --class-list are alternatives: give one")
         if self.num_classes is not None and not 1 <= self.num_classes <= 1000:
             raise ValueError(f"--classes must be in [1, 1000], got {self.num_classes}")
+        self._check_complement()
+
+    def _check_complement(self) -> None:
+        name = self.unlabelled_complement
+        if name is None:
+            return
+        if self.subset is None and self.fraction is None:
+            raise ValueError("--unlabelled-complement needs --fraction or --subset (without them no train image is left out)")
+        if name in SPLITS or not _KEY_LIKE.fullmatch(name):
+            raise ValueError(f"--unlabelled-complement {name!r}: give a plain split name other than {' and '.join(SPLITS)} "
+                             f"(letters, digits, '_' or '-'), e.g. train_unlabelled")
+        if self.splits is not None and "train" not in self.splits:
+            raise ValueError("--unlabelled-complement is made from the train split: include train in --splits")
 
 
 @dataclass(frozen=True)
@@ -116,7 +132,7 @@ def imagenet_plan(options: ImageNetOptions) -> list[PlannedSplit]:
     guard = PathGuard(options.root, options.follow_symlinks)
     planned = []
     if train is not None:
-        planned.append(train_split(options, guard, base, train, selection))
+        planned.extend(train_splits(options, guard, base, train, selection))
     if val is not None:
         planned.append(val_split(options, guard, base, val, selection))
     return planned
@@ -169,14 +185,45 @@ def select_classes(options: ImageNetOptions, present: list[str]) -> ClassSelecti
     return ClassSelection(canonical, {"method": "imagenet-1k", "num_classes": len(canonical)})
 
 
-def train_split(
+def train_splits(
     options: ImageNetOptions, guard: PathGuard, base: Path, files: dict[str, list[str]], selection: ClassSelection
-) -> PlannedSplit:
+) -> list[PlannedSplit]:
+    """The train split and, with ``unlabelled_complement``, the images it left out as an unlabelled split."""
     index = selection.index()
     selected = {w: names for w, names in files.items() if w in index}
     if not any(selected.values()):
         raise SourceError(f"no training images in the {len(selection.wnids)} selected classes under {options.root}")
     chosen, fraction = select_fraction(selected, options)
+    planned = [train_split(options, guard, base, files, selection, chosen, fraction)]
+    if options.unlabelled_complement is not None:
+        planned.append(complement_split(options, guard, base, selected, chosen, selection))
+    return planned
+
+
+def complement_split(
+    options: ImageNetOptions, guard: PathGuard, base: Path, selected: dict[str, list[str]], chosen: dict[str, list[str]],
+    selection: ClassSelection,
+) -> PlannedSplit:
+    """The selected classes' train images that the label fraction did not keep, with no labels: the
+    unlabelled stream of a semi-supervised run (the paper's Table 4 setting). Disjoint from train."""
+    name = str(options.unlabelled_complement)
+    left = {w: sorted(set(names) - set(chosen.get(w, []))) for w, names in selected.items()}
+    items = [
+        file_item(guard, (PurePosixPath(base) / "train" / wnid / file).as_posix(), safe_key(Path(file).stem), NO_LABEL)
+        for wnid, names in left.items()
+        for file in names
+    ]
+    if not items:
+        raise SourceError(f"--unlabelled-complement {name}: the label fraction kept every train image; nothing is left unlabelled")
+    extra = {"source": "imagenet", "classes": selection.description, "complement_of": "train", "unlabelled_images": len(items)}
+    return PlannedSplit(SplitSpec(name, LabelKind.UNLABELLED, list(selection.wnids), extra), items)
+
+
+def train_split(
+    options: ImageNetOptions, guard: PathGuard, base: Path, files: dict[str, list[str]], selection: ClassSelection,
+    chosen: dict[str, list[str]], fraction: dict[str, Any],
+) -> PlannedSplit:
+    index = selection.index()
     items = [
         file_item(guard, (PurePosixPath(base) / "train" / wnid / name).as_posix(), safe_key(Path(name).stem), index[wnid])
         for wnid, names in chosen.items()
