@@ -9,6 +9,7 @@ MILe's rho and student init are the recipe's.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -64,6 +65,8 @@ def workspace(tmp_path_factory) -> Path:
     moco.update({"module.encoder_q.fc.0.weight": torch.zeros(8, 2048), "module.encoder_q.fc.2.weight": torch.zeros(4, 8)})
     (root / "weights").mkdir()
     torch.save({"state_dict": moco, "epoch": 800}, root / "weights" / "moco_v2_800ep_pretrain.pth.tar")
+    for fraction in (1, 10):  # fine-tuned classifiers in torchvision's layout, the semi-supervised starts
+        torch.save(backbone, root / "weights" / f"simclr_v2_r50_1x_sk0_ft{fraction}pct.pth")
     return root
 
 
@@ -97,6 +100,10 @@ def test_recipe_trains_on_data_prepared_by_its_own_command(recipe: Path, workspa
     summary = Trainer(config, CPU).run()
     assert summary["step"] == 4 and summary["method"] == "mile"
     assert "top1" in summary or "f1@0.25" in summary
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    unlabelled = sum(r.get("unlabelled_images", 0) for r in records if r["kind"] == "train")
+    # steps 1-2 interaction, 3 imitation, 4 interaction: semi-supervised recipes feed step 3 (4 images) unlabelled
+    assert unlabelled == (4 if config.data.unlabelled_split else 0)
 
 
 def test_ablation_sweeps_build_every_run_from_the_recipe(tmp_path: Path) -> None:
