@@ -29,8 +29,10 @@ def evaluate_exported(
     backend: str = "auto", num_workers: int = 2,
 ) -> dict[str, Any]:
     """Metrics of the exported model on ``split`` of the shard folder ``data`` (thetas: model.json's by default)."""
-    meta, model = load_exported(model_dir, device)
     manifest = load_split(data, split)
+    if manifest.label_kind is LabelKind.UNLABELLED:
+        raise ExportError(f"split {split!r} of {data} is unlabelled: it holds no ground truth to score a model against")
+    meta, model = load_exported(model_dir, device)
     if manifest.num_classes != meta.num_classes:
         raise ExportError(f"split {split!r} of {data} has {manifest.num_classes} classes; the model in {model_dir} has {meta.num_classes}")
     attributes = manifest.label_kind is LabelKind.ATTRIBUTES

@@ -272,3 +272,12 @@ def test_checkpoints_from_before_semi_supervised_runs_load_with_the_stream_at_it
     again = Progress()
     again.load_state_dict(progress.state_dict())
     assert (again.unlabelled_epoch, again.unlabelled_batch) == (1, 3)
+
+
+def test_mile_eval_refuses_an_unlabelled_split(semi_root: Path, tmp_path: Path) -> None:
+    """Scoring placeholder labels would print numbers that mean nothing: refused before any model loads."""
+    from engine.evaluate import evaluate_exported
+    from engine.export import ExportError
+
+    with pytest.raises(ExportError, match="'train_unlabelled' .* is unlabelled"):
+        evaluate_exported(tmp_path / "no-model-needed", semi_root, "train_unlabelled", torch.device("cpu"))
