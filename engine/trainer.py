@@ -29,7 +29,8 @@ from engine.distributed import DistInfo, gather_floats
 from engine.metrics import EvalAccumulator
 from engine.phases import module_state
 from engine.run_folder import RunFolder
-from engine.steps import RunAheadLimit, StepResult, autocast_context
+from engine.scoring import score_split
+from engine.steps import RunAheadLimit, StepResult
 from pipelines.contract import Batch, Loader, ShardDataError
 from shards.format import LabelKind
 from shards.manifest import SplitManifest, load_split
@@ -415,12 +416,8 @@ class Trainer:
         return metrics
 
     def _score(self, eval_set: EvalSet, loader: Loader) -> dict[str, float]:
-        accumulator = self._new_accumulator(eval_set)
-        for batch in loader.epoch(0):
-            with autocast_context(compute_dtype(self.config, self.device, train=False), self.device.type):
-                logits = self.engine.learner(batch.images)
-            accumulator.update(logits.float(), batch.labels, batch.targets if eval_set.score_targets else None)
-        return accumulator.compute()  # SYNC: eval point
+        dtype = compute_dtype(self.config, self.device, train=False)
+        return score_split(self.engine.learner, loader, self._new_accumulator(eval_set), dtype, self.device)  # SYNC: eval point
 
     def _improves_best(self, metrics: dict[str, float] | None) -> bool:
         """Whether ``metrics`` beat the best value of ``checkpoint.best_metric`` so far (recorded if so)."""

@@ -3,8 +3,11 @@ its own ``NAME/metric`` keys, refuses sets with other classes, and mile-eval agr
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from engine.run_folder import read_metrics
 from engine.trainer import Trainer
 from shards.sources import digits_grid
 from shards.writer import WriterSettings, write_split
-from test_engine_run import CPU, grid_root, run_cli, tiny_config  # noqa: F401 (grid_root is a fixture)
+from test_engine_run import CPU, REPO, grid_root, run_cli, tiny_config  # noqa: F401 (grid_root is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +67,13 @@ def test_extra_eval_sets_are_scored_at_every_eval_point_and_match_mile_eval(grid
         scored = evaluate.evaluate_exported(tmp_path / "model", second_grid, split, CPU.device, batch_size=32, backend="torch", num_workers=0)
         for key, value in scored.items():
             assert summary[f"grid2/{split}/{key}"] == pytest.approx(value, abs=1e-6), key
+
+    # the report gives each extra set's top-1 a column of its own
+    report = subprocess.run([sys.executable, "tools/report.py", str(out), "--out", str(tmp_path / "report"), "--no-score-models"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert report.returncode == 0, report.stderr[-3000:]
+    row = next(csv.DictReader(open(tmp_path / "report" / "table.csv")))
+    assert row["grid2/val top-1"] == f"{100 * summary['grid2/val/top1']:.2f}" and row["grid2/tune top-1"] == f"{100 * summary['grid2/tune/top1']:.2f}"
 
 
 def test_an_eval_set_with_other_classes_is_refused_naming_both_manifests_and_the_converter_option(
