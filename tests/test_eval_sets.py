@@ -118,3 +118,14 @@ def test_two_sets_of_one_name_get_unique_names_and_an_added_set_may_resume(grid_
         for loader in (trainer.train_loader, *trainer.eval_loaders):
             loader.close()
     check_resume_changes(tiny_config(grid_root, tmp_path / "run"), config)  # adding eval sets is no other experiment
+
+
+@pytest.mark.parametrize("spec, folder, split", [
+    ("shards/imagenet", "shards/imagenet", "val"),
+    ("shards/imagenet:tune", "shards/imagenet", "tune"),
+    ("/data/a:b/c", "/data/a:b/c", "val"),  # a colon followed by a path belongs to the folder
+])
+def test_eval_data_names_a_folder_and_a_split(spec: str, folder: str, split: str) -> None:
+    from engine.data import parse_eval_data
+
+    assert parse_eval_data(spec) == (Path(folder), split)
