@@ -7,8 +7,8 @@ split (docs/TUNING.md). Writes to ``--out``:
 label-ranking AP, secondary mAP, top-1, mean ± std over seeds; and rows for predictors that need no
 model), ``f1_curve.png`` (F1@0.25 over training) and ``f1_vs_coverage.png`` (F1 against coverage
 as the prediction set grows: whether a method is better or only predicts more labels), all made
-by ``engine.report`` from the run folders, as ``tools/report.py OUT`` makes them. Running it again reuses finished runs of the same config and resumes interrupted ones; it never
-deletes a run.
+by ``engine.report`` from the run folders, as ``tools/report.py OUT`` makes them. Running it again
+reuses finished runs of the same config and resumes interrupted ones; it never deletes a run.
 """
 
 from __future__ import annotations
