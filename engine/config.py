@@ -130,6 +130,12 @@ class DataConfig(_Component):
         "and never read its labels; interaction (teacher) phases train on train_split. Empty = off.", alias="--unlabelled-split",
     )
     unlabelled_root: str = knob("", "Shard folder of unlabelled_split; empty = the folder of the train split (data.root).", alias="--unlabelled-data")
+    # resume-safe: another eval set changes what is measured, never what is trained
+    extra_eval: tuple[str, ...] = knob(
+        (), "More eval sets, scored at every eval point besides eval_split: DIR (split val) or DIR:SPLIT of a shard folder "
+        "with the train split's classes in the same order; metrics as NAME/metric (NAME = the folder's name/SPLIT). "
+        "Repeat the flag for several.", alias="--eval-data", allow_empty=True, resume_safe=True,
+    )
     image_size_px: int = knob(24, "Image side in pixels.", alias="--image-size", ge=8)
     augment: bool = knob(False, "Random-resized-crop + flip in training (off for the digit grid: crops remove digits).", alias="--augment")
     crop_scale_min: float = knob(0.08, "Smallest random-resized-crop area, as a fraction of the image.", alias="--crop-scale-min", gt=0, le=1)
@@ -344,7 +350,7 @@ def coerce(key: Key, value: Any) -> Any:
         item_type = typing.get_args(kind)[0]
         allow_empty = key.field.metadata.get("allow_empty", False)
         if not isinstance(value, (list, tuple)) or not (value or allow_empty):
-            what = "whole numbers" if item_type is int else "numbers"
+            what = {int: "whole numbers", str: "strings"}.get(item_type, "numbers")
             raise ConfigError(f"{key.label()}: expected a {'' if allow_empty else 'non-empty '}list of {what}, got {value!r}")
         return tuple(coerce(Key(key.name, key.field, item_type), item) for item in value)
     raise TypeError(f"config key {key.name}: unsupported type {kind!r}")  # a schema bug, not a user error

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.config import DataConfig, EvalPrecision, RunConfig
+from engine.config import ConfigError, DataConfig, EvalPrecision, RunConfig, Switch
 from pipelines import build_loader
 from pipelines.contract import AugmentConfig, Loader, LoaderConfig
-from shards.manifest import ShardError
+from shards.format import LabelKind
+from shards.manifest import ShardError, SplitManifest, load_split, manifest_path
+
+DEFAULT_EXTRA_EVAL_SPLIT = "val"
 
 DIGITS_CACHE_ENV = "MILE_CACHE"
 
@@ -89,3 +93,82 @@ def build_loaders(config: RunConfig, root: Path, rank: int, world_size: int, dev
 def build_unlabelled_loader(config: RunConfig, root: Path, rank: int, world_size: int, device: torch.device) -> Loader:
     """The loader of the unlabelled split: training order, batch size and augmentation, like the train split's."""
     return build_loader(root, config.data.unlabelled_split, loader_config(config, True, rank, world_size, device))
+
+
+# -- eval sets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One split scored at every eval point. The run's own eval split has the empty name and writes
+    its metrics under their plain keys (``top1``); every ``--eval-data`` set writes ``NAME/top1``."""
+
+    name: str  # "" for data.eval_split; "FOLDER/SPLIT" for an extra set
+    root: Path
+    split: str
+    manifest: SplitManifest
+    score_targets: bool  # multi-label metrics are scored (the split has targets and they are not switched off)
+
+    def key(self, metric: str) -> str:
+        return f"{self.name}/{metric}" if self.name else metric
+
+
+def parse_eval_data(spec: str) -> tuple[Path, str]:
+    """``DIR`` or ``DIR:SPLIT`` -> (folder, split); a colon followed by a path is part of the folder."""
+    folder, colon, split = spec.rpartition(":")
+    if colon and folder and split and "/" not in split and "\\" not in split:
+        return Path(folder), split
+    return Path(spec), DEFAULT_EXTRA_EVAL_SPLIT
+
+
+def extra_eval_sets(config: RunConfig, train: SplitManifest, train_root: Path) -> list[EvalSet]:
+    """The ``data.extra_eval`` sets, each checked (folder, split, classes) before anything is written;
+    names are the folder's name and the split, made unique with -2, -3."""
+    sets: list[EvalSet] = []
+    for spec in config.data.extra_eval:
+        root, split = parse_eval_data(spec)
+        if not root.is_dir():
+            raise ConfigError(f"data.extra_eval (--eval-data) {spec!r}: {root} {'is not a folder' if root.exists() else 'does not exist'}")
+        try:
+            manifest = load_split(root, split)
+        except ShardError as error:
+            raise ConfigError(f"data.extra_eval (--eval-data) {spec!r}: {error}") from None
+        if manifest.label_kind is LabelKind.UNLABELLED:
+            raise ConfigError(f"data.extra_eval (--eval-data) {spec!r}: split {split!r} is unlabelled: no ground truth to score against")
+        check_same_classes(spec, manifest, root, train, train_root)
+        name = _unique_name(f"{root.resolve().name}/{split}", {s.name for s in sets})
+        scored = manifest.label_kind.has_targets and config.multilabel_metrics is not Switch.OFF
+        sets.append(EvalSet(name, root, split, manifest, scored))
+    return sets
+
+
+def _unique_name(name: str, taken: set[str]) -> str:
+    candidate, number = name, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{name}-{number}"
+    return candidate
+
+
+def check_same_classes(spec: str, manifest: SplitManifest, root: Path, train: SplitManifest, train_root: Path) -> None:
+    """An eval set's class index must mean the train split's class: same names, same order."""
+    ours, theirs = train.class_names, manifest.class_names
+    if ours == theirs:
+        return
+    index = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    raise ConfigError(
+        f"data.extra_eval (--eval-data) {spec!r}: split {manifest.name!r} of {manifest_path(root)} has {len(theirs)} classes, "
+        f"split {train.name!r} of {manifest_path(train_root)} (the train split) has {len(ours)}; they first differ at class index "
+        f"{index}: {_class_at(theirs, index)} vs {_class_at(ours, index)}. Convert the eval set with the train split's class list, in its order: for ImageNet "
+        f"val with a WebVision model, `make-shards webvision --write-class-list classes.txt ...` then `make-shards imagenet "
+        f"--class-list classes.txt ...`; an image folder split written with `make-shards folder --out` into the train split's "
+        f"folder reuses its classes"
+    )
+
+
+def _class_at(names: list[str], index: int) -> str:
+    return repr(names[index]) if index < len(names) else "(none)"
+
+
+def build_eval_loader(config: RunConfig, eval_set: EvalSet, rank: int, world_size: int, device: torch.device) -> Loader:
+    return build_loader(eval_set.root, eval_set.split, loader_config(config, False, rank, world_size, device))

@@ -16,7 +16,7 @@ import typer
 
 from engine.export import ExportedModel, ExportError, autocast_dtype, load_exported, resolve_device, run_cli
 from engine.metrics import EvalAccumulator
-from engine.steps import autocast_context
+from engine.scoring import score_split
 from pipelines import build_loader
 from pipelines.contract import LoaderConfig
 from shards.format import LabelKind
@@ -44,13 +44,9 @@ def evaluate_exported(
     dtype = autocast_dtype(meta, device)
     loader = build_loader(data, split, _loader_config(meta, batch_size, backend, num_workers, device, dtype))
     try:
-        for batch in loader.epoch(0):
-            with autocast_context(dtype, device.type):
-                logits = model(batch.images)
-            accumulator.update(logits.float(), batch.labels, batch.targets if has_targets else None)
+        return score_split(model, loader, accumulator, dtype, device)  # the loop a run's evaluation runs
     finally:
         loader.close()
-    return accumulator.compute()
 
 
 def _loader_config(meta: ExportedModel, batch_size: int, backend: str, num_workers: int, device: torch.device, dtype: torch.dtype | None) -> LoaderConfig:

@@ -1,11 +1,48 @@
-"""Human-facing output: the final metrics table of a run."""
+"""Human-facing output: a run's metrics table, and the comparison report of many runs.
+
+The report (``tools/report.py RUNS... --out DIR``, and the demo's and sweeps' own tables) reads run
+folders only: ``config.toml``, ``summary.json``, ``metrics.jsonl``, ``demo_wall_s.json`` and, for the
+F1-vs-coverage curve and the no-model rows, the last checkpoint scored on the run's eval split. It
+writes ``table.md`` and ``table.csv`` (one row per group of runs, each cell the mean ± std over the
+group's seeds), ``f1_curve.png`` (or ``METRIC_curve.png``: an eval metric over training) and
+``f1_vs_coverage.png``. Runs are grouped by every config key that tells experiments apart (not the
+seed, the folder, the device or logging intervals), or by the keys ``--group-by`` names.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from engine.config import ConfigError, RunConfig, flatten, key_by_name
+from engine.run_folder import CONFIG_NAME, RunFolderError, read_metrics, saved_config
+
+METHOD_ORDER = ("softmax", "sigmoid", "mile")
+WALL_FILE = "demo_wall_s.json"  # seconds the run took, written by engine.demo.run_method (demo and sweeps)
+# (column title, summary key, scale): F1-like values in %, set sizes as they are
+TABLE_COLUMNS = (
+    ("F1@0.25", "f1@0.25", 100), ("F1@0.5", "f1@0.5", 100), ("coverage@0.25", "coverage@0.25", 1),
+    ("F1@matched", "f1@matched", 100), ("θ or m @matched", "threshold@matched", 1), ("top-T F1", "f1@top|T|", 100),
+    ("LRAP", "lrap", 100), ("secondary mAP", "secondary_map", 100), ("top-1", "top1", 100),
+)
+PAPER_F1_025 = {"softmax": 28.69, "sigmoid": 29.10, "mile": 41.35}  # poster, multi-label MNIST table
+CURVE_THETAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+TRIVIAL_K_RANDOM = (1, 2)
+# Keys that do not make another experiment: where and how a run was executed and logged.
+NOT_GROUPED = frozenset({
+    "seed", "out_dir", "device", "cuda_graphs", "log_every", "eval_every", "checkpoint_every", "data.num_workers",
+    "data.verify_data", "data.extra_eval", "checkpoint.keep_last", "checkpoint.best_metric",
+})
+# Set sizes, thresholds and counts are shown as they are; every other metric in %.
+_UNSCALED = re.compile(r"(^|/)(num_.*|coverage@.*|theta@matched|m@matched|threshold@matched|matched_target|eval_seconds)$")
 
 
 def print_metrics_table(summary: dict[str, Any], title: str) -> None:
@@ -18,3 +55,344 @@ def print_metrics_table(summary: dict[str, Any], title: str) -> None:
         elif isinstance(value, (int, str)):
             table.add_row(key, str(value))
     Console().print(table)
+
+
+# -- reading run folders -------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """What a run folder holds: its config, its summary (None: the run did not finish), its wall time."""
+
+    folder: Path
+    config: RunConfig
+    summary: dict[str, Any] | None
+    wall_s: float | None
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return flatten(self.config.to_json(), str(self.folder / CONFIG_NAME))
+
+    def last_step(self) -> int:
+        path = self.folder / "metrics.jsonl"
+        records = read_metrics(path) if path.is_file() else []
+        return max((r.get("step", 0) for r in records), default=0)
+
+
+def read_run(folder: Path) -> RunRecord:
+    summary_path, wall_path = folder / "summary.json", folder / WALL_FILE
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    wall = json.loads(wall_path.read_text()) if wall_path.is_file() else None
+    return RunRecord(folder, saved_config(folder), summary, wall)
+
+
+def find_runs(paths: list[Path]) -> list[RunRecord]:
+    """The runs named: a run folder (with config.toml), or a folder holding run folders at any depth
+    (a demo's or a sweep's --out); anything else is an error naming the path."""
+    folders: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise RunFolderError(f"{path} {'is not a folder' if path.exists() else 'does not exist'}: give run folders")
+        if (path / CONFIG_NAME).is_file():
+            folders.append(path)
+            continue
+        found = sorted(config.parent for config in path.rglob(CONFIG_NAME))
+        if not found:
+            raise RunFolderError(f"{path} is not a run folder (no {CONFIG_NAME}) and holds none: give the --out of engine-run, the demo or a sweep")
+        folders.extend(found)
+    return [read_run(folder) for folder in dict.fromkeys(folders)]
+
+
+# -- grouping --------------------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    """Runs of one experiment (seeds apart); ``label`` names it in the table and the plots."""
+
+    label: str
+    method: str
+    runs: list[RunRecord] = field(default_factory=list)
+
+    @property
+    def first(self) -> RunRecord:
+        """The run of the lowest seed: the one whose curves are plotted."""
+        return self.runs[0]
+
+
+def grouping_keys(runs: list[RunRecord], group_by: list[str] | None) -> list[str]:
+    """``group_by`` (checked; ``method`` = ``method.name``), else every key whose value differs between runs."""
+    known = key_by_name()
+    if group_by:
+        names = ["method.name" if name == "method" else name for name in group_by]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ConfigError(f"--group-by {', '.join(unknown)}: not a config key (engine-run --help lists them)")
+        return names
+    values = [run.values for run in runs]
+    return [name for name in known if name not in NOT_GROUPED and len({json.dumps(v[name]) for v in values}) > 1]
+
+
+def group_runs(runs: list[RunRecord], group_by: list[str] | None = None) -> list[Group]:
+    """Groups of runs with equal values of the grouping keys, ordered softmax, sigmoid, MILe, then by label."""
+    keys = grouping_keys(runs, group_by)
+    by_values: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        by_values.setdefault(json.dumps([run.values[k] for k in keys]), []).append(run)
+    groups = [Group(_label(members, runs, keys), _method(members), sorted(members, key=lambda r: (r.config.seed, str(r.folder))))
+              for members in by_values.values()]
+    order = {method: index for index, method in enumerate(METHOD_ORDER)}
+    return sorted(groups, key=lambda g: (order.get(g.method, len(order)), g.label))
+
+
+def _method(members: list[RunRecord]) -> str:
+    methods = {run.config.method.name.value for run in members}
+    return methods.pop() if len(methods) == 1 else "mixed"
+
+
+def _label(members: list[RunRecord], runs: list[RunRecord], keys: list[str]) -> str:
+    """The group's method (when its runs share one) and the grouping keys that tell it apart from the
+    other groups of that method: "mile rho=0.1"."""
+    method = _method(members)
+    peers = [r for r in runs if r.config.method.name.value == method] if method != "mixed" else runs
+    telling = [k for k in keys if k != "method.name" and len({json.dumps(r.values[k]) for r in peers}) > 1]
+    words = ([method] if method != "mixed" else []) + [f"{k.rpartition('.')[2]}={members[0].values[k]}" for k in telling]
+    return " ".join(words) or "all runs"
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+def _value(summary: dict[str, Any], key: str) -> float | None:
+    if key == "threshold@matched":  # sigmoid models report a threshold, softmax models a set size m
+        return summary.get("theta@matched", summary.get("m@matched"))
+    return summary.get(key)
+
+
+def _cell(values: list[float], spec: str = ".2f") -> str:
+    if len(values) == 1:
+        return f"{values[0]:{spec}}"
+    return f"{statistics.mean(values):{spec}} ± {statistics.stdev(values):{spec}}"
+
+
+def metric_columns(metrics: list[str] | None, summaries: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    """``--metrics`` as columns (title = key), or the demo's columns followed by each extra eval set's top-1."""
+    if metrics:
+        return [(name, name, 1 if _UNSCALED.search(name) else 100) for name in metrics]
+    extra_sets = dict.fromkeys(k.rpartition("/")[0] for s in summaries for k in s if "/" in k and k.endswith("/top1"))
+    return [*TABLE_COLUMNS, *((f"{name} top-1", f"{name}/top1", 100) for name in extra_sets)]
+
+
+def group_rows(groups: list[Group], columns: list[tuple[str, str, int]], paper: bool) -> list[dict[str, str]]:
+    """One row per group of finished runs: each cell the mean ± standard deviation over its seeds."""
+    rows = []
+    for group in groups:
+        summaries = [run.summary for run in group.runs if run.summary is not None]
+        if not summaries:
+            continue
+        row = {"method": group.label, "seeds": str(len(summaries))}
+        for title, key, scale in columns:
+            values = [_value(s, key) for s in summaries]
+            spec = ".3g" if key == "threshold@matched" else ".2f"  # thresholds near 0.01 need significant digits
+            row[title] = "-" if any(v is None for v in values) else _cell([scale * v for v in values], spec)
+        if paper:
+            row["paper F1@0.25"] = f"{PAPER_F1_025[group.method]:.2f}" if group.method in PAPER_F1_025 else "-"
+        walls = [run.wall_s for run in group.runs if run.summary is not None and run.wall_s is not None]
+        row["wall s"] = f"{sum(walls):.0f}" if walls else "-"
+        rows.append(row)
+    return rows
+
+
+def drop_empty_columns(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Columns no row has a value in (F1 on a single-label split, wall time of plain engine-run runs) go."""
+    if not rows:
+        return rows
+    kept = [c for c in rows[0] if c in ("method", "seeds") or any(row[c] != "-" for row in rows)]
+    return [{c: row[c] for c in kept} for row in rows]
+
+
+def trivial_rows(trivial: dict[str, dict[str, float]], columns: list[str]) -> list[dict[str, str]]:
+    """Predictors without a model (the given label, plus k random classes, every class), so a reader
+    sees what a number means: their F1 needs no threshold, so it fills the F1@theta columns."""
+    rows = []
+    for name, scores in trivial.items():
+        row = {column: "-" for column in columns}
+        row["method"] = f"no model: {name.replace('_', ' ')}"
+        for title in ("F1@0.25", "F1@0.5"):
+            if title in row:
+                row[title] = f"{100 * scores['f1']:.2f}"
+        if "coverage@0.25" in row:
+            row["coverage@0.25"] = f"{scores['coverage']:.2f}"
+        if "f1@top|T|" in scores and "top-T F1" in row:
+            row["top-T F1"] = f"{100 * scores['f1@top|T|']:.2f}"
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def on_digit_grid(run: RunRecord) -> bool:
+    """The run trained on a digit grid (the embedded one, or one converted by make-shards digits-grid)."""
+    if not run.config.data.root:
+        return True
+    from shards.manifest import ShardError, load_split
+
+    try:
+        return load_split(Path(run.config.data.root), run.config.data.train_split).extra.get("source") == "digits-grid"
+    except ShardError:  # the data moved away: the report still stands, without the paper's figures
+        return False
+
+
+def table_header(groups: list[Group], digit_grid: bool) -> str:
+    """What the table compares, from the runs' configs: data, budget, seeds, the metrics' units."""
+    runs = [run for group in groups for run in group.runs if run.summary is not None]
+    config = runs[0].config
+    data = "Multi-label digit grid" if digit_grid else (Path(config.data.root).name or config.data.root)
+    title = f"# {data}: {' vs '.join(group.label for group in groups if any(r.summary for r in group.runs))}\n\n"
+    budgets = {(r.config.num_steps, r.config.global_batch_size, r.config.arch) for r in runs}
+    budget = (f"Same budget for all: {config.num_steps} steps x {config.global_batch_size} images, arch {config.arch}"
+              if len(budgets) == 1 else "Budgets differ (each run's config.toml has its own)")
+    seeds = sorted({r.config.seed for r in runs})
+    evaluated = sorted({r.config.data.eval_split for r in runs})
+    return title + (
+        f"{budget}; seeds {', '.join(map(str, seeds))} (mean ± std over a row's seeds). Eval split {', '.join(evaluated)}"
+        f"{'; the label set is every digit present' if digit_grid else ''}. F1, LRAP, mAP and top-1 in %, coverage in labels "
+        "per image. F1@matched: the threshold (sigmoid) or top-m (softmax) whose mean set size equals the mean true set size "
+        "(θ or m in the next column); top-T F1: each image's |T| best labels.\n\n"
+    )
+
+
+def unfinished_note(runs: list[RunRecord]) -> str:
+    unfinished = [run for run in runs if run.summary is None]
+    if not unfinished:
+        return ""
+    listed = "; ".join(f"{run.folder} (step {run.last_step()} of {run.config.num_steps})" for run in unfinished)
+    return f"\nUnfinished runs (no summary.json; not in the table): {listed}.\n"
+
+
+def write_table(out: Path, rows: list[dict[str, str]], header: str, note: str) -> None:
+    (out / "table.md").write_text(header + (markdown_table(rows) if rows else "No finished runs.\n") + note)
+    with open(out / "table.csv", "w", newline="") as handle:
+        if rows:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+# -- the plots ------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curve_file(metric: str) -> str:
+    """f1_curve.png for F1@0.25 (the demo's name), else the metric's name made a file name."""
+    return "f1_curve.png" if metric == "f1@0.25" else re.sub(r"[^A-Za-z0-9.@-]+", "_", metric) + "_curve.png"
+
+
+def plot_metric_curves(out: Path, groups: list[Group], metric: str, title: str) -> Path:
+    """``metric`` at every eval point of each group's first run (its lowest seed)."""
+    plt = _pyplot()
+    scale = 1 if _UNSCALED.search(metric) else 100
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for group in groups:
+        path = group.first.folder / "metrics.jsonl"
+        evals = [r for r in read_metrics(path) if r.get("kind") == "eval" and r.get(metric) is not None] if path.is_file() else []
+        axis.plot([r["step"] for r in evals], [scale * r[metric] for r in evals], marker="o", label=group.label)
+    axis.set_xlabel("training step")
+    axis.set_ylabel(f"{metric}{' (%)' if scale == 100 else ''}")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / curve_file(metric), dpi=120)
+    plt.close(figure)
+    return out / curve_file(metric)
+
+
+def plot_f1_vs_coverage(out: Path, curves: dict[str, list[dict[str, float]]], trivial: dict[str, dict[str, float]]) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    for label, points in curves.items():
+        axis.plot([p["coverage"] for p in points], [100 * p["f1"] for p in points], marker=".", label=label)
+    for name, scores in trivial.items():
+        axis.scatter([scores["coverage"]], [100 * scores["f1"]], marker="x", color="black")
+        axis.annotate(name.replace("_", " "), (scores["coverage"], 100 * scores["f1"]), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    axis.set_xscale("log")
+    axis.set_xlabel("label coverage (mean predicted labels per image, log scale)")
+    axis.set_ylabel("val F1 (%)")
+    axis.set_title("F1 against coverage as the prediction set grows")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "f1_vs_coverage.png", dpi=120)
+    plt.close(figure)
+    return out / "f1_vs_coverage.png"
+
+
+def score_final_models(groups: list[Group]) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, float]]]:
+    """F1-vs-coverage curves of each group's first finished run (its last checkpoint on its eval split),
+    and the no-model predictors' scores on that split; empty where the split has no multi-label sets."""
+    from engine.metrics import coverage_curve, trivial_predictor_scores
+    from engine.scoring import eval_outputs
+
+    curves: dict[str, list[dict[str, float]]] = {}
+    trivial: dict[str, dict[str, float]] = {}
+    for group in groups:
+        run = next((r for r in group.runs if r.summary is not None and (r.folder / "checkpoints" / "last.pt").is_file()), None)
+        if run is None:
+            continue
+        outputs = eval_outputs(run.folder)
+        if outputs.targets is None:
+            continue
+        kind = "softmax" if run.config.method.name.value == "softmax" else "sigmoid"
+        curves[group.label] = coverage_curve(outputs.logits, outputs.targets, kind, CURVE_THETAS)
+        if not trivial:
+            trivial = trivial_predictor_scores(outputs.labels, outputs.targets, outputs.logits.shape[1], TRIVIAL_K_RANDOM)
+    return curves, trivial
+
+
+# -- the whole report --------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    groups: list[Group]
+    rows: list[dict[str, str]]
+    curves: dict[str, list[dict[str, float]]]
+    trivial: dict[str, dict[str, float]]
+    files: list[Path]
+
+
+def write_report(out: Path, runs: list[RunRecord], metrics: list[str] | None = None, group_by: list[str] | None = None,
+                 curve_metric: str | None = None, score_models: bool = True) -> Report:
+    """``table.md``, ``table.csv`` and the plots of ``runs`` in ``out``; what they show."""
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs, group_by)
+    finished = [run for run in runs if run.summary is not None]
+    if not finished:
+        write_table(out, [], "# No finished runs\n\n", unfinished_note(runs))
+        return Report(groups, [], {}, {}, [out / "table.md", out / "table.csv"])
+    digit_grid = all(on_digit_grid(run) for run in finished)
+    columns = metric_columns(metrics, [run.summary for run in finished])
+    rows = drop_empty_columns(group_rows(groups, columns, paper=digit_grid))
+    curves, trivial = score_final_models(groups) if score_models else ({}, {})
+    table_rows = rows + trivial_rows(trivial, list(rows[0])) if metrics is None else rows
+    write_table(out, table_rows, table_header(groups, digit_grid), unfinished_note(runs))
+    files = [out / "table.md", out / "table.csv"]
+    metric = curve_metric or ("f1@0.25" if "f1@0.25" in finished[0].summary else "top1")
+    files.append(plot_metric_curves(out, groups, metric, "Multi-label digit grid" if digit_grid else metric))
+    if curves:
+        files.append(plot_f1_vs_coverage(out, curves, trivial))
+    return Report(groups, table_rows, curves, trivial, files)

@@ -1,6 +1,6 @@
-"""A trained run's model, re-loaded from its folder, and its outputs on an eval split.
-
-Used where metrics need the raw scores rather than the summary (the demo's F1-vs-coverage curve).
+"""Scoring a model on a split: the one loop a run's evaluation and ``mile-eval`` share, and a trained
+run's model re-loaded from its folder with its outputs on an eval split (for metrics that need the
+raw scores rather than the summary: the report's F1-vs-coverage curve).
 """
 
 from __future__ import annotations
@@ -14,11 +14,24 @@ from torch import nn
 from engine.checkpoint import read_checkpoint
 from engine.config import RunConfig
 from engine.data import compute_dtype, loader_config, resolve_data_root
+from engine.metrics import EvalAccumulator
 from engine.models import build_model
 from engine.run_folder import RunFolder, saved_config
 from engine.steps import autocast_context
 from pipelines import build_loader
+from pipelines.contract import Loader
 from shards.manifest import load_split
+
+
+@torch.no_grad()
+def score_split(model: nn.Module, loader: Loader, accumulator: EvalAccumulator, dtype: torch.dtype | None, device: torch.device) -> dict[str, float]:
+    """``accumulator``'s metrics of ``model`` over one pass of ``loader`` (targets scored when the
+    accumulator has them); the model must already be in eval mode."""
+    for batch in loader.epoch(0):
+        with autocast_context(dtype, device.type):
+            logits = model(batch.images)
+        accumulator.update(logits.float(), batch.labels, batch.targets if accumulator.has_targets else None)
+    return accumulator.compute()
 
 
 @dataclass

@@ -24,13 +24,14 @@ from tqdm import tqdm
 from engine.build import Engine, EngineSpec, build_engine
 from engine.checkpoint import CheckpointTargets, CheckpointWriter, Progress, RngState, load_components, read_checkpoint, remove_temporaries
 from engine.config import ConfigError, Method, RunConfig, Switch
-from engine.data import build_loaders, build_unlabelled_loader, compute_dtype, resolve_data_root, resolve_unlabelled_root
+from engine.data import EvalSet, build_eval_loader, build_loaders, build_unlabelled_loader, compute_dtype, extra_eval_sets, resolve_data_root, resolve_unlabelled_root
 from engine.distributed import DistInfo, gather_floats
 from engine.metrics import EvalAccumulator
 from engine.phases import STUDENT, module_state
 from engine.run_folder import RunFolder
-from engine.steps import RunAheadLimit, StepResult, autocast_context
-from pipelines.contract import Batch, ShardDataError
+from engine.scoring import score_split
+from engine.steps import RunAheadLimit, StepResult
+from pipelines.contract import Batch, Loader, ShardDataError
 from shards.format import LabelKind
 from shards.manifest import ShardError, SplitManifest, load_split
 
@@ -252,12 +253,16 @@ class Trainer:
         self.train_split = load_split(root, config.data.train_split)
         self.eval_split = load_split(root, config.data.eval_split)
         self.score_targets = check_against_data(config, self.train_split, self.eval_split, dist.world_size)
-        check_best_metric(config.checkpoint.best_metric, self._new_accumulator().metric_names())
+        main_set = EvalSet("", root, config.data.eval_split, self.eval_split, self.score_targets)
+        self.eval_sets = [main_set, *extra_eval_sets(config, self.train_split, root)]
+        check_best_metric(config.checkpoint.best_metric, self._eval_metric_names())
         unlabelled_root = resolve_unlabelled_root(config.data, root)
         if unlabelled_root is not None:  # checked before any loader starts
             load_unlabelled_split(config, unlabelled_root, self.train_split, dist.world_size)
         self.train_loader, self.eval_loader = build_loaders(config, root, dist.rank, dist.world_size, self.device)
         self.unlabelled_loader = None if unlabelled_root is None else build_unlabelled_loader(config, unlabelled_root, dist.rank, dist.world_size, self.device)
+        # one loader per extra set, built once: its workers and index stay for every eval point
+        self.eval_loaders = [self.eval_loader, *(build_eval_loader(config, s, dist.rank, dist.world_size, self.device) for s in self.eval_sets[1:])]
         self.config = config = steps_from_epochs(config, self.train_loader.batches_per_epoch, dist.is_main)
         spec = EngineSpec(self.train_split.num_classes, self.train_split.label_kind is LabelKind.ATTRIBUTES,
                           batches_per_epoch=self.train_loader.batches_per_epoch)
@@ -298,7 +303,8 @@ class Trainer:
                 signal.signal(sig, handler)
             self._wait_for_checkpoint(report=False)  # an error is on its way already: keep it
             self.train_loader.close()
-            self.eval_loader.close()
+            for loader in self.eval_loaders:
+                loader.close()
             if self.unlabelled_loader is not None:
                 self.unlabelled_loader.close()
             self.folder.close()
@@ -457,33 +463,40 @@ class Trainer:
 
     # -- evaluation and checkpoints -----------------------------------------------------------
 
-    def _new_accumulator(self) -> EvalAccumulator:
+    def _new_accumulator(self, eval_set: EvalSet) -> EvalAccumulator:
         return EvalAccumulator(
-            num_classes=self.eval_split.num_classes,
+            num_classes=eval_set.manifest.num_classes,
             thetas=self.config.eval_thetas,
             method_kind="softmax" if self.config.method.name is Method.SOFTMAX else "sigmoid",
-            has_targets=self.score_targets,
-            attributes=self.eval_split.label_kind is LabelKind.ATTRIBUTES,
+            has_targets=eval_set.score_targets,
+            attributes=eval_set.manifest.label_kind is LabelKind.ATTRIBUTES,
             device=self.device,
         )
 
+    def _eval_metric_names(self) -> tuple[str, ...]:
+        """Every key an eval point reports: the eval split's plain names, then each extra set's NAME/metric."""
+        return tuple(s.key(name) for s in self.eval_sets for name in self._new_accumulator(s).metric_names())
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        started = time.perf_counter()
-        accumulator = self._new_accumulator()
+        """Score every eval set; one metrics record with all their keys (and each set's eval seconds)."""
         self.engine.sync_buffers()  # every rank evaluates its share with rank 0's BatchNorm statistics
-        learner = self.engine.learner
-        learner.eval()
-        for batch in self.eval_loader.epoch(0):
-            with autocast_context(compute_dtype(self.config, self.device, train=False), self.device.type):
-                logits = learner(batch.images)
-            accumulator.update(logits.float(), batch.labels, batch.targets if self.score_targets else None)
-        learner.train()
-        metrics = accumulator.compute()  # SYNC: eval point
+        metrics: dict[str, float] = {}
+        seconds: dict[str, float] = {}
+        self.engine.learner.eval()
+        for eval_set, loader in zip(self.eval_sets, self.eval_loaders):
+            started = time.perf_counter()
+            metrics.update({eval_set.key(k): v for k, v in self._score(eval_set, loader).items()})
+            seconds[eval_set.key("eval_seconds")] = time.perf_counter() - started
+        self.engine.learner.train()
         last = self.engine.plan.position(max(self.step - 1, 0))  # the phase the evaluated weights come from
         record = {"kind": "eval", "step": self.step, "phase": last.phase.value, "cycle": last.cycle, **metrics}
-        self.folder.log({**record, "eval_seconds": time.perf_counter() - started})
+        self.folder.log({**record, **seconds})
         return metrics
+
+    def _score(self, eval_set: EvalSet, loader: Loader) -> dict[str, float]:
+        dtype = compute_dtype(self.config, self.device, train=False)
+        return score_split(self.engine.learner, loader, self._new_accumulator(eval_set), dtype, self.device)  # SYNC: eval point
 
     def _improves_best(self, metrics: dict[str, float] | None) -> bool:
         """Whether ``metrics`` beat the best value of ``checkpoint.best_metric`` so far (recorded if so)."""

@@ -33,7 +33,8 @@ def other_value(key: Key) -> typing.Any:
         return {"method.rho": 0.3, "optim.momentum": 0.8, "data.crop_scale_min": 0.2, "data.eval_crop_fraction": 0.9,
                 "optim.step_decay_factor": 0.5}.get(key.name, default + 0.125)
     if typing.get_origin(key.type) is tuple:
-        return [3, 7] if typing.get_args(key.type)[0] is int else [0.3, 0.7]
+        item_type = typing.get_args(key.type)[0]
+        return {int: [3, 7], str: ["shards/a", "shards/b:tune"]}.get(item_type, [0.3, 0.7])
     return {"device": "cpu", "out_dir": "runs/elsewhere", "arch": "resnet18"}.get(key.name, "some_value")
 
 
@@ -165,6 +166,8 @@ BAD_TOML = [
     ("method = \"mile\"\n", "method must be a table"),
     ("eval_thetas = 0.25\n", "eval_thetas (--eval_thetas / --theta): expected a non-empty list"),
     ("eval_thetas = []\n", "eval_thetas (--eval_thetas / --theta): expected a non-empty list"),
+    ("[data]\nextra_eval = \"imagenet\"\n", "data.extra_eval (--data.extra_eval / --eval-data): expected a list of strings"),
+    ("[data]\nextra_eval = [3]\n", "data.extra_eval (--data.extra_eval / --eval-data): expected a string"),
     ("[optim]\nlr_milestones = [10.5]\n", "optim.lr_milestones (--optim.lr_milestones / --lr-milestones): expected a whole number"),
     ("arch = 3\n", "arch (--arch): expected a string"),
     ("num_steps = true\n", "expected a whole number, got True"),

@@ -281,3 +281,10 @@ def test_mile_eval_refuses_an_unlabelled_split(semi_root: Path, tmp_path: Path) 
 
     with pytest.raises(ExportError, match="'train_unlabelled' .* is unlabelled"):
         evaluate_exported(tmp_path / "no-model-needed", semi_root, "train_unlabelled", torch.device("cpu"))
+
+
+def test_an_unlabelled_split_is_refused_as_an_extra_eval_set(semi_root: Path, tmp_path: Path) -> None:
+    config = semi_config(semi_root, tmp_path / "run", **{"data.extra_eval": (f"{semi_root}:train_unlabelled",)})
+    with pytest.raises(ConfigError, match="'train_unlabelled' is unlabelled"):
+        Trainer(config, CPU)
+    assert not (tmp_path / "run").exists()

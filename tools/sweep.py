@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """``tools/sweep.py SWEEP.toml --out DIR``: run a grid of configs as separate resumable runs and
-write ``DIR/sweep.csv`` and ``DIR/sweep.md`` (every run's scores, each method's chosen run marked)."""
+write ``DIR/sweep.csv`` and ``DIR/sweep.md`` (every run's scores, each method's chosen run marked),
+and the comparison report of ``tools/report.py DIR`` (``table.md``, ``table.csv``, plots)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def main(
     """Run every configuration of a sweep; finished runs are reused, interrupted ones resumed."""
     import logging
 
+    from engine.report import find_runs, write_report
     from engine.sweep import load_sweep, results_markdown, run_sweep, write_results
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -33,6 +35,8 @@ def main(
     table = results_markdown(results, COLUMNS, select_by)
     (out / "sweep.md").write_text(f"Selected by {select_by} (higher is better).\n\n" + table)
     typer.echo(table)
+    report = write_report(out, find_runs([Path(run.config.out_dir) for run in runs]))  # what tools/report.py DIR writes
+    typer.echo(f"wrote {out / 'sweep.md'}, {out / 'sweep.csv'}, {', '.join(str(path) for path in report.files)}")
 
 
 if __name__ == "__main__":
