@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dataset_layouts import listed_one_percent, make_celeba, make_imagenet_train, make_imagenet_val
+from dataset_layouts import listed_one_percent, make_celeba, make_imagenet_train, make_imagenet_val, make_webvision
 from engine.config import Method, build_config, load_toml
 from engine.distributed import DistInfo
 from engine.models import build_model
@@ -51,8 +51,8 @@ def data_commands(recipe: Path) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A folder laid out as the recipes expect: data/imagenet, data/celeba, the SimCLR subset lists
-    and a MoCo v2-style ResNet-50 checkpoint under weights/."""
+    """A folder laid out as the recipes expect: data/imagenet, data/celeba, data/webvision, the SimCLR
+    subset lists, a MoCo v2-style ResNet-50 checkpoint and fine-tuned ResNet-50s under weights/."""
     root = tmp_path_factory.mktemp("workspace")
     make_imagenet_train(root / "data" / "imagenet", with_broken=False)
     make_imagenet_val(root / "data" / "imagenet", "folders")
@@ -60,6 +60,7 @@ def workspace(tmp_path_factory) -> Path:
     (root / "1percent.txt").write_text("\n".join(listed[::2]) + "\n")
     (root / "10percent.txt").write_text("\n".join(listed) + "\n")
     make_celeba(root / "data" / "celeba", partitions=[0] * 12 + [1] * 6 + [2] * 4, with_broken=False)
+    make_webvision(root / "data" / "webvision", labels=[0, 1, 2, 3] * 3, val_labels=[0, 1, 2, 3, 0, 1])
     backbone = build_model("resnet50", 1000, multi_label_head=False).state_dict()
     moco = {f"module.encoder_q.{k}": v for k, v in backbone.items() if not k.startswith("fc.")}
     moco.update({"module.encoder_q.fc.0.weight": torch.zeros(8, 2048), "module.encoder_q.fc.2.weight": torch.zeros(4, 8)})
@@ -100,6 +101,9 @@ def test_recipe_trains_on_data_prepared_by_its_own_command(recipe: Path, workspa
     summary = Trainer(config, CPU).run()
     assert summary["step"] == 4 and summary["method"] == "mile"
     assert "top1" in summary or "f1@0.25" in summary
+    for spec in config.data.extra_eval:  # every extra eval set is scored under its own keys
+        folder, _, split = spec.rpartition(":")
+        assert f"{Path(folder).name}/{split}/top1" in summary, sorted(summary)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     unlabelled = sum(r.get("unlabelled_images", 0) for r in records if r["kind"] == "train")
     # steps 1-2 interaction, 3 imitation, 4 interaction: semi-supervised recipes feed step 3 (4 images) unlabelled
