@@ -18,7 +18,18 @@ the torch backend, by design of the DALI reader:
   is what one long-lived DALI reader does with ``stick_to_shard=False``; evaluation always reads
   the rank's own share (``stick_to_shard=True``), like the torch backend;
 - augmentation draws from DALI's generators, so the crops differ from the torch backend's (same
-  distributions), and a pipeline build (and shuffle-buffer fill) happens at the start of every epoch.
+  distributions), and a pipeline build (and shuffle-buffer fill) happens at the start of every
+  training epoch (its cost is measured in docs/PERFORMANCE.md, "Where the DALI CPU time goes").
+
+Evaluation has no randomness and no shuffle, so its pipeline is built once and its iterator reset
+after every complete pass (NVIDIA's ResNet-50 recipe does the same); each pass gives exactly the
+batches of a fresh pipeline. A pass abandoned midway drops the pipeline (DALI cannot reset
+mid-epoch) and the next pass builds a new one.
+
+Set-up follows NVIDIA's DALI ResNet-50 recipe: ``num_threads`` from the CPU affinity per local rank
+when ``num_workers`` is auto, and for GPU decoding the hardware-decoder share and the memory
+pre-allocation hints of ``decoder_args``. Half-precision batches are written as fp16 by DALI itself
+(``dali_output_dtype``): no float32 batch is written and converted afterwards.
 
 Damaged shards. At construction every index file is checked against its tar and the manifest
 (``check_index_file``): DALI trusts index offsets, and ones past the end of a tar have crashed it.
