@@ -6,7 +6,9 @@ The plain pipeline is the one in NVIDIA's examples: ``fn.readers.webdataset`` (i
 one pipeline for the whole run, its iterator reset at each epoch end. The project's loader differs
 in: the label field it reads too, HWC output, ``DaliLoader._to_batch`` (permute to the channels-last
 NCHW view, labels to int64), a new pipeline per epoch seeded from (seed, epoch, rank) (which also
-refills the shuffle buffer each epoch), and its ``initial_fill``. A variant row is the project's
+refills the shuffle buffer each epoch), and its ``initial_fill``. The row "runs queued past epoch
+end" is the backend as it was before ``EpochIterator``: DALI's iterator kept queueing runs past
+the epoch's last batch, which a per-epoch pipeline then discards. A variant row is the project's
 graph (rebuilt here from the same DALI calls, its fidelity checked by the "replica" row) with one of
 those switched to the plain pipeline's choice. Extra rows weigh the output dtype choices of
 half-precision runs (float32 + cast, float16 + cast, uint8 + normalisation in torch).
@@ -53,6 +55,8 @@ class Variant:
     rebuild_per_epoch: bool = True  # a new pipeline (and shuffle-buffer fill) every epoch
     initial_fill: int | None = None  # None: the bench's num_images, as the loaders bench passes
     prefetch_depth: int = 2  # DALI's default prefetch_queue_depth
+    # rebuilt pipelines: no run scheduled past the epoch's last batch (DaliLoader's EpochIterator)
+    stop_at_epoch_end: bool = True
 
 
 def variants() -> list[Variant]:
@@ -65,6 +69,7 @@ def variants() -> list[Variant]:
         replace(replica, name="project - HWC (CHW output)", layout="CHW", to_batch=False),
         replace(replica, name="project - _to_batch", to_batch=False),
         replace(replica, name="project - per-epoch rebuild", rebuild_per_epoch=False),
+        replace(replica, name="project, runs queued past epoch end", stop_at_epoch_end=False),  # before the fix
         replace(replica, name="project - fill = DALI default", initial_fill=DALI_DEFAULT_FILL),
         replace(replica, name="project, prefetch depth 1", prefetch_depth=1),
         replace(replica, name="project, prefetch depth 3", prefetch_depth=3),
@@ -93,7 +98,12 @@ class VariantLoader:
 
         pipe = gap_pipeline(self, batch_size=self.bench.batch_size, num_threads=self.bench.workers, device_id=None,
                             seed=self.bench.seed * 1000 + epoch, prefetch_queue_depth=self.variant.prefetch_depth)
+        from pipelines.dali_backend import EpochIterator
+
         outputs = ["images", "labels"] if self.variant.read_labels else ["images"]
+        if self.variant.rebuild_per_epoch and self.variant.stop_at_epoch_end:
+            runs = self.bench.num_images // self.bench.batch_size
+            return EpochIterator(pipe, outputs, runs, reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP)
         return DALIGenericIterator([pipe], outputs, reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP,
                                    auto_reset=not self.variant.rebuild_per_epoch)
 

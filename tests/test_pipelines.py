@@ -428,3 +428,25 @@ def test_backends_resolve_auto_workers(root: Path, backend: str, monkeypatch: py
         assert (loader.num_threads if backend == "dali" else loader.num_workers) == 2
     finally:
         loader.close()
+
+
+@pytest.mark.dali
+@needs_dali
+def test_dali_training_epoch_runs_no_batch_past_its_end(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training epoch's pipeline runs exactly the epoch's batches: DALI's iterator would queue
+    prefetch_queue_depth more, decoded and thrown away with the pipeline (20% of an 8-batch epoch)."""
+    from nvidia.dali.pipeline import Pipeline
+
+    runs = []
+    iter_setup = Pipeline._iter_setup
+    monkeypatch.setattr(Pipeline, "_iter_setup", lambda self: (runs.append(1), iter_setup(self))[1])  # once per run
+    cfg = config("dali", train=True, batch_size=4)
+    loader = build_loader(root, "multi", cfg)
+    try:
+        assert loader.batches_per_epoch == NUM_MULTI // 4 == 11
+        for epoch, start, handed_out in ((0, 0, 11), (1, 0, 11), (1, 9, 2)):
+            runs.clear()
+            assert len(list(loader.epoch(epoch, start))) == handed_out
+            assert len(runs) == 11  # resume: the skipped batches are run too, and no more
+    finally:
+        loader.close()
