@@ -29,8 +29,8 @@ mid-epoch) and the next pass builds a new one.
 
 Set-up follows NVIDIA's DALI ResNet-50 recipe: ``num_threads`` from the CPU affinity per local rank
 when ``num_workers`` is auto, and for GPU decoding the hardware-decoder share and the memory
-pre-allocation hints of ``decoder_args``. Half-precision batches are written as fp16 by DALI itself
-(``dali_output_dtype``): no float32 batch is written and converted afterwards.
+pre-allocation hints of ``decoder_args``. On the GPU, half-precision batches are written as fp16 by
+DALI itself (``dali_output_dtype``): no float32 batch is written and converted afterwards.
 
 Damaged shards. At construction every index file is checked against its tar and the manifest
 (``check_index_file``): DALI trusts index offsets, and ones past the end of a tar have crashed it.
@@ -279,7 +279,7 @@ class DaliLoader:
         # N×H×W×C in memory; the NCHW view of it is exactly the channels-last layout.
         images = outputs["images"].permute(0, 3, 1, 2)
         if images.dtype != self.config.dtype:
-            images = images.to(self.config.dtype)  # bf16 only: DALI wrote fp16 (see dali_output_dtype)
+            images = images.to(self.config.dtype)  # bf16 only: DALI wrote fp16 or fp32 (see dali_output_dtype)
         labels = outputs["labels"].view(-1).to(torch.int64)
         targets = outputs.get("targets")
         if targets is not None:
@@ -335,22 +335,25 @@ def _pipeline_spec(root: Path, manifest: SplitManifest, config: LoaderConfig, gp
         transform=transform_spec(config),
         mean_255=tuple(255.0 * m for m in config.mean),
         std_255=tuple(255.0 * s for s in config.std),
-        output_dtype=dali_output_dtype(config.dtype),
+        output_dtype=dali_output_dtype(config.dtype, gpu),
         shuffle_buffer=config.shuffle_buffer,
         gpu=gpu,
     )
 
 
-def dali_output_dtype(dtype: torch.dtype) -> Any:
-    """What ``crop_mirror_normalize`` writes for batches of ``dtype``. DALI has no bfloat16, so
-    bf16 runs take fp16 (normalised pixels lie in about [-2.2, 2.7], where fp16 is finer than bf16)
-    and ``_to_batch`` casts fp16 -> bf16, one cheap elementwise kernel on the device reading half
-    the bytes an fp32 -> bf16 cast reads; no fp32 batch is ever written. DALI writing uint8 and
-    the step normalising instead was measured too (docs/PERFORMANCE.md, the DALI CPU gap): it
-    moves the normalisation pass out of DALI rather than removing it, and changes the ``Batch``
-    contract, so it is not used."""
-    if dtype in (torch.float16, torch.bfloat16):
+def dali_output_dtype(dtype: torch.dtype, gpu: bool) -> Any:
+    """What ``crop_mirror_normalize`` writes for batches of ``dtype``; ``_to_batch`` casts the rest.
+
+    DALI has no bfloat16. On the GPU, bf16 batches (the engine's CUDA runs) are written as fp16
+    (normalised pixels lie in about [-2.2, 2.7], where fp16 is finer than bf16) and cast fp16 ->
+    bf16 on the device: one elementwise kernel reading half the bytes of an fp32 -> bf16 cast, and
+    no float32 batch written. On the CPU, DALI's fp16 conversion is slow: measured with
+    ``tools/bench.py dali-gap``, fp16 output + cast gave 0.53x and uint8 output + normalising in
+    torch 0.54x the plain pipeline's images/s, float32 output + cast 0.66x; so CPU bf16 batches
+    are written as float32. uint8 output is not used: it only moves the normalisation pass out of
+    DALI and changes the ``Batch`` contract."""
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and gpu):
         return types.FLOAT16
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.bfloat16):
         return types.FLOAT
     raise ValueError(f"DALI backend: image dtype {dtype} is not supported (float32, float16 or bfloat16)")

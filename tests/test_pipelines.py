@@ -380,19 +380,22 @@ def test_dali_decoder_args_gpu_hints_only_for_the_mixed_decoder() -> None:
 
 @pytest.mark.dali
 @needs_dali
-def test_dali_writes_fp16_for_half_precision_batches(root: Path) -> None:
+def test_dali_output_dtype_of_half_precision_batches(root: Path) -> None:
     from nvidia.dali import types
 
     from pipelines.dali_backend import dali_output_dtype
 
-    assert dali_output_dtype(torch.bfloat16) == dali_output_dtype(torch.float16) == types.FLOAT16
-    assert dali_output_dtype(torch.float32) == types.FLOAT
+    assert dali_output_dtype(torch.bfloat16, gpu=True) == dali_output_dtype(torch.float16, gpu=True) == types.FLOAT16
+    assert dali_output_dtype(torch.float16, gpu=False) == types.FLOAT16
+    assert dali_output_dtype(torch.bfloat16, gpu=False) == types.FLOAT  # DALI's CPU fp16 conversion is slow
+    assert dali_output_dtype(torch.float32, gpu=True) == dali_output_dtype(torch.float32, gpu=False) == types.FLOAT
     with pytest.raises(ValueError, match="float64 is not supported"):
-        dali_output_dtype(torch.float64)
+        dali_output_dtype(torch.float64, gpu=True)
     full = cat(run_epoch(root, "single", config("dali")), "images")
-    low = cat(run_epoch(root, "single", config("dali", dtype=torch.bfloat16)), "images")
-    assert low.dtype == torch.bfloat16
-    torch.testing.assert_close(low.float(), full, atol=0.02, rtol=0.01)  # bf16 rounding of fp16 values
+    for dtype in (torch.bfloat16, torch.float16):
+        low = cat(run_epoch(root, "single", config("dali", dtype=dtype)), "images")
+        assert low.dtype == dtype
+        torch.testing.assert_close(low.float(), full, atol=0.02, rtol=0.01)  # half-precision rounding
 
 
 def test_auto_workers_from_cpu_affinity_and_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
