@@ -143,7 +143,10 @@ class DataConfig(_Component):
         0.0, "Eval: resize the shorter side to size/fraction, centre-crop size; 0 = auto (0.875 with --augment, else 1).", alias="--eval-crop", ge=0, le=1
     )
     backend: Backend = knob(Backend.AUTO, "Input pipeline.", alias="--loader")
-    num_workers: int = knob(2, "Loader worker processes (torch) or threads (DALI).", alias="--workers", ge=0, resume_safe=True)
+    num_workers: int = knob(
+        -1, "Loader worker processes (torch; 0 = in the main process) or threads (DALI); -1 = auto: the CPU cores this "
+        "process may use divided by the processes on this machine (LOCAL_WORLD_SIZE).", alias="--workers", ge=-1, resume_safe=True,
+    )
     verify_data: bool = knob(False, "Check every shard's sha256 against the manifest before training (reads all data once).", alias="--verify-data", resume_safe=True)
 
     @property

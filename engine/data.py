@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from shards.manifest import ShardError, SplitManifest, load_split, manifest_path
 DEFAULT_EXTRA_EVAL_SPLIT = "val"
 
 DIGITS_CACHE_ENV = "MILE_CACHE"
+log = logging.getLogger(__name__)
 
 
 def default_digits_root() -> Path:
@@ -85,7 +87,11 @@ def loader_config(config: RunConfig, train: bool, rank: int, world_size: int, de
 def build_loaders(config: RunConfig, root: Path, rank: int, world_size: int, device: torch.device) -> tuple[Loader, Loader]:
     if config.global_batch_size % world_size:
         raise ValueError(f"--batch-size {config.global_batch_size} is not divisible by {world_size} processes")
-    train = build_loader(root, config.data.train_split, loader_config(config, True, rank, world_size, device))
+    train_config = loader_config(config, True, rank, world_size, device)
+    workers = train_config.resolved_workers
+    how = "auto: CPU affinity / local ranks" if config.data.num_workers < 0 else "--workers"
+    log.info("loader workers per process: %d (%s)", workers, how)
+    train = build_loader(root, config.data.train_split, train_config)
     evaluation = build_loader(root, config.data.eval_split, loader_config(config, False, rank, world_size, device))
     return train, evaluation
 

@@ -26,7 +26,7 @@ from shards.manifest import atomic_write_text, load_split
 @torch.no_grad()
 def evaluate_exported(
     model_dir: Path, data: Path, split: str, device: torch.device, thetas: tuple[float, ...] = (), batch_size: int = 128,
-    backend: str = "auto", num_workers: int = 2,
+    backend: str = "auto", num_workers: int = -1,
 ) -> dict[str, Any]:
     """Metrics of the exported model on ``split`` of the shard folder ``data`` (thetas: model.json's by default)."""
     manifest = load_split(data, split)
@@ -70,7 +70,7 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto (cuda when available) | cpu | cuda | cuda:N."),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
     loader: str = typer.Option("auto", "--loader", help="auto | dali | torch, as engine-run's --loader."),
-    workers: int = typer.Option(2, "--workers", min=0, help="Loader worker processes (torch) or threads (DALI)."),
+    workers: int = typer.Option(-1, "--workers", min=-1, help="Loader worker processes (torch) or threads (DALI); -1 = auto."),
 ) -> None:
     """Score an exported model on a converted split with the run's metrics; prints them as JSON."""
     metrics = evaluate_exported(model, data, split, resolve_device(device), tuple(theta or ()), batch_size, loader, workers)

@@ -9,6 +9,7 @@ evaluation batches cover every sample of the rank's share exactly once (the last
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
@@ -19,6 +20,8 @@ from shards.manifest import ShardError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKENDS = ("auto", "dali", "torch")
+AUTO_WORKERS = -1  # ``num_workers``: one per CPU core this process may run on, shared by the local ranks
+LOCAL_RANKS_ENV = "LOCAL_WORLD_SIZE"  # torchrun's count of processes on this machine
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class LoaderConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     backend: str = "auto"  # auto = DALI when installed, else torch
-    num_workers: int = 2  # decoding threads (DALI) or processes (torch)
+    num_workers: int = AUTO_WORKERS  # decoding threads (DALI) or processes (torch, 0 = in-process); -1 = auto
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -74,6 +77,27 @@ class LoaderConfig:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         if not 0.0 < self.eval_crop_fraction <= 1.0:
             raise ValueError(f"eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
+        if self.num_workers < AUTO_WORKERS:
+            raise ValueError(f"num_workers must be >= 0, or {AUTO_WORKERS} for auto, got {self.num_workers}")
+
+    @property
+    def resolved_workers(self) -> int:
+        """``num_workers``, with auto resolved by ``auto_workers``."""
+        return auto_workers() if self.num_workers == AUTO_WORKERS else self.num_workers
+
+
+def auto_workers() -> int:
+    """Loader threads/processes per rank when the user leaves the count on auto, as NVIDIA's DALI
+    ResNet-50 recipe sizes them: the CPU cores this process may run on (its affinity, which
+    containers and ``taskset`` narrow, not the machine's count) split between the ranks on this
+    machine (``LOCAL_WORLD_SIZE``, set by torchrun; 1 without it), at least 1."""
+    cores = len(os.sched_getaffinity(0))
+    raw = os.environ.get(LOCAL_RANKS_ENV, "1").strip() or "1"
+    try:
+        local_ranks = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {LOCAL_RANKS_ENV}={raw!r} is not a whole number") from None
+    return max(1, cores // max(1, local_ranks))
 
 
 class ShardDataError(ShardError):

@@ -18,7 +18,19 @@ the torch backend, by design of the DALI reader:
   is what one long-lived DALI reader does with ``stick_to_shard=False``; evaluation always reads
   the rank's own share (``stick_to_shard=True``), like the torch backend;
 - augmentation draws from DALI's generators, so the crops differ from the torch backend's (same
-  distributions), and a pipeline build (and shuffle-buffer fill) happens at the start of every epoch.
+  distributions), and a pipeline build (and shuffle-buffer fill) happens at the start of every
+  training epoch; ``EpochIterator`` keeps that pipeline from running batches past the epoch's end
+  (the cost of both is measured in docs/PERFORMANCE.md, "Where the DALI CPU time goes").
+
+Evaluation has no randomness and no shuffle, so its pipeline is built once and its iterator reset
+after every complete pass (NVIDIA's ResNet-50 recipe does the same); each pass gives exactly the
+batches of a fresh pipeline. A pass abandoned midway drops the pipeline (DALI cannot reset
+mid-epoch) and the next pass builds a new one.
+
+Set-up follows NVIDIA's DALI ResNet-50 recipe: ``num_threads`` from the CPU affinity per local rank
+when ``num_workers`` is auto, and for GPU decoding the hardware-decoder share and the memory
+pre-allocation hints of ``decoder_args``. On the GPU, half-precision batches are written as fp16 by
+DALI itself (``dali_output_dtype``): no float32 batch is written and converted afterwards.
 
 Damaged shards. At construction every index file is checked against its tar and the manifest
 (``check_index_file``): DALI trusts index offsets, and ones past the end of a tar have crashed it.
@@ -85,23 +97,51 @@ def read_samples(spec: PipelineSpec, shard_id: int, num_shards: int) -> list[Dat
     )
 
 
+# NVIDIA's DALI ResNet-50 recipe (docs/examples/use_cases/pytorch/resnet50 in NVIDIA/DALI) for the
+# "mixed" (nvJPEG) decoder. The paddings make nvJPEG allocate its device and pinned host buffers
+# once, for the largest ImageNet sample, instead of growing them (a reallocation stalls the
+# pipeline) during the first epochs; the width/height hints do the same for the A100/H100 hardware
+# JPEG decoder's memory pool; hw_decoder_load is the share of each batch sent to that hardware
+# decoder (the rest goes to the CUDA/hybrid decoder, run by the pipeline's CPU threads).
+HW_DECODER_LOAD = 0.65
+DEVICE_MEMORY_PADDING_BYTES = 211_025_920
+HOST_MEMORY_PADDING_BYTES = 140_544_512
+PREALLOCATE_WIDTH_PX = 5980
+PREALLOCATE_HEIGHT_PX = 6430
+
+
+def decoder_args(gpu: bool) -> dict[str, Any]:
+    """Arguments of every ``fn.decoders.*`` call: the recipe's hints for the GPU ("mixed") decoder;
+    none on the CPU, where these arguments mean nothing (DALI ignores them or rejects them)."""
+    if not gpu:
+        return {"device": "cpu"}
+    return {
+        "device": "mixed",
+        "hw_decoder_load": HW_DECODER_LOAD,
+        "device_memory_padding": DEVICE_MEMORY_PADDING_BYTES,
+        "host_memory_padding": HOST_MEMORY_PADDING_BYTES,
+        "preallocate_width_hint": PREALLOCATE_WIDTH_PX,
+        "preallocate_height_hint": PREALLOCATE_HEIGHT_PX,
+    }
+
+
 def decode_and_augment(jpegs: DataNode, spec: PipelineSpec) -> DataNode:
     """The one augmentation helper: JPEG bytes -> normalised S×S×3 images (HWC), per the mode."""
     t = spec.transform
     size = t.image_size_px
-    decoder = "mixed" if spec.gpu else "cpu"
+    decoder = decoder_args(spec.gpu)
     crop: dict[str, Any] = {}
     if t.mode is Mode.TRAIN and t.augment.random_resized_crop:
         images = fn.decoders.image_random_crop(
             jpegs,
-            device=decoder,
+            **decoder,
             output_type=types.RGB,
             random_area=[t.augment.scale_min, t.augment.scale_max],
             random_aspect_ratio=[t.augment.ratio_min, t.augment.ratio_max],
             num_attempts=CROP_ATTEMPTS,
         )
     else:
-        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+        images = fn.decoders.image(jpegs, **decoder, output_type=types.RGB)
     if t.mode is Mode.EVAL:
         # subpixel_scale=False: map the whole image onto the rounded output size, as torchvision does
         images = fn.resize(images, resize_shorter=t.eval_resize_px, subpixel_scale=False)
@@ -138,6 +178,8 @@ class DaliLoader:
         self._device = torch.device(config.device)
         self._spec = _pipeline_spec(root, manifest, config, gpu=self._device.type == "cuda")
         self._outputs = ["images", "labels"] + (["targets"] if self._spec.has_targets else [])
+        self.num_threads = max(1, config.resolved_workers)  # auto (-1) -> the CPU affinity per local rank
+        self._eval_iterator: DALIGenericIterator | None = None
 
     def build_pipeline(self, epoch: int) -> Pipeline:
         """The pipeline of one epoch: its shard and seed depend only on (seed, epoch, rank)."""
@@ -153,27 +195,53 @@ class DaliLoader:
             shard_id=shard_id,
             num_shards=config.world_size,
             batch_size=config.batch_size,
-            num_threads=max(1, config.num_workers),
+            num_threads=self.num_threads,
             device_id=device_id,
             seed=seed,
         )
+
+    def _iterator(self, epoch: int) -> DALIGenericIterator:
+        """Training: a new pipeline per epoch (see the module docstring). Evaluation: one pipeline
+        for the loader's life, its iterator reset after each complete pass; an unseeded, unshuffled
+        reader that sticks to its shard and pads the last batch starts every pass at the shard's
+        first sample, so each pass gives the same batches as a fresh pipeline (tested)."""
+        if self.config.train:
+            return self._new_iterator(epoch)
+        if self._eval_iterator is None:
+            self._eval_iterator = self._new_iterator(0)
+        return self._eval_iterator
+
+    def _new_iterator(self, epoch: int) -> DALIGenericIterator:
+        pipe = self.build_pipeline(epoch)
+        if self.config.train:
+            return EpochIterator(pipe, self._outputs, self.batches_per_epoch, reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.DROP)
+        return DALIGenericIterator([pipe], self._outputs, reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from ``start_batch`` on (earlier batches are produced and dropped)."""
         if self.batches_per_epoch == 0:
             return
-        pipe = self.build_pipeline(epoch)
-        policy = LastBatchPolicy.DROP if self.config.train else LastBatchPolicy.PARTIAL
-        iterator = DALIGenericIterator([pipe], self._outputs, reader_name=READER_NAME, last_batch_policy=policy)
+        iterator = self._iterator(epoch)
+        complete = False
         try:
             for number in range(self.batches_per_epoch):
                 outputs = self._next(iterator, epoch)
                 if outputs is None:
-                    return
+                    break
                 if number >= start_batch:
                     yield self._to_batch(outputs[0])
+            complete = True
         finally:
-            del iterator, pipe  # free the pipeline's buffers before the next epoch builds its own
+            self._end_pass(iterator, complete)
+            del iterator  # a training pipeline's buffers go before the next epoch builds its own
+
+    def _end_pass(self, iterator: DALIGenericIterator, complete: bool) -> None:
+        """After a pass: the eval iterator is reset for the next one, or dropped when the pass was
+        abandoned or failed (DALI cannot reset mid-epoch; the next pass builds a new pipeline)."""
+        if iterator is self._eval_iterator and complete:
+            iterator.reset()
+        elif iterator is self._eval_iterator:
+            self._eval_iterator = None
 
     def _next(self, iterator: DALIGenericIterator, epoch: int) -> list[dict[str, torch.Tensor]] | None:
         """The iterator's next outputs (None at its end); a DALI failure becomes ``ShardDataError``."""
@@ -211,7 +279,7 @@ class DaliLoader:
         # N×H×W×C in memory; the NCHW view of it is exactly the channels-last layout.
         images = outputs["images"].permute(0, 3, 1, 2)
         if images.dtype != self.config.dtype:
-            images = images.to(self.config.dtype)
+            images = images.to(self.config.dtype)  # bf16 only: DALI wrote fp16 or fp32 (see dali_output_dtype)
         labels = outputs["labels"].view(-1).to(torch.int64)
         targets = outputs.get("targets")
         if targets is not None:
@@ -219,7 +287,36 @@ class DaliLoader:
         return Batch(images=images, labels=labels, targets=targets)
 
     def close(self) -> None:
-        """Nothing to release between epochs: each epoch's pipeline is freed when it ends."""
+        """Free the evaluation pipeline (training pipelines are freed when their epoch ends)."""
+        self._eval_iterator = None
+
+
+class EpochIterator(DALIGenericIterator):
+    """The iterator of a one-epoch training pipeline: it schedules no pipeline run past the
+    epoch's ``runs`` batches. DALIGenericIterator keeps ``prefetch_queue_depth`` runs queued ahead
+    of the consumer; on a pipeline that is dropped at the epoch's end those runs decode, augment
+    and normalise batches only to throw them away: measured as the whole 20% gap between this
+    backend and a long-lived plain DALI pipeline on 8-batch epochs (docs/PERFORMANCE.md, "Where the
+    DALI CPU time goes"). Relies on DALI's ``_schedule_runs`` hook (DALI 1.x-2.4); the test
+    counting pipeline runs per epoch fails if that hook changes."""
+
+    def __init__(self, pipe: Pipeline, outputs: list[str], runs: int, **kwargs: Any) -> None:
+        self._runs_left = runs
+        super().__init__([pipe], outputs, **kwargs)
+
+    def _schedule_runs(self, release_outputs: bool = True) -> None:
+        if self._runs_left <= 0:
+            self._ever_scheduled = True
+            if release_outputs:
+                for pipe in self._pipes:
+                    with pipe._check_api_type_scope(types.PipelineAPIType.ITERATOR):
+                        pipe.release_outputs()
+            return
+        first = not self._ever_scheduled  # the first call queues prefetch_queue_depth runs at once
+        super()._schedule_runs(release_outputs)
+        depth = self._pipes[0].prefetch_queue_depth
+        depth = max(depth.values()) if isinstance(depth, dict) else depth  # separated CPU/GPU queues
+        self._runs_left -= depth if first else 1
 
 
 def _dali_reason(text: str) -> str:
@@ -238,7 +335,25 @@ def _pipeline_spec(root: Path, manifest: SplitManifest, config: LoaderConfig, gp
         transform=transform_spec(config),
         mean_255=tuple(255.0 * m for m in config.mean),
         std_255=tuple(255.0 * s for s in config.std),
-        output_dtype=types.FLOAT16 if config.dtype == torch.float16 else types.FLOAT,
+        output_dtype=dali_output_dtype(config.dtype, gpu),
         shuffle_buffer=config.shuffle_buffer,
         gpu=gpu,
     )
+
+
+def dali_output_dtype(dtype: torch.dtype, gpu: bool) -> Any:
+    """What ``crop_mirror_normalize`` writes for batches of ``dtype``; ``_to_batch`` casts the rest.
+
+    DALI has no bfloat16. On the GPU, bf16 batches (the engine's CUDA runs) are written as fp16
+    (normalised pixels lie in about [-2.2, 2.7], where fp16 is finer than bf16) and cast fp16 ->
+    bf16 on the device: one elementwise kernel reading half the bytes of an fp32 -> bf16 cast, and
+    no float32 batch written. On the CPU, DALI's fp16 conversion is slow: measured with
+    ``tools/bench.py dali-gap``, fp16 output + cast gave 0.53x and uint8 output + normalising in
+    torch 0.54x the plain pipeline's images/s, float32 output + cast 0.66x; so CPU bf16 batches
+    are written as float32. uint8 output is not used: it only moves the normalisation pass out of
+    DALI and changes the ``Batch`` contract."""
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and gpu):
+        return types.FLOAT16
+    if dtype in (torch.float32, torch.bfloat16):
+        return types.FLOAT
+    raise ValueError(f"DALI backend: image dtype {dtype} is not supported (float32, float16 or bfloat16)")

@@ -124,6 +124,7 @@ class TorchLoader:
         """``decode_on_device``: workers read bytes only and the main process decodes whole batches on
         ``config.device``; default: exactly when that device is CUDA (nvJPEG)."""
         self.config = config
+        self.num_workers = config.resolved_workers  # auto (-1) -> the CPU affinity per local rank
         self.table = build_sample_table(root, manifest)
         self.num_classes = manifest.num_classes
         self._range = rank_range(manifest.num_samples, config.rank, config.world_size)
@@ -135,7 +136,7 @@ class TorchLoader:
         self._scale, self._bias = normalisation(config.mean, config.std, self._device)
         self._plan = _EpochPlan()
         self._reader = BatchReader(self.table, self._spec, config.seed, decode=not self._decode_on_device)
-        self._dataloader: DataLoader | None = _make_dataloader(self._reader, self._plan, config, pin=self._device.type == "cuda")
+        self._dataloader: DataLoader | None = _make_dataloader(self._reader, self._plan, self.num_workers, pin=self._device.type == "cuda")
 
     def batch_indices(self, epoch: int) -> list[np.ndarray]:
         """Sample indices (file order numbering) of every batch of ``epoch`` on this rank."""
@@ -152,7 +153,7 @@ class TorchLoader:
         if self._dataloader is None:
             raise RuntimeError("loader is closed")
         self._plan.requests = [BatchRequest(epoch, idx) for idx in self.batch_indices(epoch)[start_batch:]]
-        if self.config.num_workers > 0:
+        if self.num_workers > 0:
             # Collect unreachable objects before the DataLoader forks its workers: one that owns
             # threads (a DALI pipeline no longer referenced) would otherwise be finalised inside a
             # forked worker, where its threads do not exist, and hang it (seen in the test suite).
@@ -225,14 +226,14 @@ def normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch
     return scale, bias
 
 
-def _make_dataloader(reader: BatchReader, plan: _EpochPlan, config: LoaderConfig, pin: bool) -> DataLoader:
+def _make_dataloader(reader: BatchReader, plan: _EpochPlan, num_workers: int, pin: bool) -> DataLoader:
     # batch_size=None: each sampler item is already a whole batch, read and collated by one worker.
     # Persistent workers keep their open shard descriptors and skip the fork cost every epoch.
     return DataLoader(
         reader,
         batch_size=None,
         sampler=plan,
-        num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
         pin_memory=pin,
     )

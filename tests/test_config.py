@@ -134,7 +134,7 @@ INVALID = [
     (["--lr", "0"], "optim.lr_per_256"),
     (["--momentum", "1.0"], "optim.momentum"),
     (["--image-size", "4"], "data.image_size_px"),
-    (["--workers", "-1"], "data.num_workers"),
+    (["--workers", "-2"], "data.num_workers"),
     (["--arch", "vit_b_16"], "grid_cnn, resnet18, resnet50 nor a timm model name"),
     (["--arch", "resnet5O"], "close matches: resnet50, "),
     (["--arch", "efficientnet_b9x"], "timm.list_models()"),

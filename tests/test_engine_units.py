@@ -231,3 +231,29 @@ def test_gpus_relaunch_drops_only_the_gpus_flag(monkeypatch) -> None:
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match="--gpus 8: only 2"):
         distributed.torchrun_command(8, [])
+
+
+def test_loader_workers_default_to_auto_and_the_resolved_count_is_logged(tmp_path, monkeypatch, caplog) -> None:
+    """--workers defaults to -1 (auto); the loaders get it and the run logs the resolved count."""
+    import logging
+    import os
+
+    from engine.data import build_loaders
+    from shards.format import LabelKind
+    from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
+
+    assert build_config({}, {}).data.num_workers == -1
+    assert build_config({}, {"data.num_workers": 0}).data.num_workers == 0
+    pixels = torch.full((8, 8, 3), 100, dtype=torch.uint8).numpy()
+    for split in ("train", "val"):
+        items = [SourceItem(key=f"k{i}", label=i % 2, source=f"mem/{i}", pixels=pixels) for i in range(4)]
+        write_split(tmp_path, SplitSpec(split, LabelKind.SINGLE, ["a", "b"]), items, WriterSettings(progress=False))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    config = build_config({}, {"data.root": str(tmp_path), "data.backend": "torch", "global_batch_size": 2, "data.image_size_px": 8})
+    with caplog.at_level(logging.INFO, logger="engine.data"):
+        loaders = build_loaders(config, tmp_path, 0, 1, torch.device("cpu"))
+    assert "loader workers per process: 3 (auto: CPU affinity / local ranks)" in caplog.text
+    assert [loader.num_workers for loader in loaders] == [3, 3]
+    for loader in loaders:
+        loader.close()

@@ -317,3 +317,139 @@ def test_dali_requested_without_dali_is_a_clear_error(root: Path, monkeypatch: p
     loader = build_loader(root, "multi", config("auto"))
     assert isinstance(loader, TorchLoader)
     loader.close()
+
+
+def cloned(batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) copies: DALI's iterator reuses its output buffers in later passes."""
+    return [(b.images.clone(), b.labels.clone()) for b in batches]
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for (images_a, labels_a), (images_b, labels_b) in zip(a, b):
+        assert torch.equal(labels_a, labels_b) and torch.equal(images_a, images_b)
+
+
+@pytest.mark.dali
+@needs_dali
+def test_dali_eval_pipeline_is_built_once_and_repeats_exactly(root: Path) -> None:
+    """Every evaluation reuses one pipeline (reset, not rebuilt) and gives the batches a fresh pipeline gives."""
+    loader = build_loader(root, "multi", config("dali", rank=1, world_size=2))
+    try:
+        first = cloned(loader.epoch(0))
+        pipeline = loader._eval_iterator
+        assert pipeline is not None
+        second = cloned(loader.epoch(0))
+        assert loader._eval_iterator is pipeline  # kept, not rebuilt
+        third = cloned(loader.epoch(5))  # evaluation does not depend on the epoch number
+    finally:
+        loader.close()
+    fresh = cloned(run_epoch(root, "multi", config("dali", rank=1, world_size=2)))
+    assert [len(labels) for _, labels in first] == [8, 8, 7]  # rank 1's 23 samples, last batch partial
+    for other in (second, third, fresh):
+        assert_same_batches(first, other)
+
+
+@pytest.mark.dali
+@needs_dali
+def test_dali_eval_after_an_abandoned_pass_is_complete(root: Path) -> None:
+    """A pass stopped early cannot be reset (DALI refuses mid-epoch): the next pass starts afresh."""
+    loader = build_loader(root, "multi", config("dali"))
+    try:
+        stream = loader.epoch(0)
+        next(stream)
+        stream.close()
+        after = cloned(loader.epoch(0))
+    finally:
+        loader.close()
+    assert_same_batches(after, cloned(run_epoch(root, "multi", config("dali"))))
+
+
+@pytest.mark.dali
+@needs_dali
+def test_dali_decoder_args_gpu_hints_only_for_the_mixed_decoder() -> None:
+    from pipelines.dali_backend import decoder_args
+
+    assert decoder_args(False) == {"device": "cpu"}  # GPU-only arguments never reach the CPU decoder
+    gpu = decoder_args(True)
+    assert gpu == {
+        "device": "mixed", "hw_decoder_load": 0.65, "device_memory_padding": 211_025_920,
+        "host_memory_padding": 140_544_512, "preallocate_width_hint": 5980, "preallocate_height_hint": 6430,
+    }  # fmt: skip
+
+
+@pytest.mark.dali
+@needs_dali
+def test_dali_output_dtype_of_half_precision_batches(root: Path) -> None:
+    from nvidia.dali import types
+
+    from pipelines.dali_backend import dali_output_dtype
+
+    assert dali_output_dtype(torch.bfloat16, gpu=True) == dali_output_dtype(torch.float16, gpu=True) == types.FLOAT16
+    assert dali_output_dtype(torch.float16, gpu=False) == types.FLOAT16
+    assert dali_output_dtype(torch.bfloat16, gpu=False) == types.FLOAT  # DALI's CPU fp16 conversion is slow
+    assert dali_output_dtype(torch.float32, gpu=True) == dali_output_dtype(torch.float32, gpu=False) == types.FLOAT
+    with pytest.raises(ValueError, match="float64 is not supported"):
+        dali_output_dtype(torch.float64, gpu=True)
+    full = cat(run_epoch(root, "single", config("dali")), "images")
+    for dtype in (torch.bfloat16, torch.float16):
+        low = cat(run_epoch(root, "single", config("dali", dtype=dtype)), "images")
+        assert low.dtype == dtype
+        torch.testing.assert_close(low.float(), full, atol=0.02, rtol=0.01)  # half-precision rounding
+
+
+def test_auto_workers_from_cpu_affinity_and_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from pipelines.contract import auto_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert auto_workers() == 12 and LoaderConfig().resolved_workers == 12  # auto is the default
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert auto_workers() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert auto_workers() == 1  # at least one
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert LoaderConfig(num_workers=-1).resolved_workers == 3
+    assert LoaderConfig(num_workers=0).resolved_workers == 0  # torch: in-process, as asked
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "four")
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE='four'"):
+        auto_workers()
+    with pytest.raises(ValueError, match="num_workers must be >= 0, or -1 for auto, got -2"):
+        LoaderConfig(num_workers=-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_resolve_auto_workers(root: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    loader = build_loader(root, "single", config(backend, num_workers=-1))
+    try:
+        assert (loader.num_threads if backend == "dali" else loader.num_workers) == 2
+    finally:
+        loader.close()
+
+
+@pytest.mark.dali
+@needs_dali
+def test_dali_training_epoch_runs_no_batch_past_its_end(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training epoch's pipeline runs exactly the epoch's batches: DALI's iterator would queue
+    prefetch_queue_depth more, decoded and thrown away with the pipeline (20% of an 8-batch epoch)."""
+    from nvidia.dali.pipeline import Pipeline
+
+    runs = []
+    iter_setup = Pipeline._iter_setup
+    monkeypatch.setattr(Pipeline, "_iter_setup", lambda self: (runs.append(1), iter_setup(self))[1])  # once per run
+    cfg = config("dali", train=True, batch_size=4)
+    loader = build_loader(root, "multi", cfg)
+    try:
+        assert loader.batches_per_epoch == NUM_MULTI // 4 == 11
+        for epoch, start, handed_out in ((0, 0, 11), (1, 0, 11), (1, 9, 2)):
+            runs.clear()
+            assert len(list(loader.epoch(epoch, start))) == handed_out
+            assert len(runs) == 11  # resume: the skipped batches are run too, and no more
+    finally:
+        loader.close()

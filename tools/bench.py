@@ -12,7 +12,7 @@ app = typer.Typer(help="Measure the trainer's parts side by side; prints a table
 
 @app.callback()
 def main() -> None:
-    """Subcommands: loaders (input pipelines), convert (shard conversion), engine (training steps), e2e (all together)."""
+    """Subcommands: loaders (input pipelines), dali-gap (DALI CPU backend vs a plain DALI pipeline), convert (shard conversion), engine (training steps), e2e (all together)."""
 
 
 @app.command("loaders")
@@ -36,6 +36,39 @@ def loaders(
     if out is not None:
         bench_loaders.write_json(out, config, results, env)
         typer.echo(f"wrote {out}")
+
+
+@app.command("dali-gap")
+def dali_gap(
+    out: Path | None = typer.Option(None, "--out", help="Write the results as JSON to FILE."),
+    num_images: int = typer.Option(512, "--num-images", min=8, help="Synthetic ~500x375 photo JPEGs to stream."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch (every row)."),
+    image_size: int = typer.Option(224, "--image-size", min=8, help="Output side in pixels."),
+    workers: int = typer.Option(2, "--workers", min=1, help="DALI threads (every row)."),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed rounds (one epoch of every row each)."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed rounds first."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic photos and the pipelines."),
+    rows: str = typer.Option("", "--rows", help="Comma-separated parts of row names to run (default: all; the plain pipeline always)."),
+) -> None:
+    """DALI CPU: the project's loader vs a plain DALI pipeline, and variants removing one difference each."""
+    from benchmarks import dali_gap as bench_gap
+    from benchmarks import loaders as bench_loaders
+
+    if (reason := _dali_missing()) is not None:
+        raise typer.BadParameter(f"dali-gap needs NVIDIA DALI, which does not import here ({reason})")
+    config = bench_loaders.LoaderBenchConfig(num_images, batch_size, image_size, workers, repeats, warmup, seed)
+    env = bench_loaders.environment()
+    results = bench_gap.run_dali_gap(config, tuple(part.strip() for part in rows.split(",") if part.strip()))
+    typer.echo(bench_gap.format_table(results))
+    if out is not None:
+        bench_gap.write_json(out, config, results, env)
+        typer.echo(f"wrote {out}")
+
+
+def _dali_missing() -> str | None:
+    from pipelines import dali_import_error
+
+    return dali_import_error()
 
 
 @app.command("convert")
