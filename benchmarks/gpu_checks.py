@@ -250,10 +250,10 @@ def _probe(trainer: Any, result: HotLoopResult, device: torch.device) -> None:
     timed_step, train_step = trainer._timed_step, trainer.engine.train_step
 
     def strict(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
             set_sync_mode(device, "error")
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             except RuntimeError as error:
                 result.engine_sync_error = result.engine_sync_error or f"{fn.__name__}: {error}"
                 raise
