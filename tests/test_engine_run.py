@@ -67,11 +67,9 @@ def learner_weights(out: Path) -> dict[str, torch.Tensor]:
     return checkpoint_state(out)["learner"]
 
 
-def assert_stop_and_resume_matches_whole_run(grid_root: Path, tmp_path: Path, stop_at: int, **overrides) -> None:
-    whole = Trainer(tiny_config(grid_root, tmp_path / "whole", **overrides), CPU).run()
-
-    interrupted = tiny_config(grid_root, tmp_path / "cut", **overrides)
-    trainer = Trainer(interrupted, CPU)
+def run_stopped_by_sigterm(config, stop_at: int) -> None:
+    """Train ``config`` and send SIGTERM right after step ``stop_at``: the run checkpoints and stops."""
+    trainer = Trainer(config, CPU)
     original_step = trainer._timed_step
 
     def step_then_signal(batch, stats):
@@ -83,6 +81,13 @@ def assert_stop_and_resume_matches_whole_run(grid_root: Path, tmp_path: Path, st
     with pytest.raises(RunInterrupted) as stopped:
         trainer.run()
     assert stopped.value.exit_code == 128 + signal.SIGTERM
+
+
+def assert_stop_and_resume_matches_whole_run(grid_root: Path, tmp_path: Path, stop_at: int, **overrides) -> None:
+    whole = Trainer(tiny_config(grid_root, tmp_path / "whole", **overrides), CPU).run()
+
+    interrupted = tiny_config(grid_root, tmp_path / "cut", **overrides)
+    run_stopped_by_sigterm(interrupted, stop_at)
     assert checkpoint_step(tmp_path / "cut") == stop_at
 
     resumed = Trainer(interrupted, CPU, resume=True).run()

@@ -4,7 +4,6 @@ interaction phases, each stream at its own data position (docs/DESIGN.md, "Semi-
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +17,11 @@ from engine.config import ConfigError, build_config
 from engine.distributed import DistInfo
 from engine.phases import STUDENT, TEACHER
 from engine.run_folder import read_metrics
-from engine.trainer import RunInterrupted, Trainer
+from engine.trainer import Trainer
 from shards.format import NO_LABEL, FormatError, LabelKind
 from shards.manifest import load_split
 from shards.verify import verify_root
+from test_engine_run import run_stopped_by_sigterm
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -238,17 +238,7 @@ def test_student_steps_read_only_unlabelled_batches_and_teacher_steps_only_label
 def test_stopped_mid_phase_and_resumed_equals_the_uninterrupted_run(semi_root: Path, tmp_path: Path, stop_at: int) -> None:
     whole = Trainer(semi_config(semi_root, tmp_path / "whole"), CPU).run()
     interrupted = semi_config(semi_root, tmp_path / "cut")
-    trainer = Trainer(interrupted, CPU)
-    original_step = trainer._timed_step
-
-    def step_then_signal(batch, stats):
-        original_step(batch, stats)
-        if trainer.step == stop_at:
-            signal.raise_signal(signal.SIGTERM)
-
-    trainer._timed_step = step_then_signal
-    with pytest.raises(RunInterrupted):
-        trainer.run()
+    run_stopped_by_sigterm(interrupted, stop_at)
     assert progress_of(tmp_path / "cut")["step"] == stop_at
     resumed = Trainer(interrupted, CPU, resume=True).run()
     assert resumed == whole
