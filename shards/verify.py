@@ -29,7 +29,7 @@ from shards.images import ImagePolicy, UnreadableImage, sanitize
 from shards.manifest import ShardError, ShardRecord, SplitManifest, check_shard, load_splits
 from shards.parallel import ordered_map
 from shards.tar_io import Member, read_index, split_name
-from shards.writer import PROGRESS_NAME
+from shards.writer import PROGRESS_NAME, writer_file_pattern
 
 _CHECK_ONLY = ImagePolicy()  # sanitize with no resize: returns the bytes untouched when they are fine
 
@@ -112,15 +112,18 @@ def _tasks(root: Path, split: SplitManifest, sample_fraction: float, seed: int) 
 
 
 def stray_files(root: Path, split: SplitManifest) -> list[Problem]:
-    """Tar files the manifest does not list, and an unfinished conversion's progress file."""
+    """Shard files named as the converter names them that the manifest does not list (left by an
+    older conversion), and an unfinished conversion's progress file. Files named otherwise are the
+    user's own: the converter never touches them, so they are no problem of the split either."""
     listed = {Path(s.path).name for s in split.shards}
     split_dir = root / split.name
     if not split_dir.is_dir():
         return []  # every listed shard is then reported missing by verify_shard
+    ours = writer_file_pattern(split.name)
     problems = [
-        Problem(str(path), "tar file not listed in the manifest")
-        for path in sorted(split_dir.glob("*.tar*"))
-        if path.name not in listed
+        Problem(str(path), "shard file not listed in the manifest (left by an earlier conversion?)")
+        for path in sorted(split_dir.glob(f"{split.name}-*.tar*"))
+        if path.name not in listed and ours.fullmatch(path.name)
     ]
     if (split_dir / PROGRESS_NAME).is_file():
         problems.append(Problem(str(split_dir / PROGRESS_NAME), "an unfinished conversion: re-run the make_shards command"))

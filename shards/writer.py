@@ -50,7 +50,7 @@ def shard_file_name(split: str, number: int, suffix: str) -> str:
     return f"{split}-{number:0{_SHARD_DIGITS}d}{suffix}"
 
 
-def _own_file_pattern(split: str) -> re.Pattern[str]:
+def writer_file_pattern(split: str) -> re.Pattern[str]:
     """Names the writer creates in a split folder: shards, index files, and their temporary files
     (``.NAME.PID-RANDOM.partial`` / ``.tmp``, and the fixed ``NAME.partial`` of older versions)."""
     stem = rf"{re.escape(split)}-\d{{{_SHARD_DIGITS},}}\.(?:tar|idx)"
@@ -372,7 +372,7 @@ def _remove_unlisted_shards(split_dir: Path, split: str, progress: _Progress) ->
     partial tars, temporary files); files named otherwise (a user's own) are never touched."""
     keep = {Path(r["shard"]["path"]).name for r in progress.shards if r["shard"] is not None}
     keep |= {Path(name).with_suffix(".idx").name for name in keep}
-    own = _own_file_pattern(split)
+    own = writer_file_pattern(split)
     for path in split_dir.iterdir():
         if path.name not in keep and own.fullmatch(path.name) and path.is_file():
             path.unlink()

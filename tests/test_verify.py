@@ -95,7 +95,13 @@ def test_sample_fraction_and_workers(shard_folder):
 
 
 def test_stray_tar_and_missing_manifest(shard_folder, tmp_path):
-    (shard_folder / "train" / "train-999999.tar").write_bytes(b"")
-    assert "not listed in the manifest" in run_verify(shard_folder).output
+    own = shard_folder / "train" / "train-foo.tar"  # a user's own file: the converter leaves it alone, so does verify
+    own.write_bytes(b"")
+    assert "not listed in the manifest" not in run_verify(shard_folder).output
+    own.unlink()
+    stray = shard_folder / "train" / "train-999999.tar"
+    stray.write_bytes(b"")
+    assert "train-999999.tar: shard file not listed in the manifest" in run_verify(shard_folder).output
+    stray.unlink()
     result = run_verify(tmp_path)
     assert result.exit_code != 0 and "no manifest" in str(result.exception)
