@@ -378,24 +378,24 @@ class Trainer:
 
     def _timed_step(self, batch: Batch, stats: TrainStats) -> None:
         """One training step; its wall time counts towards images/s (the first batch's capture does not)."""
+        unlabelled = self.reads_unlabelled(self.step)
+        step_batch = self._with_placeholders(batch) if unlabelled else batch
         if not self._captured:
             self._captured = True
             self._run_ahead = RunAheadLimit(self.device)  # the host stays at most RUN_AHEAD_STEPS ahead
-            reason = self.engine.capture(self._step_batch(batch))
+            reason = self.engine.capture(step_batch)
             if reason and self.dist.is_main:
                 log.info(reason)
         started = time.perf_counter()
         self._run_ahead.wait_turn()  # the device is busy meanwhile: counted as training time, like _drain
-        result = self.engine.train_step(self.step, self._step_batch(batch))
-        stats.update(result, batch.labels, self.step, labelled=not self.reads_unlabelled(self.step))
+        result = self.engine.train_step(self.step, step_batch)
+        stats.update(result, batch.labels, self.step, labelled=not unlabelled)
         self._run_ahead.step_queued(batch)
         self.progress.step += 1
         stats.train_seconds += time.perf_counter() - started
 
-    def _step_batch(self, batch: Batch) -> Batch:
-        """What the step reads: ``batch``, or for a batch of the unlabelled split its images with placeholder labels."""
-        if not self.reads_unlabelled(self.step):
-            return batch
+    def _with_placeholders(self, batch: Batch) -> Batch:
+        """A batch of the unlabelled split as the step reads it: its images with placeholder labels."""
         if self._placeholders is None:  # allocated once, on the device, with the first unlabelled batch
             self._placeholders = UnlabelledPlaceholders(batch, self.train_split)
         return self._placeholders.fit(batch)
