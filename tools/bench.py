@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+OUT_OPTION = typer.Option(None, "--out", help="Write the results as JSON to FILE.")  # every subcommand
+
 app = typer.Typer(help="Measure the trainer's parts side by side; prints a table and writes JSON.", no_args_is_help=True)
 
 
@@ -17,7 +19,7 @@ def main() -> None:
 
 @app.command("loaders")
 def loaders(
-    out: Path | None = typer.Option(None, "--out", help="Write the results as JSON to FILE."),
+    out: Path | None = OUT_OPTION,
     num_images: int = typer.Option(512, "--num-images", min=8, help="Synthetic ~500x375 photo JPEGs to stream."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch (every loader)."),
     image_size: int = typer.Option(224, "--image-size", min=8, help="Output side in pixels."),
@@ -40,7 +42,7 @@ def loaders(
 
 @app.command("dali-gap")
 def dali_gap(
-    out: Path | None = typer.Option(None, "--out", help="Write the results as JSON to FILE."),
+    out: Path | None = OUT_OPTION,
     num_images: int = typer.Option(512, "--num-images", min=8, help="Synthetic ~500x375 photo JPEGs to stream."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch (every row)."),
     image_size: int = typer.Option(224, "--image-size", min=8, help="Output side in pixels."),
@@ -73,7 +75,7 @@ def _dali_missing() -> str | None:
 
 @app.command("convert")
 def convert(
-    out: Path | None = typer.Option(None, "--out", help="Write the results as JSON to FILE."),
+    out: Path | None = OUT_OPTION,
     num_images: int = typer.Option(1000, "--num-images", min=1, help="Synthetic photo JPEGs (~500x375) to convert."),
     large_fraction: float = typer.Option(0.3, "--large-fraction", min=0.0, max=1.0, help="Share enlarged to 800x600."),
     max_side: int = typer.Option(500, "--max-side", min=8, help="--max-side of the resizing conversion."),
@@ -96,7 +98,7 @@ def convert(
 
 @app.command("engine")
 def engine(
-    out: Path | None = typer.Option(None, "--out", help="Write the results as JSON to FILE."),
+    out: Path | None = OUT_OPTION,
     arch: str = typer.Option("resnet50", "--arch", help="Model (grid_cnn for a quick CPU check)."),
     image_size: int = typer.Option(224, "--image-size", min=8, help="Image side in pixels."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per step."),
@@ -130,7 +132,7 @@ def _use_device(device: str) -> None:
 
 @app.command("e2e")
 def e2e(
-    out: Path | None = typer.Option(None, "--out", help="Write the results as JSON to FILE."),
+    out: Path | None = OUT_OPTION,
     arch: str = typer.Option("resnet50", "--arch", help="Model (grid_cnn for a quick CPU check)."),
     image_size: int = typer.Option(224, "--image-size", min=8, help="Image side in pixels."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per step."),
