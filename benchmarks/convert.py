@@ -17,10 +17,11 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -171,9 +172,15 @@ def _timed_verify(shards: Path, workers: int) -> float:
 
 
 def format_table(results: list[BenchResult]) -> str:
-    lines = [f"{'task':<8} {'mode':<16} {'workers':>7} {'images/s':>9} {'s/1000 img':>10} {'min-max s':>11} {'CPU ms/img':>10} {'other CPU s':>11}"]
+    lines = [
+        f"{'task':<8} {'mode':<16} {'workers':>7} {'images/s':>9} {'s/1000 img':>10} {'min-max s':>11} {'CPU ms/img':>10} {'other CPU s':>11}"
+    ]
     for r in results:
-        mode = "full decode" if r.task == "verify" else ("pass-through" if r.max_side_px is None else f"--max-side {r.max_side_px}")
+        mode = (
+            "full decode"
+            if r.task == "verify"
+            else ("pass-through" if r.max_side_px is None else f"--max-side {r.max_side_px}")
+        )
         spread = f"{min(r.seconds):.2f}-{max(r.seconds):.2f}"
         lines.append(
             f"{r.task:<8} {mode:<16} {r.workers:>7} {r.images_per_s:>9.1f} {r.s_per_1000:>10.2f} {spread:>11} {r.cpu_ms_per_image:>10.2f}"
@@ -193,7 +200,12 @@ def write_json(path: Path, config: ConvertBenchConfig, results: list[BenchResult
         "environment": environment(),
         "load_average_1_5_15_min": list(os.getloadavg()),  # other work on the machine skews wall times
         "results": [
-            {**asdict(r), "images_per_s": r.images_per_s, "s_per_1000": r.s_per_1000, "cpu_ms_per_image": r.cpu_ms_per_image}
+            {
+                **asdict(r),
+                "images_per_s": r.images_per_s,
+                "s_per_1000": r.s_per_1000,
+                "cpu_ms_per_image": r.cpu_ms_per_image,
+            }
             for r in results
         ],
     }

@@ -25,10 +25,11 @@ import json
 import os
 import statistics
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -64,7 +65,14 @@ def variants() -> list[Variant]:
     replica = Variant("replica of the project's pipeline")
     return [
         replica,
-        Variant(PLAIN, read_labels=False, layout="CHW", to_batch=False, rebuild_per_epoch=False, initial_fill=DALI_DEFAULT_FILL),
+        Variant(
+            PLAIN,
+            read_labels=False,
+            layout="CHW",
+            to_batch=False,
+            rebuild_per_epoch=False,
+            initial_fill=DALI_DEFAULT_FILL,
+        ),
         replace(replica, name="project - label field", read_labels=False),
         replace(replica, name="project - HWC (CHW output)", layout="CHW", to_batch=False),
         replace(replica, name="project - _to_batch", to_batch=False),
@@ -96,16 +104,27 @@ class VariantLoader:
     def _new_iterator(self, epoch: int) -> Any:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        pipe = gap_pipeline(self, batch_size=self.bench.batch_size, num_threads=self.bench.workers, device_id=None,
-                            seed=self.bench.seed * 1000 + epoch, prefetch_queue_depth=self.variant.prefetch_depth)
+        pipe = gap_pipeline(
+            self,
+            batch_size=self.bench.batch_size,
+            num_threads=self.bench.workers,
+            device_id=None,
+            seed=self.bench.seed * 1000 + epoch,
+            prefetch_queue_depth=self.variant.prefetch_depth,
+        )
         from pipelines.dali_backend import EpochIterator
 
         outputs = ["images", "labels"] if self.variant.read_labels else ["images"]
         if self.variant.rebuild_per_epoch and self.variant.stop_at_epoch_end:
             runs = self.bench.num_images // self.bench.batch_size
             return EpochIterator(pipe, outputs, runs, reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP)
-        return DALIGenericIterator([pipe], outputs, reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP,
-                                   auto_reset=not self.variant.rebuild_per_epoch)
+        return DALIGenericIterator(
+            [pipe],
+            outputs,
+            reader_name="Reader",
+            last_batch_policy=LastBatchPolicy.DROP,
+            auto_reset=not self.variant.rebuild_per_epoch,
+        )
 
     def epoch(self, epoch: int) -> Iterator[Any]:
         iterator = self.iterator or self._new_iterator(epoch)
@@ -139,21 +158,40 @@ def _gap_pipeline_graph(loader: VariantLoader) -> Any:
 
     v = loader.variant
     exts = [FIELD_IMAGE, FIELD_LABEL] if v.read_labels else [FIELD_IMAGE]
-    read = fn.readers.webdataset(paths=loader.paths, index_paths=loader.index_paths, ext=exts,
-                                 dtypes=[types.UINT8, types.INT32][: len(exts)], missing_component_behavior="error",
-                                 random_shuffle=True, initial_fill=loader.fill, name="Reader")
+    read = fn.readers.webdataset(
+        paths=loader.paths,
+        index_paths=loader.index_paths,
+        ext=exts,
+        dtypes=[types.UINT8, types.INT32][: len(exts)],
+        missing_component_behavior="error",
+        random_shuffle=True,
+        initial_fill=loader.fill,
+        name="Reader",
+    )
     jpegs, *labels = read if isinstance(read, list) else [read]
     size = loader.bench.image_size_px
-    images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB, random_area=[0.08, 1.0],
-                                           random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=CROP_ATTEMPTS)
+    images = fn.decoders.image_random_crop(
+        jpegs,
+        device="cpu",
+        output_type=types.RGB,
+        random_area=[0.08, 1.0],
+        random_aspect_ratio=[3 / 4, 4 / 3],
+        num_attempts=CROP_ATTEMPTS,
+    )
     images = fn.resize(images, resize_x=size, resize_y=size)
     mirror = fn.random.coin_flip(probability=0.5)
     if v.output == "uint8":
         images = fn.flip(images, horizontal=mirror)  # no normalisation in DALI: uint8 HWC
     else:
         dtype = types.FLOAT16 if v.output == "float16" else types.FLOAT
-        images = fn.crop_mirror_normalize(images, mirror=mirror, mean=[255 * m for m in IMAGENET_MEAN],
-                                          std=[255 * s for s in IMAGENET_STD], dtype=dtype, output_layout=v.layout)
+        images = fn.crop_mirror_normalize(
+            images,
+            mirror=mirror,
+            mean=[255 * m for m in IMAGENET_MEAN],
+            std=[255 * s for s in IMAGENET_STD],
+            dtype=dtype,
+            output_layout=v.layout,
+        )
     return (images, *labels)
 
 
@@ -182,7 +220,9 @@ def run_dali_gap(bench: LoaderBenchConfig, rows_named: tuple[str, ...] = ()) -> 
         write_bench_data(root, photo_jpegs(bench.num_images, bench.seed))
         factories = [(PROJECT, lambda: backend_loader(root, bench, "dali", "cpu"))]
         factories += [(v.name, lambda v=v: VariantLoader(root / "shards", v, bench)) for v in variants()]
-        factories = [(name, f) for name, f in factories if name == PLAIN or not rows_named or any(n in name for n in rows_named)]
+        factories = [
+            (name, f) for name, f in factories if name == PLAIN or not rows_named or any(n in name for n in rows_named)
+        ]
         rows, loaders = [GapRow(name) for name, _ in factories], [factory() for _, factory in factories]
         try:
             for epoch in range(bench.warmup_epochs + bench.repeats):
@@ -208,8 +248,10 @@ def format_table(rows: list[GapRow]) -> str:
     lines = [f"{'pipeline':<40} {'median img/s':>12} {'min':>7} {'max':>7} {'x plain':>8} {'CPU ms/img':>10}"]
     for r in rows:
         rates = r.images_per_s
-        lines.append(f"{r.name:<40} {r.median(rates):>12.1f} {min(rates):>7.1f} {max(rates):>7.1f} "
-                     f"{r.median(r.ratio_to_plain):>8.3f} {r.median(r.cpu_ms_per_image):>10.2f}")
+        lines.append(
+            f"{r.name:<40} {r.median(rates):>12.1f} {min(rates):>7.1f} {max(rates):>7.1f} "
+            f"{r.median(r.ratio_to_plain):>8.3f} {r.median(r.cpu_ms_per_image):>10.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -219,8 +261,14 @@ def write_json(path: Path, bench: LoaderBenchConfig, rows: list[GapRow], env: di
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(bench),
         "environment": {**env, "load_average_1min_after": os.getloadavg()[0]},
-        "rows": [{**asdict(r), "median_images_per_s": r.median(r.images_per_s), "median_ratio_to_plain": r.median(r.ratio_to_plain),
-                  "median_cpu_ms_per_image": r.median(r.cpu_ms_per_image)} for r in rows],
+        "rows": [
+            {
+                **asdict(r),
+                "median_images_per_s": r.median(r.images_per_s),
+                "median_ratio_to_plain": r.median(r.ratio_to_plain),
+                "median_cpu_ms_per_image": r.median(r.cpu_ms_per_image),
+            }
+            for r in rows
+        ],
     }
     path.write_text(json.dumps(report, indent=1) + "\n")
-

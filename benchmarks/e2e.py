@@ -23,10 +23,11 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,13 @@ from pipelines import build_loader, dali_import_error
 from pipelines.contract import Batch
 
 SWITCH_REPEATS = 5
-LOADER, ENGINE, SWITCH, END_TO_END, BASELINE = "loader alone", "engine alone", "phase switch", "end to end", "released-code baseline"
+LOADER, ENGINE, SWITCH, END_TO_END, BASELINE = (
+    "loader alone",
+    "engine alone",
+    "phase switch",
+    "end to end",
+    "released-code baseline",
+)
 
 
 @dataclass(frozen=True)
@@ -81,12 +88,24 @@ class E2ERow:
 
 def e2e_run_config(config: E2EConfig, graphs: bool, backend: str) -> RunConfig:
     """What ``engine-run`` would be given for these settings (MILe, ImageNet-style augmentation)."""
-    return build_config({}, {
-        "arch": config.arch, "method.name": "mile", "method.k_teacher_steps": config.k_teacher_steps,
-        "method.k_student_steps": config.k_student_steps, "global_batch_size": config.batch_size, "num_steps": 1_000_000,
-        "data.image_size_px": config.image_size_px, "data.augment": True, "data.backend": backend,
-        "data.num_workers": config.workers, "device": config.device, "cuda_graphs": graphs, "seed": config.seed,
-    })
+    return build_config(
+        {},
+        {
+            "arch": config.arch,
+            "method.name": "mile",
+            "method.k_teacher_steps": config.k_teacher_steps,
+            "method.k_student_steps": config.k_student_steps,
+            "global_batch_size": config.batch_size,
+            "num_steps": 1_000_000,
+            "data.image_size_px": config.image_size_px,
+            "data.augment": True,
+            "data.backend": backend,
+            "data.num_workers": config.workers,
+            "device": config.device,
+            "cuda_graphs": graphs,
+            "seed": config.seed,
+        },
+    )
 
 
 def endless(loader: Any) -> Iterator[Any]:
@@ -97,7 +116,9 @@ def endless(loader: Any) -> Iterator[Any]:
         epoch += 1
 
 
-def timed_row(group: str, name: str, config: E2EConfig, device: torch.device, run_steps: Callable[[int], None]) -> E2ERow:
+def timed_row(
+    group: str, name: str, config: E2EConfig, device: torch.device, run_steps: Callable[[int], None]
+) -> E2ERow:
     """Warm-up steps, then ``config.steps`` timed ones up to the device's end, with memory and telemetry."""
     run_steps(config.warmup_steps)
     _synchronize(device)
@@ -109,7 +130,9 @@ def timed_row(group: str, name: str, config: E2EConfig, device: torch.device, ru
         _synchronize(device)  # SYNC: row boundary
         seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return E2ERow(group, name, config.batch_size * config.steps / seconds, 1000 * seconds / config.steps, peak, sampler.summary())
+    return E2ERow(
+        group, name, config.batch_size * config.steps / seconds, 1000 * seconds / config.steps, peak, sampler.summary()
+    )
 
 
 def _synchronize(device: torch.device) -> None:
@@ -140,8 +163,10 @@ def trainer_loaders(root: Path, config: E2EConfig, device: torch.device) -> tupl
     """The training loaders the trainer would build here, by row name (DALI first when it imports),
     and a row for each that could not be built."""
     cuda = device.type == "cuda"
-    names = {"dali": f"DALI backend ({'mixed' if cuda else 'CPU'} decode)",
-             "torch": f"torch backend ({'nvJPEG' if cuda else 'CPU'} decode)"}
+    names = {
+        "dali": f"DALI backend ({'mixed' if cuda else 'CPU'} decode)",
+        "torch": f"torch backend ({'nvJPEG' if cuda else 'CPU'} decode)",
+    }
     loaders, failed = {}, []
     for backend in (["dali"] if dali_import_error() is None else []) + ["torch"]:
         settings = loader_config(e2e_run_config(config, True, backend), True, 0, 1, device)
@@ -153,7 +178,9 @@ def trainer_loaders(root: Path, config: E2EConfig, device: torch.device) -> tupl
 
 
 def pil_loader(root: Path, config: E2EConfig, device: torch.device) -> PilFolderLoader:
-    settings = LoaderBenchConfig(config.num_images, config.batch_size, config.image_size_px, config.workers, seed=config.seed)
+    settings = LoaderBenchConfig(
+        config.num_images, config.batch_size, config.image_size_px, config.workers, seed=config.seed
+    )
     return PilFolderLoader(root, settings, pin_memory=device.type == "cuda")
 
 
@@ -172,8 +199,14 @@ def _taker(stream: Iterator[Any]) -> Callable[[int], None]:
     return take
 
 
-def streamed_row(group: str, name: str, config: E2EConfig, device: torch.device, loader: Any,
-                 make_steps: Callable[[Iterator[Any]], Callable[[int], None]]) -> E2ERow:
+def streamed_row(
+    group: str,
+    name: str,
+    config: E2EConfig,
+    device: torch.device,
+    loader: Any,
+    make_steps: Callable[[Iterator[Any]], Callable[[int], None]],
+) -> E2ERow:
     """``timed_row`` over a fresh stream of ``loader``'s batches, closed at the end (a loader
     serves one epoch at a time; closing ends this row's epoch before the next row starts one)."""
     stream = endless(loader)
@@ -206,6 +239,7 @@ def build_bench_engine(config: E2EConfig, device: torch.device, graphs: bool) ->
 def engine_rows(engine: Engine, batch: Batch, kind: str, config: E2EConfig, device: torch.device) -> list[E2ERow]:
     rows = []
     for phase in (TEACHER, STUDENT):
+
         def run(count: int, phase=phase) -> None:
             for _ in range(count):
                 engine.stepper(phase, batch.images, batch.labels, None)
@@ -243,12 +277,16 @@ def trainer_steps(engine: Engine, stream: Iterator[Batch], device: torch.device)
     return run
 
 
-def end_to_end_rows(engine: Engine, kind: str, loaders: dict[str, Any], config: E2EConfig, device: torch.device) -> list[E2ERow]:
+def end_to_end_rows(
+    engine: Engine, kind: str, loaders: dict[str, Any], config: E2EConfig, device: torch.device
+) -> list[E2ERow]:
     rows = []
     for name, loader in loaders.items():
         label = f"{name} + engine ({kind})"
         make_steps = lambda stream: trainer_steps(engine, stream, device)  # noqa: E731
-        rows += _attempt(END_TO_END, label, lambda: [streamed_row(END_TO_END, label, config, device, loader, make_steps)])
+        rows += _attempt(
+            END_TO_END, label, lambda: [streamed_row(END_TO_END, label, config, device, loader, make_steps)]
+        )
     return rows
 
 
@@ -265,7 +303,9 @@ class ReleasedCodeBaseline:
         self.model = build_model(config.arch, config.num_classes, True).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-5)
         self.teacher = copy.deepcopy(self.model).eval()
-        self.plan = PhasePlan(MethodConfig(name="mile", k_teacher_steps=config.k_teacher_steps, k_student_steps=config.k_student_steps))
+        self.plan = PhasePlan(
+            MethodConfig(name="mile", k_teacher_steps=config.k_teacher_steps, k_student_steps=config.k_student_steps)
+        )
 
     def step(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         phase = self.plan.position(step).phase
@@ -299,7 +339,9 @@ def baseline_rows(loader: PilFolderLoader, config: E2EConfig, device: torch.devi
 
         return run
 
-    row = streamed_row(BASELINE, "PIL DataLoader + eager fp32 NCHW steps, deepcopy teacher", config, device, loader, make_steps)
+    row = streamed_row(
+        BASELINE, "PIL DataLoader + eager fp32 NCHW steps, deepcopy teacher", config, device, loader, make_steps
+    )
     timer = Timer(device)
     seconds = [timer.seconds(baseline.new_teacher) for _ in range(SWITCH_REPEATS)]
     switch = E2ERow(SWITCH, "baseline deepcopy teacher", ms_per_step=1000 * statistics.median(seconds))
@@ -318,9 +360,13 @@ def run_e2e_bench(config: E2EConfig) -> list[E2ERow]:
         loaders, rows = trainer_loaders(root, config, device)
         baseline_loader = pil_loader(root, config, device)
         try:
-            rows += loader_rows({**loaders, "PIL + torchvision DataLoader (released code)": baseline_loader}, config, device)
-            for graphs in ((True, False) if device.type == "cuda" else (False,)):
-                rows += _attempt(ENGINE, f"engine (graphs {graphs})", lambda: _engine_and_end_to_end(loaders, config, device, graphs))
+            rows += loader_rows(
+                {**loaders, "PIL + torchvision DataLoader (released code)": baseline_loader}, config, device
+            )
+            for graphs in (True, False) if device.type == "cuda" else (False,):
+                rows += _attempt(
+                    ENGINE, f"engine (graphs {graphs})", lambda: _engine_and_end_to_end(loaders, config, device, graphs)
+                )
                 _release(device)
             rows += _attempt(BASELINE, "released-code baseline", lambda: baseline_rows(baseline_loader, config, device))
         finally:
@@ -329,7 +375,9 @@ def run_e2e_bench(config: E2EConfig) -> list[E2ERow]:
     return rows
 
 
-def _engine_and_end_to_end(loaders: dict[str, Any], config: E2EConfig, device: torch.device, graphs: bool) -> list[E2ERow]:
+def _engine_and_end_to_end(
+    loaders: dict[str, Any], config: E2EConfig, device: torch.device, graphs: bool
+) -> list[E2ERow]:
     engine, batch, eager_reason = build_bench_engine(config, device, graphs)
     kind = "eager" if eager_reason else "graphs"
     rows = engine_rows(engine, batch, kind, config, device) + switch_rows(engine, kind, device)
@@ -352,7 +400,9 @@ def format_table(rows: list[E2ERow]) -> str:
         rate = f"{r.images_per_s:9.1f}" if r.images_per_s is not None else f"{'':9}"
         peak = f"{r.peak_gpu_mib / 1024:8.2f}" if r.peak_gpu_mib is not None else f"{'-':>8}"
         note = f"  ({r.note})" if r.note else ""
-        lines.append(f"{r.group:<23} {r.name:<58} {rate} {r.ms_per_step:9.3f} {peak}  {format_telemetry(r.telemetry)}{note}")
+        lines.append(
+            f"{r.group:<23} {r.name:<58} {rate} {r.ms_per_step:9.3f} {peak}  {format_telemetry(r.telemetry)}{note}"
+        )
     return "\n".join(lines)
 
 

@@ -13,9 +13,9 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -96,10 +96,19 @@ def synthetic_batch(config: EngineBenchConfig, device: torch.device, channels_la
 
 def bench_run_config(config: EngineBenchConfig, graphs: bool) -> RunConfig:
     """The run config ``engine-run`` would use for these settings (MILe, so both phases exist)."""
-    return build_config({}, {
-        "arch": config.arch, "method.name": "mile", "method.rho": config.rho, "global_batch_size": config.batch_size,
-        "num_steps": 1_000_000, "optim.weight_decay": 5e-5, "device": config.device, "cuda_graphs": graphs,
-    })
+    return build_config(
+        {},
+        {
+            "arch": config.arch,
+            "method.name": "mile",
+            "method.rho": config.rho,
+            "global_batch_size": config.batch_size,
+            "num_steps": 1_000_000,
+            "optim.weight_decay": 5e-5,
+            "device": config.device,
+            "cuda_graphs": graphs,
+        },
+    )
 
 
 def engine_rows(config: EngineBenchConfig, graphs: bool) -> list[BenchRow]:
@@ -112,11 +121,16 @@ def engine_rows(config: EngineBenchConfig, graphs: bool) -> list[BenchRow]:
     engine.lr.fill_(engine.lr_at(0))
     engine.capture(batch)
     timer, suffix = Timer(device), "graphs" if engine.stepper.graphed else "eager"
-    steps = {f"engine {phase} step ({suffix})": (lambda p=phase: engine.stepper(p, images, labels, None)) for phase in (TEACHER, STUDENT)}
+    steps = {
+        f"engine {phase} step ({suffix})": (lambda p=phase: engine.stepper(p, images, labels, None))
+        for phase in (TEACHER, STUDENT)
+    }
     rows = _measure(steps, config, timer)
     snapshot = (PhaseAction.SNAPSHOT_TEACHER,)
     switch_seconds = [timer.seconds(lambda: engine.switch.apply(snapshot)) for _ in range(config.repeats)]
-    rows.append(BenchRow(f"phase switch: teacher snapshot ({suffix})", 0.0, 0.0, 0.0, statistics.median(switch_seconds) * 1000))
+    rows.append(
+        BenchRow(f"phase switch: teacher snapshot ({suffix})", 0.0, 0.0, 0.0, statistics.median(switch_seconds) * 1000)
+    )
     return rows
 
 
@@ -143,10 +157,17 @@ def baseline_rows(config: EngineBenchConfig) -> list[BenchRow]:
         optimizer.step()
 
     timer = Timer(device)
-    steps = {"eager baseline teacher step (NCHW fp32)": teacher_step, "eager baseline student step (NCHW fp32)": student_step}
+    steps = {
+        "eager baseline teacher step (NCHW fp32)": teacher_step,
+        "eager baseline student step (NCHW fp32)": student_step,
+    }
     rows = _measure(steps, config, timer)
-    deepcopy_seconds = [timer.seconds(lambda: holder.update(teacher=copy.deepcopy(model).eval())) for _ in range(config.repeats)]
-    rows.append(BenchRow("phase switch: deepcopy teacher (baseline)", 0.0, 0.0, 0.0, statistics.median(deepcopy_seconds) * 1000))
+    deepcopy_seconds = [
+        timer.seconds(lambda: holder.update(teacher=copy.deepcopy(model).eval())) for _ in range(config.repeats)
+    ]
+    rows.append(
+        BenchRow("phase switch: deepcopy teacher (baseline)", 0.0, 0.0, 0.0, statistics.median(deepcopy_seconds) * 1000)
+    )
     return rows
 
 

@@ -40,9 +40,10 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import typer
@@ -114,13 +115,22 @@ def photo_shards(root: Path, num_images: int, num_classes: int, seed: int = 0) -
 
 
 def environment() -> dict[str, Any]:
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-                           "cuda_available": torch.cuda.is_available()}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        env.update(current_device=torch.cuda.current_device(), device_count=torch.cuda.device_count(), device_name=props.name,
-                   capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
-                   cudnn=torch.backends.cudnn.version())
+        env.update(
+            current_device=torch.cuda.current_device(),
+            device_count=torch.cuda.device_count(),
+            device_name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cudnn=torch.backends.cudnn.version(),
+        )
     env["driver"] = _driver_version()
     for module in ("torchvision", "numpy", "PIL", "sklearn", "timm", "tomli_w", "pynvml", "nvidia.dali"):
         env[module] = _version_of(module)
@@ -157,8 +167,10 @@ def check_env(out: Path = OUT_OPTION) -> None:
                 __import__(module)
             except Exception as error:
                 problems.append(f"import {module}: {type(error).__name__}: {error}")
-        summary = "; ".join(problems) or (f"torch {env['torch']} CUDA {env['torch_cuda']} driver {env['driver']} "
-                                           f"{env.get('device_name')} (cuda:{env.get('current_device')}) DALI {env['nvidia.dali']}")
+        summary = "; ".join(problems) or (
+            f"torch {env['torch']} CUDA {env['torch_cuda']} driver {env['driver']} "
+            f"{env.get('device_name')} (cuda:{env.get('current_device')}) DALI {env['nvidia.dali']}"
+        )
         print(json.dumps(env, indent=1))
         return not problems, summary, {"environment": env}
 
@@ -177,8 +189,18 @@ def check_graph_tests(out: Path = OUT_OPTION) -> None:
             return skip
         out.mkdir(parents=True, exist_ok=True)
         junit = out / "G1-junit.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rA", f"--junitxml={junit}",
-                   "tests/test_gpu.py", "tests/test_metrics.py"]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "gpu",
+            "-rA",
+            f"--junitxml={junit}",
+            "tests/test_gpu.py",
+            "tests/test_metrics.py",
+        ]
         result = subprocess.run(command, text=True)
         counts = _junit_counts(junit)
         ran = counts.get("tests", 0) - counts.get("skipped", 0)
@@ -215,8 +237,18 @@ class HotLoopResult:
         return sum(self.busy_after_step) / max(1, len(self.busy_after_step))
 
 
-def hot_loop_check(shards: Path, out_dir: Path, *, arch: str, image_size: int, batch_size: int, steps: int,
-                   workers: int, backend: str = "auto", device: torch.device | None = None) -> HotLoopResult:
+def hot_loop_check(
+    shards: Path,
+    out_dir: Path,
+    *,
+    arch: str,
+    image_size: int,
+    batch_size: int,
+    steps: int,
+    workers: int,
+    backend: str = "auto",
+    device: torch.device | None = None,
+) -> HotLoopResult:
     """Train ``steps`` steps with the real ``Trainer`` (graphs on), probing every step after the first
     (the first captures the graphs, which synchronises by design)."""
     device = device or default_device()
@@ -224,11 +256,27 @@ def hot_loop_check(shards: Path, out_dir: Path, *, arch: str, image_size: int, b
     from engine.distributed import DistInfo
     from engine.trainer import Trainer
 
-    values = {"data.root": str(shards), "data.train_split": "bench", "data.eval_split": "bench", "data.backend": backend,
-              "data.augment": True, "data.image_size_px": image_size, "data.num_workers": workers, "arch": arch,
-              "method.name": "mile", "method.k_teacher_steps": 10, "method.k_student_steps": 5, "num_steps": steps,
-              "global_batch_size": batch_size, "log_every": steps, "eval_every": steps, "checkpoint_every": steps,
-              "out_dir": str(out_dir), "device": str(device), "seed": 0}
+    values = {
+        "data.root": str(shards),
+        "data.train_split": "bench",
+        "data.eval_split": "bench",
+        "data.backend": backend,
+        "data.augment": True,
+        "data.image_size_px": image_size,
+        "data.num_workers": workers,
+        "arch": arch,
+        "method.name": "mile",
+        "method.k_teacher_steps": 10,
+        "method.k_student_steps": 5,
+        "num_steps": steps,
+        "global_batch_size": batch_size,
+        "log_every": steps,
+        "eval_every": steps,
+        "checkpoint_every": steps,
+        "out_dir": str(out_dir),
+        "device": str(device),
+        "seed": 0,
+    }
     trainer = Trainer(build_config({}, values), DistInfo(0, 1, 0, device))
     result = HotLoopResult()
     _probe(trainer, result, device)
@@ -274,11 +322,15 @@ def _probe(trainer: Any, result: HotLoopResult, device: torch.device) -> None:
                 timed_step(batches, stats)
             finally:
                 set_sync_mode(device, "default")
-        result.loader_syncs += [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+        result.loader_syncs += [
+            str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()
+        ]
         if device.type == "cuda":
             result.busy_after_step.append(not torch.cuda.current_stream(device).query())
         ring = trainer._run_ahead
-        result.unfinished_in_ring.append(sum(b is not None and not e.query() for e, b in zip(ring.events, ring.in_flight)))
+        result.unfinished_in_ring.append(
+            sum(b is not None and not e.query() for e, b in zip(ring.events, ring.in_flight))
+        )
         result.steps_checked += 1
 
     trainer._timed_step = probed_step
@@ -286,8 +338,15 @@ def _probe(trainer: Any, result: HotLoopResult, device: torch.device) -> None:
 
 
 @app.command("hot-loop")
-def check_hot_loop(out: Path = OUT_OPTION, arch: str = "resnet50", image_size: int = 224, batch_size: int = 128,
-                   steps: int = 30, workers: int = 8, num_images: int = 512) -> None:
+def check_hot_loop(
+    out: Path = OUT_OPTION,
+    arch: str = "resnet50",
+    image_size: int = 224,
+    batch_size: int = 128,
+    steps: int = 30,
+    workers: int = 8,
+    num_images: int = 512,
+) -> None:
     """G3: no host sync in the real Trainer's steps, and the host runs ahead of the device."""
 
     def body() -> tuple[bool | None, str, dict[str, Any]]:
@@ -295,13 +354,26 @@ def check_hot_loop(out: Path = OUT_OPTION, arch: str = "resnet50", image_size: i
             return skip
         with tempfile.TemporaryDirectory(prefix="gpu-hot-loop-") as tmp:
             shards = photo_shards(Path(tmp), num_images, num_classes=100)
-            result = hot_loop_check(shards, Path(tmp) / "run", arch=arch, image_size=image_size, batch_size=batch_size,
-                                    steps=steps, workers=workers)
-        passed = (result.engine_sync_error is None and not result.loader_syncs and result.steps_checked == steps - 1
-                  and result.busy_fraction >= BUSY_FRACTION_MIN)
-        summary = (f"{result.steps_checked} steps probed; engine sync: {result.engine_sync_error or 'none'}; "
-                   f"loader syncs: {len(result.loader_syncs)}; device busy after {result.busy_fraction:.0%} of steps "
-                   f"(>= {BUSY_FRACTION_MIN:.0%} needed); unfinished steps in the ring: max {max(result.unfinished_in_ring, default=0)}")
+            result = hot_loop_check(
+                shards,
+                Path(tmp) / "run",
+                arch=arch,
+                image_size=image_size,
+                batch_size=batch_size,
+                steps=steps,
+                workers=workers,
+            )
+        passed = (
+            result.engine_sync_error is None
+            and not result.loader_syncs
+            and result.steps_checked == steps - 1
+            and result.busy_fraction >= BUSY_FRACTION_MIN
+        )
+        summary = (
+            f"{result.steps_checked} steps probed; engine sync: {result.engine_sync_error or 'none'}; "
+            f"loader syncs: {len(result.loader_syncs)}; device busy after {result.busy_fraction:.0%} of steps "
+            f"(>= {BUSY_FRACTION_MIN:.0%} needed); unfinished steps in the ring: max {max(result.unfinished_in_ring, default=0)}"
+        )
         return passed, summary, {"result": {**asdict(result), "busy_fraction": result.busy_fraction}}
 
     guarded("G3", "hot-loop", out, body)
@@ -311,8 +383,16 @@ def check_hot_loop(out: Path = OUT_OPTION, arch: str = "resnet50", image_size: i
 
 
 @app.command("e2e")
-def check_e2e(out: Path = OUT_OPTION, arch: str = "resnet50", image_size: int = 224, batch_size: int = 256,
-              steps: int = 15, warmup: int = 5, workers: int = 12, num_images: int = 1024) -> None:
+def check_e2e(
+    out: Path = OUT_OPTION,
+    arch: str = "resnet50",
+    image_size: int = 224,
+    batch_size: int = 256,
+    steps: int = 15,
+    warmup: int = 5,
+    workers: int = 12,
+    num_images: int = 1024,
+) -> None:
     """G4: ``bench.py e2e``'s rows; PASS when every row was measured (baseline included)."""
 
     def body() -> tuple[bool | None, str, dict[str, Any]]:
@@ -351,7 +431,9 @@ def _speedups(rows: list[Any]) -> dict[str, float]:
 # -- G5 the phase switch ----------------------------------------------------------------------------------
 
 
-def switch_timings(arch: str, batch_size: int, image_size: int, repeats: int, device: torch.device | None = None) -> dict[str, Any]:
+def switch_timings(
+    arch: str, batch_size: int, image_size: int, repeats: int, device: torch.device | None = None
+) -> dict[str, Any]:
     """Per action: device ms (CUDA events), host ms (enqueue only), bytes copied; allocation growth and
     host syncs of the actions; and the released code's ``deepcopy`` teacher for comparison."""
     import copy
@@ -362,8 +444,18 @@ def switch_timings(arch: str, batch_size: int, image_size: int, repeats: int, de
     from engine.phases import PhaseAction
 
     device = device or default_device()
-    config = build_config({}, {"arch": arch, "method.name": "mile", "method.student_init": "previous", "cuda_graphs": False,
-                               "global_batch_size": batch_size, "data.image_size_px": image_size, "device": str(device)})
+    config = build_config(
+        {},
+        {
+            "arch": arch,
+            "method.name": "mile",
+            "method.student_init": "previous",
+            "cuda_graphs": False,
+            "global_batch_size": batch_size,
+            "data.image_size_px": image_size,
+            "device": str(device),
+        },
+    )
     engine = build_engine(config, EngineSpec(1000), device)
     timer, switch, actions = Timer(device), engine.switch, list(PhaseAction)
     switch.apply((PhaseAction.SAVE_STUDENT,))  # allocates the saved-student mirror, once
@@ -373,12 +465,20 @@ def switch_timings(arch: str, batch_size: int, image_size: int, repeats: int, de
         device_ms = [1000 * timer.seconds(lambda: switch.apply((action,))) for _ in range(repeats)]
         host_ms = [1000 * _host_seconds(lambda: switch.apply((action,))) for _ in range(repeats)]
         tensors = switch.teacher_state if action is PhaseAction.SNAPSHOT_TEACHER else switch.student_state
-        results[action.value] = {"device_ms": statistics.median(device_ms), "host_ms": statistics.median(host_ms),
-                                 "bytes": sum(t.numel() * t.element_size() for t in tensors)}
+        results[action.value] = {
+            "device_ms": statistics.median(device_ms),
+            "host_ms": statistics.median(host_ms),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors),
+        }
     growth = _allocated(device) - allocated
     sync_error = _first_sync_error(device, lambda: [switch.apply((action,)) for action in actions])
     deepcopy_ms = [1000 * timer.seconds(lambda: copy.deepcopy(engine.learner)) for _ in range(repeats)]
-    return {"actions": results, "allocated_bytes_growth": growth, "sync_error": sync_error, "deepcopy_ms": statistics.median(deepcopy_ms)}
+    return {
+        "actions": results,
+        "allocated_bytes_growth": growth,
+        "sync_error": sync_error,
+        "deepcopy_ms": statistics.median(deepcopy_ms),
+    }
 
 
 def _synchronize(device: torch.device) -> None:
@@ -421,11 +521,19 @@ def check_switch(out: Path = OUT_OPTION, arch: str = "resnet50", repeats: int = 
         timings = switch_timings(arch, 256, 224, repeats)
         snapshot = timings["actions"]["snapshot_teacher"]
         gbps = snapshot["bytes"] * 2 / (snapshot["device_ms"] / 1000) / 1e9  # each byte read once and written once
-        passed = timings["sync_error"] is None and timings["allocated_bytes_growth"] == 0 and snapshot["device_ms"] < timings["deepcopy_ms"]
-        summary = (f"snapshot {snapshot['device_ms']:.3f} ms on device ({gbps:.0f} GB/s), host {snapshot['host_ms']:.3f} ms; "
-                   + ", ".join(f"{k} {v['device_ms']:.3f} ms" for k, v in timings["actions"].items() if k != "snapshot_teacher")
-                   + f"; deepcopy teacher {timings['deepcopy_ms']:.3f} ms; allocation growth {timings['allocated_bytes_growth']} B; "
-                   f"sync: {timings['sync_error'] or 'none'}")
+        passed = (
+            timings["sync_error"] is None
+            and timings["allocated_bytes_growth"] == 0
+            and snapshot["device_ms"] < timings["deepcopy_ms"]
+        )
+        summary = (
+            f"snapshot {snapshot['device_ms']:.3f} ms on device ({gbps:.0f} GB/s), host {snapshot['host_ms']:.3f} ms; "
+            + ", ".join(
+                f"{k} {v['device_ms']:.3f} ms" for k, v in timings["actions"].items() if k != "snapshot_teacher"
+            )
+            + f"; deepcopy teacher {timings['deepcopy_ms']:.3f} ms; allocation growth {timings['allocated_bytes_growth']} B; "
+            f"sync: {timings['sync_error'] or 'none'}"
+        )
         return passed, summary, {"timings": timings, "snapshot_gb_per_s": gbps}
 
     guarded("G5", "switch", out, body)
@@ -444,25 +552,38 @@ def compare_loaders(reference: Any, candidate: Any, std: tuple[float, ...]) -> d
         diffs.append(float(pixel_diff.mean()))
         maxima.append(float(pixel_diff.max()))
         labels_equal &= torch.equal(ref.labels.cpu(), cand.labels.cpu())
-        channels_last &= cand.images.is_contiguous(memory_format=torch.channels_last) and cand.images.stride() == ref.images.stride()
+        channels_last &= (
+            cand.images.is_contiguous(memory_format=torch.channels_last) and cand.images.stride() == ref.images.stride()
+        )
         batches += 1
-    return {"batches": batches, "mean_abs_diff": statistics.fmean(diffs) if diffs else math.nan,
-            "max_abs_diff": max(maxima, default=math.nan),
-            "labels_equal": labels_equal, "channels_last": channels_last}
+    return {
+        "batches": batches,
+        "mean_abs_diff": statistics.fmean(diffs) if diffs else math.nan,
+        "max_abs_diff": max(maxima, default=math.nan),
+        "labels_equal": labels_equal,
+        "channels_last": channels_last,
+    }
 
 
-def decode_pairs(shards: Path, batch_size: int, image_size: int, device: torch.device | None = None) -> dict[str, tuple[Any, Any, Any]]:
+def decode_pairs(
+    shards: Path, batch_size: int, image_size: int, device: torch.device | None = None
+) -> dict[str, tuple[Any, Any, Any]]:
     """(CPU loader, ``device`` loader, std) pairs to compare, by name."""
     from pipelines import build_loader, dali_import_error
     from pipelines.contract import LoaderConfig
 
     def loader(backend: str, device: str, train: bool) -> Any:
-        config = LoaderConfig(batch_size=batch_size, image_size_px=image_size, train=train, backend=backend, num_workers=2, device=device)
+        config = LoaderConfig(
+            batch_size=batch_size, image_size_px=image_size, train=train, backend=backend, num_workers=2, device=device
+        )
         return build_loader(shards, "bench", config)
 
     target = str(device or default_device())
     modes = (("eval", False), ("train", True))  # train: the torch backend seeds each sample's crop, so both crop alike
-    pairs = {f"torch backend {mode}": (loader("torch", "cpu", train), loader("torch", target, train)) for mode, train in modes}
+    pairs = {
+        f"torch backend {mode}": (loader("torch", "cpu", train), loader("torch", target, train))
+        for mode, train in modes
+    }
     if dali_import_error() is None:  # DALI's random crops differ between its CPU and GPU pipelines: eval only
         pairs["DALI eval"] = (loader("dali", "cpu", False), loader("dali", target, False))
     std = LoaderConfig().std
@@ -483,11 +604,15 @@ def check_decode(out: Path = OUT_OPTION, num_images: int = 96, batch_size: int =
                 results[name] = compare_loaders(cpu, gpu, std)
                 cpu.close()
                 gpu.close()
-        passed = all(r["batches"] > 0 and r["mean_abs_diff"] < PIXEL_TOLERANCE and r["labels_equal"] and r["channels_last"]
-                     for r in results.values())
-        summary = "; ".join(f"{k}: mean |diff| {v['mean_abs_diff'] * 255:.3f}/255, max {v['max_abs_diff'] * 255:.1f}/255, labels "
-                            f"{'equal' if v['labels_equal'] else 'DIFFER'}, {'channels-last' if v['channels_last'] else 'WRONG STRIDES'}"
-                            for k, v in results.items())
+        passed = all(
+            r["batches"] > 0 and r["mean_abs_diff"] < PIXEL_TOLERANCE and r["labels_equal"] and r["channels_last"]
+            for r in results.values()
+        )
+        summary = "; ".join(
+            f"{k}: mean |diff| {v['mean_abs_diff'] * 255:.3f}/255, max {v['max_abs_diff'] * 255:.1f}/255, labels "
+            f"{'equal' if v['labels_equal'] else 'DIFFER'}, {'channels-last' if v['channels_last'] else 'WRONG STRIDES'}"
+            for k, v in results.items()
+        )
         return passed, summary, {"results": results, "tolerance": PIXEL_TOLERANCE}
 
     guarded("G6", "decode", out, body)
@@ -496,12 +621,21 @@ def check_decode(out: Path = OUT_OPTION, num_images: int = 96, batch_size: int =
 # -- G2 / G7 DALI ---------------------------------------------------------------------------------------------
 
 
-def dali_loader(shards: Path, batch_size: int, image_size: int, dtype: torch.dtype, device: torch.device | None = None) -> Any:
+def dali_loader(
+    shards: Path, batch_size: int, image_size: int, dtype: torch.dtype, device: torch.device | None = None
+) -> Any:
     from pipelines import build_loader
     from pipelines.contract import LoaderConfig
 
-    config = LoaderConfig(batch_size=batch_size, image_size_px=image_size, train=True, backend="dali", num_workers=4,
-                          device=str(device or default_device()), dtype=dtype)
+    config = LoaderConfig(
+        batch_size=batch_size,
+        image_size_px=image_size,
+        train=True,
+        backend="dali",
+        num_workers=4,
+        device=str(device or default_device()),
+        dtype=dtype,
+    )
     return build_loader(shards, "bench", config)
 
 
@@ -510,7 +644,9 @@ def dali_lifetime(shards: Path, batches: int, device: torch.device | None = None
     one), then check it still holds what it was handed out with: (batches checked, those changed)."""
     from engine.steps import RUN_AHEAD_STEPS
 
-    loader = dali_loader(shards, 16, 224, torch.float32, device)  # float32: the iterator's own buffers, no conversion copy
+    loader = dali_loader(
+        shards, 16, 224, torch.float32, device
+    )  # float32: the iterator's own buffers, no conversion copy
     held, changed, checked = [], [], 0
     stream = loader.epoch(0)
     try:
@@ -539,7 +675,9 @@ def check_dali_lifetime(out: Path = OUT_OPTION, batches: int = 12) -> None:
 
         with tempfile.TemporaryDirectory(prefix="gpu-dali-") as tmp:
             checked, changed = dali_lifetime(photo_shards(Path(tmp), 16 * (batches + 1), num_classes=10), batches)
-        summary = f"{checked} batches held for {RUN_AHEAD_STEPS + 1} more fetches; changed meanwhile: {changed or 'none'}"
+        summary = (
+            f"{checked} batches held for {RUN_AHEAD_STEPS + 1} more fetches; changed meanwhile: {changed or 'none'}"
+        )
         return checked > 0 and not changed, summary, {"changed": changed, "checked": checked}
 
     guarded("G2", "dali-lifetime", out, body)
@@ -560,8 +698,18 @@ def check_dali_capture(out: Path = OUT_OPTION, arch: str = "resnet18", steps: in
             loader = dali_loader(shards, 32, 128, torch.bfloat16)
             stream = loader.epoch(0)
             first = next(stream)  # DALI's threads now prefetch the next batches while we capture
-            config = build_config({}, {"arch": arch, "method.name": "mile", "method.k_teacher_steps": 3, "method.k_student_steps": 2,
-                                       "global_batch_size": 32, "data.image_size_px": 128, "device": "cuda"})
+            config = build_config(
+                {},
+                {
+                    "arch": arch,
+                    "method.name": "mile",
+                    "method.k_teacher_steps": 3,
+                    "method.k_student_steps": 2,
+                    "global_batch_size": 32,
+                    "data.image_size_px": 128,
+                    "device": "cuda",
+                },
+            )
             engine = build_engine(config, EngineSpec(10), torch.device("cuda", torch.cuda.current_device()))
             reason = engine.capture(first)
             losses = [engine.train_step(step, next(stream)).loss.float().item() for step in range(steps)]
@@ -606,16 +754,30 @@ def ddp_engines(arch: str, image_size: int, batch_size: int, device: torch.devic
     from engine.config import build_config
 
     def config(graphs: bool) -> Any:
-        return build_config({}, {"arch": arch, "method.name": "mile", "method.k_teacher_steps": 3, "method.k_student_steps": 2,
-                                 "global_batch_size": batch_size, "data.image_size_px": image_size, "device": str(device),
-                                 "cuda_graphs": graphs})
+        return build_config(
+            {},
+            {
+                "arch": arch,
+                "method.name": "mile",
+                "method.k_teacher_steps": 3,
+                "method.k_student_steps": 2,
+                "global_batch_size": batch_size,
+                "data.image_size_px": image_size,
+                "device": str(device),
+                "cuda_graphs": graphs,
+            },
+        )
 
-    return {"ddp graphed": build_engine(config(True), EngineSpec(10), device, distributed=True),
-            "ddp eager": build_engine(config(False), EngineSpec(10), device, distributed=True),
-            "plain graphed": build_engine(config(True), EngineSpec(10), device)}
+    return {
+        "ddp graphed": build_engine(config(True), EngineSpec(10), device, distributed=True),
+        "ddp eager": build_engine(config(False), EngineSpec(10), device, distributed=True),
+        "plain graphed": build_engine(config(True), EngineSpec(10), device),
+    }
 
 
-def synthetic_batches(count: int, batch_size: int, image_size: int, device: torch.device, dtype: torch.dtype) -> list[Any]:
+def synthetic_batches(
+    count: int, batch_size: int, image_size: int, device: torch.device, dtype: torch.dtype
+) -> list[Any]:
     from pipelines.contract import Batch
 
     generator = torch.Generator().manual_seed(0)
@@ -642,8 +804,10 @@ def ddp_lockstep_errors(graphed: Any, eager: Any, batches: list[Any]) -> list[fl
     errors = []
     for step, batch in enumerate(batches):
         with torch.no_grad():
-            torch._foreach_copy_(eager.switch.student_state + eager.switch.teacher_state,
-                                 graphed.switch.student_state + graphed.switch.teacher_state)
+            torch._foreach_copy_(
+                eager.switch.student_state + eager.switch.teacher_state,
+                graphed.switch.student_state + graphed.switch.teacher_state,
+            )
         before = [t.clone() for t in graphed.switch.student_state]
         graphed.train_step(step, batch)
         eager.train_step(step, batch)
@@ -665,35 +829,59 @@ def step_ms(engine: Any, batches: list[Any], repeats: int, device: torch.device)
     return statistics.median(timer.seconds(steps) for _ in range(repeats)) / len(batches) * 1000
 
 
-def ddp_graph_comparison(arch: str, image_size: int, batch_size: int, steps: int, repeats: int, device: torch.device | None = None) -> dict[str, Any]:
+def ddp_graph_comparison(
+    arch: str, image_size: int, batch_size: int, steps: int, repeats: int, device: torch.device | None = None
+) -> dict[str, Any]:
     """G8's measurements: capture reasons, lockstep errors, and step times of the DDP and plain graphed engines."""
     device = device or default_device()
     with single_process_group(device):
         engines = ddp_engines(arch, image_size, batch_size, device)
-        batches = synthetic_batches(steps, batch_size, image_size, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        batches = synthetic_batches(
+            steps, batch_size, image_size, device, torch.bfloat16 if device.type == "cuda" else torch.float32
+        )
         reasons = {name: engine.capture(batches[0]) for name, engine in engines.items()}
         errors = ddp_lockstep_errors(engines["ddp graphed"], engines["ddp eager"], batches)
         times = {name: step_ms(engines[name], batches, repeats, device) for name in ("ddp graphed", "plain graphed")}
-    return {"capture": reasons, "errors": errors, "step_ms": times, "slowdown": times["ddp graphed"] / times["plain graphed"]}
+    return {
+        "capture": reasons,
+        "errors": errors,
+        "step_ms": times,
+        "slowdown": times["ddp graphed"] / times["plain graphed"],
+    }
 
 
 @app.command("ddp-graphs")
-def check_ddp_graphs(out: Path = OUT_OPTION, arch: str = "resnet18", image_size: int = 128, batch_size: int = 64,
-                     steps: int = 20, repeats: int = 5) -> None:
+def check_ddp_graphs(
+    out: Path = OUT_OPTION,
+    arch: str = "resnet18",
+    image_size: int = 128,
+    batch_size: int = 64,
+    steps: int = 20,
+    repeats: int = 5,
+) -> None:
     """G8: DDP (world size 1, NCCL) graphed == eager, and its step within 5% of the non-DDP captured step."""
 
     def body() -> tuple[bool | None, str, dict[str, Any]]:
         if skip := no_cuda():
             return skip
         result = ddp_graph_comparison(arch, image_size, batch_size, steps, repeats)
-        errors, graphed = result["errors"], result["capture"]["ddp graphed"] is None and result["capture"]["plain graphed"] is None
+        errors, graphed = (
+            result["errors"],
+            result["capture"]["ddp graphed"] is None and result["capture"]["plain graphed"] is None,
+        )
         median_error, max_error = statistics.median(errors), max(errors)
-        passed = (graphed and median_error <= DDP_ERROR_MEDIAN and max_error <= DDP_ERROR_MAX
-                  and result["slowdown"] <= DDP_SLOWDOWN_MAX)
-        summary = (f"capture: {result['capture']}; graphed vs eager DDP over {steps} steps: median error {median_error:.2e} "
-                   f"(<= {DDP_ERROR_MEDIAN:g}), max {max_error:.2e} (<= {DDP_ERROR_MAX:g}); step "
-                   f"{result['step_ms']['ddp graphed']:.3f} ms under DDP vs {result['step_ms']['plain graphed']:.3f} ms without "
-                   f"(x{result['slowdown']:.3f}, <= {DDP_SLOWDOWN_MAX})")
+        passed = (
+            graphed
+            and median_error <= DDP_ERROR_MEDIAN
+            and max_error <= DDP_ERROR_MAX
+            and result["slowdown"] <= DDP_SLOWDOWN_MAX
+        )
+        summary = (
+            f"capture: {result['capture']}; graphed vs eager DDP over {steps} steps: median error {median_error:.2e} "
+            f"(<= {DDP_ERROR_MEDIAN:g}), max {max_error:.2e} (<= {DDP_ERROR_MAX:g}); step "
+            f"{result['step_ms']['ddp graphed']:.3f} ms under DDP vs {result['step_ms']['plain graphed']:.3f} ms without "
+            f"(x{result['slowdown']:.3f}, <= {DDP_SLOWDOWN_MAX})"
+        )
         return passed, summary, {"result": result}
 
     guarded("G8", "ddp-graphs", out, body)

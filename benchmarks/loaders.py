@@ -20,10 +20,11 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -248,7 +249,9 @@ def format_table(results: list[LoaderResult]) -> str:
             lines.append(f"{r.name:<40} {r.device:<6} failed: {r.error}")
         else:
             rates = r.images_per_s
-            lines.append(f"{r.name:<40} {r.device:<6} {r.median:>12.1f} {min(rates):>7.1f} {max(rates):>7.1f} {r.median_cpu_ms:>10.2f}")
+            lines.append(
+                f"{r.name:<40} {r.device:<6} {r.median:>12.1f} {min(rates):>7.1f} {max(rates):>7.1f} {r.median_cpu_ms:>10.2f}"
+            )
     return "\n".join(lines)
 
 
@@ -281,6 +284,8 @@ def write_json(path: Path, config: LoaderBenchConfig, results: list[LoaderResult
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(config),
         "environment": {**env, "load_average_1min_after": os.getloadavg()[0]},
-        "results": [{**asdict(r), "median_images_per_s": r.median, "median_cpu_ms_per_image": r.median_cpu_ms} for r in results],
+        "results": [
+            {**asdict(r), "median_images_per_s": r.median, "median_cpu_ms_per_image": r.median_cpu_ms} for r in results
+        ],
     }
     path.write_text(json.dumps(report, indent=1) + "\n")

@@ -54,7 +54,9 @@ def main(
         print(f"DALI backend skipped: {reason}")
     for backend in backends:
         images, seconds = stream_once(out, backend, batch_size, workers)
-        print(f"{backend:>5} backend: {images} train images in {seconds:.2f} s = {images / seconds:,.0f} images/s (CPU, incl. start-up)")
+        print(
+            f"{backend:>5} backend: {images} train images in {seconds:.2f} s = {images / seconds:,.0f} images/s (CPU, incl. start-up)"
+        )
 
 
 if __name__ == "__main__":

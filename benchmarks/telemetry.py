@@ -127,5 +127,8 @@ def format_telemetry(summary: dict[str, Any] | None) -> str:
 
     def mean(key: str) -> float:
         return summary[key]["mean"]
-    return (f"{mean('utilisation_pct'):.0f}% {summary['memory_used_mib']['max'] / 1024:.1f}GiB "
-            f"{mean('sm_clock_mhz'):.0f}MHz {mean('power_w'):.0f}W")
+
+    return (
+        f"{mean('utilisation_pct'):.0f}% {summary['memory_used_mib']['max'] / 1024:.1f}GiB "
+        f"{mean('sm_clock_mhz'):.0f}MHz {mean('power_w'):.0f}W"
+    )

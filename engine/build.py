@@ -21,7 +21,15 @@ from engine.init_weights import load_backbone
 from engine.models import build_model, split_parameters
 from engine.phases import PhaseAction, PhasePlan, PhaseSwitch
 from engine.schedule import lr_at
-from engine.steps import GRAPH_WARMUP_ITERS, GRAPH_WARMUP_ITERS_DDP, StepResult, StepSettings, Stepper, build_stepper, init_momentum
+from engine.steps import (
+    GRAPH_WARMUP_ITERS,
+    GRAPH_WARMUP_ITERS_DDP,
+    Stepper,
+    StepResult,
+    StepSettings,
+    build_stepper,
+    init_momentum,
+)
 from engine.sync_bn import convert_sync_batchnorm
 from pipelines.contract import Batch
 
@@ -40,7 +48,14 @@ class EngineSpec:
 class Engine:
     """A learner, its teacher (MILe), optimizer, phase plan and switch, and one step per phase."""
 
-    def __init__(self, config: RunConfig, spec: EngineSpec, device: torch.device, distributed: bool = False, init_weights: bool = True) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        spec: EngineSpec,
+        device: torch.device,
+        distributed: bool = False,
+        init_weights: bool = True,
+    ) -> None:
         """``init_weights``: load ``config.init_checkpoint`` into the learner (False when a resume
         loads a checkpoint over it anyway)."""
         self.config, self.spec, self.device, self.distributed = config, spec, device, distributed
@@ -152,7 +167,9 @@ class Engine:
         return None
 
     def lr_at(self, step: int) -> float:
-        return lr_at(step, self.config.num_steps, self.config.optim, self.config.global_batch_size, self.spec.batches_per_epoch)
+        return lr_at(
+            step, self.config.num_steps, self.config.optim, self.config.global_batch_size, self.spec.batches_per_epoch
+        )
 
     def train_step(self, step: int, batch: Batch) -> StepResult:
         """Optimizer step number ``step`` (0-based) on ``batch``: no host sync anywhere in it."""
@@ -172,7 +189,11 @@ class Engine:
 
     def components(self) -> dict[str, Any]:
         """The engine's parts that carry state, by checkpoint name."""
-        parts: dict[str, Any] = {"learner": self.learner, "optimizer": OptimizerInPlace(self.optimizer, [self.lr, self.head_lr]), "phase_switch": self.switch}
+        parts: dict[str, Any] = {
+            "learner": self.learner,
+            "optimizer": OptimizerInPlace(self.optimizer, [self.lr, self.head_lr]),
+            "phase_switch": self.switch,
+        }
         if self.teacher is not None:
             parts["teacher"] = self.teacher
         return parts
@@ -191,7 +212,9 @@ class OptimizerInPlace:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        existing = {id(p): dict(self.optimizer.state[p]) for group in self.optimizer.param_groups for p in group["params"]}
+        existing = {
+            id(p): dict(self.optimizer.state[p]) for group in self.optimizer.param_groups for p in group["params"]
+        }
         self.optimizer.load_state_dict(state)
         for group, lr in zip(self.optimizer.param_groups, self.group_lrs, strict=True):
             group["lr"] = lr
@@ -203,6 +226,8 @@ class OptimizerInPlace:
                         self.optimizer.state[param][name] = old
 
 
-def build_engine(config: RunConfig, spec: EngineSpec, device: torch.device, distributed: bool = False, init_weights: bool = True) -> Engine:
+def build_engine(
+    config: RunConfig, spec: EngineSpec, device: torch.device, distributed: bool = False, init_weights: bool = True
+) -> Engine:
     """The engine ``engine-run`` trains with: what the trainer, benchmarks and tests all call."""
     return Engine(config, spec, device, distributed, init_weights)

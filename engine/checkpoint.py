@@ -63,13 +63,23 @@ class Progress:
         self.best_step = -1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "unlabelled_epoch": self.unlabelled_epoch,
-                "unlabelled_batch": self.unlabelled_batch, "best_value": self.best_value, "best_step": self.best_step}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "unlabelled_epoch": self.unlabelled_epoch,
+            "unlabelled_batch": self.unlabelled_batch,
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
         # absent from checkpoints written before semi-supervised runs existed: the stream's start
-        self.unlabelled_epoch, self.unlabelled_batch = int(state.get("unlabelled_epoch", 0)), int(state.get("unlabelled_batch", 0))
+        self.unlabelled_epoch, self.unlabelled_batch = (
+            int(state.get("unlabelled_epoch", 0)),
+            int(state.get("unlabelled_batch", 0)),
+        )
         # absent from checkpoints written before best.pt existed: no best yet
         self.best_value, self.best_step = state.get("best_value"), int(state.get("best_step", -1))
 
@@ -81,7 +91,13 @@ class RngState:
         name, keys, pos, has_gauss, cached = np.random.get_state()
         state = {
             "python": random.getstate(),
-            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+            "numpy": {
+                "name": name,
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached": float(cached),
+            },
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available():
@@ -92,13 +108,15 @@ class RngState:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
         numpy = state["numpy"]
-        np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached"]))
+        np.random.set_state(
+            (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached"])
+        )
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _feed(hasher: "hashlib._Hash", value: Any) -> None:
+def _feed(hasher: hashlib._Hash, value: Any) -> None:
     """Hash a state tree: structure, keys, values and tensor bytes, in a fixed order."""
     if isinstance(value, torch.Tensor):
         flat = value.detach().cpu().contiguous().reshape(-1)

@@ -64,8 +64,14 @@ def config_parameters() -> list[inspect.Parameter]:
     params = []
     for key in config_keys():
         section = key.name.split(".")[0] if "." in key.name else ""
-        option = typer.Option(None, *_flag_decls(key), help=_help(key), rich_help_panel=_PANELS.get(section, "Run"), show_default=False)
-        params.append(inspect.Parameter(param_name(key), inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[_cli_type(key)]))
+        option = typer.Option(
+            None, *_flag_decls(key), help=_help(key), rich_help_panel=_PANELS.get(section, "Run"), show_default=False
+        )
+        params.append(
+            inspect.Parameter(
+                param_name(key), inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[_cli_type(key)]
+            )
+        )
     return params
 
 
@@ -82,7 +88,9 @@ def overrides_from(options: dict[str, Any]) -> dict[str, Any]:
 # -- resolving the config -------------------------------------------------------------------
 
 
-def resolve_config(config_file: Optional[Path], resume: bool, overrides: dict[str, Any], resume_auto: bool = False) -> tuple[RunConfig, bool]:
+def resolve_config(
+    config_file: Optional[Path], resume: bool, overrides: dict[str, Any], resume_auto: bool = False
+) -> tuple[RunConfig, bool]:
     """The run's config and whether it resumes.
 
     ``--resume``: the run's saved config, with only safe changes. Otherwise ``--config FILE`` (default:
@@ -91,7 +99,9 @@ def resolve_config(config_file: Optional[Path], resume: bool, overrides: dict[st
     checkpoint, after the same check of what changed, and starts afresh when it holds none."""
     if resume:
         if config_file is not None:
-            raise ConfigError("--resume continues a run with its own config.toml; drop --config (flags may change safe keys)")
+            raise ConfigError(
+                "--resume continues a run with its own config.toml; drop --config (flags may change safe keys)"
+            )
         from engine.run_folder import saved_config
 
         out_dir = overrides.get("out_dir") or RunConfig.__dataclass_fields__["out_dir"].default
@@ -158,18 +168,52 @@ def run(
 
 
 _FIXED = [
-    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                      default=typer.Option(None, "--config", help="TOML config (e.g. a run's config.toml); flags override it. Default: MILe on the digit grid.")),
-    inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                      default=typer.Option(False, "--print-config", help="Print the resolved config as TOML and exit (nothing is built or written).")),
-    inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                      default=typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint, with its saved config.")),
-    inspect.Parameter("resume_auto", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                      default=typer.Option(False, "--resume-auto", help="Resume the run in --out when it holds a checkpoint of this same "
-                                           "config (changes as --resume allows them), else start it: one command for a job that may be "
-                                           "re-queued. A worker group restarted by torchrun --max-restarts does this by itself.")),
-    inspect.Parameter("gpus", inspect.Parameter.KEYWORD_ONLY, annotation=int,
-                      default=typer.Option(1, "--gpus", min=1, help="GPUs on this node; N > 1 re-launches under torchrun (engine.launch).")),
+    inspect.Parameter(
+        "config",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Optional[Path],
+        default=typer.Option(
+            None,
+            "--config",
+            help="TOML config (e.g. a run's config.toml); flags override it. Default: MILe on the digit grid.",
+        ),
+    ),
+    inspect.Parameter(
+        "print_config",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=bool,
+        default=typer.Option(
+            False, "--print-config", help="Print the resolved config as TOML and exit (nothing is built or written)."
+        ),
+    ),
+    inspect.Parameter(
+        "resume",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=bool,
+        default=typer.Option(
+            False, "--resume", help="Continue the run in --out from its last checkpoint, with its saved config."
+        ),
+    ),
+    inspect.Parameter(
+        "resume_auto",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=bool,
+        default=typer.Option(
+            False,
+            "--resume-auto",
+            help="Resume the run in --out when it holds a checkpoint of this same "
+            "config (changes as --resume allows them), else start it: one command for a job that may be "
+            "re-queued. A worker group restarted by torchrun --max-restarts does this by itself.",
+        ),
+    ),
+    inspect.Parameter(
+        "gpus",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=int,
+        default=typer.Option(
+            1, "--gpus", min=1, help="GPUs on this node; N > 1 re-launches under torchrun (engine.launch)."
+        ),
+    ),
 ]
 run.__signature__ = inspect.Signature(_FIXED + config_parameters())  # type: ignore[attr-defined]
 app.command(context_settings={"help_option_names": ["-h", "--help"]})(run)
@@ -246,8 +290,14 @@ def run_command() -> int:
     except (ConfigError, ShardError, RunFolderError, CheckpointError, FileNotFoundError, ValueError) as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         return 2
-    except OSError as error:  # a full disk, a read-only --out: the message names the path; the last checkpoint is intact
-        typer.secho(f"error: {error}. Free space or choose another --out, then continue with --resume.", fg=typer.colors.RED, err=True)
+    except (
+        OSError
+    ) as error:  # a full disk, a read-only --out: the message names the path; the last checkpoint is intact
+        typer.secho(
+            f"error: {error}. Free space or choose another --out, then continue with --resume.",
+            fg=typer.colors.RED,
+            err=True,
+        )
         return 2
     except Exception:  # a peer that died, a bug: the traceback, then the same careful exit
         if not joined_process_group():

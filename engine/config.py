@@ -19,9 +19,10 @@ import enum
 import re
 import sys
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import tomli_w
 
@@ -122,32 +123,63 @@ class DataConfig(_Component):
 
     SECTION: ClassVar[str] = "data"
 
-    root: str = knob("", "Shard folder (with manifest.json); empty = the embedded digit grid, built on first use.", alias="--data")
+    root: str = knob(
+        "", "Shard folder (with manifest.json); empty = the embedded digit grid, built on first use.", alias="--data"
+    )
     train_split: str = knob("train", "Split to train on.", alias="--train-split")
     eval_split: str = knob("val", "Split to evaluate on.", alias="--eval-split")
     unlabelled_split: str = knob(
-        "", "MILe semi-supervised: imitation (student) phases train on this split's images, pseudo-labelled by the teacher, "
-        "and never read its labels; interaction (teacher) phases train on train_split. Empty = off.", alias="--unlabelled-split",
+        "",
+        "MILe semi-supervised: imitation (student) phases train on this split's images, pseudo-labelled by the teacher, "
+        "and never read its labels; interaction (teacher) phases train on train_split. Empty = off.",
+        alias="--unlabelled-split",
     )
-    unlabelled_root: str = knob("", "Shard folder of unlabelled_split; empty = the folder of the train split (data.root).", alias="--unlabelled-data")
+    unlabelled_root: str = knob(
+        "",
+        "Shard folder of unlabelled_split; empty = the folder of the train split (data.root).",
+        alias="--unlabelled-data",
+    )
     # resume-safe: another eval set changes what is measured, never what is trained
     extra_eval: tuple[str, ...] = knob(
-        (), "More eval sets, scored at every eval point besides eval_split: DIR (split val) or DIR:SPLIT of a shard folder "
+        (),
+        "More eval sets, scored at every eval point besides eval_split: DIR (split val) or DIR:SPLIT of a shard folder "
         "with the train split's classes in the same order; metrics as NAME/metric (NAME = the folder's name/SPLIT). "
-        "Repeat the flag for several.", alias="--eval-data", allow_empty=True, resume_safe=True,
+        "Repeat the flag for several.",
+        alias="--eval-data",
+        allow_empty=True,
+        resume_safe=True,
     )
     image_size_px: int = knob(24, "Image side in pixels.", alias="--image-size", ge=8)
-    augment: bool = knob(False, "Random-resized-crop + flip in training (off for the digit grid: crops remove digits).", alias="--augment")
-    crop_scale_min: float = knob(0.08, "Smallest random-resized-crop area, as a fraction of the image.", alias="--crop-scale-min", gt=0, le=1)
+    augment: bool = knob(
+        False,
+        "Random-resized-crop + flip in training (off for the digit grid: crops remove digits).",
+        alias="--augment",
+    )
+    crop_scale_min: float = knob(
+        0.08, "Smallest random-resized-crop area, as a fraction of the image.", alias="--crop-scale-min", gt=0, le=1
+    )
     eval_crop_fraction: float = knob(
-        0.0, "Eval: resize the shorter side to size/fraction, centre-crop size; 0 = auto (0.875 with --augment, else 1).", alias="--eval-crop", ge=0, le=1
+        0.0,
+        "Eval: resize the shorter side to size/fraction, centre-crop size; 0 = auto (0.875 with --augment, else 1).",
+        alias="--eval-crop",
+        ge=0,
+        le=1,
     )
     backend: Backend = knob(Backend.AUTO, "Input pipeline.", alias="--loader")
     num_workers: int = knob(
-        -1, "Loader worker processes (torch; 0 = in the main process) or threads (DALI); -1 = auto: the CPU cores this "
-        "process may use divided by the processes on this machine (LOCAL_WORLD_SIZE).", alias="--workers", ge=-1, resume_safe=True,
+        -1,
+        "Loader worker processes (torch; 0 = in the main process) or threads (DALI); -1 = auto: the CPU cores this "
+        "process may use divided by the processes on this machine (LOCAL_WORLD_SIZE).",
+        alias="--workers",
+        ge=-1,
+        resume_safe=True,
     )
-    verify_data: bool = knob(False, "Check every shard's sha256 against the manifest before training (reads all data once).", alias="--verify-data", resume_safe=True)
+    verify_data: bool = knob(
+        False,
+        "Check every shard's sha256 against the manifest before training (reads all data once).",
+        alias="--verify-data",
+        resume_safe=True,
+    )
 
     @property
     def resolved_eval_crop_fraction(self) -> float:
@@ -165,9 +197,15 @@ class MethodConfig(_Component):
     name: Method = knob(Method.MILE, "Training method.", alias="--method")
     k_teacher_steps: int = knob(100, "MILe: steps per interaction (teacher) phase.", alias="--k-teacher-steps", ge=1)
     k_student_steps: int = knob(50, "MILe: steps per imitation (student) phase.", alias="--k-student-steps", ge=1)
-    rho: float = knob(0.25, "MILe: pseudo-label threshold, target = 1[sigmoid(teacher(x)) > rho].", alias="--rho", gt=0, lt=1)
-    student_init: StudentInit = knob(StudentInit.TEACHER, "MILe: where each imitation phase starts.", alias="--student-init")
-    warmup_steps: int = knob(0, "MILe: teacher-only steps before the first imitation phase.", alias="--warmup-steps", ge=0)
+    rho: float = knob(
+        0.25, "MILe: pseudo-label threshold, target = 1[sigmoid(teacher(x)) > rho].", alias="--rho", gt=0, lt=1
+    )
+    student_init: StudentInit = knob(
+        StudentInit.TEACHER, "MILe: where each imitation phase starts.", alias="--student-init"
+    )
+    warmup_steps: int = knob(
+        0, "MILe: teacher-only steps before the first imitation phase.", alias="--warmup-steps", ge=0
+    )
 
     @property
     def multi_label_head(self) -> bool:
@@ -186,17 +224,30 @@ class OptimConfig(_Component):
     weight_decay: float = knob(5e-4, "SGD weight decay.", alias="--weight-decay", ge=0)
     schedule: Schedule = knob(Schedule.COSINE, "Learning-rate decay after the warmup.", alias="--schedule")
     warmup_lr_steps: int = knob(0, "Linear learning-rate warmup steps.", alias="--warmup-lr-steps", ge=0)
-    step_decay_every: int = knob(0, "Step schedule: multiply the rate by step_decay_factor every N steps.", alias="--step-decay-every", ge=0)
+    step_decay_every: int = knob(
+        0, "Step schedule: multiply the rate by step_decay_factor every N steps.", alias="--step-decay-every", ge=0
+    )
     lr_milestones: tuple[int, ...] = knob(
-        (), "Step schedule: multiply the rate by step_decay_factor at each of these points (in optim.lr_milestones_unit; "
-        "repeat the flag for several); instead of step_decay_every.", alias="--lr-milestones", ge=1, allow_empty=True,
+        (),
+        "Step schedule: multiply the rate by step_decay_factor at each of these points (in optim.lr_milestones_unit; "
+        "repeat the flag for several); instead of step_decay_every.",
+        alias="--lr-milestones",
+        ge=1,
+        allow_empty=True,
     )
     lr_milestones_unit: MilestoneUnit = knob(
-        MilestoneUnit.STEPS, "Unit of optim.lr_milestones: optimizer steps, or epochs of the train split "
-        "(the paper's baselines decay at epochs 30, 60, 80).", alias="--lr-milestones-unit",
+        MilestoneUnit.STEPS,
+        "Unit of optim.lr_milestones: optimizer steps, or epochs of the train split "
+        "(the paper's baselines decay at epochs 30, 60, 80).",
+        alias="--lr-milestones-unit",
     )
     step_decay_factor: float = knob(0.1, "Step schedule: the factor.", alias="--step-decay-factor", gt=0, le=1)
-    head_lr_scale: float = knob(1.0, "The classifier's learning rate as a multiple of the backbone's (e.g. 10 when fine-tuning from --init-checkpoint).", alias="--head-lr-scale", ge=0)
+    head_lr_scale: float = knob(
+        1.0,
+        "The classifier's learning rate as a multiple of the backbone's (e.g. 10 when fine-tuning from --init-checkpoint).",
+        alias="--head-lr-scale",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -206,12 +257,17 @@ class CheckpointConfig(_Component):
     SECTION: ClassVar[str] = "checkpoint"
 
     keep_last: int = knob(
-        0, "Also keep the last N checkpoints as checkpoints/step-XXXXXXX.pt (last.pt is the newest of them); 0 = last.pt only.",
-        alias="--keep-checkpoints", ge=0, resume_safe=True,
+        0,
+        "Also keep the last N checkpoints as checkpoints/step-XXXXXXX.pt (last.pt is the newest of them); 0 = last.pt only.",
+        alias="--keep-checkpoints",
+        ge=0,
+        resume_safe=True,
     )
     best_metric: str = knob(
-        "", "Also keep checkpoints/best.pt: the state at the evaluation with the highest value of this eval metric "
-        "(e.g. lrap, top1, f1@matched, f1@0.25); empty = off.", alias="--best-metric",
+        "",
+        "Also keep checkpoints/best.pt: the state at the evaluation with the highest value of this eval metric "
+        "(e.g. lrap, top1, f1@matched, f1@0.25); empty = off.",
+        alias="--best-metric",
     )
 
 
@@ -223,34 +279,71 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    arch: str = knob("grid_cnn", f"Model architecture: {' | '.join(BUILTIN_ARCHS)}, or any timm model name (timm.list_models()); never downloads weights.", alias="--arch")
+    arch: str = knob(
+        "grid_cnn",
+        f"Model architecture: {' | '.join(BUILTIN_ARCHS)}, or any timm model name (timm.list_models()); never downloads weights.",
+        alias="--arch",
+    )
     init_checkpoint: str = knob(
-        "", "Start the backbone from these weights: a state dict (.pt/.pth), a .safetensors file or a run's checkpoint; "
-        "MoCo/SimCLR/BYOL/SwAV prefixes are mapped; the classifier is re-initialised. Empty = random init.", alias="--init-checkpoint",
+        "",
+        "Start the backbone from these weights: a state dict (.pt/.pth), a .safetensors file or a run's checkpoint; "
+        "MoCo/SimCLR/BYOL/SwAV prefixes are mapped; the classifier is re-initialised. Empty = random init.",
+        alias="--init-checkpoint",
     )
     # resume-safe so a run can be extended; the cosine schedule then stretches over the new total
     num_steps: int = knob(3000, "Optimizer steps in total.", alias="--steps", ge=1, resume_safe=True)
-    num_epochs: int = knob(0, "Epochs of the train split instead of num_steps (steps = epochs x full batches per epoch); 0 = use num_steps.", alias="--epochs", ge=0, resume_safe=True)
+    num_epochs: int = knob(
+        0,
+        "Epochs of the train split instead of num_steps (steps = epochs x full batches per epoch); 0 = use num_steps.",
+        alias="--epochs",
+        ge=0,
+        resume_safe=True,
+    )
     global_batch_size: int = knob(128, "Images per step over all processes.", alias="--batch-size", ge=1)
-    eval_thetas: tuple[float, ...] = knob((0.25, 0.5), "Eval threshold(s) for F1 and coverage; repeat the flag for several.", alias="--theta", gt=0, lt=1)
-    multilabel_metrics: Switch = knob(Switch.AUTO, "F1/coverage/mAP: auto = when the eval split has multi-labels; on = require them.", alias="--multilabel-metrics")
-    eval_every: int = knob(500, "Evaluate every N steps (and at the end).", alias="--eval-every", ge=1, resume_safe=True)
+    eval_thetas: tuple[float, ...] = knob(
+        (0.25, 0.5), "Eval threshold(s) for F1 and coverage; repeat the flag for several.", alias="--theta", gt=0, lt=1
+    )
+    multilabel_metrics: Switch = knob(
+        Switch.AUTO,
+        "F1/coverage/mAP: auto = when the eval split has multi-labels; on = require them.",
+        alias="--multilabel-metrics",
+    )
+    eval_every: int = knob(
+        500, "Evaluate every N steps (and at the end).", alias="--eval-every", ge=1, resume_safe=True
+    )
     log_every: int = knob(50, "Log train loss and images/s every N steps.", alias="--log-every", ge=1, resume_safe=True)
-    checkpoint_every: int = knob(500, "Checkpoint every N steps (and at the end or on a signal).", alias="--checkpoint-every", ge=1, resume_safe=True)
+    checkpoint_every: int = knob(
+        500,
+        "Checkpoint every N steps (and at the end or on a signal).",
+        alias="--checkpoint-every",
+        ge=1,
+        resume_safe=True,
+    )
     seed: int = knob(0, "Seed of the weights, data order and augmentation.", alias="--seed", ge=0)
     out_dir: str = knob("runs/latest", "Run folder.", alias="--out", resume_safe=True)
     device: str = knob("auto", "auto (cuda when available) | cpu | cuda | cuda:N.", alias="--device", resume_safe=True)
-    cuda_graphs: bool = knob(True, "Capture the steps as CUDA graphs (CUDA only).", alias="--cuda-graphs", resume_safe=True)
+    cuda_graphs: bool = knob(
+        True, "Capture the steps as CUDA graphs (CUDA only).", alias="--cuda-graphs", resume_safe=True
+    )
     channels_last: bool = knob(True, "Channels-last memory format for images and weights.", alias="--channels-last")
     bf16: bool = knob(True, "bf16 autocast on CUDA (CPU runs are fp32).", alias="--bf16")
-    eval_precision: EvalPrecision = knob(EvalPrecision.BF16, "Evaluation precision on CUDA: bf16 (autocast, as training) or fp32 (autocast off).", alias="--eval-precision", resume_safe=True)
+    eval_precision: EvalPrecision = knob(
+        EvalPrecision.BF16,
+        "Evaluation precision on CUDA: bf16 (autocast, as training) or fp32 (autocast off).",
+        alias="--eval-precision",
+        resume_safe=True,
+    )
     sync_bn: bool = knob(
-        False, "Multi-process runs: SyncBatchNorm in the learner, so BatchNorm normalises over the global batch and a run "
-        "trains alike on any number of processes (the teacher is never converted).", alias="--sync-bn",
+        False,
+        "Multi-process runs: SyncBatchNorm in the learner, so BatchNorm normalises over the global batch and a run "
+        "trains alike on any number of processes (the teacher is never converted).",
+        alias="--sync-bn",
     )
     ddp_bf16_grads: bool = knob(
-        False, "Multi-process runs: all-reduce gradients in bf16 (DDP's bf16 compression hook): half the bytes, "
-        "gradients rounded to bf16.", alias="--ddp-bf16-grads",
+        False,
+        "Multi-process runs: all-reduce gradients in bf16 (DDP's bf16 compression hook): half the bytes, "
+        "gradients rounded to bf16.",
+        alias="--ddp-bf16-grads",
     )
 
     def __post_init__(self) -> None:
@@ -262,7 +355,12 @@ class RunConfig:
         return _plain(dataclasses.asdict(self))
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "method": MethodConfig, "optim": OptimConfig, "checkpoint": CheckpointConfig}
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "method": MethodConfig,
+    "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
+}
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -354,7 +452,9 @@ def coerce(key: Key, value: Any) -> Any:
         allow_empty = key.field.metadata.get("allow_empty", False)
         if not isinstance(value, (list, tuple)) or not (value or allow_empty):
             what = {int: "whole numbers", str: "strings"}.get(item_type, "numbers")
-            raise ConfigError(f"{key.label()}: expected a {'' if allow_empty else 'non-empty '}list of {what}, got {value!r}")
+            raise ConfigError(
+                f"{key.label()}: expected a {'' if allow_empty else 'non-empty '}list of {what}, got {value!r}"
+            )
         return tuple(coerce(Key(key.name, key.field, item_type), item) for item in value)
     raise TypeError(f"config key {key.name}: unsupported type {kind!r}")  # a schema bug, not a user error
 
@@ -366,7 +466,9 @@ _BOUND_TEST = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda
 def _check_bounds(key: Key, value: Any) -> None:
     bounds = key.field.metadata.get("bounds", {})
     for item in value if isinstance(value, tuple) else (value,):
-        failed = [f"{_BOUND_TEXT[name]} {bound:g}" for name, bound in bounds.items() if not _BOUND_TEST[name](item, bound)]
+        failed = [
+            f"{_BOUND_TEXT[name]} {bound:g}" for name, bound in bounds.items() if not _BOUND_TEST[name](item, bound)
+        ]
         if failed:
             allowed = " and ".join(f"{_BOUND_TEXT[name]} {bound:g}" for name, bound in bounds.items())
             raise ConfigError(f"{key.label()} must be {allowed}, got {item}")
@@ -411,12 +513,18 @@ def _check_step_schedule(optim: OptimConfig) -> None:
     every, milestones = optim.step_decay_every, optim.lr_milestones
     if optim.schedule is not Schedule.STEP:
         if milestones:
-            raise ConfigError(f"optim.lr_milestones (--lr-milestones) {list(milestones)} is used by optim.schedule = step only, not {optim.schedule}")
+            raise ConfigError(
+                f"optim.lr_milestones (--lr-milestones) {list(milestones)} is used by optim.schedule = step only, not {optim.schedule}"
+            )
         return
     if every == 0 and not milestones:
-        raise ConfigError("optim.schedule = step needs optim.step_decay_every (--step-decay-every) > 0 or optim.lr_milestones (--lr-milestones)")
+        raise ConfigError(
+            "optim.schedule = step needs optim.step_decay_every (--step-decay-every) > 0 or optim.lr_milestones (--lr-milestones)"
+        )
     if every and milestones:
-        raise ConfigError("optim.schedule = step: give optim.step_decay_every (--step-decay-every) or optim.lr_milestones (--lr-milestones), not both")
+        raise ConfigError(
+            "optim.schedule = step: give optim.step_decay_every (--step-decay-every) or optim.lr_milestones (--lr-milestones), not both"
+        )
     if list(milestones) != sorted(set(milestones)):
         raise ConfigError(f"optim.lr_milestones (--lr-milestones) must be strictly increasing, got {list(milestones)}")
 
@@ -516,4 +624,8 @@ def to_toml(config: RunConfig, header: str = "") -> str:
 def changed_keys(old: RunConfig, new: RunConfig) -> list[tuple[Key, Any, Any]]:
     """Keys whose values differ between two configs, with both values."""
     old_flat, new_flat = flatten(old.to_json(), "old"), flatten(new.to_json(), "new")
-    return [(key, old_flat[key.name], new_flat[key.name]) for key in config_keys() if old_flat[key.name] != new_flat[key.name]]
+    return [
+        (key, old_flat[key.name], new_flat[key.name])
+        for key in config_keys()
+        if old_flat[key.name] != new_flat[key.name]
+    ]

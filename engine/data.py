@@ -84,7 +84,9 @@ def loader_config(config: RunConfig, train: bool, rank: int, world_size: int, de
     )
 
 
-def build_loaders(config: RunConfig, root: Path, rank: int, world_size: int, device: torch.device) -> tuple[Loader, Loader]:
+def build_loaders(
+    config: RunConfig, root: Path, rank: int, world_size: int, device: torch.device
+) -> tuple[Loader, Loader]:
     if config.global_batch_size % world_size:
         raise ValueError(f"--batch-size {config.global_batch_size} is not divisible by {world_size} processes")
     train_config = loader_config(config, True, rank, world_size, device)
@@ -134,13 +136,17 @@ def extra_eval_sets(config: RunConfig, train: SplitManifest, train_root: Path) -
     for spec in config.data.extra_eval:
         root, split = parse_eval_data(spec)
         if not root.is_dir():
-            raise ConfigError(f"data.extra_eval (--eval-data) {spec!r}: {root} {'is not a folder' if root.exists() else 'does not exist'}")
+            raise ConfigError(
+                f"data.extra_eval (--eval-data) {spec!r}: {root} {'is not a folder' if root.exists() else 'does not exist'}"
+            )
         try:
             manifest = load_split(root, split)
         except ShardError as error:
             raise ConfigError(f"data.extra_eval (--eval-data) {spec!r}: {error}") from None
         if manifest.label_kind is LabelKind.UNLABELLED:
-            raise ConfigError(f"data.extra_eval (--eval-data) {spec!r}: split {split!r} is unlabelled: no ground truth to score against")
+            raise ConfigError(
+                f"data.extra_eval (--eval-data) {spec!r}: split {split!r} is unlabelled: no ground truth to score against"
+            )
         check_same_classes(spec, manifest, root, train, train_root)
         name = _unique_name(f"{root.resolve().name}/{split}", {s.name for s in sets})
         scored = manifest.label_kind.has_targets and config.multilabel_metrics is not Switch.OFF

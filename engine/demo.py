@@ -36,11 +36,21 @@ def default_method_settings() -> dict[str, dict[str, Any]]:
     return tomllib.loads(path.read_text())
 
 
-def method_config(base: dict[str, Any], method: str, out_root: Path, overrides: dict[str, Any], seed_index: int = 0,
-                  method_settings: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+def method_config(
+    base: dict[str, Any],
+    method: str,
+    out_root: Path,
+    overrides: dict[str, Any],
+    seed_index: int = 0,
+    method_settings: dict[str, dict[str, Any]] | None = None,
+) -> RunConfig:
     """The run config of one method and seed: base < the method's settings < overrides. Seed index 0
     keeps the config's seed and ``OUT/METHOD``."""
-    settings = {**(method_settings or {}).get(method, {}), **{k: v for k, v in overrides.items() if v is not None}, "method.name": method}
+    settings = {
+        **(method_settings or {}).get(method, {}),
+        **{k: v for k, v in overrides.items() if v is not None},
+        "method.name": method,
+    }
     config = build_config(base, settings)
     folder = out_root / (method if seed_index == 0 else f"{method}-seed{config.seed + seed_index}")
     return build_config(base, {**settings, "seed": config.seed + seed_index, "out_dir": str(folder)})
@@ -57,7 +67,10 @@ def run_method(config: RunConfig) -> dict[str, Any]:
     if (folder / "summary.json").is_file():
         print(f"reusing the finished run in {folder}")
         wall = folder / WALL_FILE
-        return {**json.loads((folder / "summary.json").read_text()), "wall_s": json.loads(wall.read_text()) if wall.is_file() else None}
+        return {
+            **json.loads((folder / "summary.json").read_text()),
+            "wall_s": json.loads(wall.read_text()) if wall.is_file() else None,
+        }
     started = time.perf_counter()
     summary = Trainer(config, init_distributed(config.device), resume=resume).run()
     summary["wall_s"] = time.perf_counter() - started
@@ -78,10 +91,16 @@ def _check_existing(folder: Path, config: RunConfig) -> bool:
 
 
 def main(
-    config: Path = typer.Option(None, "--config", help="Experiment config for every method (default: engine/configs/digits_grid.toml with each method's tuned settings from engine/configs/demo/methods.toml)."),
+    config: Path = typer.Option(
+        None,
+        "--config",
+        help="Experiment config for every method (default: engine/configs/digits_grid.toml with each method's tuned settings from engine/configs/demo/methods.toml).",
+    ),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the runs, the table and the plots."),
     steps: int = typer.Option(None, "--steps", min=1, help="Override the step budget (all methods)."),
-    seeds: int = typer.Option(1, "--seeds", min=1, help="Train every method with N seeds (config seed, +1, ...); the table shows mean ± std."),
+    seeds: int = typer.Option(
+        1, "--seeds", min=1, help="Train every method with N seeds (config seed, +1, ...); the table shows mean ± std."
+    ),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda."),
 ) -> None:
     """Train softmax, sigmoid and MILe on the digit grid with one budget and print the comparison table."""
@@ -91,7 +110,9 @@ def main(
     base = load_toml(config or default_config_path())
     overrides = {"num_steps": steps, "device": device}
     settings = default_method_settings() if config is None else {}  # a user's --config is taken as it is
-    configs = {m: [method_config(base, m, out, overrides, i, settings) for i in range(seeds)] for m in METHODS}  # all checked before any training
+    configs = {
+        m: [method_config(base, m, out, overrides, i, settings) for i in range(seeds)] for m in METHODS
+    }  # all checked before any training
     out.mkdir(parents=True, exist_ok=True)
     for method, runs in configs.items():
         print(f"== {method} ==")
@@ -100,7 +121,9 @@ def main(
     # the table and plots come from the run folders alone: `tools/report.py OUT` writes the same
     report = write_report(out, find_runs([Path(c.out_dir) for runs in configs.values() for c in runs]))
     summaries = {g.label: [{**r.summary, "wall_s": r.wall_s} for r in g.runs] for g in report.groups}
-    (out / "summaries.json").write_text(json.dumps({"runs": summaries, "curves": report.curves, "trivial": report.trivial}, indent=1) + "\n")
+    (out / "summaries.json").write_text(
+        json.dumps({"runs": summaries, "curves": report.curves, "trivial": report.trivial}, indent=1) + "\n"
+    )
     print((out / "table.md").read_text())  # plain Markdown: wide tables stay readable in any terminal
     print(f"wrote {', '.join(str(path) for path in report.files)}")
 

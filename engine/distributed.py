@@ -134,7 +134,11 @@ def attempt_store(world_size: int) -> torch.distributed.Store | None:
         return None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     agent_store = torch.distributed.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timedelta(minutes=30)
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timedelta(minutes=30),
     )
     return torch.distributed.PrefixStore(f"mile/attempt-{attempt}", agent_store)
 
@@ -216,4 +220,13 @@ def torchrun_command(num_gpus: int, argv: list[str]) -> list[str]:
     available = torch.cuda.device_count()
     if available < num_gpus:
         raise ValueError(f"--gpus {num_gpus}: only {available} CUDA device(s) visible")
-    return [sys.executable, "-m", "engine.launch", "--standalone", f"--nproc_per_node={num_gpus}", "-m", "engine.cli", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "engine.launch",
+        "--standalone",
+        f"--nproc_per_node={num_gpus}",
+        "-m",
+        "engine.cli",
+        *argv,
+    ]

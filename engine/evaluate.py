@@ -25,8 +25,14 @@ from shards.manifest import atomic_write_text, load_split
 
 @torch.no_grad()
 def evaluate_exported(
-    model_dir: Path, data: Path, split: str, device: torch.device, thetas: tuple[float, ...] = (), batch_size: int = 128,
-    backend: str = "auto", num_workers: int = -1,
+    model_dir: Path,
+    data: Path,
+    split: str,
+    device: torch.device,
+    thetas: tuple[float, ...] = (),
+    batch_size: int = 128,
+    backend: str = "auto",
+    num_workers: int = -1,
 ) -> dict[str, Any]:
     """Metrics of the exported model on ``split`` of the shard folder ``data`` (thetas: model.json's by default)."""
     manifest = load_split(data, split)
@@ -34,12 +40,18 @@ def evaluate_exported(
         raise ExportError(f"split {split!r} of {data} is unlabelled: it holds no ground truth to score a model against")
     meta, model = load_exported(model_dir, device)
     if manifest.num_classes != meta.num_classes:
-        raise ExportError(f"split {split!r} of {data} has {manifest.num_classes} classes; the model in {model_dir} has {meta.num_classes}")
+        raise ExportError(
+            f"split {split!r} of {data} has {manifest.num_classes} classes; the model in {model_dir} has {meta.num_classes}"
+        )
     attributes = manifest.label_kind is LabelKind.ATTRIBUTES
     has_targets = manifest.label_kind.has_targets
     accumulator = EvalAccumulator(
-        num_classes=meta.num_classes, thetas=thetas or tuple(meta.thetas), method_kind=meta.method_kind,
-        has_targets=has_targets, attributes=attributes, device=device,
+        num_classes=meta.num_classes,
+        thetas=thetas or tuple(meta.thetas),
+        method_kind=meta.method_kind,
+        has_targets=has_targets,
+        attributes=attributes,
+        device=device,
     )
     dtype = autocast_dtype(meta, device)
     loader = build_loader(data, split, _loader_config(meta, batch_size, backend, num_workers, device, dtype))
@@ -49,10 +61,24 @@ def evaluate_exported(
         loader.close()
 
 
-def _loader_config(meta: ExportedModel, batch_size: int, backend: str, num_workers: int, device: torch.device, dtype: torch.dtype | None) -> LoaderConfig:
+def _loader_config(
+    meta: ExportedModel,
+    batch_size: int,
+    backend: str,
+    num_workers: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> LoaderConfig:
     return LoaderConfig(
-        batch_size=batch_size, image_size_px=meta.image_size_px, train=False, eval_crop_fraction=meta.eval_crop_fraction,
-        mean=tuple(meta.mean), std=tuple(meta.std), backend=backend, num_workers=num_workers, device=str(device),
+        batch_size=batch_size,
+        image_size_px=meta.image_size_px,
+        train=False,
+        eval_crop_fraction=meta.eval_crop_fraction,
+        mean=tuple(meta.mean),
+        std=tuple(meta.std),
+        backend=backend,
+        num_workers=num_workers,
+        device=str(device),
         dtype=dtype or torch.float32,
     )
 
@@ -65,15 +91,21 @@ def evaluate(
     model: Path = typer.Option(..., "--model", help="An exported model folder (mile-export)."),
     data: Path = typer.Option(..., "--data", help="A shard folder with manifest.json (make-shards)."),
     split: str = typer.Option("val", "--split", help="Split to score."),
-    theta: Optional[list[float]] = typer.Option(None, "--theta", min=0.0, max=1.0, help="F1/coverage threshold(s); default: the run's. Repeat for several."),
+    theta: Optional[list[float]] = typer.Option(
+        None, "--theta", min=0.0, max=1.0, help="F1/coverage threshold(s); default: the run's. Repeat for several."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics JSON here."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available) | cpu | cuda | cuda:N."),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
     loader: str = typer.Option("auto", "--loader", help="auto | dali | torch, as engine-run's --loader."),
-    workers: int = typer.Option(-1, "--workers", min=-1, help="Loader worker processes (torch) or threads (DALI); -1 = auto."),
+    workers: int = typer.Option(
+        -1, "--workers", min=-1, help="Loader worker processes (torch) or threads (DALI); -1 = auto."
+    ),
 ) -> None:
     """Score an exported model on a converted split with the run's metrics; prints them as JSON."""
-    metrics = evaluate_exported(model, data, split, resolve_device(device), tuple(theta or ()), batch_size, loader, workers)
+    metrics = evaluate_exported(
+        model, data, split, resolve_device(device), tuple(theta or ()), batch_size, loader, workers
+    )
     text = json.dumps({"split": split, **metrics}, indent=1) + "\n"
     typer.echo(text, nl=False)
     if out is not None:

@@ -75,9 +75,11 @@ class ExportedModel:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: Path) -> "ExportedModel":
+    def from_json(cls, data: dict[str, Any], source: Path) -> ExportedModel:
         if data.get("format") != EXPORT_FORMAT:
-            raise ExportError(f"{source}: export format {data.get('format')!r}; this release reads format {EXPORT_FORMAT}")
+            raise ExportError(
+                f"{source}: export format {data.get('format')!r}; this release reads format {EXPORT_FORMAT}"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(names - set(data) - {"format"})
         if missing:
@@ -159,7 +161,9 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
 def read_meta(model_dir: Path) -> ExportedModel:
     path = Path(model_dir) / META_NAME
     if not path.is_file():
-        raise ExportError(f"{model_dir} is not an exported model folder (no {META_NAME}); make one with mile-export RUN --out DIR")
+        raise ExportError(
+            f"{model_dir} is not an exported model folder (no {META_NAME}); make one with mile-export RUN --out DIR"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -171,7 +175,9 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     model_dir = Path(model_dir)
     if (model_dir / SAFETENSORS_NAME).is_file():
         if not safetensors_available():
-            raise ExportError(f"{model_dir / SAFETENSORS_NAME}: reading it needs the safetensors package (pip install safetensors)")
+            raise ExportError(
+                f"{model_dir / SAFETENSORS_NAME}: reading it needs the safetensors package (pip install safetensors)"
+            )
         from safetensors.torch import load_file
 
         return load_file(str(model_dir / SAFETENSORS_NAME), device="cpu")
@@ -187,7 +193,9 @@ def load_exported(model_dir: Path, device: torch.device) -> tuple[ExportedModel,
     try:
         model.load_state_dict(read_weights(model_dir))
     except RuntimeError as error:  # keys or shapes that do not fit model.json's arch
-        raise ExportError(f"{model_dir}: the weights do not fit arch {meta.arch!r} with {meta.num_classes} classes ({error})") from None
+        raise ExportError(
+            f"{model_dir}: the weights do not fit arch {meta.arch!r} with {meta.num_classes} classes ({error})"
+        ) from None
     return meta, model.to(device).eval()
 
 

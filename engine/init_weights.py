@@ -69,7 +69,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling and zip errors come in many types; all mean the same here
-        raise _error(path, f"cannot be read with torch.load(weights_only=True) ({type(error).__name__}: {error})") from None
+        raise _error(
+            path, f"cannot be read with torch.load(weights_only=True) ({type(error).__name__}: {error})"
+        ) from None
     if isinstance(payload, dict) and "format" in payload and "components" in payload:  # this trainer's checkpoint
         payload = read_checkpoint(path)["components"].get("learner")
     while isinstance(payload, dict) and any(isinstance(payload.get(key), dict) for key in WRAPPER_KEYS):
@@ -85,7 +87,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
     except ImportError:
-        raise _error(path, "reading .safetensors files needs the safetensors package (pip install safetensors)") from None
+        raise _error(
+            path, "reading .safetensors files needs the safetensors package (pip install safetensors)"
+        ) from None
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as error:
@@ -141,6 +145,7 @@ def load_backbone(model: nn.Module, path: Path) -> LoadReport:
     model.load_state_dict(report.loaded, strict=False)
     log.info("init_checkpoint %s: %s; the classifier is freshly initialised", path, report.summary())
     if report.missing:
-        log.warning("init_checkpoint %s: backbone tensors left at their initialisation: %s", path, _first(report.missing))
+        log.warning(
+            "init_checkpoint %s: backbone tensors left at their initialisation: %s", path, _first(report.missing)
+        )
     return report
-

@@ -124,8 +124,9 @@ class EvalAccumulator:
     def merge(self, other: EvalAccumulator) -> EvalAccumulator:
         """Fold ``other`` (same configuration and device) into this accumulator; returns self."""
         if self._config() != other._config():
-            raise ValueError(f"cannot merge accumulators with different settings: "
-                             f"{self._config()} vs {other._config()}")
+            raise ValueError(
+                f"cannot merge accumulators with different settings: {self._config()} vs {other._config()}"
+            )
         self._is_empty = self._is_empty and other._is_empty
         for name, value in other._sums.items():
             self._sums[name] += value
@@ -282,9 +283,18 @@ class EvalAccumulator:
         return results
 
     def _config(self) -> tuple:
-        return (self.num_classes, self.thetas, self.method_kind, self.has_targets, self.attributes,
-                self.keeps_map_scores, self.keeps_ranking_scores, self.matched_coverage, self.score_dtype,
-                self.device)
+        return (
+            self.num_classes,
+            self.thetas,
+            self.method_kind,
+            self.has_targets,
+            self.attributes,
+            self.keeps_map_scores,
+            self.keeps_ranking_scores,
+            self.matched_coverage,
+            self.score_dtype,
+            self.device,
+        )
 
     def _buffer_metrics(self, process_group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
         """0-dim tensors of the metrics computed from the kept per-image rows (all ranks' rows)."""
@@ -422,8 +432,11 @@ def ranking_metrics(
     if num_rows == 0:
         return {name: torch.tensor(math.nan, dtype=torch.float64, device=z.device) for name in names}
     # k times |E|: exact integers in float64 for the default k, so distance ties compare exactly.
-    target_total = (truth.sum().double() if matched_coverage is None
-                    else torch.tensor(matched_coverage * num_rows, dtype=torch.float64, device=z.device))
+    target_total = (
+        truth.sum().double()
+        if matched_coverage is None
+        else torch.tensor(matched_coverage * num_rows, dtype=torch.float64, device=z.device)
+    )
     if method_kind == "sigmoid":
         set_size = _matched_threshold(z, target_total)
     else:
@@ -445,12 +458,14 @@ def _ranking_sums(z: torch.Tensor, truth: torch.Tensor, method_kind: str, set_si
     else:
         matched = ranks < set_size
     top_t = ranks < truth.sum(dim=1, keepdim=True)
-    return torch.stack([
-        _f1_per_image(matched, truth).sum(),
-        matched.sum().double(),
-        _f1_per_image(top_t, truth).sum(),
-        _lrap_per_image(z, truth).sum(),
-    ])
+    return torch.stack(
+        [
+            _f1_per_image(matched, truth).sum(),
+            matched.sum().double(),
+            _f1_per_image(top_t, truth).sum(),
+            _lrap_per_image(z, truth).sum(),
+        ]
+    )
 
 
 def _matched_threshold(z: torch.Tensor, target_total: torch.Tensor) -> torch.Tensor:
@@ -531,8 +546,7 @@ def trivial_predictor_scores(
     if truth.shape[0] == 0:
         raise ValueError("trivial_predictor_scores: no image has a non-empty target set")
     if ((labels < 0) | (labels >= num_classes)).any():
-        raise ValueError(f"trivial_predictor_scores: every image with targets needs a label in "
-                         f"0..{num_classes - 1}")
+        raise ValueError(f"trivial_predictor_scores: every image with targets needs a label in 0..{num_classes - 1}")
     generator = torch.Generator().manual_seed(seed)
     noise = torch.rand(truth.shape, generator=generator, dtype=torch.float64).to(truth.device)
     # noise < 1, so the given label ranks first and the other classes in a uniformly random order.
@@ -547,8 +561,7 @@ def trivial_predictor_scores(
 
 def _set_scores(predicted: torch.Tensor, truth: torch.Tensor, top_t: torch.Tensor | None = None) -> dict[str, float]:
     """F1 and coverage of the sets ``predicted``, and the F1 of the top-|T| sets ``top_t`` when given."""
-    out = {"f1": _f1_per_image(predicted, truth).mean().item(),
-           "coverage": predicted.sum(dim=1).double().mean().item()}
+    out = {"f1": _f1_per_image(predicted, truth).mean().item(), "coverage": predicted.sum(dim=1).double().mean().item()}
     if top_t is not None:
         out["f1@top|T|"] = _f1_per_image(top_t, truth).mean().item()
     return out
@@ -606,7 +619,11 @@ def _all_gather_rows(tensor: torch.Tensor, process_group: dist.ProcessGroup | No
 
 
 def _validate_config(
-    num_classes: int, thetas: tuple[float, ...], method_kind: str, has_targets: bool, attributes: bool,
+    num_classes: int,
+    thetas: tuple[float, ...],
+    method_kind: str,
+    has_targets: bool,
+    attributes: bool,
     score_dtype: torch.dtype,
 ) -> None:
     if num_classes < 1:
@@ -629,7 +646,9 @@ def _validate_matched_coverage(matched_coverage: float | None, num_classes: int)
         raise ValueError(f"matched_coverage must be None (mean |T|) or in [1, {num_classes}], got {matched_coverage}")
 
 
-def coverage_curve(logits: torch.Tensor, targets: torch.Tensor, method_kind: str, thetas: tuple[float, ...]) -> list[dict[str, float]]:
+def coverage_curve(
+    logits: torch.Tensor, targets: torch.Tensor, method_kind: str, thetas: tuple[float, ...]
+) -> list[dict[str, float]]:
     """F1 against label coverage as the prediction set grows, over E (images with |T_i| > 0).
 
     Sigmoid-trained models: one point per theta, P_i = {argmax} ∪ {c : sigmoid(z_ic) > theta} (the
@@ -645,6 +664,10 @@ def coverage_curve(logits: torch.Tensor, targets: torch.Tensor, method_kind: str
         argmax_set = ranks < 1
         sets = [(f"theta={theta:g}", argmax_set | (torch.sigmoid(z) > theta)) for theta in thetas]
     return [
-        {"point": name, "coverage": predicted.sum(dim=1).double().mean().item(), "f1": _f1_per_image(predicted, truth).mean().item()}
+        {
+            "point": name,
+            "coverage": predicted.sum(dim=1).double().mean().item(),
+            "f1": _f1_per_image(predicted, truth).mean().item(),
+        }
         for name, predicted in sets
     ]

@@ -57,7 +57,9 @@ def build_model(arch: str, num_classes: int, multi_label_head: bool) -> nn.Modul
         import timm
 
         if arch not in timm.list_models():
-            raise ValueError(f"--arch {arch!r} is not one of {BUILTIN_ARCHS} nor a timm model name (timm.list_models())")
+            raise ValueError(
+                f"--arch {arch!r} is not one of {BUILTIN_ARCHS} nor a timm model name (timm.list_models())"
+            )
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     if multi_label_head:
         init_sigmoid_head(model, num_classes)
@@ -78,7 +80,9 @@ def classifier_of(model: nn.Module) -> nn.Module:
     (a Linear, or a 1×1 convolution in a few timm models)."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else model.fc
     if not isinstance(head, (nn.Linear, nn.Conv2d)):
-        raise TypeError(f"classifier of {type(model).__name__} is {type(head).__name__}, expected nn.Linear or nn.Conv2d")
+        raise TypeError(
+            f"classifier of {type(model).__name__} is {type(head).__name__}, expected nn.Linear or nn.Conv2d"
+        )
     return head
 
 

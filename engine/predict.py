@@ -13,9 +13,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import typer
@@ -39,7 +40,11 @@ class Prediction:
     labels: list[str]  # the prediction set, by class name, in class order
 
     def to_json(self) -> dict:
-        return {"image": self.image, "labels": self.labels, "topk": [{"class": name, "probability": p} for name, p in self.topk]}
+        return {
+            "image": self.image,
+            "labels": self.labels,
+            "topk": [{"class": name, "probability": p} for name, p in self.topk],
+        }
 
 
 def image_files(inputs: list[Path]) -> list[Path]:
@@ -79,7 +84,15 @@ def batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
 
 
 @torch.no_grad()
-def predict_images(model: nn.Module, meta: ExportedModel, paths: list[Path], theta: float, topk: int, device: torch.device, batch_size: int = 64) -> list[Prediction]:
+def predict_images(
+    model: nn.Module,
+    meta: ExportedModel,
+    paths: list[Path],
+    theta: float,
+    topk: int,
+    device: torch.device,
+    batch_size: int = 64,
+) -> list[Prediction]:
     spec = eval_transform(meta)
     scale, bias = normalisation(tuple(meta.mean), tuple(meta.std), device)
     dtype = autocast_dtype(meta, device)
@@ -130,7 +143,13 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 def predict(
     images: list[Path] = typer.Argument(..., help="JPEG/PNG files or folders of them (searched recursively)."),
     model: Path = typer.Option(..., "--model", help="An exported model folder (mile-export)."),
-    theta: Optional[float] = typer.Option(None, "--theta", min=0.0, max=1.0, help="Label-set threshold on sigmoid(z); default: the run's first eval theta."),
+    theta: Optional[float] = typer.Option(
+        None,
+        "--theta",
+        min=0.0,
+        max=1.0,
+        help="Label-set threshold on sigmoid(z); default: the run's first eval theta.",
+    ),
     topk: int = typer.Option(5, "--topk", min=1, help="Most probable classes listed per image."),
     out: Optional[Path] = typer.Option(None, "--out", help="preds.jsonl or preds.csv; default: JSON lines on stdout."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available) | cpu | cuda | cuda:N."),

@@ -29,20 +29,40 @@ METHOD_ORDER = ("softmax", "sigmoid", "mile")
 WALL_FILE = "demo_wall_s.json"  # seconds the run took, written by engine.demo.run_method (demo and sweeps)
 # (column title, summary key, scale): F1-like values in %, set sizes as they are
 TABLE_COLUMNS = (
-    ("F1@0.25", "f1@0.25", 100), ("F1@0.5", "f1@0.5", 100), ("coverage@0.25", "coverage@0.25", 1),
-    ("F1@matched", "f1@matched", 100), ("θ or m @matched", "threshold@matched", 1), ("top-T F1", "f1@top|T|", 100),
-    ("LRAP", "lrap", 100), ("secondary mAP", "secondary_map", 100), ("top-1", "top1", 100),
+    ("F1@0.25", "f1@0.25", 100),
+    ("F1@0.5", "f1@0.5", 100),
+    ("coverage@0.25", "coverage@0.25", 1),
+    ("F1@matched", "f1@matched", 100),
+    ("θ or m @matched", "threshold@matched", 1),
+    ("top-T F1", "f1@top|T|", 100),
+    ("LRAP", "lrap", 100),
+    ("secondary mAP", "secondary_map", 100),
+    ("top-1", "top1", 100),
 )
 PAPER_F1_025 = {"softmax": 28.69, "sigmoid": 29.10, "mile": 41.35}  # poster, multi-label MNIST table
 CURVE_THETAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 TRIVIAL_K_RANDOM = (1, 2)
 # Keys that do not make another experiment: where and how a run was executed and logged.
-NOT_GROUPED = frozenset({
-    "seed", "out_dir", "device", "cuda_graphs", "log_every", "eval_every", "checkpoint_every", "data.num_workers",
-    "data.verify_data", "data.extra_eval", "checkpoint.keep_last", "checkpoint.best_metric",
-})
+NOT_GROUPED = frozenset(
+    {
+        "seed",
+        "out_dir",
+        "device",
+        "cuda_graphs",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "data.num_workers",
+        "data.verify_data",
+        "data.extra_eval",
+        "checkpoint.keep_last",
+        "checkpoint.best_metric",
+    }
+)
 # Set sizes, thresholds and counts are shown as they are; every other metric in %.
-_UNSCALED = re.compile(r"(^|/)(num_.*|coverage@.*|theta@matched|m@matched|threshold@matched|matched_target|eval_seconds)$")
+_UNSCALED = re.compile(
+    r"(^|/)(num_.*|coverage@.*|theta@matched|m@matched|threshold@matched|matched_target|eval_seconds)$"
+)
 
 
 def print_metrics_table(summary: dict[str, Any], title: str) -> None:
@@ -98,7 +118,9 @@ def find_runs(paths: list[Path]) -> list[RunRecord]:
             continue
         found = sorted(config.parent for config in path.rglob(CONFIG_NAME))
         if not found:
-            raise RunFolderError(f"{path} is not a run folder (no {CONFIG_NAME}) and holds none: give the --out of engine-run, the demo or a sweep")
+            raise RunFolderError(
+                f"{path} is not a run folder (no {CONFIG_NAME}) and holds none: give the --out of engine-run, the demo or a sweep"
+            )
         folders.extend(found)
     return [read_run(folder) for folder in dict.fromkeys(folders)]
 
@@ -139,8 +161,12 @@ def group_runs(runs: list[RunRecord], group_by: list[str] | None = None) -> list
     by_values: dict[str, list[RunRecord]] = {}
     for run in runs:
         by_values.setdefault(json.dumps([run.values[k] for k in keys]), []).append(run)
-    groups = [Group(_label(members, runs, keys), _method(members), sorted(members, key=lambda r: (r.config.seed, str(r.folder))))
-              for members in by_values.values()]
+    groups = [
+        Group(
+            _label(members, runs, keys), _method(members), sorted(members, key=lambda r: (r.config.seed, str(r.folder)))
+        )
+        for members in by_values.values()
+    ]
     order = {method: index for index, method in enumerate(METHOD_ORDER)}
     return sorted(groups, key=lambda g: (order.get(g.method, len(order)), g.label))
 
@@ -156,7 +182,9 @@ def _label(members: list[RunRecord], runs: list[RunRecord], keys: list[str]) -> 
     method = _method(members)
     peers = [r for r in runs if r.config.method.name.value == method] if method != "mixed" else runs
     telling = [k for k in keys if k != "method.name" and len({json.dumps(r.values[k]) for r in peers}) > 1]
-    words = ([method] if method != "mixed" else []) + [f"{k.rpartition('.')[2]}={members[0].values[k]}" for k in telling]
+    words = ([method] if method != "mixed" else []) + [
+        f"{k.rpartition('.')[2]}={members[0].values[k]}" for k in telling
+    ]
     return " ".join(words) or "all runs"
 
 
@@ -255,8 +283,11 @@ def table_header(groups: list[Group], digit_grid: bool) -> str:
     data = "Multi-label digit grid" if digit_grid else (Path(config.data.root).name or config.data.root)
     title = f"# {data}: {' vs '.join(group.label for group in groups if any(r.summary for r in group.runs))}\n\n"
     budgets = {(r.config.num_steps, r.config.global_batch_size, r.config.arch) for r in runs}
-    budget = (f"Same budget for all: {config.num_steps} steps x {config.global_batch_size} images, arch {config.arch}"
-              if len(budgets) == 1 else "Budgets differ (each run's config.toml has its own)")
+    budget = (
+        f"Same budget for all: {config.num_steps} steps x {config.global_batch_size} images, arch {config.arch}"
+        if len(budgets) == 1
+        else "Budgets differ (each run's config.toml has its own)"
+    )
     seeds = sorted({r.config.seed for r in runs})
     evaluated = sorted({r.config.data.eval_split for r in runs})
     return title + (
@@ -308,7 +339,11 @@ def plot_metric_curves(out: Path, groups: list[Group], metric: str, title: str) 
     figure, axis = plt.subplots(figsize=(6, 4))
     for group in groups:
         path = group.first.folder / "metrics.jsonl"
-        evals = [r for r in read_metrics(path) if r.get("kind") == "eval" and r.get(metric) is not None] if path.is_file() else []
+        evals = (
+            [r for r in read_metrics(path) if r.get("kind") == "eval" and r.get(metric) is not None]
+            if path.is_file()
+            else []
+        )
         axis.plot([r["step"] for r in evals], [scale * r[metric] for r in evals], marker="o", label=group.label)
     axis.set_xlabel("training step")
     axis.set_ylabel(f"{metric}{' (%)' if scale == 100 else ''}")
@@ -321,14 +356,22 @@ def plot_metric_curves(out: Path, groups: list[Group], metric: str, title: str) 
     return out / curve_file(metric)
 
 
-def plot_f1_vs_coverage(out: Path, curves: dict[str, list[dict[str, float]]], trivial: dict[str, dict[str, float]]) -> Path:
+def plot_f1_vs_coverage(
+    out: Path, curves: dict[str, list[dict[str, float]]], trivial: dict[str, dict[str, float]]
+) -> Path:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 4.5))
     for label, points in curves.items():
         axis.plot([p["coverage"] for p in points], [100 * p["f1"] for p in points], marker=".", label=label)
     for name, scores in trivial.items():
         axis.scatter([scores["coverage"]], [100 * scores["f1"]], marker="x", color="black")
-        axis.annotate(name.replace("_", " "), (scores["coverage"], 100 * scores["f1"]), fontsize=7, xytext=(4, -10), textcoords="offset points")
+        axis.annotate(
+            name.replace("_", " "),
+            (scores["coverage"], 100 * scores["f1"]),
+            fontsize=7,
+            xytext=(4, -10),
+            textcoords="offset points",
+        )
     axis.set_xscale("log")
     axis.set_xlabel("label coverage (mean predicted labels per image, log scale)")
     axis.set_ylabel("val F1 (%)")
@@ -350,7 +393,9 @@ def score_final_models(groups: list[Group]) -> tuple[dict[str, list[dict[str, fl
     curves: dict[str, list[dict[str, float]]] = {}
     trivial: dict[str, dict[str, float]] = {}
     for group in groups:
-        run = next((r for r in group.runs if r.summary is not None and (r.folder / "checkpoints" / "last.pt").is_file()), None)
+        run = next(
+            (r for r in group.runs if r.summary is not None and (r.folder / "checkpoints" / "last.pt").is_file()), None
+        )
         if run is None:
             continue
         outputs = eval_outputs(run.folder)
@@ -359,7 +404,9 @@ def score_final_models(groups: list[Group]) -> tuple[dict[str, list[dict[str, fl
         kind = "softmax" if run.config.method.name.value == "softmax" else "sigmoid"
         curves[group.label] = coverage_curve(outputs.logits, outputs.targets, kind, CURVE_THETAS)
         if not trivial:
-            trivial = trivial_predictor_scores(outputs.labels, outputs.targets, outputs.logits.shape[1], TRIVIAL_K_RANDOM)
+            trivial = trivial_predictor_scores(
+                outputs.labels, outputs.targets, outputs.logits.shape[1], TRIVIAL_K_RANDOM
+            )
     return curves, trivial
 
 
@@ -375,8 +422,14 @@ class Report:
     files: list[Path]
 
 
-def write_report(out: Path, runs: list[RunRecord], metrics: list[str] | None = None, group_by: list[str] | None = None,
-                 curve_metric: str | None = None, score_models: bool = True) -> Report:
+def write_report(
+    out: Path,
+    runs: list[RunRecord],
+    metrics: list[str] | None = None,
+    group_by: list[str] | None = None,
+    curve_metric: str | None = None,
+    score_models: bool = True,
+) -> Report:
     """``table.md``, ``table.csv`` and the plots of ``runs`` in ``out``; what they show."""
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs, group_by)

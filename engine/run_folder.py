@@ -80,7 +80,10 @@ class RunFolder:
 
     def _clear_unfinished_logs(self) -> None:
         if self.metrics_path.exists():
-            log.warning("%s: no checkpoint holds these records (an earlier start died before one); starting them afresh", self.metrics_path)
+            log.warning(
+                "%s: no checkpoint holds these records (an earlier start died before one); starting them afresh",
+                self.metrics_path,
+            )
             self.metrics_path.unlink()
         shutil.rmtree(self.root / "tb", ignore_errors=True)
 
@@ -139,9 +142,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             if number == len(lines):
-                log.warning("%s: dropping a torn last line (%d bytes), written when a run died mid-write", path, len(line))
+                log.warning(
+                    "%s: dropping a torn last line (%d bytes), written when a run died mid-write", path, len(line)
+                )
                 continue
-            raise RunFolderError(f"{path} line {number} is not JSON: the metrics stream is damaged; move it away to resume") from None
+            raise RunFolderError(
+                f"{path} line {number} is not JSON: the metrics stream is damaged; move it away to resume"
+            ) from None
     return records
 
 

@@ -24,7 +24,9 @@ from shards.manifest import load_split
 
 
 @torch.no_grad()
-def score_split(model: nn.Module, loader: Loader, accumulator: EvalAccumulator, dtype: torch.dtype | None, device: torch.device) -> dict[str, float]:
+def score_split(
+    model: nn.Module, loader: Loader, accumulator: EvalAccumulator, dtype: torch.dtype | None, device: torch.device
+) -> dict[str, float]:
     """``accumulator``'s metrics of ``model`` over one pass of ``loader`` (targets scored when the
     accumulator has them); the model must already be in eval mode."""
     for batch in loader.epoch(0):

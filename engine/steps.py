@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -44,7 +44,9 @@ class StepSettings:
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], StepResult]
 
 
-def supervised_loss(settings: StepSettings) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+def supervised_loss(
+    settings: StepSettings,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     if settings.attributes:
         return lambda logits, labels, targets: bce_multi_hot(logits, targets)
     if settings.method == "softmax":
@@ -93,18 +95,26 @@ class StaticInputs:
         self.targets = targets.clone() if targets is not None else None
 
     def fill(self, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> None:
-        for name, static, new in (("images", self.images, images), ("labels", self.labels, labels), ("targets", self.targets, targets)):
+        for name, static, new in (
+            ("images", self.images, images),
+            ("labels", self.labels, labels),
+            ("targets", self.targets, targets),
+        ):
             if static is None and new is None:
                 continue
             if static is None or new is None:
-                raise ValueError(f"captured step: {name} was {'absent' if static is None else 'present'} at capture, now it is not")
+                raise ValueError(
+                    f"captured step: {name} was {'absent' if static is None else 'present'} at capture, now it is not"
+                )
             if (static.shape, static.dtype, static.device) != (new.shape, new.dtype, new.device):
                 raise ValueError(
                     f"captured step: {name} changed from {tuple(static.shape)} {static.dtype} {static.device} "
                     f"to {tuple(new.shape)} {new.dtype} {new.device}; training batches must keep one shape"
                 )
             if static.stride() != new.stride():
-                raise ValueError(f"captured step: {name} changed strides from {static.stride()} to {new.stride()} (memory format)")
+                raise ValueError(
+                    f"captured step: {name} changed strides from {static.stride()} to {new.stride()} (memory format)"
+                )
             static.copy_(new, non_blocking=True)
 
 
@@ -144,7 +154,9 @@ class RunAheadLimit:
     (DALI outputs shared through DLPack) may recycle them as soon as the last reference goes; a
     copy into a persistent buffer would not help, since that copy is queued too."""
 
-    def __init__(self, device: torch.device, depth: int = RUN_AHEAD_STEPS, new_event: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self, device: torch.device, depth: int = RUN_AHEAD_STEPS, new_event: Callable[[], object] | None = None
+    ) -> None:
         if depth < 1:
             raise ValueError(f"run-ahead depth must be >= 1, got {depth}")
         self.enabled = device.type == "cuda"
@@ -178,11 +190,16 @@ class Stepper:
         self.steps: dict[str, StepFn] = dict(steps)
         self.graphed = False
 
-    def __call__(self, phase: str, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> StepResult:
+    def __call__(
+        self, phase: str, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None
+    ) -> StepResult:
         return self.steps[phase](images, labels, targets)
 
     def capture(
-        self, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], learner: nn.Module, optimizer: torch.optim.Optimizer,
+        self,
+        sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        learner: nn.Module,
+        optimizer: torch.optim.Optimizer,
         warmup_iters: int = GRAPH_WARMUP_ITERS,
     ) -> None:
         """Capture every phase's step; state changed by the warm-up iterations is put back."""
@@ -232,7 +249,11 @@ def _restore(saved: list[torch.Tensor], learner: nn.Module, optimizer: torch.opt
 
 
 def build_stepper(
-    phases: tuple[str, ...], learner: nn.Module, teacher: nn.Module | None, optimizer: torch.optim.Optimizer, settings: StepSettings
+    phases: tuple[str, ...],
+    learner: nn.Module,
+    teacher: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    settings: StepSettings,
 ) -> Stepper:
     for phase in phases:
         if phase not in (TRAIN, TEACHER, STUDENT):

@@ -108,8 +108,12 @@ def results_markdown(results: list[dict[str, Any]], columns: list[str], select_b
     header = [c.replace("|", "\\|") for c in columns]  # a bare | would split a Markdown cell
     lines = ["| method | run | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(columns)]
     for r in results:
-        cells = [f"{100 * r[c]:.2f}" if isinstance(r.get(c), float) and "coverage" not in c and "theta" not in c else
-                 (f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-"))) for c in columns]
+        cells = [
+            f"{100 * r[c]:.2f}"
+            if isinstance(r.get(c), float) and "coverage" not in c and "theta" not in c
+            else (f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-")))
+            for c in columns
+        ]
         mark = " **(chosen)**" if id(r) in best else ""
         lines.append(f"| {r['method']} | {r['run']}{mark} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -60,7 +60,9 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
 
 def _convert_cpu(module: nn.Module) -> nn.Module:
     if type(module) is nn.BatchNorm2d:
-        synced = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        synced = GlooSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             setattr(synced, name, tensor)
         synced.train(module.training)

@@ -14,17 +14,35 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from engine.build import Engine, EngineSpec, build_engine
-from engine.checkpoint import CheckpointTargets, CheckpointWriter, Progress, RngState, load_components, read_checkpoint, remove_temporaries
+from engine.checkpoint import (
+    CheckpointTargets,
+    CheckpointWriter,
+    Progress,
+    RngState,
+    load_components,
+    read_checkpoint,
+    remove_temporaries,
+)
 from engine.config import ConfigError, Method, RunConfig, Switch
-from engine.data import EvalSet, build_eval_loader, build_loaders, build_unlabelled_loader, compute_dtype, extra_eval_sets, resolve_data_root, resolve_unlabelled_root
+from engine.data import (
+    EvalSet,
+    build_eval_loader,
+    build_loaders,
+    build_unlabelled_loader,
+    compute_dtype,
+    extra_eval_sets,
+    resolve_data_root,
+    resolve_unlabelled_root,
+)
 from engine.distributed import DistInfo, gather_floats
 from engine.metrics import EvalAccumulator
 from engine.phases import STUDENT, module_state
@@ -72,8 +90,15 @@ class TrainStats:
 
     def read_and_reset(self) -> list[float]:
         """This rank's totals since the last log point, in ``LOCAL_FIELDS`` order; then zero."""
-        values = [self.loss_sum.item(), float(self.correct.item()), float(self.num_images), float(self.num_labelled),  # SYNC: log point
-                  float(self.num_steps), self.train_seconds, self.data_wait_seconds]
+        values = [
+            self.loss_sum.item(),
+            float(self.correct.item()),
+            float(self.num_images),
+            float(self.num_labelled),  # SYNC: log point
+            float(self.num_steps),
+            self.train_seconds,
+            self.data_wait_seconds,
+        ]
         self.loss_sum.zero_()
         self.correct.zero_()
         self.num_images = self.num_labelled = self.num_steps = 0
@@ -81,7 +106,16 @@ class TrainStats:
         return values
 
 
-LOCAL_FIELDS = ("loss_sum", "correct", "num_images", "num_labelled", "num_steps", "train_seconds", "data_wait_s", "signum")
+LOCAL_FIELDS = (
+    "loss_sum",
+    "correct",
+    "num_images",
+    "num_labelled",
+    "num_steps",
+    "train_seconds",
+    "data_wait_s",
+    "signum",
+)
 
 
 def reduce_log_rows(rows: list[list[float]]) -> dict[str, Any]:
@@ -155,8 +189,10 @@ class StopRequest:
 
 def check_against_data(config: RunConfig, train: SplitManifest, evaluation: SplitManifest, world_size: int) -> bool:
     """Config rules that need the data; True when the eval split's multi-hot targets are to be scored."""
-    for key, split, manifest in (("train_split (--train-split)", config.data.train_split, train),
-                                 ("eval_split (--eval-split)", config.data.eval_split, evaluation)):
+    for key, split, manifest in (
+        ("train_split (--train-split)", config.data.train_split, train),
+        ("eval_split (--eval-split)", config.data.eval_split, evaluation),
+    ):
         if manifest.label_kind is LabelKind.UNLABELLED:
             raise ConfigError(
                 f"data.{key}: split {split!r} is unlabelled (no ground truth to train or score on); "
@@ -198,8 +234,10 @@ def load_unlabelled_split(config: RunConfig, root: Path, train: SplitManifest, w
             f"pseudo-labels would index other classes; convert both from one dataset"
         )
     if config.global_batch_size // world_size > unlabelled.num_samples // world_size:
-        raise ConfigError(f"global_batch_size (--batch-size) {config.global_batch_size} is larger than {key} {name!r}, "
-                          f"which holds {unlabelled.num_samples} samples; use a smaller --batch-size")
+        raise ConfigError(
+            f"global_batch_size (--batch-size) {config.global_batch_size} is larger than {key} {name!r}, "
+            f"which holds {unlabelled.num_samples} samples; use a smaller --batch-size"
+        )
     return unlabelled
 
 
@@ -210,7 +248,9 @@ def steps_from_epochs(config: RunConfig, batches_per_epoch: int, is_main: bool =
         return config
     num_steps = config.num_epochs * batches_per_epoch
     if is_main:
-        log.info("num_epochs %d x %d batches per epoch = %d optimizer steps", config.num_epochs, batches_per_epoch, num_steps)
+        log.info(
+            "num_epochs %d x %d batches per epoch = %d optimizer steps", config.num_epochs, batches_per_epoch, num_steps
+        )
     return dataclasses.replace(config, num_steps=num_steps)
 
 
@@ -224,8 +264,10 @@ def check_best_metric(name: str, available: tuple[str, ...]) -> None:
         return
     scores = [metric for metric in available if not NOT_A_SCORE.match(metric)]
     if name not in scores:
-        raise ConfigError(f"checkpoint.best_metric (--best-metric) {name!r} is not a score this run's evaluation reports; "
-                          f"choose one of {', '.join(scores)}")
+        raise ConfigError(
+            f"checkpoint.best_metric (--best-metric) {name!r} is not a score this run's evaluation reports; "
+            f"choose one of {', '.join(scores)}"
+        )
 
 
 class UnlabelledPlaceholders:
@@ -260,20 +302,35 @@ class Trainer:
         if unlabelled_root is not None:  # checked before any loader starts
             load_unlabelled_split(config, unlabelled_root, self.train_split, dist.world_size)
         self.train_loader, self.eval_loader = build_loaders(config, root, dist.rank, dist.world_size, self.device)
-        self.unlabelled_loader = None if unlabelled_root is None else build_unlabelled_loader(config, unlabelled_root, dist.rank, dist.world_size, self.device)
+        self.unlabelled_loader = (
+            None
+            if unlabelled_root is None
+            else build_unlabelled_loader(config, unlabelled_root, dist.rank, dist.world_size, self.device)
+        )
         # one loader per extra set, built once: its workers and index stay for every eval point
-        self.eval_loaders = [self.eval_loader, *(build_eval_loader(config, s, dist.rank, dist.world_size, self.device) for s in self.eval_sets[1:])]
+        self.eval_loaders = [
+            self.eval_loader,
+            *(build_eval_loader(config, s, dist.rank, dist.world_size, self.device) for s in self.eval_sets[1:]),
+        ]
         self.config = config = steps_from_epochs(config, self.train_loader.batches_per_epoch, dist.is_main)
-        spec = EngineSpec(self.train_split.num_classes, self.train_split.label_kind is LabelKind.ATTRIBUTES,
-                          batches_per_epoch=self.train_loader.batches_per_epoch)
+        spec = EngineSpec(
+            self.train_split.num_classes,
+            self.train_split.label_kind is LabelKind.ATTRIBUTES,
+            batches_per_epoch=self.train_loader.batches_per_epoch,
+        )
         self.engine: Engine = build_engine(config, spec, self.device, distributed=dist.enabled, init_weights=not resume)
         self.progress, self.rng = Progress(), RngState()
         if resume:
             self._load(self.folder.checkpoint_path)
         self.folder.prepare(config, resume)  # only now, with everything checked, is the folder written
-        self.checkpoints = CheckpointWriter(self.folder.checkpoint_path.parent, config.checkpoint.keep_last) if dist.is_main else None
+        self.checkpoints = (
+            CheckpointWriter(self.folder.checkpoint_path.parent, config.checkpoint.keep_last) if dist.is_main else None
+        )
         if dist.is_main and remove_temporaries(self.folder.checkpoint_path.parent):
-            log.warning("removed the temporary files of a checkpoint write that was killed; %s is whole", self.folder.checkpoint_path)
+            log.warning(
+                "removed the temporary files of a checkpoint write that was killed; %s is whole",
+                self.folder.checkpoint_path,
+            )
         self._captured = False
         self._placeholders: UnlabelledPlaceholders | None = None
 
@@ -316,7 +373,13 @@ class Trainer:
         if self.unlabelled_loader is not None:
             streams[True] = self._batches(self.unlabelled_loader, "unlabelled_epoch", "unlabelled_batch")
         # a bar on a terminal; in a log file (a cluster job) the log points print plain lines instead
-        bar = tqdm(total=self.config.num_steps, initial=self.step, unit="step", disable=not self._on_terminal(), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.config.num_steps,
+            initial=self.step,
+            unit="step",
+            disable=not self._on_terminal(),
+            dynamic_ncols=True,
+        )
         eval_metrics: dict[str, float] = {}
         self.engine.learner.train()
         with bar:
@@ -437,9 +500,18 @@ class Trainer:
         bar.set_postfix(loss=f"{record['loss']:.4f}", phase=position.phase.value, img_s=f"{record['images_per_s']:.0f}")
         if self.dist.is_main and not self._on_terminal():
             top1 = "-" if record["train_top1"] is None else f"{record['train_top1']:.3f}"
-            log.info("step %d/%d %s loss %.4f top1 %s lr %.4g %.0f images/s data wait %.2fs (max over ranks %.2fs)",
-                     self.step, self.config.num_steps, position.phase.value, record["loss"], top1, record["lr"],
-                     record["images_per_s"], record["data_wait_s"], record["data_wait_s_max"])
+            log.info(
+                "step %d/%d %s loss %.4f top1 %s lr %.4g %.0f images/s data wait %.2fs (max over ranks %.2fs)",
+                self.step,
+                self.config.num_steps,
+                position.phase.value,
+                record["loss"],
+                top1,
+                record["lr"],
+                record["images_per_s"],
+                record["data_wait_s"],
+                record["data_wait_s_max"],
+            )
         return signum
 
     def _check_finite(self, stats: TrainStats) -> None:
@@ -447,13 +519,17 @@ class Trainer:
         if bad_step >= 0:
             position = self.engine.plan.position(bad_step)
             # steps are counted from 1 for people, as in metrics.jsonl
-            raise NonFiniteLoss(f"non-finite loss at step {bad_step + 1} ({position.phase} phase, cycle {position.cycle}); {self._kept_message()}")
+            raise NonFiniteLoss(
+                f"non-finite loss at step {bad_step + 1} ({position.phase} phase, cycle {position.cycle}); {self._kept_message()}"
+            )
 
     def _check_finite_state(self) -> None:
         """Weights and BatchNorm statistics must be finite before they are checkpointed."""
         floats = [t for t in module_state(self.engine.learner) if t.is_floating_point()]
         if not bool(torch.isfinite(torch.stack(torch._foreach_norm(floats))).all()):  # SYNC: checkpoint point
-            raise NonFiniteLoss(f"non-finite weights or BatchNorm statistics after step {self.step}; {self._kept_message()}")
+            raise NonFiniteLoss(
+                f"non-finite weights or BatchNorm statistics after step {self.step}; {self._kept_message()}"
+            )
 
     def _kept_message(self, advice: str = "Try a lower --lr or check the data.") -> str:
         self._wait_for_checkpoint(report=False)
@@ -496,7 +572,9 @@ class Trainer:
 
     def _score(self, eval_set: EvalSet, loader: Loader) -> dict[str, float]:
         dtype = compute_dtype(self.config, self.device, train=False)
-        return score_split(self.engine.learner, loader, self._new_accumulator(eval_set), dtype, self.device)  # SYNC: eval point
+        return score_split(
+            self.engine.learner, loader, self._new_accumulator(eval_set), dtype, self.device
+        )  # SYNC: eval point
 
     def _improves_best(self, metrics: dict[str, float] | None) -> bool:
         """Whether ``metrics`` beat the best value of ``checkpoint.best_metric`` so far (recorded if so)."""
@@ -508,7 +586,9 @@ class Trainer:
             return False
         progress.best_value, progress.best_step = metrics[name], self.step
         if self.dist.is_main:
-            log.info("best %s so far: %.4f at step %d -> %s", name, metrics[name], self.step, self.checkpoints.best_path)
+            log.info(
+                "best %s so far: %.4f at step %d -> %s", name, metrics[name], self.step, self.checkpoints.best_path
+            )
         return True
 
     def _save_checkpoint(self, stats: TrainStats, targets: CheckpointTargets) -> None:

@@ -10,8 +10,9 @@ evaluation batches cover every sample of the rank's share exactly once (the last
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -38,7 +39,9 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.scale_min <= self.scale_max <= 1.0:
-            raise ValueError(f"crop scale range must satisfy 0 < min <= max <= 1, got ({self.scale_min}, {self.scale_max})")
+            raise ValueError(
+                f"crop scale range must satisfy 0 < min <= max <= 1, got ({self.scale_min}, {self.scale_max})"
+            )
         if not 0.0 < self.ratio_min <= self.ratio_max:
             raise ValueError(f"crop ratio range must satisfy 0 < min <= max, got ({self.ratio_min}, {self.ratio_max})")
 
@@ -135,8 +138,7 @@ class Loader(Protocol):
         """Batches of epoch ``epoch`` (shuffle fixed by seed and epoch), from batch ``start_batch``."""
         ...
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:

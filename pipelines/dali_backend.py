@@ -41,9 +41,10 @@ not say which sample failed).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,7 +151,13 @@ def decode_and_augment(jpegs: DataNode, spec: PipelineSpec) -> DataNode:
         images = fn.resize(images, resize_x=size, resize_y=size)
     mirror = fn.random.coin_flip(probability=0.5) if t.mode is Mode.TRAIN and t.augment.flip else 0
     return fn.crop_mirror_normalize(
-        images, mirror=mirror, mean=list(spec.mean_255), std=list(spec.std_255), dtype=spec.output_dtype, output_layout="HWC", **crop
+        images,
+        mirror=mirror,
+        mean=list(spec.mean_255),
+        std=list(spec.std_255),
+        dtype=spec.output_dtype,
+        output_layout="HWC",
+        **crop,
     )
 
 
@@ -214,8 +221,16 @@ class DaliLoader:
     def _new_iterator(self, epoch: int) -> DALIGenericIterator:
         pipe = self.build_pipeline(epoch)
         if self.config.train:
-            return EpochIterator(pipe, self._outputs, self.batches_per_epoch, reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.DROP)
-        return DALIGenericIterator([pipe], self._outputs, reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL)
+            return EpochIterator(
+                pipe,
+                self._outputs,
+                self.batches_per_epoch,
+                reader_name=READER_NAME,
+                last_batch_policy=LastBatchPolicy.DROP,
+            )
+        return DALIGenericIterator(
+            [pipe], self._outputs, reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL
+        )
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from ``start_batch`` on (earlier batches are produced and dropped)."""
@@ -323,7 +338,9 @@ def _dali_reason(text: str) -> str:
     """The core of a DALI error message (between "encountered:" and "Current pipeline ...")."""
     if "encountered:" in text:
         text = text.split("encountered:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip() and "pipeline object is no longer valid" not in line]
+    lines = [
+        line.strip() for line in text.splitlines() if line.strip() and "pipeline object is no longer valid" not in line
+    ]
     return " ".join(lines)[:300] or "no details"
 
 

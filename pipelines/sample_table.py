@@ -55,7 +55,13 @@ def build_sample_table(root: Path, manifest: SplitManifest) -> SampleTable:
     """Read every index file of ``manifest`` into a ``SampleTable``, checked by ``check_index_file``
     (counts, members inside the tar, field sizes): errors name the index file and sample."""
     has_targets = manifest.label_kind.has_targets
-    columns: dict[str, list[int]] = {"shard": [], "image_offset": [], "image_size": [], "label_offset": [], "targets_offset": []}
+    columns: dict[str, list[int]] = {
+        "shard": [],
+        "image_offset": [],
+        "image_size": [],
+        "label_offset": [],
+        "targets_offset": [],
+    }
     for shard_no, record in enumerate(manifest.shards):
         for members in check_index_file(root, record, manifest):
             by_ext = {m.ext: m for m in members}

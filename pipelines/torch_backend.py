@@ -24,9 +24,10 @@ How it works:
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -120,7 +121,9 @@ def _worker_message(error: ShardDataError) -> str:
 class TorchLoader:
     """``Loader`` over one split with DataLoader workers; see the module docstring."""
 
-    def __init__(self, root: Path, manifest: SplitManifest, config: LoaderConfig, decode_on_device: bool | None = None) -> None:
+    def __init__(
+        self, root: Path, manifest: SplitManifest, config: LoaderConfig, decode_on_device: bool | None = None
+    ) -> None:
         """``decode_on_device``: workers read bytes only and the main process decodes whole batches on
         ``config.device``; default: exactly when that device is CUDA (nvJPEG)."""
         self.config = config
@@ -136,7 +139,9 @@ class TorchLoader:
         self._scale, self._bias = normalisation(config.mean, config.std, self._device)
         self._plan = _EpochPlan()
         self._reader = BatchReader(self.table, self._spec, config.seed, decode=not self._decode_on_device)
-        self._dataloader: DataLoader | None = _make_dataloader(self._reader, self._plan, self.num_workers, pin=self._device.type == "cuda")
+        self._dataloader: DataLoader | None = _make_dataloader(
+            self._reader, self._plan, self.num_workers, pin=self._device.type == "cuda"
+        )
 
     def batch_indices(self, epoch: int) -> list[np.ndarray]:
         """Sample indices (file order numbering) of every batch of ``epoch`` on this rank."""
@@ -174,7 +179,9 @@ class TorchLoader:
         targets = raw.get("targets")
         if targets is not None:
             targets = targets.to(self._device, non_blocking=True).to(torch.float32)
-        return Batch(images=normalise(images, self._scale, self._bias, self.config.dtype), labels=labels, targets=targets)
+        return Batch(
+            images=normalise(images, self._scale, self._bias, self.config.dtype), labels=labels, targets=targets
+        )
 
     def _decode_batch(self, encoded: list[torch.Tensor], indices: torch.Tensor, epoch: int) -> torch.Tensor:
         """Decode the batch in one call (nvJPEG on CUDA), then augment image by image on the device:
@@ -185,7 +192,9 @@ class TorchLoader:
             self._raise_for_batch(encoded, indices, error)
         train = self._spec.mode is Mode.TRAIN
         rngs = [sample_rng(self.config.seed, epoch, int(i)) if train else None for i in indices.tolist()]
-        return torch.stack([transform_image(image, self._spec, rng).permute(1, 2, 0) for image, rng in zip(images, rngs)])
+        return torch.stack(
+            [transform_image(image, self._spec, rng).permute(1, 2, 0) for image, rng in zip(images, rngs)]
+        )
 
     def _raise_for_batch(self, encoded: list[torch.Tensor], indices: torch.Tensor, error: BaseException) -> NoReturn:
         """A batch decode failed: find the damaged sample by decoding each on the CPU, else name the
@@ -217,7 +226,9 @@ def normalise(images_nhwc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
     return images if dtype == torch.float32 else images.to(dtype)
 
 
-def normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def normalisation(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, bias) of ``normalise`` for per-channel ``mean`` and ``std`` of [0, 1] pixels."""
     std_255 = torch.tensor(std, dtype=torch.float32) * 255.0
     mean_255 = torch.tensor(mean, dtype=torch.float32) * 255.0

@@ -65,7 +65,9 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, _SHUFFLE_STREAM]).permutation(num_samples)
 
 
-def random_crop_box(height: int, width: int, augment: AugmentConfig, rng: np.random.Generator) -> tuple[int, int, int, int]:
+def random_crop_box(
+    height: int, width: int, augment: AugmentConfig, rng: np.random.Generator
+) -> tuple[int, int, int, int]:
     """(top, left, crop height, crop width) with area fraction in the scale range and aspect ratio
     log-uniform in the ratio range; after ``CROP_ATTEMPTS`` misses, a centre crop clamped to the ratio range."""
     area = height * width

@@ -42,12 +42,15 @@ QualityOption = typer.Option(90, "--quality", min=1, max=100, help="JPEG quality
 RootOption = typer.Option(..., "--root", help="The dataset's top folder, as downloaded.")
 SplitsOption = typer.Option(None, "--splits", help="Comma-separated splits to write (default: every split found).")
 FollowSymlinksOption = typer.Option(
-    False, "--follow-symlinks",
+    False,
+    "--follow-symlinks",
     help="Read listed files through symlinks that point outside the dataset folder (refused by default).",
 )
 
 
-def writer_settings(workers: int, seed: int, shard_samples: int, shard_mb: int, max_side: int | None, quality: int) -> WriterSettings:
+def writer_settings(
+    workers: int, seed: int, shard_samples: int, shard_mb: int, max_side: int | None, quality: int
+) -> WriterSettings:
     return WriterSettings(
         max_samples_per_shard=shard_samples,
         max_bytes_per_shard=shard_mb * 1024 * 1024,
@@ -69,7 +72,9 @@ def digits_grid_command(
     seed: int = SeedOption,
     workers: int = WorkersOption,
     shard_samples: int = ShardSamplesOption,
-    quality: int = typer.Option(digits_grid.GRID_JPEG_QUALITY, "--quality", min=1, max=100, help="JPEG quality of the grids."),
+    quality: int = typer.Option(
+        digits_grid.GRID_JPEG_QUALITY, "--quality", min=1, max=100, help="JPEG quality of the grids."
+    ),
 ) -> None:
     """The paper's multi-label digit grid (3×3 digits; label = centre digit w.p. 0.6), no download needed.
 
@@ -90,7 +95,8 @@ def folder_command(
     labels: Path = typer.Option(..., "--labels", help="CSV (header path,label[,labels]) or JSONL label file."),
     split: str = typer.Option(..., "--split", help="Split name to write (e.g. train, val)."),
     unlabelled: bool = typer.Option(
-        False, "--unlabelled",
+        False,
+        "--unlabelled",
         help="Write an unlabelled split (semi-supervised training): only the label file's path column is read; "
         "convert a labelled split into --out first (its class names are kept).",
     ),
@@ -116,41 +122,50 @@ def imagenet_command(
     out: Path = OutOption,
     splits: str | None = SplitsOption,
     val_layout: str = typer.Option(
-        "auto", "--val-layout",
+        "auto",
+        "--val-layout",
         help="Val layout: auto, folders, kaggle (LOC_val_solution.csv) or devkit.",
     ),
     val_labels: Path | None = typer.Option(
-        None, "--val-labels",
+        None,
+        "--val-labels",
         help="Val label file (Kaggle CSV or devkit ground truth) if not found by itself.",
     ),
     devkit_synsets: Path | None = typer.Option(
-        None, "--devkit-synsets",
+        None,
+        "--devkit-synsets",
         help="Devkit meta.mat, or WNIDs in ILSVRC2012_ID order (default: meta.mat beside the ground truth).",
     ),
     real_labels: Path | None = typer.Option(
-        None, "--real-labels",
+        None,
+        "--real-labels",
         help="ReaL labels JSON for val (default: the copy timm bundles).",
     ),
     no_real: bool = typer.Option(False, "--no-real", help="Write val with single labels only, no ReaL sets."),
     subset: Path | None = typer.Option(
-        None, "--subset",
+        None,
+        "--subset",
         help="Keep only the train files listed (SimCLR 1%/10% list: one file name per line).",
     ),
     fraction: float | None = typer.Option(
-        None, "--fraction",
+        None,
+        "--fraction",
         help="Keep this fraction of each train class, chosen with --seed (e.g. 0.05).",
     ),
     unlabelled_complement: str | None = typer.Option(
-        None, "--unlabelled-complement",
+        None,
+        "--unlabelled-complement",
         help="With --fraction or --subset: also write the train images not kept, without labels, as this split "
         "(e.g. train_unlabelled), for semi-supervised training (--unlabelled-split).",
     ),
     classes: int | None = typer.Option(
-        None, "--classes",
+        None,
+        "--classes",
         help="Only the first N sorted WNIDs present; class index = position among them.",
     ),
     class_list: Path | None = typer.Option(
-        None, "--class-list",
+        None,
+        "--class-list",
         help="Only these WNIDs (one per line); class index = position in the file.",
     ),
     seed: int = SeedOption,
@@ -163,9 +178,19 @@ def imagenet_command(
 ) -> None:
     """ImageNet-1k: train class folders; val in folders, Kaggle-CSV or devkit layout, with ReaL sets."""
     options = imagenet.ImageNetOptions(
-        root=root, splits=parse_splits(splits, imagenet.SPLITS), val_layout=val_layout, val_labels=val_labels,
-        devkit_synsets=devkit_synsets, real_labels=real_labels, use_real=not no_real, subset=subset,
-        fraction=fraction, seed=seed, num_classes=classes, class_list=class_list, follow_symlinks=follow_symlinks,
+        root=root,
+        splits=parse_splits(splits, imagenet.SPLITS),
+        val_layout=val_layout,
+        val_labels=val_labels,
+        devkit_synsets=devkit_synsets,
+        real_labels=real_labels,
+        use_real=not no_real,
+        subset=subset,
+        fraction=fraction,
+        seed=seed,
+        num_classes=classes,
+        class_list=class_list,
+        follow_symlinks=follow_symlinks,
         unlabelled_complement=unlabelled_complement,
     )
     with output_lock(out):
@@ -179,12 +204,14 @@ def webvision_command(
     out: Path = OutOption,
     mini: bool = typer.Option(False, "--mini", help="mini-WebVision: Google images of the first 50 classes."),
     sources: str | None = typer.Option(
-        None, "--sources",
+        None,
+        "--sources",
         help="Comma-separated train sources: google,flickr (default: both; google with --mini).",
     ),
     splits: str | None = SplitsOption,
     write_class_list: Path | None = typer.Option(
-        None, "--write-class-list",
+        None,
+        "--write-class-list",
         help="Also write the classes' WNIDs here, for `imagenet --class-list`.",
     ),
     seed: int = SeedOption,
@@ -197,7 +224,9 @@ def webvision_command(
 ) -> None:
     """WebVision 1.0 (or --mini): info/ file lists, Google/Flickr train images, val_images_256/."""
     source_names = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources is not None else None
-    options = webvision.WebVisionOptions(root, mini, source_names, parse_splits(splits, webvision.SPLITS), follow_symlinks)
+    options = webvision.WebVisionOptions(
+        root, mini, source_names, parse_splits(splits, webvision.SPLITS), follow_symlinks
+    )
     with output_lock(out):
         planned = webvision.webvision_plan(options)
         if write_class_list is not None:
@@ -229,7 +258,10 @@ def celeba_command(
 def verify_command(
     root: Path = typer.Argument(..., help="Shard folder (holding manifest.json)."),
     sample: float = typer.Option(
-        1.0, "--sample", min=0.0, max=1.0,
+        1.0,
+        "--sample",
+        min=0.0,
+        max=1.0,
         help="Fraction of images to decode (checksums and counts are always checked in full).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed choosing which images --sample decodes."),

@@ -14,9 +14,9 @@ import fcntl
 import os
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from shards.errors import ShardError
 
@@ -42,7 +42,9 @@ def output_lock(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
         holder = _held.get(key)
     if holder is not None:
         if holder[1] != threading.get_ident():
-            raise FolderBusyError(f"{folder} is being written by another thread of this process; write it from one thread")
+            raise FolderBusyError(
+                f"{folder} is being written by another thread of this process; write it from one thread"
+            )
         yield  # held by this thread already (a conversion updating its manifest)
         return
     created = _prepare_folder(folder)
@@ -64,7 +66,9 @@ def output_lock(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
 def _prepare_folder(folder: Path) -> bool:
     """Make ``folder`` if needed; True when this call made it."""
     if folder.exists() and not folder.is_dir():
-        raise ShardError(f"output folder {folder} exists and is not a folder; give the path of a folder (new or existing)")
+        raise ShardError(
+            f"output folder {folder} exists and is not a folder; give the path of a folder (new or existing)"
+        )
     if folder.is_dir():
         return False
     folder.mkdir(parents=True, exist_ok=True)  # OSError (read-only parent...) names the path

@@ -19,7 +19,16 @@ from typing import Any
 
 from shards.errors import ShardError, with_filename
 from shards.folder_lock import output_lock
-from shards.format import FIELD_IMAGE, FIELD_LABEL, FIELD_TARGETS, LABEL_DTYPE, TARGETS_DTYPE, FormatError, LabelKind, check_key
+from shards.format import (
+    FIELD_IMAGE,
+    FIELD_LABEL,
+    FIELD_TARGETS,
+    LABEL_DTYPE,
+    TARGETS_DTYPE,
+    FormatError,
+    LabelKind,
+    check_key,
+)
 from shards.tar_io import Member, read_index
 
 MANIFEST_NAME = "manifest.json"
@@ -74,7 +83,9 @@ class SplitManifest:
         try:
             check_key(self.name)  # the name is the split's folder: no separators, no '..'
         except FormatError:
-            raise ShardError(f"split name {self.name!r} is not a plain folder name (letters, digits, '_' or '-')") from None
+            raise ShardError(
+                f"split name {self.name!r} is not a plain folder name (letters, digits, '_' or '-')"
+            ) from None
         counted = sum(s.num_samples for s in self.shards)
         if counted != self.num_samples:
             raise ShardError(f"split {self.name}: shards hold {counted} samples, manifest says {self.num_samples}")
@@ -87,7 +98,7 @@ class SplitManifest:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "SplitManifest":
+    def from_json(cls, data: dict[str, Any]) -> SplitManifest:
         return cls(
             name=data["name"],
             num_samples=int(data["num_samples"]),
@@ -238,7 +249,9 @@ def check_index_file(root: Path, shard: ShardRecord, split: SplitManifest) -> li
         problem = _index_entry_problem(members, shard.num_bytes, sizes)
         if problem:
             name = members[0].name if members else "(empty line)"
-            raise ShardError(f"index file {path}: sample {name}: {problem} (shard {Path(root) / shard.path}; damaged or edited?)")
+            raise ShardError(
+                f"index file {path}: sample {name}: {problem} (shard {Path(root) / shard.path}; damaged or edited?)"
+            )
     return samples
 
 

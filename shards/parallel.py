@@ -18,9 +18,10 @@ import os
 import signal
 import sys
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from itertools import islice
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -48,16 +49,16 @@ def _chunks(items: Iterable[In], size: int) -> Iterator[list[In]]:
         yield chunk
 
 
-def ordered_map(
-    fn: Callable[[In], Out], items: Iterable[In], workers: int, chunk_size: int = 16
-) -> Iterator[Out]:
+def ordered_map(fn: Callable[[In], Out], items: Iterable[In], workers: int, chunk_size: int = 16) -> Iterator[Out]:
     """``map(fn, items)`` over ``workers`` processes (in-process when workers <= 1)."""
     if workers <= 1:
         yield from map(fn, items)
         return
     # spawn, not fork: the parent may hold threads (progress bars, torch) that fork would copy locked.
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
+    )
     finished = False
     try:
         yield from _bounded_map(pool, fn, items, workers, chunk_size)

@@ -89,7 +89,6 @@ class TarShardFile:
         self.path.unlink(missing_ok=True)
 
 
-
 def _member_info(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = size
@@ -122,7 +121,10 @@ def read_index(path: Path) -> list[list[Member]]:
             if len(fields) % 4:
                 raise ValueError(f"line {line[:60]!r} does not hold (ext offset size name) groups")
             samples.append(
-                [Member(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)]
+                [
+                    Member(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                    for i in range(0, len(fields), 4)
+                ]
             )
         if len(samples) != int(count):
             raise ValueError(f"header says {count} samples, file lists {len(samples)}")

@@ -83,7 +83,9 @@ class _ShardTask:
     seed: int
 
 
-def verify_root(root: Path, sample_fraction: float = 1.0, seed: int = 0, workers: int = 1, progress: bool = True) -> VerifyReport:
+def verify_root(
+    root: Path, sample_fraction: float = 1.0, seed: int = 0, workers: int = 1, progress: bool = True
+) -> VerifyReport:
     """Check every split of ``root/manifest.json``; decode ``sample_fraction`` of the images."""
     if not 0.0 <= sample_fraction <= 1.0:
         raise ValueError(f"sample fraction must be in [0, 1], got {sample_fraction}")
@@ -126,7 +128,9 @@ def stray_files(root: Path, split: SplitManifest) -> list[Problem]:
         if path.name not in listed and ours.fullmatch(path.name)
     ]
     if (split_dir / PROGRESS_NAME).is_file():
-        problems.append(Problem(str(split_dir / PROGRESS_NAME), "an unfinished conversion: re-run the make_shards command"))
+        problems.append(
+            Problem(str(split_dir / PROGRESS_NAME), "an unfinished conversion: re-run the make_shards command")
+        )
     return problems
 
 
@@ -148,10 +152,18 @@ def verify_shard(task: _ShardTask) -> ShardCheck:
             expected = index[position] if index is not None and position < len(index) else None
             _check_sample(task, key, members, expected, bool(rng.random() < task.sample_fraction), check)
     except Exception as error:  # a damaged tar can make tarfile raise almost anything; report, go on
-        check.problems.append(Problem(str(tar), f"unreadable after {check.num_samples} samples ({type(error).__name__}: {error})"))
+        check.problems.append(
+            Problem(str(tar), f"unreadable after {check.num_samples} samples ({type(error).__name__}: {error})")
+        )
     if check.num_samples != task.shard.num_samples:
-        early = " (the tar ends early: damaged header or truncated file)" if check.num_samples < task.shard.num_samples else ""
-        check.problems.append(Problem(str(tar), f"holds {check.num_samples} samples, manifest says {task.shard.num_samples}{early}"))
+        early = (
+            " (the tar ends early: damaged header or truncated file)"
+            if check.num_samples < task.shard.num_samples
+            else ""
+        )
+        check.problems.append(
+            Problem(str(tar), f"holds {check.num_samples} samples, manifest says {task.shard.num_samples}{early}")
+        )
     return check
 
 
@@ -189,7 +201,12 @@ def _samples(path: Path):
 
 
 def _check_sample(
-    task: _ShardTask, key: str, members: list[tuple[Member, bytes]], expected: list[Member] | None, decode: bool, check: ShardCheck
+    task: _ShardTask,
+    key: str,
+    members: list[tuple[Member, bytes]],
+    expected: list[Member] | None,
+    decode: bool,
+    check: ShardCheck,
 ) -> None:
     where = f"{task.root / task.shard.path} [{key}]"
     located = [m for m, _ in members]

@@ -182,7 +182,9 @@ def write_split(root: Path, spec: SplitSpec, items: list[SourceItem], settings: 
         return _write_split_locked(Path(root), spec, items, settings)
 
 
-def _write_split_locked(root: Path, spec: SplitSpec, items: list[SourceItem], settings: WriterSettings) -> SplitManifest:
+def _write_split_locked(
+    root: Path, spec: SplitSpec, items: list[SourceItem], settings: WriterSettings
+) -> SplitManifest:
     """Write ``items`` as shards of split ``spec.name`` under ``root`` and record it in the manifest."""
     root = Path(root)
     split_dir = root / spec.name
@@ -207,7 +209,12 @@ def _write_split_locked(root: Path, spec: SplitSpec, items: list[SourceItem], se
 
 
 def _write_remaining(
-    root: Path, split_dir: Path, spec: SplitSpec, ordered: list[SourceItem], settings: WriterSettings, progress: _Progress
+    root: Path,
+    split_dir: Path,
+    spec: SplitSpec,
+    ordered: list[SourceItem],
+    settings: WriterSettings,
+    progress: _Progress,
 ) -> None:
     start = progress.inputs_done
     prepared = ordered_map(_PrepareWith(spec, settings.image), ordered[start:], settings.workers)
@@ -293,13 +300,17 @@ def _record_shard(split_dir: Path, progress: _Progress, record: dict[str, Any], 
     atomic_write_text(split_dir / PROGRESS_NAME, json.dumps(asdict(progress)))
 
 
-def _finish(root: Path, spec: SplitSpec, settings: WriterSettings, progress: _Progress, num_inputs: int) -> SplitManifest:
+def _finish(
+    root: Path, spec: SplitSpec, settings: WriterSettings, progress: _Progress, num_inputs: int
+) -> SplitManifest:
     shards = [ShardRecord(**r["shard"]) for r in progress.shards if r["shard"] is not None]
     skipped = [FileReport(**s) for r in progress.shards for s in r["skipped"]]
     repaired = [FileReport(**s) for r in progress.shards for s in r["repaired"]]
     if not shards:
         reasons = Counter(s.reason for s in skipped).most_common(3)
-        raise ShardError(f"split {spec.name}: no sample could be written; all {num_inputs} inputs were skipped ({reasons})")
+        raise ShardError(
+            f"split {spec.name}: no sample could be written; all {num_inputs} inputs were skipped ({reasons})"
+        )
     manifest = SplitManifest(
         name=spec.name,
         num_samples=sum(s.num_samples for s in shards),
@@ -395,4 +406,3 @@ def _print_summary(manifest: SplitManifest) -> None:
     for kind, reports in (("repaired", manifest.repaired), ("skipped", manifest.skipped)):
         for reason, count in Counter(r.reason for r in reports).most_common():
             print(f"  {kind} {count:>6}  {reason}")
-

@@ -22,8 +22,13 @@ def test_dali_gap_bench_measures_every_row(tmp_path: Path) -> None:
     from benchmarks.dali_gap import PLAIN, PROJECT, variants
 
     out = tmp_path / "gap.json"
-    result = subprocess.run([sys.executable, "tools/bench.py", "dali-gap", *TINY, "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "tools/bench.py", "dali-gap", *TINY, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
     assert list(rows) == [PROJECT] + [v.name for v in variants()]
@@ -36,8 +41,10 @@ def test_dali_gap_bench_measures_every_row(tmp_path: Path) -> None:
 
 def test_dali_gap_bench_without_dali_says_why(tmp_path: Path) -> None:
     """Where DALI does not import, the subcommand fails with a message naming the reason."""
-    code = ("import sys; sys.modules['nvidia.dali'] = None; sys.argv = ['bench.py', 'dali-gap']; "
-            "import runpy; runpy.run_path('tools/bench.py', run_name='__main__')")
+    code = (
+        "import sys; sys.modules['nvidia.dali'] = None; sys.argv = ['bench.py', 'dali-gap']; "
+        "import runpy; runpy.run_path('tools/bench.py', run_name='__main__')"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "dali-gap needs NVIDIA DALI" in result.stderr + result.stdout
@@ -49,7 +56,16 @@ def test_dali_gap_bench_runs_the_rows_asked_for(tmp_path: Path) -> None:
     from benchmarks.dali_gap import PLAIN, PROJECT
 
     out = tmp_path / "gap.json"
-    result = subprocess.run([sys.executable, "tools/bench.py", "dali-gap", *TINY, "--rows", "backend, rebuild", "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "tools/bench.py", "dali-gap", *TINY, "--rows", "backend, rebuild", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [row["name"] for row in json.loads(out.read_text())["rows"]] == [PROJECT, PLAIN, "project - per-epoch rebuild"]
+    assert [row["name"] for row in json.loads(out.read_text())["rows"]] == [
+        PROJECT,
+        PLAIN,
+        "project - per-epoch rebuild",
+    ]

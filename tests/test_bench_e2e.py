@@ -9,8 +9,28 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--arch", "grid_cnn", "--image-size", "32", "--batch-size", "4", "--num-classes", "10", "--num-images", "12",
-        "--steps", "2", "--warmup", "1", "--workers", "0", "--k-teacher-steps", "2", "--k-student-steps", "1"]
+TINY = [
+    "--arch",
+    "grid_cnn",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--num-classes",
+    "10",
+    "--num-images",
+    "12",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--workers",
+    "0",
+    "--k-teacher-steps",
+    "2",
+    "--k-student-steps",
+    "1",
+]
 EXPECTED_ROWS = [
     ("loader alone", "torch backend (CPU decode)"),
     ("loader alone", "PIL + torchvision DataLoader (released code)"),
@@ -27,8 +47,13 @@ EXPECTED_ROWS = [
 
 def test_e2e_bench_prints_every_row_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "e2e.json"
-    result = subprocess.run([sys.executable, "tools/bench.py", "e2e", "--device", "cpu", *TINY, "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "tools/bench.py", "e2e", "--device", "cpu", *TINY, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert not [r for r in rows if r["error"]], [r for r in rows if r["error"]]
@@ -63,14 +88,30 @@ def test_gpu_check_functions_run_on_cpu(tmp_path: Path) -> None:
     shards = gpu_checks.photo_shards(tmp_path / "photos", 24, num_classes=4)
     for name, (reference, candidate, std) in gpu_checks.decode_pairs(shards, 8, 32, cpu).items():
         same = gpu_checks.compare_loaders(reference, candidate, std)
-        assert same["batches"] == 3 and same["mean_abs_diff"] == 0 and same["labels_equal"] and same["channels_last"], (name, same)
-    loaders = [build_loader(shards, "bench", LoaderConfig(batch_size=8, image_size_px=32, train=train, backend="torch", num_workers=0))
-               for train in (False, True)]  # eval centre crops vs random crops of the same images
+        assert same["batches"] == 3 and same["mean_abs_diff"] == 0 and same["labels_equal"] and same["channels_last"], (
+            name,
+            same,
+        )
+    loaders = [
+        build_loader(
+            shards, "bench", LoaderConfig(batch_size=8, image_size_px=32, train=train, backend="torch", num_workers=0)
+        )
+        for train in (False, True)
+    ]  # eval centre crops vs random crops of the same images
     different = gpu_checks.compare_loaders(*loaders, LoaderConfig().std)
     assert different["mean_abs_diff"] > gpu_checks.PIXEL_TOLERANCE
 
-    result = gpu_checks.hot_loop_check(shards, tmp_path / "run", arch="grid_cnn", image_size=32, batch_size=8, steps=4,
-                                       workers=0, backend="torch", device=cpu)
+    result = gpu_checks.hot_loop_check(
+        shards,
+        tmp_path / "run",
+        arch="grid_cnn",
+        image_size=32,
+        batch_size=8,
+        steps=4,
+        workers=0,
+        backend="torch",
+        device=cpu,
+    )
     assert result.steps_checked == 3 and result.engine_sync_error is None and not result.loader_syncs
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import enum
 import subprocess
 import sys
-import tomllib
 import typing
 from pathlib import Path
 
 import pytest
+import tomllib
 from typer.testing import CliRunner
 
 from engine.cli import app, default_config_path
@@ -30,8 +30,13 @@ def other_value(key: Key) -> typing.Any:
     if key.type is int:
         return default + 3
     if key.type is float:
-        return {"method.rho": 0.3, "optim.momentum": 0.8, "data.crop_scale_min": 0.2, "data.eval_crop_fraction": 0.9,
-                "optim.step_decay_factor": 0.5}.get(key.name, default + 0.125)
+        return {
+            "method.rho": 0.3,
+            "optim.momentum": 0.8,
+            "data.crop_scale_min": 0.2,
+            "data.eval_crop_fraction": 0.9,
+            "optim.step_decay_factor": 0.5,
+        }.get(key.name, default + 0.125)
     if typing.get_origin(key.type) is tuple:
         item_type = typing.get_args(key.type)[0]
         return {int: [3, 7], str: ["shards/a", "shards/b:tune"]}.get(item_type, [0.3, 0.7])
@@ -39,7 +44,10 @@ def other_value(key: Key) -> typing.Any:
 
 
 # Keys whose other value is valid only with another key set too: {key: {other key: value}}.
-COMPANIONS = {"optim.lr_milestones": {"optim.schedule": "step"}, "data.unlabelled_root": {"data.unlabelled_split": "some_value"}}
+COMPANIONS = {
+    "optim.lr_milestones": {"optim.schedule": "step"},
+    "data.unlabelled_root": {"data.unlabelled_split": "some_value"},
+}
 
 
 def with_companions(key: Key, value: typing.Any) -> dict[str, typing.Any]:
@@ -90,7 +98,9 @@ def test_aliases_set_the_same_key() -> None:
             value = other_value(key)
             args = cli_args(key, value)
             aliased = [key.alias if arg == key.flag else arg for arg in args]
-            aliased += [arg for name, v in COMPANIONS.get(key.name, {}).items() for arg in cli_args(key_by_name()[name], v)]
+            aliased += [
+                arg for name, v in COMPANIONS.get(key.name, {}).items() for arg in cli_args(key_by_name()[name], v)
+            ]
             assert lookup(printed_config(*aliased), key.name) == value, key.alias
 
 
@@ -115,7 +125,9 @@ def test_print_config_round_trips_to_the_default_run(tmp_path: Path) -> None:
 
 
 def test_saved_run_config_is_accepted_by_config_and_equal(tmp_path: Path) -> None:
-    config = build_config({}, {"method.name": "sigmoid", "optim.lr_per_256": 0.3, "eval_thetas": [0.1], "data.backend": "torch"})
+    config = build_config(
+        {}, {"method.name": "sigmoid", "optim.lr_per_256": 0.3, "eval_thetas": [0.1], "data.backend": "torch"}
+    )
     (tmp_path / "config.toml").write_text(to_toml(config))
     assert build_config(load_toml(tmp_path / "config.toml"), {}) == config
 
@@ -152,23 +164,32 @@ INVALID = [
     (["--schedule", "step"], "optim.step_decay_every"),
     (["--nesterov", "--momentum", "0"], "optim.nesterov"),
     (["--eval-crop", "1.5"], "data.eval_crop_fraction"),
-    (["--unlabelled-split", "u", "--method", "softmax"], "data.unlabelled_split (--unlabelled-split) 'u': method.name (--method) softmax"),
+    (
+        ["--unlabelled-split", "u", "--method", "softmax"],
+        "data.unlabelled_split (--unlabelled-split) 'u': method.name (--method) softmax",
+    ),
     (["--unlabelled-data", "shards/more"], "data.unlabelled_root (--unlabelled-data) needs data.unlabelled_split"),
 ]
 
 BAD_TOML = [
     ("num_steps = 30.5\n", "num_steps (--num_steps / --steps): expected a whole number, got 30.5"),
-    ("[data]\naugment = \"yes\"\n", "data.augment (--data.augment / --augment): expected true or false"),
-    ("[data]\naugment = \"false\"\n", "expected true or false"),
-    ("[method]\nrho = \"0.3\"\n", "method.rho (--method.rho / --rho): expected a number"),
+    ('[data]\naugment = "yes"\n', "data.augment (--data.augment / --augment): expected true or false"),
+    ('[data]\naugment = "false"\n', "expected true or false"),
+    ('[method]\nrho = "0.3"\n', "method.rho (--method.rho / --rho): expected a number"),
     ("[methd]\nrho = 0.3\n", "unknown key 'methd.rho'; did you mean 'method.rho'?"),
     ("[method]\nrh0 = 0.3\n", "unknown key 'method.rh0'"),
-    ("method = \"mile\"\n", "method must be a table"),
+    ('method = "mile"\n', "method must be a table"),
     ("eval_thetas = 0.25\n", "eval_thetas (--eval_thetas / --theta): expected a non-empty list"),
     ("eval_thetas = []\n", "eval_thetas (--eval_thetas / --theta): expected a non-empty list"),
-    ("[data]\nextra_eval = \"imagenet\"\n", "data.extra_eval (--data.extra_eval / --eval-data): expected a list of strings"),
+    (
+        '[data]\nextra_eval = "imagenet"\n',
+        "data.extra_eval (--data.extra_eval / --eval-data): expected a list of strings",
+    ),
     ("[data]\nextra_eval = [3]\n", "data.extra_eval (--data.extra_eval / --eval-data): expected a string"),
-    ("[optim]\nlr_milestones = [10.5]\n", "optim.lr_milestones (--optim.lr_milestones / --lr-milestones): expected a whole number"),
+    (
+        "[optim]\nlr_milestones = [10.5]\n",
+        "optim.lr_milestones (--optim.lr_milestones / --lr-milestones): expected a whole number",
+    ),
     ("arch = 3\n", "arch (--arch): expected a string"),
     ("num_steps = true\n", "expected a whole number, got True"),
     ("arch = = 1\n", "not valid TOML"),
@@ -194,8 +215,13 @@ def test_bad_toml_names_the_key(text: str, message: str, tmp_path: Path) -> None
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text("num_steps = 30.5\n")
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 2
     assert "expected a whole number, got 30.5" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()

@@ -8,10 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
-
-import shards.writer
 from dataset_layouts import (
     CELEBA_ATTRIBUTES,
     EXTRA_TRAIN_PER_CLASS,
@@ -31,11 +27,15 @@ from dataset_layouts import (
     read_split,
     real_sets,
 )
+from PIL import Image
+from typer.testing import CliRunner
+
+import shards.writer
 from shards.cli import app
 from shards.format import NO_LABEL, LabelKind
 from shards.manifest import load_split, manifest_path
-from shards.sources.common import SourceError, imagenet_wnids, write_planned
 from shards.sources.celeba import CelebAOptions, celeba_plan
+from shards.sources.common import SourceError, imagenet_wnids, write_planned
 from shards.sources.imagenet import ImageNetOptions, imagenet_plan
 from shards.sources.webvision import WebVisionOptions, webvision_plan
 from shards.writer import WriterSettings
@@ -166,14 +166,18 @@ def test_one_percent_subset_keeps_exactly_the_listed_files(imagenet_root, tmp_pa
 
 def test_fraction_complement_is_written_as_an_unlabelled_split(imagenet_root, tmp_path):
     out = tmp_path / "out"
-    convert_imagenet(out, root=imagenet_root, splits=("train",), fraction=0.25, unlabelled_complement="train_unlabelled")
+    convert_imagenet(
+        out, root=imagenet_root, splits=("train",), fraction=0.25, unlabelled_complement="train_unlabelled"
+    )
     train, rest = load_split(out, "train"), load_split(out, "train_unlabelled")
     assert rest.label_kind is LabelKind.UNLABELLED and rest.class_names == train.class_names
     labelled, unlabelled = read_split(out, "train"), read_split(out, "train_unlabelled")
     assert not set(labelled) & set(unlabelled) and all(s.label == NO_LABEL for s in unlabelled.values())
     everything = {source for source, outcome in outcomes(out, "train").items() if outcome != "skipped"}
     everything |= {source for source, outcome in outcomes(out, "train_unlabelled").items() if outcome != "skipped"}
-    assert everything == {p for p, outcome in make_imagenet_train(tmp_path / "again").expected.items() if outcome != "skipped"}
+    assert everything == {
+        p for p, outcome in make_imagenet_train(tmp_path / "again").expected.items() if outcome != "skipped"
+    }
     assert rest.extra["complement_of"] == "train"
 
 
@@ -326,7 +330,9 @@ def test_imagenet_cli_with_resize_and_kaggle_root(tmp_path):
 def test_cli_main_prints_structural_errors(tmp_path, monkeypatch, capsys):
     from shards import cli
 
-    monkeypatch.setattr("sys.argv", ["make_shards.py", "imagenet", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    monkeypatch.setattr(
+        "sys.argv", ["make_shards.py", "imagenet", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]
+    )
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 2
@@ -360,7 +366,9 @@ def test_webvision_both_sources_labels_and_bad_files(webvision_layout, tmp_path)
     missing = [r.reason for r in manifest.skipped if r.source.endswith("missing.jpg")]
     assert len(missing) == 1 and "FileNotFoundError" in missing[0]
     val = read_split(tmp_path, "val")
-    assert {s: x.label for s, x in val.items()} == {s: v for s, v in webvision_layout.labels.items() if s.startswith("val_")}
+    assert {s: x.label for s, x in val.items()} == {
+        s: v for s, v in webvision_layout.labels.items() if s.startswith("val_")
+    }
 
 
 def test_mini_webvision_and_the_matching_imagenet_val(webvision_layout, tmp_path):
@@ -430,7 +438,9 @@ CELEBA_PARTITIONS = [0, 0, 1, 2, 0, 0, 0, 0, 0, 1, 1, 2, 2, 0, 1, 2]
 
 def test_celeba_attributes_partition_and_bad_files(tmp_path):
     layout = make_celeba(tmp_path / "in", CELEBA_PARTITIONS)
-    result = CliRunner().invoke(app, ["celeba", "--root", str(layout.root), "--out", str(tmp_path / "out"), "--workers", "1"])
+    result = CliRunner().invoke(
+        app, ["celeba", "--root", str(layout.root), "--out", str(tmp_path / "out"), "--workers", "1"]
+    )
     assert result.exit_code == 0, result.output
     for part, split in enumerate(("train", "val", "test")):
         manifest = load_split(tmp_path / "out", split)

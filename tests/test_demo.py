@@ -9,18 +9,30 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_engine_run import REPO, grid_root  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
 from engine.config import build_config, load_toml, to_toml
-from test_engine_run import REPO, grid_root  # noqa: F401 (fixture)
 
 
 def tiny_base(grid_root: Path, tmp_path: Path) -> Path:
-    config = build_config({}, {
-        "data.root": str(grid_root), "data.backend": "torch", "data.num_workers": 0, "num_steps": 6, "global_batch_size": 32,
-        "eval_every": 6, "log_every": 3, "checkpoint_every": 6, "device": "cpu", "method.k_teacher_steps": 2, "method.k_student_steps": 2,
-        "method.rho": 0.1,
-    })
+    config = build_config(
+        {},
+        {
+            "data.root": str(grid_root),
+            "data.backend": "torch",
+            "data.num_workers": 0,
+            "num_steps": 6,
+            "global_batch_size": 32,
+            "eval_every": 6,
+            "log_every": 3,
+            "checkpoint_every": 6,
+            "device": "cpu",
+            "method.k_teacher_steps": 2,
+            "method.k_student_steps": 2,
+            "method.rho": 0.1,
+        },
+    )
     path = tmp_path / "tiny.toml"
     path.write_text(to_toml(config))
     return path
@@ -37,13 +49,17 @@ def demo_out(grid_root: Path, tmp_path_factory) -> Path:
     app = typer.Typer()
     app.command()(main)
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["--config", str(tiny_base(grid_root, tmp_path)), "--out", str(out), "--seeds", "2"])
+    result = CliRunner().invoke(
+        app, ["--config", str(tiny_base(grid_root, tmp_path)), "--out", str(out), "--seeds", "2"]
+    )
     assert result.exit_code == 0, result.output
     return out
 
 
 def report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/report.py", *args], capture_output=True, text=True, timeout=600, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "tools/report.py", *args], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
 
 
 def test_demo_table_has_every_method_the_no_model_rows_and_both_plots(demo_out: Path) -> None:
@@ -74,8 +90,18 @@ def test_report_lists_unfinished_runs_groups_as_asked_and_refuses_other_folders(
     for name in ("mile", "mile-seed1", "sigmoid"):
         shutil.copytree(demo_out / name, runs / name)
     (runs / "mile-seed1" / "summary.json").unlink()  # as if it were still training
-    result = report(str(runs / "mile"), str(runs / "mile-seed1"), str(runs / "sigmoid"), "--out", str(tmp_path / "r"),
-                    "--metrics", "top1", "--metrics", "lrap", "--no-score-models")
+    result = report(
+        str(runs / "mile"),
+        str(runs / "mile-seed1"),
+        str(runs / "sigmoid"),
+        "--out",
+        str(tmp_path / "r"),
+        "--metrics",
+        "top1",
+        "--metrics",
+        "lrap",
+        "--no-score-models",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "r" / "table.csv")))
     assert [(row["method"], row["seeds"]) for row in rows] == [("sigmoid", "1"), ("mile", "1")]
@@ -85,11 +111,16 @@ def test_report_lists_unfinished_runs_groups_as_asked_and_refuses_other_folders(
 
     grouped = report(str(runs), "--out", str(tmp_path / "g"), "--group-by", "data.eval_split", "--no-score-models")
     assert grouped.returncode == 0, grouped.stderr[-3000:]
-    assert [(row["method"], row["seeds"]) for row in csv.DictReader(open(tmp_path / "g" / "table.csv"))] == [("all runs", "2")]
+    assert [(row["method"], row["seeds"]) for row in csv.DictReader(open(tmp_path / "g" / "table.csv"))] == [
+        ("all runs", "2")
+    ]
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not a run")
-    for bad, message in ((tmp_path / "empty", "is not a run folder (no config.toml) and holds none"), (tmp_path / "nowhere", "does not exist")):
+    for bad, message in (
+        (tmp_path / "empty", "is not a run folder (no config.toml) and holds none"),
+        (tmp_path / "nowhere", "does not exist"),
+    ):
         refused = report(str(bad), "--out", str(tmp_path / "x"))
         assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
     wrong_key = report(str(runs), "--out", str(tmp_path / "x"), "--group-by", "rhoo")
@@ -110,8 +141,10 @@ def test_sweep_runs_every_combination_marks_the_chosen_and_reuses_runs(grid_root
     assert first.returncode == 0, first.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [(r["method"], r["run"]) for r in rows] == [
-        ("sigmoid", "lr_per_256=0.05"), ("sigmoid", "lr_per_256=0.2"),
-        ("mile", "k_teacher_steps=2,k_student_steps=2"), ("mile", "k_teacher_steps=3,k_student_steps=1"),
+        ("sigmoid", "lr_per_256=0.05"),
+        ("sigmoid", "lr_per_256=0.2"),
+        ("mile", "k_teacher_steps=2,k_student_steps=2"),
+        ("mile", "k_teacher_steps=3,k_student_steps=1"),
     ]
     assert (out / "sweep.md").read_text().count("(chosen)") == 2
     saved = load_toml(out / "mile" / "k_teacher_steps=3,k_student_steps=1" / "config.toml")
@@ -123,10 +156,17 @@ def test_sweep_runs_every_combination_marks_the_chosen_and_reuses_runs(grid_root
 
     table = list(csv.DictReader(open(out / "table.csv")))
     assert [row["method"] for row in table[:4]] == [
-        "sigmoid lr_per_256=0.05", "sigmoid lr_per_256=0.2",
-        "mile k_teacher_steps=2 k_student_steps=2", "mile k_teacher_steps=3 k_student_steps=1",
+        "sigmoid lr_per_256=0.05",
+        "sigmoid lr_per_256=0.2",
+        "mile k_teacher_steps=2 k_student_steps=2",
+        "mile k_teacher_steps=3 k_student_steps=1",
     ]
-    result = subprocess.run([sys.executable, "tools/report.py", str(out), "--out", str(tmp_path / "report")],
-                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "tools/report.py", str(out), "--out", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "report" / "table.md").read_text() == (out / "table.md").read_text()

@@ -44,7 +44,9 @@ def test_cpu_run_sets_no_cuda_device(fake_cuda: list[torch.device]) -> None:
 def test_capture_refuses_a_batch_off_the_current_device(monkeypatch) -> None:
     monkeypatch.setattr(steps.torch.cuda, "current_device", lambda: 0)
     check_current_device(torch.device("cuda", 0))  # the same device: fine
-    with pytest.raises(CaptureDeviceError, match=r"batch is on cuda:1 but the current CUDA device is cuda:0.*set_device\('cuda:1'\)"):
+    with pytest.raises(
+        CaptureDeviceError, match=r"batch is on cuda:1 but the current CUDA device is cuda:0.*set_device\('cuda:1'\)"
+    ):
         check_current_device(torch.device("cuda", 1))
     # Stepper.capture checks first, before any stream or warm-up step is made; and the error is not
     # a RuntimeError, so Engine.capture (which falls back to eager on RuntimeError) does not hide it
@@ -144,10 +146,21 @@ def test_trainer_waits_its_turn_before_each_step(tmp_path, monkeypatch) -> None:
             events.append(f"queued {type(batch).__name__}")
 
     monkeypatch.setattr(trainer_module, "RunAheadLimit", SpyRing)
-    values = {"data.root": str(root), "data.num_workers": 0, "data.backend": "torch", "num_steps": 3, "global_batch_size": 16,
-              "method.k_teacher_steps": 1, "method.k_student_steps": 1, "out_dir": str(tmp_path / "run"), "device": "cpu"}
+    values = {
+        "data.root": str(root),
+        "data.num_workers": 0,
+        "data.backend": "torch",
+        "num_steps": 3,
+        "global_batch_size": 16,
+        "method.k_teacher_steps": 1,
+        "method.k_student_steps": 1,
+        "out_dir": str(tmp_path / "run"),
+        "device": "cpu",
+    }
     trainer = trainer_module.Trainer(build_config({}, values), DistInfo(0, 1, 0, torch.device("cpu")))
     original = trainer.engine.train_step
-    monkeypatch.setattr(trainer.engine, "train_step", lambda step, batch: (events.append(f"step {step}"), original(step, batch))[1])
+    monkeypatch.setattr(
+        trainer.engine, "train_step", lambda step, batch: (events.append(f"step {step}"), original(step, batch))[1]
+    )
     trainer.run()
     assert events == ["ring on cpu"] + [e for step in range(3) for e in ("wait", f"step {step}", "queued Batch")]

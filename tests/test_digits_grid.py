@@ -16,6 +16,7 @@ from PIL import Image
 
 from shards.format import LabelKind, decode_sample
 from shards.manifest import load_splits, validate_split
+from shards.sources import digits_grid
 from shards.sources.digits_grid import (
     CENTRE_CELL,
     CENTRE_PROBABILITY,
@@ -27,7 +28,6 @@ from shards.sources.digits_grid import (
     load_digit_cells,
     split_digit_pools,
 )
-from shards.sources import digits_grid
 from shards.writer import WriterSettings, write_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,11 @@ def test_multi_label_set_is_every_digit_present_and_holds_the_label(many_train_g
 
 def cells_of(pixels: np.ndarray, cell_px: int) -> list[bytes]:
     """The nine cells of a grid, row-major, as raw bytes."""
-    return [pixels[r * cell_px : (r + 1) * cell_px, c * cell_px : (c + 1) * cell_px].tobytes() for r in range(3) for c in range(3)]
+    return [
+        pixels[r * cell_px : (r + 1) * cell_px, c * cell_px : (c + 1) * cell_px].tobytes()
+        for r in range(3)
+        for c in range(3)
+    ]
 
 
 @pytest.mark.parametrize("seed", [0, 7])
@@ -167,8 +171,25 @@ def test_ensure_grid_shards_rebuilds_a_cache_of_another_grid_rule_or_config(tmp_
 
 def test_cli_writes_a_manifest_with_train_tune_and_val(tmp_path):
     out = tmp_path / "grid"
-    command = [sys.executable, "tools/make_shards.py", "digits-grid", "--out", str(out), "--train-size", "60",
-               "--val-size", "20", "--tune-size", "15", "--cell-px", "16", "--shard-samples", "25", "--workers", "1"]
+    command = [
+        sys.executable,
+        "tools/make_shards.py",
+        "digits-grid",
+        "--out",
+        str(out),
+        "--train-size",
+        "60",
+        "--val-size",
+        "20",
+        "--tune-size",
+        "15",
+        "--cell-px",
+        "16",
+        "--shard-samples",
+        "25",
+        "--workers",
+        "1",
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     splits = load_splits(out)

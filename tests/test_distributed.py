@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine_run import CPU, REPO, checkpoint_state, grid_root, tiny_config  # noqa: F401 (grid_root is a fixture)
 
 from engine.checkpoint import read_checkpoint
 from engine.cli import resolve_config
@@ -26,7 +27,6 @@ from engine.distributed import first_host, slurm_environment
 from engine.launch import exit_status, with_forwarded_signals
 from engine.run_folder import read_metrics
 from engine.trainer import Trainer
-from test_engine_run import CPU, REPO, checkpoint_state, grid_root, tiny_config  # noqa: F401 (grid_root is a fixture)
 
 WORKER = REPO / "tests" / "dist_worker.py"
 # Float tolerance between runs on different numbers of processes: sums over a batch in another order
@@ -46,18 +46,47 @@ def command(nproc: int, args: list[str], worker: bool = False, max_restarts: int
     target = [str(WORKER)] if worker else ["-m", "engine.cli"]
     if nproc == 0:
         return [sys.executable, *target, *args]
-    launcher = ["-m", "engine.launch", "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", "--monitor-interval=0.1"]
+    launcher = [
+        "-m",
+        "engine.launch",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "--monitor-interval=0.1",
+    ]
     return [sys.executable, *launcher, *target, *args]
 
 
-def run(nproc: int, args: list[str], worker: bool = False, max_restarts: int = 0, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command(nproc, args, worker, max_restarts), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=child_env(**env))
+def run(
+    nproc: int, args: list[str], worker: bool = False, max_restarts: int = 0, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(nproc, args, worker, max_restarts),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=child_env(**env),
+    )
 
 
 def run_args(grid_root: Path, out: Path, **flags: object) -> list[str]:
-    values = {"data": grid_root, "device": "cpu", "loader": "torch", "workers": 0, "batch-size": 32, "steps": 10, "eval-every": 10,
-              "log-every": 2, "checkpoint-every": 4, "warmup-steps": 0, "k-teacher-steps": 3, "k-student-steps": 2, "out": out,
-              **flags}
+    values = {
+        "data": grid_root,
+        "device": "cpu",
+        "loader": "torch",
+        "workers": 0,
+        "batch-size": 32,
+        "steps": 10,
+        "eval-every": 10,
+        "log-every": 2,
+        "checkpoint-every": 4,
+        "warmup-steps": 0,
+        "k-teacher-steps": 3,
+        "k-student-steps": 2,
+        "out": out,
+        **flags,
+    }
     args = []
     for name, value in values.items():
         if value is True:
@@ -84,8 +113,13 @@ def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
             # times the parameters' (seen: 1.6e-4 on a mean of 0.057 after a 2 -> 1 process resume).
             # A wrong batch shows first in the losses (compared to 1e-5 relative), far above this.
             scale = 5 if name.endswith(("running_mean", "running_var")) else 1
-            torch.testing.assert_close(a[name], b[name], atol=scale * WEIGHT_ATOL, rtol=scale * WEIGHT_RTOL,
-                                       msg=lambda detail, name=name: f"{name}: {detail}")
+            torch.testing.assert_close(
+                a[name],
+                b[name],
+                atol=scale * WEIGHT_ATOL,
+                rtol=scale * WEIGHT_RTOL,
+                msg=lambda detail, name=name: f"{name}: {detail}",
+            )
         else:
             assert torch.equal(a[name], b[name]), name
 
@@ -98,7 +132,9 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 
 
 @pytest.mark.parametrize("method, counts", [("softmax", (2,)), ("mile", (2, 4))])
-def test_sync_bn_runs_agree_on_any_number_of_processes(grid_root: Path, tmp_path: Path, method: str, counts: tuple[int, ...]) -> None:
+def test_sync_bn_runs_agree_on_any_number_of_processes(
+    grid_root: Path, tmp_path: Path, method: str, counts: tuple[int, ...]
+) -> None:
     """With --sync-bn, 2 and 4 processes train like 1 with the same global batch: same samples per
     step, same statistics, so the same loss curve and final weights within float tolerance."""
     args = lambda out: run_args(grid_root, out, method=method, **{"sync-bn": True})  # noqa: E731
@@ -154,9 +190,15 @@ def test_a_worker_leaves_without_racing_the_process_groups_threads(tmp_path: Pat
     script = tmp_path / "leave.py"
     script.write_text(LEAVE_WITH_A_COLLECTIVE_IN_FLIGHT)
     launch = [sys.executable, "-m", "engine.launch", "--standalone", "--nproc_per_node=2", str(script)]
-    finalized = subprocess.run([*launch, "finalize"], capture_output=True, text=True, timeout=120, cwd=REPO, env=child_env())
-    assert finalized.returncode in (128 + signal.SIGABRT, 128 + signal.SIGSEGV), finalized.stderr[-4000:]  # crashed, by either
-    left = subprocess.run([*launch, "exit_worker"], capture_output=True, text=True, timeout=120, cwd=REPO, env=child_env())
+    finalized = subprocess.run(
+        [*launch, "finalize"], capture_output=True, text=True, timeout=120, cwd=REPO, env=child_env()
+    )
+    assert finalized.returncode in (128 + signal.SIGABRT, 128 + signal.SIGSEGV), finalized.stderr[
+        -4000:
+    ]  # crashed, by either
+    left = subprocess.run(
+        [*launch, "exit_worker"], capture_output=True, text=True, timeout=120, cwd=REPO, env=child_env()
+    )
     assert left.returncode == 0, left.stderr[-4000:]
 
 
@@ -181,8 +223,14 @@ def test_a_killed_rank_restarts_the_job_which_resumes_exactly(grid_root: Path, t
 def test_a_checkpoint_killed_while_written_is_never_resumed_from(grid_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = run_args(grid_root, out, **{"checkpoint-every": 2, "keep-checkpoints": 2})
-    process = subprocess.Popen(command(0, args, worker=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                               env=child_env(MILE_TEST_SLOW_WRITE="120"))
+    process = subprocess.Popen(
+        command(0, args, worker=True),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=child_env(MILE_TEST_SLOW_WRITE="120"),
+    )
     folder = out / "checkpoints"
     deadline = time.monotonic() + 120
     while not (list(folder.glob(".*.tmp")) and (folder / "last.pt").exists()) and time.monotonic() < deadline:
@@ -201,8 +249,14 @@ def test_a_checkpoint_killed_while_written_is_never_resumed_from(grid_root: Path
 
 def test_keeps_the_last_n_and_the_best_checkpoint(grid_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    config = tiny_config(grid_root, out, num_steps=8, checkpoint_every=2, eval_every=2,
-                         **{"checkpoint.keep_last": 2, "checkpoint.best_metric": "lrap"})
+    config = tiny_config(
+        grid_root,
+        out,
+        num_steps=8,
+        checkpoint_every=2,
+        eval_every=2,
+        **{"checkpoint.keep_last": 2, "checkpoint.best_metric": "lrap"},
+    )
     Trainer(config, CPU).run()
     folder = out / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "step-0000006.pt", "step-0000008.pt"]
@@ -210,7 +264,11 @@ def test_keeps_the_last_n_and_the_best_checkpoint(grid_root: Path, tmp_path: Pat
     evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
     best = max(evals, key=lambda r: r["lrap"])  # the first of equal values: later ones do not improve on it
     progress = read_checkpoint(folder / "best.pt")["components"]["progress"]
-    assert (progress["step"], progress["best_step"], progress["best_value"]) == (best["step"], best["step"], best["lrap"])
+    assert (progress["step"], progress["best_step"], progress["best_value"]) == (
+        best["step"],
+        best["step"],
+        best["lrap"],
+    )
 
 
 def test_checkpoints_are_written_while_training_goes_on(grid_root: Path, tmp_path: Path, monkeypatch) -> None:
@@ -253,14 +311,21 @@ def one_process_reference(grid_root: Path, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_signal_to_the_launcher_stops_every_rank_after_the_same_step(grid_root: Path, tmp_path: Path, one_process_reference: Path,
-                                                                         signum: int) -> None:
+def test_a_signal_to_the_launcher_stops_every_rank_after_the_same_step(
+    grid_root: Path, tmp_path: Path, one_process_reference: Path, signum: int
+) -> None:
     """Every rank stops after the same step, rank 0 checkpoints it, the launcher exits 128 + signal;
     --resume-auto on one process (another world size) then ends as the one-process run."""
     out = tmp_path / "run"
     args = run_args(grid_root, out, steps=16, **{"sync-bn": True, "checkpoint-every": 100})
-    process = subprocess.Popen(command(2, args, worker=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                               env=child_env(MILE_TEST_STEP_SLEEP="0.2"))
+    process = subprocess.Popen(
+        command(2, args, worker=True),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=child_env(MILE_TEST_STEP_SLEEP="0.2"),
+    )
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -279,8 +344,17 @@ def test_a_signal_to_the_launcher_stops_every_rank_after_the_same_step(grid_root
 
 def test_resume_auto_starts_resumes_or_refuses(grid_root: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    overrides = {"data.root": str(grid_root), "device": "cpu", "data.backend": "torch", "data.num_workers": 0, "num_steps": 4,
-                 "global_batch_size": 32, "eval_every": 4, "checkpoint_every": 2, "out_dir": str(tmp_path / "run")}
+    overrides = {
+        "data.root": str(grid_root),
+        "device": "cpu",
+        "data.backend": "torch",
+        "data.num_workers": 0,
+        "num_steps": 4,
+        "global_batch_size": 32,
+        "eval_every": 4,
+        "checkpoint_every": 2,
+        "out_dir": str(tmp_path / "run"),
+    }
     config, resuming = resolve_config(None, False, overrides, resume_auto=True)
     assert not resuming  # nothing to resume: a fresh start
     assert resolve_config(None, False, overrides) == (config, False)
@@ -294,16 +368,33 @@ def test_resume_auto_starts_resumes_or_refuses(grid_root: Path, tmp_path: Path, 
 
 
 def test_slurm_variables_become_ranks_when_srun_starts_the_processes() -> None:
-    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
-             "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
-    assert slurm_environment(slurm) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
-                                        "MASTER_PORT": str(29500 + 123456 % 10000)}
+    slurm = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_ID": "123456",
+    }
+    assert slurm_environment(slurm) == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": str(29500 + 123456 % 10000),
+    }
     mine = slurm_environment({**slurm, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4000"})
     assert (mine["MASTER_ADDR"], mine["MASTER_PORT"]) == ("10.0.0.1", "4000")
     assert slurm_environment({**slurm, "RANK": "5"}) == {}  # torchrun under srun: its variables win
     assert slurm_environment({**slurm, "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"}) == {}  # one task
     assert slurm_environment({}) == {}
-    for nodes, first in [("gpu[03-05,09],cpu1", "gpu03"), ("a1,b2", "a1"), ("node12", "node12"), ("n[1,3]-x", "n1"), ("", "")]:
+    for nodes, first in [
+        ("gpu[03-05,09],cpu1", "gpu03"),
+        ("a1,b2", "a1"),
+        ("node12", "node12"),
+        ("n[1,3]-x", "n1"),
+        ("", ""),
+    ]:
         assert first_host(nodes) == first, nodes
 
 
@@ -319,12 +410,17 @@ def test_a_task_with_one_visible_gpu_uses_it_whatever_its_local_rank(monkeypatch
 
 
 def test_the_launcher_forwards_sigusr1_and_reports_what_stopped_the_job() -> None:
-    assert with_forwarded_signals(["--nproc_per_node=2", "-m", "engine.cli"])[0] == "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    assert (
+        with_forwarded_signals(["--nproc_per_node=2", "-m", "engine.cli"])[0]
+        == "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    )
     assert with_forwarded_signals(["--signals_to_handle=SIGTERM", "x.py"]) == ["--signals_to_handle=SIGTERM", "x.py"]
     assert (exit_status(-signal.SIGKILL), exit_status(2), exit_status(128 + 15)) == (137, 2, 143)
 
 
-def test_async_write_failure_is_reported_and_keeps_the_previous_checkpoint(grid_root: Path, tmp_path: Path, monkeypatch) -> None:
+def test_async_write_failure_is_reported_and_keeps_the_previous_checkpoint(
+    grid_root: Path, tmp_path: Path, monkeypatch
+) -> None:
     """The write after step 4 fails on its thread; the trainer raises it (at the next checkpoint or the
     end) and last.pt stays the whole checkpoint of step 2."""
     import errno

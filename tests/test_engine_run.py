@@ -30,7 +30,9 @@ def grid_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("grid")
     config = digits_grid.GridConfig(train_size=640, val_size=160, seed=3)
     for split, items in digits_grid.grid_items(config).items():
-        write_split(root, digits_grid.grid_spec(split, config), items, WriterSettings(progress=False, max_samples_per_shard=200))
+        write_split(
+            root, digits_grid.grid_spec(split, config), items, WriterSettings(progress=False, max_samples_per_shard=200)
+        )
     return root
 
 
@@ -137,7 +139,9 @@ def test_existing_run_is_not_overwritten(grid_root: Path, tmp_path: Path) -> Non
     assert (out / "checkpoints" / "last.pt").read_bytes() == before
 
 
-def test_non_finite_loss_names_step_and_phase_and_keeps_checkpoint(grid_root: Path, tmp_path: Path, monkeypatch) -> None:
+def test_non_finite_loss_names_step_and_phase_and_keeps_checkpoint(
+    grid_root: Path, tmp_path: Path, monkeypatch
+) -> None:
     import engine.steps
 
     calls = {"n": 0}
@@ -156,9 +160,13 @@ def test_non_finite_loss_names_step_and_phase_and_keeps_checkpoint(grid_root: Pa
     assert checkpoint_step(out) == 4
 
 
-def test_multilabel_metrics_on_a_single_label_split_is_an_error(single_label_eval: Path, grid_root: Path, tmp_path: Path) -> None:
+def test_multilabel_metrics_on_a_single_label_split_is_an_error(
+    single_label_eval: Path, grid_root: Path, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match="has no multi-labels"):
-        Trainer(tiny_config(grid_root, tmp_path / "x", multilabel_metrics="on", **{"data.eval_split": "val_single"}), CPU)
+        Trainer(
+            tiny_config(grid_root, tmp_path / "x", multilabel_metrics="on", **{"data.eval_split": "val_single"}), CPU
+        )
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +181,24 @@ def single_label_eval(grid_root: Path) -> Path:
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def test_cli_help_lists_the_options() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
-    for option in ("--method", "--k-teacher-steps", "--rho", "--student-init", "--resume", "--gpus", "--config", "--loader"):
+    for option in (
+        "--method",
+        "--k-teacher-steps",
+        "--rho",
+        "--student-init",
+        "--resume",
+        "--gpus",
+        "--config",
+        "--loader",
+    ):
         assert option in result.stdout
 
 
@@ -187,7 +206,10 @@ def test_cli_help_lists_the_options() -> None:
     "args, message",
     [
         (["--rho", "1.5"], "method.rho (--method.rho / --rho) must be > 0 and < 1, got 1.5"),
-        (["--k-student-steps", "0"], "method.k_student_steps (--method.k_student_steps / --k-student-steps) must be >= 1"),
+        (
+            ["--k-student-steps", "0"],
+            "method.k_student_steps (--method.k_student_steps / --k-student-steps) must be >= 1",
+        ),
         (["--theta", "0"], "--theta"),
         (["--data", "no/such/folder"], "no/such/folder does not exist"),
         (["--method", "softmaxx"], "--method"),
@@ -205,9 +227,29 @@ def test_cli_bad_options_fail_before_work(args: list[str], message: str, tmp_pat
 
 def test_cli_sigterm_saves_checkpoint_then_resume_finishes(grid_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    args = ["--data", str(grid_root), "--steps", "100000", "--batch-size", "16", "--out", str(out), "--device", "cpu",
-            "--loader", "torch", "--workers", "0", "--log-every", "5", "--eval-every", "100000"]
-    process = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    args = [
+        "--data",
+        str(grid_root),
+        "--steps",
+        "100000",
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+        "--log-every",
+        "5",
+        "--eval-every",
+        "100000",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -229,9 +271,36 @@ def test_two_process_cpu_run_under_torchrun(grid_root: Path, tmp_path: Path) -> 
     finalizing: ``engine.distributed.exit_worker``, tested in test_distributed.py.)"""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "engine.cli",
-               "--data", str(grid_root), "--device", "cpu", "--steps", "6", "--batch-size", "32", "--out", str(out),
-               "--loader", "torch", "--workers", "0", "--eval-every", "6", "--k-teacher-steps", "2", "--k-student-steps", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "engine.cli",
+        "--data",
+        str(grid_root),
+        "--device",
+        "cpu",
+        "--steps",
+        "6",
+        "--batch-size",
+        "32",
+        "--out",
+        str(out),
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+        "--eval-every",
+        "6",
+        "--k-teacher-steps",
+        "2",
+        "--k-student-steps",
+        "2",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[:6000]
     summary = json.loads((out / "summary.json").read_text())
@@ -259,14 +328,51 @@ def test_training_on_a_folder_converted_dataset(tmp_path: Path) -> None:
     for split, lines in rows.items():
         (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
         convert = subprocess.run(
-            [sys.executable, "tools/make_shards.py", "folder", "--images", str(images), "--labels", str(tmp_path / f"{split}.csv"),
-             "--split", split, "--out", str(shards), "--workers", "1"],
-            capture_output=True, text=True, timeout=120, cwd=REPO,
+            [
+                sys.executable,
+                "tools/make_shards.py",
+                "folder",
+                "--images",
+                str(images),
+                "--labels",
+                str(tmp_path / f"{split}.csv"),
+                "--split",
+                split,
+                "--out",
+                str(shards),
+                "--workers",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
         )
         assert convert.returncode == 0, convert.stderr
     out = tmp_path / "run"
-    result = run_cli("--data", str(shards), "--method", "sigmoid", "--steps", "8", "--batch-size", "8", "--image-size", "32",
-                     "--augment", "--out", str(out), "--device", "cpu", "--loader", "torch", "--workers", "0", "--eval-every", "8")
+    result = run_cli(
+        "--data",
+        str(shards),
+        "--method",
+        "sigmoid",
+        "--steps",
+        "8",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "32",
+        "--augment",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+        "--eval-every",
+        "8",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_images"] == 12 and 0.0 <= summary["top1"] <= 1.0 and "f1@0.25" in summary
@@ -275,13 +381,20 @@ def test_training_on_a_folder_converted_dataset(tmp_path: Path) -> None:
 def test_attribute_dataset_trains_mile_and_refuses_softmax(tmp_path: Path) -> None:
     """CelebA-style attributes: MILe trains on multi-hot targets and reports attribute metrics."""
     from dataset_layouts import make_celeba
+
     from shards.sources import celeba
     from shards.sources.common import write_planned
 
     make_celeba(tmp_path / "celeba", partitions=[0] * 24 + [1] * 8, with_broken=False)
     shards = tmp_path / "shards"
-    write_planned(shards, celeba.celeba_plan(celeba.CelebAOptions(tmp_path / "celeba", ("train", "val"))), WriterSettings(progress=False))
-    config = tiny_config(shards, tmp_path / "run", num_steps=6, global_batch_size=8, eval_every=6, **{"data.image_size_px": 16})
+    write_planned(
+        shards,
+        celeba.celeba_plan(celeba.CelebAOptions(tmp_path / "celeba", ("train", "val"))),
+        WriterSettings(progress=False),
+    )
+    config = tiny_config(
+        shards, tmp_path / "run", num_steps=6, global_batch_size=8, eval_every=6, **{"data.image_size_px": 16}
+    )
     summary = Trainer(config, CPU).run()
     assert summary["num_images"] == 8 and {"f1@0.25", "balanced_acc@0.25"} <= set(summary)
     with pytest.raises(ConfigError, match="independent binary attributes"):

@@ -74,7 +74,9 @@ def test_logit_rejects_out_of_range() -> None:
 
 
 def mile(k_t: int = 3, k_s: int = 2, warmup: int = 0, init: str = "teacher") -> PhasePlan:
-    return PhasePlan(MethodConfig(name="mile", k_teacher_steps=k_t, k_student_steps=k_s, warmup_steps=warmup, student_init=init))
+    return PhasePlan(
+        MethodConfig(name="mile", k_teacher_steps=k_t, k_student_steps=k_s, warmup_steps=warmup, student_init=init)
+    )
 
 
 def test_phases_run_exactly_k_steps() -> None:
@@ -184,7 +186,9 @@ def test_bad_options_name_the_option(overrides: dict, message: str) -> None:
 
 
 def test_flags_override_file_values() -> None:
-    config = build_config({"num_steps": 10, "method": {"rho": 0.3, "k_teacher_steps": 7}}, {"method.rho": 0.4, "num_steps": None})
+    config = build_config(
+        {"num_steps": 10, "method": {"rho": 0.3, "k_teacher_steps": 7}}, {"method.rho": 0.4, "num_steps": None}
+    )
     assert config.method.rho == 0.4 and config.method.k_teacher_steps == 7 and config.num_steps == 10
     assert isinstance(config, RunConfig)
 
@@ -204,12 +208,25 @@ def test_engine_bench_rows_on_cpu(tmp_path) -> None:
 
     from benchmarks.engine_steps import EngineBenchConfig, run_engine_bench, write_json
 
-    config = EngineBenchConfig(arch="grid_cnn", image_size_px=24, batch_size=4, num_classes=10, steps_per_repeat=1, repeats=2, warmup_steps=1, device="cpu")
+    config = EngineBenchConfig(
+        arch="grid_cnn",
+        image_size_px=24,
+        batch_size=4,
+        num_classes=10,
+        steps_per_repeat=1,
+        repeats=2,
+        warmup_steps=1,
+        device="cpu",
+    )
     rows = run_engine_bench(config)
     names = [row.name for row in rows]
     assert names == [
-        "engine teacher step (eager)", "engine student step (eager)", "phase switch: teacher snapshot (eager)",
-        "eager baseline teacher step (NCHW fp32)", "eager baseline student step (NCHW fp32)", "phase switch: deepcopy teacher (baseline)",
+        "engine teacher step (eager)",
+        "engine student step (eager)",
+        "phase switch: teacher snapshot (eager)",
+        "eager baseline teacher step (NCHW fp32)",
+        "eager baseline student step (NCHW fp32)",
+        "phase switch: deepcopy teacher (baseline)",
     ]
     assert all(row.ms_per_step_median > 0 for row in rows)
     write_json(tmp_path / "bench.json", config, rows, {})
@@ -250,7 +267,9 @@ def test_loader_workers_default_to_auto_and_the_resolved_count_is_logged(tmp_pat
         write_split(tmp_path, SplitSpec(split, LabelKind.SINGLE, ["a", "b"]), items, WriterSettings(progress=False))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    config = build_config({}, {"data.root": str(tmp_path), "data.backend": "torch", "global_batch_size": 2, "data.image_size_px": 8})
+    config = build_config(
+        {}, {"data.root": str(tmp_path), "data.backend": "torch", "global_batch_size": 2, "data.image_size_px": 8}
+    )
     with caplog.at_level(logging.INFO, logger="engine.data"):
         loaders = build_loaders(config, tmp_path, 0, 1, torch.device("cpu"))
     assert "loader workers per process: 3 (auto: CPU affinity / local ranks)" in caplog.text

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_engine_run import CPU, REPO, grid_root, run_cli, tiny_config  # noqa: F401 (grid_root is a fixture)
 from typer.testing import CliRunner
 
 from engine import evaluate, export
@@ -20,7 +21,6 @@ from engine.run_folder import read_metrics
 from engine.trainer import Trainer
 from shards.sources import digits_grid
 from shards.writer import WriterSettings, write_split
-from test_engine_run import CPU, REPO, grid_root, run_cli, tiny_config  # noqa: F401 (grid_root is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +45,57 @@ def reordered_classes(source: Path, destination: Path) -> Path:
     return destination
 
 
-def test_extra_eval_sets_are_scored_at_every_eval_point_and_match_mile_eval(grid_root: Path, second_grid: Path, tmp_path: Path) -> None:
+def test_extra_eval_sets_are_scored_at_every_eval_point_and_match_mile_eval(
+    grid_root: Path, second_grid: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
-    result = run_cli("--data", str(grid_root), "--out", str(out), "--device", "cpu", "--loader", "torch", "--workers", "0",
-                     "--steps", "8", "--batch-size", "32", "--eval-every", "4", "--log-every", "4", "--k-teacher-steps", "2",
-                     "--k-student-steps", "2", "--eval-data", str(second_grid), "--eval-data", f"{second_grid}:tune",
-                     "--best-metric", "grid2/tune/lrap")
+    result = run_cli(
+        "--data",
+        str(grid_root),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+        "--steps",
+        "8",
+        "--batch-size",
+        "32",
+        "--eval-every",
+        "4",
+        "--log-every",
+        "4",
+        "--k-teacher-steps",
+        "2",
+        "--k-student-steps",
+        "2",
+        "--eval-data",
+        str(second_grid),
+        "--eval-data",
+        f"{second_grid}:tune",
+        "--best-metric",
+        "grid2/tune/lrap",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [4, 8]
     for record in evals:
-        assert record["num_images"] == 160 and record["grid2/val/num_images"] == 48 and record["grid2/tune/num_images"] == 40
-        assert {"top1", "f1@0.25", "grid2/val/f1@0.25", "grid2/tune/lrap", "eval_seconds", "grid2/val/eval_seconds"} <= set(record)
+        assert (
+            record["num_images"] == 160
+            and record["grid2/val/num_images"] == 48
+            and record["grid2/tune/num_images"] == 40
+        )
+        assert {
+            "top1",
+            "f1@0.25",
+            "grid2/val/f1@0.25",
+            "grid2/tune/lrap",
+            "eval_seconds",
+            "grid2/val/eval_seconds",
+        } <= set(record)
     summary = json.loads((out / "summary.json").read_text())
     assert {k: v for k, v in evals[-1].items() if k in summary} == {k: summary[k] for k in summary if k in evals[-1]}
     assert "grid2/val/top1" in summary and "grid2/tune/f1@matched" in summary
@@ -64,16 +103,26 @@ def test_extra_eval_sets_are_scored_at_every_eval_point_and_match_mile_eval(grid
 
     CliRunner().invoke(export.app, [str(out), "--out", str(tmp_path / "model")], catch_exceptions=False)
     for split in ("val", "tune"):
-        scored = evaluate.evaluate_exported(tmp_path / "model", second_grid, split, CPU.device, batch_size=32, backend="torch", num_workers=0)
+        scored = evaluate.evaluate_exported(
+            tmp_path / "model", second_grid, split, CPU.device, batch_size=32, backend="torch", num_workers=0
+        )
         for key, value in scored.items():
             assert summary[f"grid2/{split}/{key}"] == pytest.approx(value, abs=1e-6), key
 
     # the report gives each extra set's top-1 a column of its own
-    report = subprocess.run([sys.executable, "tools/report.py", str(out), "--out", str(tmp_path / "report"), "--no-score-models"],
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    report = subprocess.run(
+        [sys.executable, "tools/report.py", str(out), "--out", str(tmp_path / "report"), "--no-score-models"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     row = next(csv.DictReader(open(tmp_path / "report" / "table.csv")))
-    assert row["grid2/val top-1"] == f"{100 * summary['grid2/val/top1']:.2f}" and row["grid2/tune top-1"] == f"{100 * summary['grid2/tune/top1']:.2f}"
+    assert (
+        row["grid2/val top-1"] == f"{100 * summary['grid2/val/top1']:.2f}"
+        and row["grid2/tune top-1"] == f"{100 * summary['grid2/tune/top1']:.2f}"
+    )
 
 
 def test_an_eval_set_with_other_classes_is_refused_naming_both_manifests_and_the_converter_option(
@@ -89,27 +138,47 @@ def test_an_eval_set_with_other_classes_is_refused_naming_both_manifests_and_the
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("{tmp}/no_such_folder", "no_such_folder does not exist"),
-    ("{second}:no_such_split", "has no split 'no_such_split'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("{tmp}/no_such_folder", "no_such_folder does not exist"),
+        ("{second}:no_such_split", "has no split 'no_such_split'"),
+    ],
+)
 def test_a_missing_eval_folder_or_split_fails_before_any_file_is_written(
     grid_root: Path, second_grid: Path, tmp_path: Path, spec: str, message: str
 ) -> None:
-    result = run_cli("--data", str(grid_root), "--out", str(tmp_path / "run"), "--device", "cpu", "--loader", "torch",
-                     "--eval-data", spec.format(tmp=tmp_path, second=second_grid), timeout=120)
+    result = run_cli(
+        "--data",
+        str(grid_root),
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        "--loader",
+        "torch",
+        "--eval-data",
+        spec.format(tmp=tmp_path, second=second_grid),
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "--eval-data" in result.stderr and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_best_metric_must_name_a_key_of_an_eval_set(grid_root: Path, second_grid: Path, tmp_path: Path) -> None:
-    config = tiny_config(grid_root, tmp_path / "run", **{"data.extra_eval": [str(second_grid)], "checkpoint.best_metric": "grid2/tune/lrap"})
+    config = tiny_config(
+        grid_root,
+        tmp_path / "run",
+        **{"data.extra_eval": [str(second_grid)], "checkpoint.best_metric": "grid2/tune/lrap"},
+    )
     with pytest.raises(ConfigError, match="grid2/val/lrap"):
         Trainer(config, CPU)
 
 
-def test_two_sets_of_one_name_get_unique_names_and_an_added_set_may_resume(grid_root: Path, second_grid: Path, tmp_path: Path) -> None:
+def test_two_sets_of_one_name_get_unique_names_and_an_added_set_may_resume(
+    grid_root: Path, second_grid: Path, tmp_path: Path
+) -> None:
     config = tiny_config(grid_root, tmp_path / "run", **{"data.extra_eval": [str(second_grid), f"{second_grid}:val"]})
     trainer = Trainer(config, CPU)
     try:
@@ -120,11 +189,14 @@ def test_two_sets_of_one_name_get_unique_names_and_an_added_set_may_resume(grid_
     check_resume_changes(tiny_config(grid_root, tmp_path / "run"), config)  # adding eval sets is no other experiment
 
 
-@pytest.mark.parametrize("spec, folder, split", [
-    ("shards/imagenet", "shards/imagenet", "val"),
-    ("shards/imagenet:tune", "shards/imagenet", "tune"),
-    ("/data/a:b/c", "/data/a:b/c", "val"),  # a colon followed by a path belongs to the folder
-])
+@pytest.mark.parametrize(
+    "spec, folder, split",
+    [
+        ("shards/imagenet", "shards/imagenet", "val"),
+        ("shards/imagenet:tune", "shards/imagenet", "tune"),
+        ("/data/a:b/c", "/data/a:b/c", "val"),  # a colon followed by a path belongs to the folder
+    ],
+)
 def test_eval_data_names_a_folder_and_a_split(spec: str, folder: str, split: str) -> None:
     from engine.data import parse_eval_data
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine_run import CPU, REPO, grid_root, tiny_config  # noqa: F401 (grid_root is a fixture)
 from typer.testing import CliRunner
 
 from engine import evaluate, export, predict
@@ -18,7 +19,6 @@ from engine.scoring import eval_outputs
 from engine.trainer import Trainer
 from pipelines.sample_table import ShardReader, build_sample_table
 from shards.manifest import load_split
-from test_engine_run import CPU, REPO, grid_root, tiny_config  # noqa: F401 (grid_root is a fixture)
 
 runner = CliRunner()
 NUM_IMAGES = 12
@@ -71,7 +71,20 @@ def test_predicted_label_sets_agree_with_the_runs_evaluation(trained, grid_root:
     run, model_dir, method = trained
     images = val_jpegs(grid_root, tmp_path / "images", NUM_IMAGES)
     # a threshold among the barely trained model's sigmoids (~0.07-0.1): sets of one and of several classes
-    invoke(predict.app, "--model", model_dir, tmp_path / "images", "--theta", str(THETA), "--topk", "3", "--out", tmp_path / "preds.jsonl", "--device", "cpu")
+    invoke(
+        predict.app,
+        "--model",
+        model_dir,
+        tmp_path / "images",
+        "--theta",
+        str(THETA),
+        "--topk",
+        "3",
+        "--out",
+        tmp_path / "preds.jsonl",
+        "--device",
+        "cpu",
+    )
     rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert [row["image"] for row in rows] == [str(p) for p in images]
 
@@ -92,8 +105,25 @@ def test_predicted_label_sets_agree_with_the_runs_evaluation(trained, grid_root:
 
 def test_mile_eval_reproduces_the_runs_summary(trained, grid_root: Path, tmp_path: Path) -> None:
     run, model_dir, _ = trained
-    printed = invoke(evaluate.app, "--model", model_dir, "--data", grid_root, "--split", "val", "--loader", "torch",
-                     "--workers", "0", "--device", "cpu", "--batch-size", "32", "--out", tmp_path / "m.json")
+    printed = invoke(
+        evaluate.app,
+        "--model",
+        model_dir,
+        "--data",
+        grid_root,
+        "--split",
+        "val",
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "32",
+        "--out",
+        tmp_path / "m.json",
+    )
     metrics = json.loads(printed)
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
     summary = json.loads((run / "summary.json").read_text())
@@ -131,8 +161,14 @@ def test_errors_are_one_line_naming_the_path(trained, tmp_path: Path) -> None:
     _, model_dir, _ = trained
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     cases = [
-        (["engine.predict", "--model", str(tmp_path), str(tmp_path / "bad.jpg")], "is not an exported model folder (no model.json)"),
-        (["engine.predict", "--model", str(model_dir), str(tmp_path / "bad.jpg"), "--device", "cpu"], "bad.jpg cannot be decoded"),
+        (
+            ["engine.predict", "--model", str(tmp_path), str(tmp_path / "bad.jpg")],
+            "is not an exported model folder (no model.json)",
+        ),
+        (
+            ["engine.predict", "--model", str(model_dir), str(tmp_path / "bad.jpg"), "--device", "cpu"],
+            "bad.jpg cannot be decoded",
+        ),
         (["engine.predict", "--model", str(model_dir), str(tmp_path / "nothing")], "nothing does not exist"),
         (["engine.export", str(tmp_path / "norun"), "--out", str(tmp_path / "m")], "config.toml does not exist"),
     ]

@@ -3,20 +3,16 @@ corruption, a run folder consistent with its checkpoint, and refusals before any
 
 from __future__ import annotations
 
-import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_engine_run import CPU, REPO, checkpoint_step, grid_root, run_cli, tiny_config  # noqa: F401 (grid_root is a fixture)
 
 from engine.checkpoint import CheckpointError, read_checkpoint
-from engine.config import ConfigError, build_config
 from engine.run_folder import read_metrics
 from engine.trainer import NonFiniteLoss, Trainer
-from test_engine_run import CPU, REPO, checkpoint_step, grid_root, run_cli, tiny_config  # noqa: F401 (grid_root is a fixture)
 
 
 def finished_run(grid_root: Path, out: Path, **overrides) -> Path:
@@ -28,7 +24,9 @@ def finished_run(grid_root: Path, out: Path, **overrides) -> Path:
 
 
 def test_batch_larger_than_the_split_is_refused_before_work(grid_root: Path, tmp_path: Path) -> None:
-    result = run_cli("--data", str(grid_root), "--batch-size", "5000", "--out", str(tmp_path / "out"), "--device", "cpu", timeout=60)
+    result = run_cli(
+        "--data", str(grid_root), "--batch-size", "5000", "--out", str(tmp_path / "out"), "--device", "cpu", timeout=60
+    )
     assert result.returncode == 2, result.stderr
     assert "--batch-size" in result.stderr and "5000" in result.stderr and "640 samples" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -59,7 +57,11 @@ def test_damaged_checkpoints_are_named_not_loaded(grid_root: Path, tmp_path: Pat
     data = bytearray(path.read_bytes())
     if damage == "flip":  # inside one of the learner's tensors: unpickles fine, weights change
         state = read_checkpoint(path)["components"]["learner"]
-        first = next(t for t in state.values() if t.dim() == 1 and t.numel() >= 16 and t.is_floating_point()).numpy().tobytes()
+        first = (
+            next(t for t in state.values() if t.dim() == 1 and t.numel() >= 16 and t.is_floating_point())
+            .numpy()
+            .tobytes()
+        )
         offset = bytes(data).find(first[:64])
         assert offset > 0
         data[offset + 10] ^= 0xFF
@@ -90,18 +92,31 @@ def test_an_older_checkpoint_format_is_refused_clearly(grid_root: Path, tmp_path
 # -- 6. --resume with changed flags -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flag, value", [("--rho", "0.4"), ("--method", "sigmoid"), ("--batch-size", "16"), ("--k-teacher-steps", "5"),
-                                         ("--seed", "7"), ("--arch", "resnet18")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--rho", "0.4"),
+        ("--method", "sigmoid"),
+        ("--batch-size", "16"),
+        ("--k-teacher-steps", "5"),
+        ("--seed", "7"),
+        ("--arch", "resnet18"),
+    ],
+)
 def test_resume_refuses_changes_that_alter_the_run(grid_root: Path, tmp_path: Path, flag: str, value: str) -> None:
     out = tmp_path / "run"
-    Trainer(tiny_config(grid_root, out, num_steps=4, eval_every=4, checkpoint_every=2), CPU)  # folder prepared, nothing trained
+    Trainer(
+        tiny_config(grid_root, out, num_steps=4, eval_every=4, checkpoint_every=2), CPU
+    )  # folder prepared, nothing trained
     finished_run(grid_root, tmp_path / "done")
     before = (tmp_path / "done" / "config.toml").read_bytes()
     result = run_cli("--out", str(tmp_path / "done"), "--resume", flag, value, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "--resume cannot change" in result.stderr and flag in result.stderr
     assert (tmp_path / "done" / "config.toml").read_bytes() == before
-    assert run_cli("--out", str(tmp_path / "done"), "--resume", timeout=120).returncode == 0  # plain --resume still works
+    assert (
+        run_cli("--out", str(tmp_path / "done"), "--resume", timeout=120).returncode == 0
+    )  # plain --resume still works
 
 
 def test_resume_allows_safe_changes(grid_root: Path, tmp_path: Path) -> None:
@@ -118,7 +133,9 @@ def test_resume_allows_safe_changes(grid_root: Path, tmp_path: Path) -> None:
 def test_restart_without_a_checkpoint_does_not_interleave(grid_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
-    (out / "metrics.jsonl").write_text('{"kind": "train", "step": 5, "loss": 1.0}\n{"kind": "train", "step": 10, "loss": 0.9}\n')
+    (out / "metrics.jsonl").write_text(
+        '{"kind": "train", "step": 5, "loss": 1.0}\n{"kind": "train", "step": 10, "loss": 0.9}\n'
+    )
     Trainer(tiny_config(grid_root, out, num_steps=4, eval_every=4), CPU).run()
     steps = [(r["kind"], r["step"]) for r in read_metrics(out / "metrics.jsonl")]
     assert steps == sorted(steps, key=lambda s: s[1]) and len(steps) == len(set(steps))
@@ -160,7 +177,10 @@ def test_non_finite_batchnorm_statistics_stop_the_run_before_the_checkpoint(grid
             bn.running_var.fill_(float("inf"))
 
     trainer._timed_step = blow_up_late
-    with pytest.raises(NonFiniteLoss, match="non-finite weights or BatchNorm statistics after step 4; stopping; the last good checkpoint"):
+    with pytest.raises(
+        NonFiniteLoss,
+        match="non-finite weights or BatchNorm statistics after step 4; stopping; the last good checkpoint",
+    ):
         trainer.run()
     assert checkpoint_step(out) == 2
 
@@ -223,15 +243,41 @@ def damaged_copy(grid_root: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 def test_verify_data_names_a_damaged_shard_before_training(grid_root: Path, tmp_path: Path) -> None:
     root, shard = damaged_copy(grid_root, tmp_path)
-    result = run_cli("--data", str(root), "--verify-data", "--out", str(tmp_path / "run"), "--device", "cpu", "--loader", "torch", timeout=120)
+    result = run_cli(
+        "--data",
+        str(root),
+        "--verify-data",
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        "--loader",
+        "torch",
+        timeout=120,
+    )
     assert result.returncode == 2 and shard.name in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_a_damaged_sample_mid_run_stops_cleanly_naming_the_shard(grid_root: Path, tmp_path: Path) -> None:
     root, shard = damaged_copy(grid_root, tmp_path)
-    result = run_cli("--data", str(root), "--out", str(tmp_path / "run"), "--device", "cpu", "--loader", "torch", "--workers", "0",
-                     "--steps", "60", "--batch-size", "32", timeout=300)
+    result = run_cli(
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+        "--steps",
+        "60",
+        "--batch-size",
+        "32",
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert shard.name in result.stderr and "make-shards verify" in result.stderr and "--resume" in result.stderr
     assert "Traceback" not in result.stderr

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from dataset_layouts import IMAGENET_CLASSES, jpeg_bytes, make_imagenet_train, make_imagenet_val, make_webvision, write
+
 from pipelines import ShardDataError, build_loader, dali_import_error
 from pipelines.contract import LoaderConfig
 from pipelines.torch_backend import TorchLoader
@@ -37,7 +37,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``python -m shards.cli ARGS`` in a fresh process importing this checkout."""
     return subprocess.run(
-        [sys.executable, "-m", "shards.cli", *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "shards.cli", *args],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -152,7 +157,10 @@ for i in range(int(sys.argv[3])):
 def test_simultaneous_manifest_updates_keep_every_split(tmp_path):
     count = 25
     command = [sys.executable, "-c", SAVE_SPLITS, str(tmp_path)]
-    writers = [subprocess.Popen([*command, prefix, str(count)], cwd=REPO, env=cli_env(), stderr=subprocess.PIPE) for prefix in "ab"]
+    writers = [
+        subprocess.Popen([*command, prefix, str(count)], cwd=REPO, env=cli_env(), stderr=subprocess.PIPE)
+        for prefix in "ab"
+    ]
     errors = [w.communicate(timeout=120)[1].decode() for w in writers]
     assert [w.returncode for w in writers] == [0, 0], errors
     expected = sorted(f"{p}{i}" for p in "ab" for i in range(count))
@@ -248,7 +256,9 @@ def small_shards(tmp_path) -> Path:
     out = tmp_path / "shards"
     rng = np.random.default_rng(0)
     items = [
-        SourceItem(key=f"k{i:03d}", label=i % 3, source=f"mem/{i}", pixels=rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+        SourceItem(
+            key=f"k{i:03d}", label=i % 3, source=f"mem/{i}", pixels=rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        )
         for i in range(24)
     ]
     settings = WriterSettings(max_samples_per_shard=8, progress=False)
@@ -399,7 +409,9 @@ def test_read_only_out_is_a_clear_error(tmp_path):
     finally:
         (tmp_path / "ro").chmod(0o755)
     assert result.returncode == 2 and str(tmp_path / "ro" / "out") in result.stderr
-    assert "Permission denied" in result.stderr and "writable --out" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        "Permission denied" in result.stderr and "writable --out" in result.stderr and "Traceback" not in result.stderr
+    )
 
 
 def test_unwritable_out_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -549,7 +561,9 @@ def test_corrupt_label_bytes_raise_shard_data_error(small_shards):
     record = load_split(small_shards, "s").shards[2]
     label = next(m for m in read_index(small_shards / record.index_path)[5] if m.ext == "lbl")
     overwrite(small_shards / record.path, label.offset, np.array([2**31 - 1], dtype="<i4").tobytes())
-    with pytest.raises(ShardDataError, match=f"shard {small_shards / record.path}, sample k.* label 2147483647 outside"):
+    with pytest.raises(
+        ShardDataError, match=f"shard {small_shards / record.path}, sample k.* label 2147483647 outside"
+    ):
         run_epoch(small_shards, loader_config("torch"))
 
 

@@ -148,7 +148,9 @@ def test_jsonl_labels_and_integer_classes(image_folder, tmp_path):
 
 def test_single_label_csv_with_a_byte_order_mark(image_folder, tmp_path):
     labels = tmp_path / "labels.csv"
-    labels.write_text("path,label\ngood/cat_0.jpg,cat\ngood/dog_0.jpg,dog\n", encoding="utf-8-sig")  # Excel's "CSV UTF-8"
+    labels.write_text(
+        "path,label\ngood/cat_0.jpg,cat\ngood/dog_0.jpg,dog\n", encoding="utf-8-sig"
+    )  # Excel's "CSV UTF-8"
     manifest = convert(image_folder, labels, tmp_path / "out")
     assert manifest.label_kind is LabelKind.SINGLE and manifest.class_names == ["cat", "dog"]
 
@@ -158,8 +160,16 @@ def test_single_label_csv_with_a_byte_order_mark(image_folder, tmp_path):
     [
         ("labels.csv", "path,class\ngood/cat_0.jpg,cat\n", r"labels\.csv:1: .*no 'label' column"),
         ("labels.csv", "path,label\ngood/cat_0.jpg,cat\ngood/dog_0.jpg,\n", r"labels\.csv:3: missing 'label'"),
-        ("labels.csv", "path,label\ngood/cat_0.jpg,cat\nnope/x.jpg,dog\n", r"labels\.csv:3: image 'nope/x\.jpg' not found"),
-        ("labels.jsonl", '{"path": "good/cat_0.jpg", "label": "cat"}\n{"path": "good/dog_0.jpg"}\n', r"labels\.jsonl:2: missing 'label'"),
+        (
+            "labels.csv",
+            "path,label\ngood/cat_0.jpg,cat\nnope/x.jpg,dog\n",
+            r"labels\.csv:3: image 'nope/x\.jpg' not found",
+        ),
+        (
+            "labels.jsonl",
+            '{"path": "good/cat_0.jpg", "label": "cat"}\n{"path": "good/dog_0.jpg"}\n',
+            r"labels\.jsonl:2: missing 'label'",
+        ),
         ("labels.jsonl", '{"path": "good/cat_0.jpg", "label": "cat"}\nnot json\n', r"labels\.jsonl:2: not JSON"),
         ("labels.jsonl", '["good/cat_0.jpg", "cat"]\n', r"labels\.jsonl:1: .*object"),
         ("labels.jsonl", '{"path": "good/cat_0.jpg", "label": "cat", "labels": 3}\n', r"labels\.jsonl:1: .*'labels'"),
@@ -174,15 +184,21 @@ def test_label_file_errors_name_the_file_and_line_and_write_nothing(image_folder
 
 def test_two_paths_that_make_the_same_key_name_both_lines(image_folder, tmp_path):
     (image_folder / "good_cat_0.jpg").write_bytes((image_folder / "good/cat_0.jpg").read_bytes())
-    labels = write_labels(tmp_path / "labels.csv", "path,label\ngood/cat_0.jpg,cat\ngood/dog_0.jpg,dog\ngood_cat_0.jpg,cat\n")
+    labels = write_labels(
+        tmp_path / "labels.csv", "path,label\ngood/cat_0.jpg,cat\ngood/dog_0.jpg,dog\ngood_cat_0.jpg,cat\n"
+    )
     with pytest.raises(LabelFileError, match=r"labels\.csv:4: .*same sample key .* as line 2"):
         convert(image_folder, labels, tmp_path / "out")
 
 
 def test_another_split_joins_the_manifest_with_the_same_classes(image_folder, tmp_path):
     out = tmp_path / "out"
-    convert(image_folder, write_labels(tmp_path / "train.csv", "path,label\ngood/cat_0.jpg,cat\ngood/dog_0.jpg,dog\n"), out)
-    val = convert(image_folder, write_labels(tmp_path / "val.csv", "path,label\ngood/cat_1.jpg,dog\n"), out, split="val")
+    convert(
+        image_folder, write_labels(tmp_path / "train.csv", "path,label\ngood/cat_0.jpg,cat\ngood/dog_0.jpg,dog\n"), out
+    )
+    val = convert(
+        image_folder, write_labels(tmp_path / "val.csv", "path,label\ngood/cat_1.jpg,dog\n"), out, split="val"
+    )
     splits = load_splits(out)
     assert sorted(splits) == ["train", "val"] and splits["val"].class_names == splits["train"].class_names
     assert [s.label for s in read_samples(out, val).values()] == [1]  # "dog" keeps train's index
@@ -209,7 +225,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_converts_a_folder_end_to_end(image_folder, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("--images", str(image_folder), "--labels", str(all_rows_csv(tmp_path)), "--split", "train", "--out", str(out))
+    result = run_cli(
+        "--images", str(image_folder), "--labels", str(all_rows_csv(tmp_path)), "--split", "train", "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr
     manifest = validate_split(out, "train")
     assert manifest.num_samples == len(GOOD) + 4 and len(manifest.skipped) == 3
@@ -218,7 +236,9 @@ def test_cli_converts_a_folder_end_to_end(image_folder, tmp_path):
 
 def test_cli_errors_exit_nonzero_with_the_line_on_stderr(image_folder, tmp_path):
     labels = write_labels(tmp_path / "labels.csv", "path,label\ngood/cat_0.jpg,cat\nmissing.jpg,cat\n")
-    result = run_cli("--images", str(image_folder), "--labels", str(labels), "--split", "train", "--out", str(tmp_path / "o"))
+    result = run_cli(
+        "--images", str(image_folder), "--labels", str(labels), "--split", "train", "--out", str(tmp_path / "o")
+    )
     assert result.returncode != 0
     assert "labels.csv:3" in result.stderr and "missing.jpg" in result.stderr and "Traceback" not in result.stderr
     assert not manifest_path(tmp_path / "o").exists()

@@ -58,11 +58,17 @@ class EagerTwin:
 
     @torch.no_grad()
     def sync_from(self, engine: Engine) -> None:
-        torch._foreach_copy_(self.engine.switch.student_state, engine.switch.student_state)  # weights, BN statistics, momentum
+        torch._foreach_copy_(
+            self.engine.switch.student_state, engine.switch.student_state
+        )  # weights, BN statistics, momentum
 
     def step(self, step: int, batch: Batch) -> float | None:
         self.engine.train_step(step, batch)
-        return teacher_positive_rate(self.engine, batch.images) if self.engine.plan.position(step).phase is STUDENT else None
+        return (
+            teacher_positive_rate(self.engine, batch.images)
+            if self.engine.plan.position(step).phase is STUDENT
+            else None
+        )
 
     def state(self) -> dict[str, torch.Tensor]:
         return engine_state(self.engine)
@@ -91,7 +97,9 @@ def run_pair(student_init: str, settings: dict, skip: int | None = None) -> tupl
 @pytest.mark.parametrize("student_init", ["teacher", "previous"])
 def test_graph_steps_equal_eager_steps(student_init: str, arch: str) -> None:
     result, start = run_pair(student_init, SETTINGS[arch])
-    assert max(start.values()) == 0.0, "graphed and eager engines must start from the same weights (capture restores them)"
+    assert max(start.values()) == 0.0, (
+        "graphed and eager engines must start from the same weights (capture restores them)"
+    )
     assert_rates_in_bounds(result.rates)
     assert result.rates == pytest.approx(result.twin_rates, abs=1e-6), "pseudo-labels differ between graphed and eager"
     failures = result.failures(BF16_TIGHT, BF16_LOOSE)
@@ -136,8 +144,16 @@ def test_trainer_hot_loop_has_no_host_sync() -> None:
 
     with tempfile.TemporaryDirectory(prefix="gpu-test-hot-loop-") as tmp:
         shards = photo_shards(Path(tmp), 64, num_classes=10)
-        result = hot_loop_check(shards, Path(tmp) / "run", arch="grid_cnn", image_size=32, batch_size=16, steps=12, workers=2,
-                                backend="torch")
+        result = hot_loop_check(
+            shards,
+            Path(tmp) / "run",
+            arch="grid_cnn",
+            image_size=32,
+            batch_size=16,
+            steps=12,
+            workers=2,
+            backend="torch",
+        )
     assert result.engine_sync_error is None, result.engine_sync_error
     assert not result.loader_syncs, result.loader_syncs[:5]
     assert result.steps_checked == 11

@@ -115,9 +115,11 @@ def test_multilabel_metrics_match_independent_references(seed, method_kind):
     assert got["num_images"] == len(labels)
     assert got["num_evaluated"] == evaluated.sum()
     assert got["top1"] == pytest.approx(
-        top_k_accuracy_score(labels[labelled], logits[labelled], k=1, labels=classes), rel=1e-12)
+        top_k_accuracy_score(labels[labelled], logits[labelled], k=1, labels=classes), rel=1e-12
+    )
     assert got["top5"] == pytest.approx(
-        top_k_accuracy_score(labels[labelled], logits[labelled], k=5, labels=classes), rel=1e-12)
+        top_k_accuracy_score(labels[labelled], logits[labelled], k=5, labels=classes), rel=1e-12
+    )
     real_hits = [targets[i, argmax[i]] for i in range(len(labels)) if evaluated[i]]
     assert got["real_top1"] == pytest.approx(np.mean(real_hits), rel=1e-12)
     for theta in THETAS:
@@ -137,8 +139,10 @@ def test_sigmoid_prediction_set_always_holds_the_argmax():
     logits, labels, targets = random_split(7)
     logits = logits - 20.0
     kwargs = {"keep_scores_for_ranking": False}  # the matched-coverage sets differ by design
-    assert_same(accumulate(logits, labels, targets, "sigmoid", **kwargs),
-                accumulate(logits, labels, targets, "softmax", **kwargs))
+    assert_same(
+        accumulate(logits, labels, targets, "sigmoid", **kwargs),
+        accumulate(logits, labels, targets, "softmax", **kwargs),
+    )
 
 
 def test_split_without_multilabels_reports_coverage_over_all_images():
@@ -189,8 +193,12 @@ def test_batches_and_merges_equal_one_big_batch(seed):
 
 def test_metric_names_are_the_computed_keys():
     logits, labels, targets = random_split(0)
-    for kwargs in ({"method_kind": "softmax"}, {"attributes": True}, {"keep_scores_for_ranking": False},
-                   {"keep_scores_for_map": False}):
+    for kwargs in (
+        {"method_kind": "softmax"},
+        {"attributes": True},
+        {"keep_scores_for_ranking": False},
+        {"keep_scores_for_map": False},
+    ):
         acc = EvalAccumulator(12, THETAS, kwargs.pop("method_kind", "sigmoid"), True, **kwargs)
         acc.update(torch.from_numpy(logits), torch.from_numpy(labels), torch.from_numpy(targets))
         assert tuple(acc.compute()) == acc.metric_names()
@@ -500,8 +508,9 @@ def _distributed_worker(rank: int, folder: str, shares: list[tuple[int, ...]]) -
             part = slice(bounds[rank], bounds[rank + 1])
             acc = EvalAccumulator(12, THETAS, "sigmoid", True, score_dtype=torch.float16)
             if bounds[rank] < bounds[rank + 1]:
-                acc.update(torch.from_numpy(logits[part]), torch.from_numpy(labels[part]),
-                           torch.from_numpy(targets[part]))
+                acc.update(
+                    torch.from_numpy(logits[part]), torch.from_numpy(labels[part]), torch.from_numpy(targets[part])
+                )
             results.append(acc.compute())
         Path(folder, f"rank{rank}.json").write_text(json.dumps(results))
     finally:
@@ -561,4 +570,5 @@ def test_bad_settings_and_inputs_raise_clear_errors():
         acc.update(torch.zeros(4, 10), torch.zeros(4, dtype=torch.int32), torch.zeros(4, 10))
     with pytest.raises(ValueError, match="meta"):
         EvalAccumulator(10, THETAS, "sigmoid", False, device="meta").update(
-            torch.zeros(4, 10), torch.zeros(4, dtype=torch.int64))
+            torch.zeros(4, 10), torch.zeros(4, dtype=torch.int64)
+        )

@@ -66,8 +66,9 @@ FLOAT32_TIGHT, FLOAT32_LOOSE = 1e-4, 3e-2
 # -- the schedule through the engine (shared with tests/test_gpu.py) -------------------------------
 
 
-def schedule_engine(student_init: str, device: str, *, arch: str, batch_size: int, image_size: int,
-                    graphs: bool = False) -> Engine:
+def schedule_engine(
+    student_init: str, device: str, *, arch: str, batch_size: int, image_size: int, graphs: bool = False
+) -> Engine:
     values = {
         "arch": arch,
         "method.name": "mile",
@@ -100,7 +101,9 @@ def schedule_batches(batch_size: int, image_size: int, device: str, dtype: torch
     batches = []
     for _ in SCHEDULE:
         labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator)
-        images = torch.randn(batch_size, 3, image_size, image_size, generator=generator) + PATTERN_SCALE * patterns[labels]
+        images = (
+            torch.randn(batch_size, 3, image_size, image_size, generator=generator) + PATTERN_SCALE * patterns[labels]
+        )
         images = images.to(device, dtype).contiguous(memory_format=torch.channels_last)
         batches.append(Batch(images, labels.to(device)))
     return batches
@@ -136,8 +139,12 @@ def named_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**params, **{f"buffer:{name}": b for name, b in model.named_buffers()}}
 
 
-def collect_state(learner: nn.Module, momentum: dict[str, torch.Tensor], teacher: nn.Module,
-                  saved_student: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+def collect_state(
+    learner: nn.Module,
+    momentum: dict[str, torch.Tensor],
+    teacher: nn.Module,
+    saved_student: dict[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
     """Copies of everything the schedule changes, floats as float64: learner, momentum, teacher,
     and the saved student of ``student_init="previous"``."""
     state = {f"learner/{k}": v for k, v in named_state(learner).items()}
@@ -168,8 +175,9 @@ def initial_state(learner: nn.Module, with_saved_student: bool) -> dict[str, tor
     return collect_state(learner, zeros, learner, saved)
 
 
-def relative_errors(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-                    initial: dict[str, torch.Tensor]) -> dict[str, float]:
+def relative_errors(
+    ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+) -> dict[str, float]:
     """|ours - reference| / |reference - initial| per tensor (norms over the tensor): relative to how
     far training moved it, so that small tensors and large ones count alike. Integer tensors
     (BatchNorm batch counts) must be equal: 0 or infinity."""
@@ -206,8 +214,12 @@ class Lockstep:
 
     def failures(self, tight: float, loose: float) -> list[str]:
         """Steps with a tensor beyond ``loose``, and a median step worse than ``tight``."""
-        out = [f"step {i}: {name} off by {e:.2g} of its movement" for i, step in enumerate(self.errors)
-               for name, e in step.items() if e > loose]
+        out = [
+            f"step {i}: {name} off by {e:.2g} of its movement"
+            for i, step in enumerate(self.errors)
+            for name, e in step.items()
+            if e > loose
+        ]
         worst = [max(step.values()) for step in self.errors]
         if statistics.median(worst) > tight:
             out.append(f"median step's worst error {statistics.median(worst):.2g} > {tight:g}")
@@ -326,7 +338,9 @@ def test_engine_schedule_matches_float64_reference(student_init: str, cpu_batche
     initial = initial_state(engine.learner, with_saved_student=student_init == "previous")
     result = lockstep(engine, reference_for(engine, student_init), cpu_batches, initial)
     assert_rates_in_bounds(result.rates)
-    assert result.rates == pytest.approx(result.twin_rates, abs=1e-6), "the engine's pseudo-labels differ from the reference's"
+    assert result.rates == pytest.approx(result.twin_rates, abs=1e-6), (
+        "the engine's pseudo-labels differ from the reference's"
+    )
     failures = result.failures(FLOAT32_TIGHT, FLOAT32_LOOSE)
     assert not failures, failures[:10]
 

@@ -41,7 +41,11 @@ def smooth_pixels(width: int, height: int, seed: int) -> np.ndarray:
     """A photo-like image: a colour gradient with a soft-edged blob (little high-frequency content)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width] / np.array([height, width])[:, None, None]
-    base = rng.uniform(40, 215, size=3) + 40 * x[..., None] * rng.uniform(-1, 1, 3) + 40 * y[..., None] * rng.uniform(-1, 1, 3)
+    base = (
+        rng.uniform(40, 215, size=3)
+        + 40 * x[..., None] * rng.uniform(-1, 1, 3)
+        + 40 * y[..., None] * rng.uniform(-1, 1, 3)
+    )
     cx, cy = rng.uniform(0.2, 0.8, 2)
     blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / 0.02)[..., None] * rng.uniform(-60, 60, 3)
     return np.clip(base + blob, 0, 255).astype(np.uint8)
@@ -90,7 +94,9 @@ def file_order_labels(root: Path, split: str) -> list[int]:
 
 
 def config(backend: str, train: bool = False, **overrides) -> LoaderConfig:
-    settings = dict(batch_size=8, image_size_px=IMAGE_PX, train=train, backend=backend, num_workers=0 if backend == "torch" else 2)
+    settings = dict(
+        batch_size=8, image_size_px=IMAGE_PX, train=train, backend=backend, num_workers=0 if backend == "torch" else 2
+    )
     return LoaderConfig(**{**settings, **overrides})
 
 
@@ -174,8 +180,22 @@ def test_torch_global_batch_is_the_same_on_any_number_of_processes(root: Path) -
     single = run_epoch(root, "multi", config("torch", train=True, augment=AugmentConfig()), epoch=1)
     assert len(single) == NUM_MULTI // 8
     for world_size in (2, 4):
-        shards = [run_epoch(root, "multi", config("torch", train=True, augment=AugmentConfig(), batch_size=8 // world_size,
-                                                   rank=rank, world_size=world_size), epoch=1) for rank in range(world_size)]
+        shards = [
+            run_epoch(
+                root,
+                "multi",
+                config(
+                    "torch",
+                    train=True,
+                    augment=AugmentConfig(),
+                    batch_size=8 // world_size,
+                    rank=rank,
+                    world_size=world_size,
+                ),
+                epoch=1,
+            )
+            for rank in range(world_size)
+        ]
         for step, whole in enumerate(single):
             parts = [shard[step] for shard in shards]
             assert torch.equal(cat(parts, "labels"), whole.labels), (world_size, step)
@@ -228,7 +248,10 @@ def test_torch_abandoned_epoch_does_not_leak_into_the_next(root: Path) -> None:
 def test_train_rank_shares_are_disjoint(root: Path, backend: str) -> None:
     for epoch in (0, 1):
         shares = [
-            cat(run_epoch(root, "multi", config(backend, train=True, batch_size=1, rank=r, world_size=2), epoch), "labels")
+            cat(
+                run_epoch(root, "multi", config(backend, train=True, batch_size=1, rank=r, world_size=2), epoch),
+                "labels",
+            )
             for r in range(2)
         ]
         assert [len(s) for s in shares] == [NUM_MULTI // 2] * 2  # same step count on both ranks

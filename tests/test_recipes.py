@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from dataset_layouts import listed_one_percent, make_celeba, make_imagenet_train, make_imagenet_val, make_webvision
 from typer.testing import CliRunner
 
-from dataset_layouts import listed_one_percent, make_celeba, make_imagenet_train, make_imagenet_val, make_webvision
 from engine.config import Method, build_config, load_toml
 from engine.distributed import DistInfo
 from engine.models import build_model
@@ -63,7 +63,9 @@ def workspace(tmp_path_factory) -> Path:
     make_webvision(root / "data" / "webvision", labels=[0, 1, 2, 3] * 3, val_labels=[0, 1, 2, 3, 0, 1])
     backbone = build_model("resnet50", 1000, multi_label_head=False).state_dict()
     moco = {f"module.encoder_q.{k}": v for k, v in backbone.items() if not k.startswith("fc.")}
-    moco.update({"module.encoder_q.fc.0.weight": torch.zeros(8, 2048), "module.encoder_q.fc.2.weight": torch.zeros(4, 8)})
+    moco.update(
+        {"module.encoder_q.fc.0.weight": torch.zeros(8, 2048), "module.encoder_q.fc.2.weight": torch.zeros(4, 8)}
+    )
     (root / "weights").mkdir()
     torch.save({"state_dict": moco, "epoch": 800}, root / "weights" / "moco_v2_800ep_pretrain.pth.tar")
     for fraction in (1, 10):  # fine-tuned classifiers in torchvision's layout, the semi-supervised starts
@@ -89,7 +91,9 @@ def test_mile_recipes_end_on_an_imitation_phase(recipe: Path) -> None:
 
 
 @pytest.mark.parametrize("recipe", recipe_files(), ids=lambda p: p.stem)
-def test_recipe_trains_on_data_prepared_by_its_own_command(recipe: Path, workspace: Path, tmp_path: Path, monkeypatch) -> None:
+def test_recipe_trains_on_data_prepared_by_its_own_command(
+    recipe: Path, workspace: Path, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(workspace)  # the recipe's relative paths (data/, shards/, weights/) as a user has them
     for args in data_commands(recipe):
         out = Path(args[args.index("--out") + 1])
@@ -113,7 +117,10 @@ def test_recipe_trains_on_data_prepared_by_its_own_command(recipe: Path, workspa
 def test_ablation_sweeps_build_every_run_from_the_recipe(tmp_path: Path) -> None:
     runs, select_by = load_sweep(SWEEPS / "imagenet_kt_ks.toml", tmp_path)
     assert len(runs) == 25 and select_by == "f1@0.25"
-    assert {(r.config.method.k_teacher_steps, r.config.method.k_student_steps) for r in runs} >= {(8000, 2000), (500, 200)}
+    assert {(r.config.method.k_teacher_steps, r.config.method.k_student_steps) for r in runs} >= {
+        (8000, 2000),
+        (500, 200),
+    }
     assert all(r.config.data.root == "shards/imagenet-10pct" for r in runs)
     rho_runs, _ = load_sweep(SWEEPS / "imagenet_rho.toml", tmp_path)
     assert sorted(r.config.method.rho for r in rho_runs) == [0.1, 0.25, 0.5, 0.75, 0.9]

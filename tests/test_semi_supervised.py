@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_engine_run import run_stopped_by_sigterm
 
 from engine.checkpoint import Progress, read_checkpoint
 from engine.config import ConfigError, build_config
@@ -21,7 +22,6 @@ from engine.trainer import Trainer
 from shards.format import NO_LABEL, FormatError, LabelKind
 from shards.manifest import load_split
 from shards.verify import verify_root
-from test_engine_run import run_stopped_by_sigterm
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -32,11 +32,15 @@ BATCH = 8  # labelled: 2 batches per epoch; unlabelled: 22
 
 
 def make_shards(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/make_shards.py", *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "tools/make_shards.py", *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
 
 
 def engine_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
 
 
 def write_photos(images: Path, count: int, offset: int) -> list[tuple[str, str]]:
@@ -57,8 +61,22 @@ def write_photos(images: Path, count: int, offset: int) -> list[tuple[str, str]]
 def convert_folder(images: Path, rows: list[str], split: str, out: Path, *extra: str) -> None:
     labels = images.parent / f"{split}.csv"
     labels.write_text("\n".join(rows) + "\n")
-    result = make_shards("folder", "--images", str(images), "--labels", str(labels), "--split", split, "--out", str(out),
-                         "--workers", "1", "--shard-samples", "64", *extra)
+    result = make_shards(
+        "folder",
+        "--images",
+        str(images),
+        "--labels",
+        str(labels),
+        "--split",
+        split,
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--shard-samples",
+        "64",
+        *extra,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -74,16 +92,31 @@ def semi_root(tmp_path_factory) -> Path:
     unlabelled = [p for i, p in enumerate(photos) if i % 10 != 0]
     convert_folder(images, ["path,label"] + [f"{p},{c}" for p, c in labelled], "train", out)
     convert_folder(images, ["path,label"] + [f"{p},{c}" for p, c in write_photos(images, 24, 1000)], "val", out)
-    convert_folder(images, ["path,label"] + [f"{p},{c}" for p, c in unlabelled], "train_unlabelled", out, "--unlabelled")
+    convert_folder(
+        images, ["path,label"] + [f"{p},{c}" for p, c in unlabelled], "train_unlabelled", out, "--unlabelled"
+    )
     return out
 
 
 def semi_config(root: Path, out: Path, **overrides):
     values = {
-        "data.root": str(root), "data.unlabelled_split": "train_unlabelled", "data.num_workers": 0, "data.backend": "torch",
-        "data.image_size_px": 16, "data.augment": True, "method.name": "mile", "method.k_teacher_steps": 2,
-        "method.k_student_steps": 3, "num_steps": 13, "global_batch_size": BATCH, "eval_every": 13, "log_every": 1,
-        "checkpoint_every": 5, "out_dir": str(out), "device": "cpu", **overrides,
+        "data.root": str(root),
+        "data.unlabelled_split": "train_unlabelled",
+        "data.num_workers": 0,
+        "data.backend": "torch",
+        "data.image_size_px": 16,
+        "data.augment": True,
+        "method.name": "mile",
+        "method.k_teacher_steps": 2,
+        "method.k_student_steps": 3,
+        "num_steps": 13,
+        "global_batch_size": BATCH,
+        "eval_every": 13,
+        "log_every": 1,
+        "checkpoint_every": 5,
+        "out_dir": str(out),
+        "device": "cpu",
+        **overrides,
     }
     return build_config({}, values)
 
@@ -114,15 +147,29 @@ def test_an_unlabelled_split_holds_no_label(tmp_path: Path, make_items) -> None:
 
     items = make_items(4, 3, multi=False)  # labelled items: written as unlabelled, they are refused
     with pytest.raises(FormatError, match=r"outside \[-1, 0\) \(unlabelled split\)"):
-        write_split(tmp_path, SplitSpec("u", LabelKind.UNLABELLED, list(CLASSES)), items, WriterSettings(progress=False))
+        write_split(
+            tmp_path, SplitSpec("u", LabelKind.UNLABELLED, list(CLASSES)), items, WriterSettings(progress=False)
+        )
 
 
 def test_folder_unlabelled_needs_a_labelled_split_first(tmp_path: Path) -> None:
     images = tmp_path / "photos"
     rows = [p for p, _ in write_photos(images, 3, 0)]
     (tmp_path / "u.csv").write_text("path\n" + "\n".join(rows) + "\n")
-    result = make_shards("folder", "--images", str(images), "--labels", str(tmp_path / "u.csv"), "--split", "u",
-                         "--out", str(tmp_path / "out"), "--workers", "1", "--unlabelled")
+    result = make_shards(
+        "folder",
+        "--images",
+        str(images),
+        "--labels",
+        str(tmp_path / "u.csv"),
+        "--split",
+        "u",
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "1",
+        "--unlabelled",
+    )
     assert result.returncode == 2 and "holds no labelled split yet" in result.stderr, result.stderr
 
 
@@ -147,12 +194,20 @@ def test_both_loaders_read_an_unlabelled_split(semi_root: Path, backend: str) ->
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"method.name": "softmax"}, "data.unlabelled_split (--unlabelled-split) 'train_unlabelled': method.name (--method) softmax"),
+        (
+            {"method.name": "softmax"},
+            "data.unlabelled_split (--unlabelled-split) 'train_unlabelled': method.name (--method) softmax",
+        ),
         ({"method.name": "sigmoid"}, "has no imitation phase"),
-        ({"data.unlabelled_split": "", "data.unlabelled_root": "elsewhere"}, "data.unlabelled_root (--unlabelled-data) needs"),
+        (
+            {"data.unlabelled_split": "", "data.unlabelled_root": "elsewhere"},
+            "data.unlabelled_root (--unlabelled-data) needs",
+        ),
     ],
 )
-def test_config_refuses_an_unlabelled_split_without_imitation_phases(semi_root: Path, tmp_path: Path, overrides, message) -> None:
+def test_config_refuses_an_unlabelled_split_without_imitation_phases(
+    semi_root: Path, tmp_path: Path, overrides, message
+) -> None:
     with pytest.raises(ConfigError) as error:
         semi_config(semi_root, tmp_path / "run", **overrides)
     assert message in str(error.value)
@@ -173,7 +228,9 @@ def test_splits_that_cannot_serve_are_refused_before_work(semi_root: Path, tmp_p
     config = GridConfig(train_size=16, val_size=8, seed=1)
     write_split(grid, grid_spec("train", config), grid_items(config)["train"], WriterSettings(progress=False))
     with pytest.raises(ConfigError, match="has 10 classes .* not the 3 classes"):
-        Trainer(semi_config(semi_root, out, **{"data.unlabelled_root": str(grid), "data.unlabelled_split": "train"}), CPU)
+        Trainer(
+            semi_config(semi_root, out, **{"data.unlabelled_root": str(grid), "data.unlabelled_split": "train"}), CPU
+        )
     assert not out.exists()
 
 
@@ -184,15 +241,47 @@ def test_semi_supervised_run_through_the_cli_reads_each_split_in_its_phases(semi
     """The acceptance run: engine-run on the converted folder; every logged step (log_every 1) says
     which split its images came from, and the checkpoint's two data positions count the steps of each phase."""
     out = tmp_path / "run"
-    result = engine_run("--data", str(semi_root), "--unlabelled-split", "train_unlabelled", "--method", "mile", "--k-teacher-steps", "2",
-                        "--k-student-steps", "3", "--warmup-steps", "0", "--steps", "13", "--batch-size", str(BATCH), "--image-size", "16", "--augment",
-                        "--log-every", "1", "--eval-every", "13", "--out", str(out), "--device", "cpu", "--loader", "torch", "--workers", "0")
+    result = engine_run(
+        "--data",
+        str(semi_root),
+        "--unlabelled-split",
+        "train_unlabelled",
+        "--method",
+        "mile",
+        "--k-teacher-steps",
+        "2",
+        "--k-student-steps",
+        "3",
+        "--warmup-steps",
+        "0",
+        "--steps",
+        "13",
+        "--batch-size",
+        str(BATCH),
+        "--image-size",
+        "16",
+        "--augment",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "13",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     train = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["phase"] for r in train] == ["teacher"] * 2 + (["student"] * 3 + ["teacher"] * 2) * 2 + ["student"]
     for record in train:
         student = record["phase"] == "student"
-        assert (record["labelled_images"], record["unlabelled_images"]) == ((0, BATCH) if student else (BATCH, 0)), record
+        assert (record["labelled_images"], record["unlabelled_images"]) == ((0, BATCH) if student else (BATCH, 0)), (
+            record
+        )
         assert (record["train_top1"] is None) == student, record  # no ground truth, no accuracy
     progress = progress_of(out)
     # batches taken from each stream = steps of each phase (2 labelled and 22 unlabelled batches per epoch)
@@ -201,7 +290,9 @@ def test_semi_supervised_run_through_the_cli_reads_each_split_in_its_phases(semi
     assert json.loads((out / "summary.json").read_text())["num_images"] == 24
 
 
-def test_student_steps_read_only_unlabelled_batches_and_teacher_steps_only_labelled(semi_root: Path, tmp_path: Path) -> None:
+def test_student_steps_read_only_unlabelled_batches_and_teacher_steps_only_labelled(
+    semi_root: Path, tmp_path: Path
+) -> None:
     trainer = Trainer(semi_config(semi_root, tmp_path / "run"), CPU)
     source: dict[int, str] = {}  # id of a batch's images -> the split it was read from
     kept = []  # every batch stays alive, so no two share an id
@@ -214,6 +305,7 @@ def test_student_steps_read_only_unlabelled_batches_and_teacher_steps_only_label
                 source[id(batch.images)] = name
                 kept.append(batch)
                 yield batch
+
         return epoch
 
     trainer.train_loader.epoch = tagged(trainer.train_loader, "train")
@@ -235,7 +327,9 @@ def test_student_steps_read_only_unlabelled_batches_and_teacher_steps_only_label
 
 
 @pytest.mark.parametrize("stop_at", [8, 11])  # mid-imitation (steps 7-9 are a student phase), mid-interaction (10-11)
-def test_stopped_mid_phase_and_resumed_equals_the_uninterrupted_run(semi_root: Path, tmp_path: Path, stop_at: int) -> None:
+def test_stopped_mid_phase_and_resumed_equals_the_uninterrupted_run(
+    semi_root: Path, tmp_path: Path, stop_at: int
+) -> None:
     whole = Trainer(semi_config(semi_root, tmp_path / "whole"), CPU).run()
     interrupted = semi_config(semi_root, tmp_path / "cut")
     run_stopped_by_sigterm(interrupted, stop_at)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset
 import wds2idx
+import webdataset
 from PIL import Image
 
 from shards.format import NO_LABEL, FormatError, LabelKind, Sample, decode_sample, encode_sample, fields_for
@@ -99,8 +99,12 @@ def read_with_dali(paths: list[str], index_paths: list[str], ext: list[str], cou
     def pipe():
         return tuple(
             fn.readers.webdataset(
-                paths=paths, index_paths=index_paths, ext=ext, dtypes=[dtypes[e] for e in ext],
-                random_shuffle=False, missing_component_behavior="error",
+                paths=paths,
+                index_paths=index_paths,
+                ext=ext,
+                dtypes=[dtypes[e] for e in ext],
+                random_shuffle=False,
+                missing_component_behavior="error",
             )
         )
 

@@ -127,12 +127,16 @@ def test_a_crash_leaves_only_complete_listed_shards_and_no_manifest_entry(tmp_pa
     assert on_disk == [s.path for s in listed]
 
 
-def test_a_rerun_after_a_crash_keeps_finished_shards_and_ends_like_an_uninterrupted_run(tmp_path, make_items, monkeypatch):
+def test_a_rerun_after_a_crash_keeps_finished_shards_and_ends_like_an_uninterrupted_run(
+    tmp_path, make_items, monkeypatch
+):
     crash_after(monkeypatch, 25)
     with pytest.raises(Crash):
         write(tmp_path / "resumed", make_items(40, 4))
     progress = json.loads((tmp_path / "resumed" / "train" / PROGRESS_NAME).read_text())
-    kept = SplitManifest("train", 20, 4, CLASSES, LabelKind.MULTI, [ShardRecord(**r["shard"]) for r in progress["shards"]])
+    kept = SplitManifest(
+        "train", 20, 4, CLASSES, LabelKind.MULTI, [ShardRecord(**r["shard"]) for r in progress["shards"]]
+    )
     before = file_ids(tmp_path / "resumed", kept)
     monkeypatch.undo()
     resumed = write(tmp_path / "resumed", make_items(40, 4))
@@ -160,7 +164,10 @@ def test_a_finished_split_is_left_alone_and_other_settings_rewrite_it_cleanly(tm
     second = write(tmp_path, make_items(25, 4), max_samples_per_shard=20)
     assert [s.num_samples for s in second.shards] == [20, 5]
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [
-        "train-000000.idx", "train-000000.tar", "train-000001.idx", "train-000001.tar"
+        "train-000000.idx",
+        "train-000000.tar",
+        "train-000001.idx",
+        "train-000001.tar",
     ]
     validate_split(tmp_path, "train")
 
@@ -168,7 +175,9 @@ def test_a_finished_split_is_left_alone_and_other_settings_rewrite_it_cleanly(tm
 def test_all_inputs_skipped_is_a_clear_error(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not an image")
-    items = [SourceItem(f"k{i}", 0, name, path=str(tmp_path / name)) for i, name in enumerate(["empty.jpg", "text.jpg"])]
+    items = [
+        SourceItem(f"k{i}", 0, name, path=str(tmp_path / name)) for i, name in enumerate(["empty.jpg", "text.jpg"])
+    ]
     with pytest.raises(ShardError, match="no sample could be written; all 2 inputs were skipped.*zero-byte"):
         write(tmp_path / "out", items)
     assert not manifest_path(tmp_path / "out").exists()

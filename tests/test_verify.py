@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from dataset_layouts import make_imagenet_train
 from typer.testing import CliRunner
 
-from dataset_layouts import make_imagenet_train
 from shards.cli import app
 from shards.manifest import load_split, manifest_path, sha256_file
 from shards.sources.common import write_planned

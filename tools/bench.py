@@ -9,7 +9,9 @@ import typer
 
 OUT_OPTION = typer.Option(None, "--out", help="Write the results as JSON to FILE.")  # every subcommand
 
-app = typer.Typer(help="Measure the trainer's parts side by side; prints a table and writes JSON.", no_args_is_help=True)
+app = typer.Typer(
+    help="Measure the trainer's parts side by side; prints a table and writes JSON.", no_args_is_help=True
+)
 
 
 @app.callback()
@@ -50,7 +52,9 @@ def dali_gap(
     repeats: int = typer.Option(5, "--repeats", min=1, help="Timed rounds (one epoch of every row each)."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed rounds first."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic photos and the pipelines."),
-    rows: str = typer.Option("", "--rows", help="Comma-separated parts of row names to run (default: all; the plain pipeline always)."),
+    rows: str = typer.Option(
+        "", "--rows", help="Comma-separated parts of row names to run (default: all; the plain pipeline always)."
+    ),
 ) -> None:
     """DALI CPU: the project's loader vs a plain DALI pipeline, and variants removing one difference each."""
     from benchmarks import dali_gap as bench_gap
@@ -137,7 +141,9 @@ def e2e(
     image_size: int = typer.Option(224, "--image-size", min=8, help="Image side in pixels."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per step."),
     num_classes: int = typer.Option(1000, "--num-classes", min=2, help="Classes (labels cycle through them)."),
-    num_images: int = typer.Option(1024, "--num-images", min=1, help="Distinct synthetic ~500x375 photos (repeated to fill the rows)."),
+    num_images: int = typer.Option(
+        1024, "--num-images", min=1, help="Distinct synthetic ~500x375 photos (repeated to fill the rows)."
+    ),
     steps: int = typer.Option(20, "--steps", min=1, help="Timed steps per row."),
     warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed steps first, per row."),
     workers: int = typer.Option(8, "--workers", min=0, help="DataLoader processes / DALI threads (every loader)."),
@@ -149,8 +155,9 @@ def e2e(
     from benchmarks import e2e as bench_e2e
     from benchmarks.loaders import environment
 
-    config = bench_e2e.E2EConfig(arch, image_size, batch_size, num_classes, num_images, steps, warmup, workers,
-                                 k_teacher, k_student, device)
+    config = bench_e2e.E2EConfig(
+        arch, image_size, batch_size, num_classes, num_images, steps, warmup, workers, k_teacher, k_student, device
+    )
     _use_device(device)
     env = environment()
     rows = bench_e2e.run_e2e_bench(config)

@@ -16,12 +16,28 @@ import typer
 
 
 def main(
-    runs: list[Path] = typer.Argument(..., help="Run folders, or folders holding run folders (a demo's or sweep's --out)."),
+    runs: list[Path] = typer.Argument(
+        ..., help="Run folders, or folders holding run folders (a demo's or sweep's --out)."
+    ),
     out: Path = typer.Option(Path("runs/report"), "--out", help="Folder for table.md, table.csv and the plots."),
-    metrics: Optional[list[str]] = typer.Option(None, "--metrics", help="Summary keys to tabulate, e.g. top1, imagenet/val/top1 (repeat); default: the demo's columns and each extra eval set's top-1."),
-    group_by: Optional[list[str]] = typer.Option(None, "--group-by", help="Config keys that make a row, e.g. method or method.rho (repeat); default: every key that differs between runs, seeds apart."),
-    curve_metric: Optional[str] = typer.Option(None, "--curve-metric", help="Eval metric to plot over training steps (default f1@0.25, else top1)."),
-    score_models: bool = typer.Option(True, "--score-models/--no-score-models", help="Score each group's last checkpoint on its eval split for the F1-vs-coverage plot and the no-model rows (needs the data)."),
+    metrics: Optional[list[str]] = typer.Option(
+        None,
+        "--metrics",
+        help="Summary keys to tabulate, e.g. top1, imagenet/val/top1 (repeat); default: the demo's columns and each extra eval set's top-1.",
+    ),
+    group_by: Optional[list[str]] = typer.Option(
+        None,
+        "--group-by",
+        help="Config keys that make a row, e.g. method or method.rho (repeat); default: every key that differs between runs, seeds apart.",
+    ),
+    curve_metric: Optional[str] = typer.Option(
+        None, "--curve-metric", help="Eval metric to plot over training steps (default f1@0.25, else top1)."
+    ),
+    score_models: bool = typer.Option(
+        True,
+        "--score-models/--no-score-models",
+        help="Score each group's last checkpoint on its eval split for the F1-vs-coverage plot and the no-model rows (needs the data).",
+    ),
 ) -> None:
     """Write the comparison table and plots of finished runs; unfinished ones are listed, not fatal."""
     import logging

@@ -63,7 +63,11 @@ def celeba_plan(options: CelebAOptions) -> list[PlannedSplit]:
     for split in options.splits or SPLITS:
         items = [
             file_item(
-                guard, f"{image_dir}/{name}", key_from_relpath(name), NO_LABEL, attributes.positives[name],
+                guard,
+                f"{image_dir}/{name}",
+                key_from_relpath(name),
+                NO_LABEL,
+                attributes.positives[name],
                 where=f"{partition_file}: {name!r}",
             )
             for name, part in partition.items()

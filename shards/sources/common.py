@@ -9,12 +9,12 @@ import posixpath
 import re
 import stat
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Sequence
 
 from shards.format import NO_LABEL, safe_key
-from shards.manifest import SplitManifest, ShardError
+from shards.manifest import ShardError, SplitManifest
 from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
 
 # Extensions listed as images; the bytes are still checked by decoding (a .JPEG may hold a PNG).

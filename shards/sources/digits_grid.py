@@ -52,14 +52,18 @@ class GridConfig:
         if self.tune_size is None:
             object.__setattr__(self, "tune_size", self.val_size)
         if min(self.train_size, self.val_size, self.tune_size) < 1:
-            raise ValueError(f"train_size, val_size and tune_size must be >= 1, got "
-                             f"{self.train_size}, {self.val_size}, {self.tune_size}")
+            raise ValueError(
+                f"train_size, val_size and tune_size must be >= 1, got "
+                f"{self.train_size}, {self.val_size}, {self.tune_size}"
+            )
         if not 4 <= self.cell_px <= 64:
             raise ValueError(f"cell_px must be in [4, 64], got {self.cell_px}")
         fractions = (self.val_digit_fraction, self.tune_digit_fraction)
         if min(fractions) <= 0.0 or sum(fractions) >= 1.0:
-            raise ValueError(f"val_digit_fraction and tune_digit_fraction must be > 0 and leave train a share "
-                             f"(sum < 1), got {self.val_digit_fraction}, {self.tune_digit_fraction}")
+            raise ValueError(
+                f"val_digit_fraction and tune_digit_fraction must be > 0 and leave train a share "
+                f"(sum < 1), got {self.val_digit_fraction}, {self.tune_digit_fraction}"
+            )
 
     def split_sizes(self) -> dict[str, int]:
         return {"train": self.train_size, "tune": self.tune_size, "val": self.val_size}
@@ -71,7 +75,9 @@ def load_digit_cells(cell_px: int) -> tuple[np.ndarray, np.ndarray]:
 
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    cells = np.stack([np.asarray(Image.fromarray(im).resize((cell_px, cell_px), Image.Resampling.BILINEAR)) for im in images])
+    cells = np.stack(
+        [np.asarray(Image.fromarray(im).resize((cell_px, cell_px), Image.Resampling.BILINEAR)) for im in images]
+    )
     return cells, digits.target.astype(np.int64)
 
 
@@ -83,8 +89,10 @@ def split_digit_pools(num_digits: int, config: GridConfig) -> dict[str, np.ndarr
     pools = {"train": order[num_val + num_tune :], "tune": order[num_val : num_val + num_tune], "val": order[:num_val]}
     empty = [name for name, pool in pools.items() if len(pool) == 0]
     if empty:
-        raise ValueError(f"digit pools {empty} are empty: {num_digits} digits with val_digit_fraction="
-                         f"{config.val_digit_fraction}, tune_digit_fraction={config.tune_digit_fraction}")
+        raise ValueError(
+            f"digit pools {empty} are empty: {num_digits} digits with val_digit_fraction="
+            f"{config.val_digit_fraction}, tune_digit_fraction={config.tune_digit_fraction}"
+        )
     return pools
 
 
@@ -126,10 +134,15 @@ def grid_items(config: GridConfig) -> dict[str, list[SourceItem]]:
 def grid_spec(split: str, config: GridConfig) -> SplitSpec:
     # Every split carries the multi-label set: val and tune are evaluated on it, and train keeps it so
     # the label-ambiguity statistics can be inspected. Training itself reads only the single label.
-    grid = {**config.__dict__, "centre_probability": CENTRE_PROBABILITY, "pool_seed": POOL_SEED,
-            "definition": GRID_DEFINITION}
-    return SplitSpec(name=split, label_kind=LabelKind.MULTI, class_names=CLASS_NAMES,
-                     extra={"source": "digits-grid", "grid": grid})
+    grid = {
+        **config.__dict__,
+        "centre_probability": CENTRE_PROBABILITY,
+        "pool_seed": POOL_SEED,
+        "definition": GRID_DEFINITION,
+    }
+    return SplitSpec(
+        name=split, label_kind=LabelKind.MULTI, class_names=CLASS_NAMES, extra={"source": "digits-grid", "grid": grid}
+    )
 
 
 def ensure_grid_shards(root: Path, config: GridConfig = GridConfig()) -> Path:

@@ -62,7 +62,9 @@ def _read_csv(path: Path, text: str, unlabelled: bool) -> list[Row]:
         header = reader.fieldnames or []
         for column in ("path",) if unlabelled else ("path", "label"):
             if column not in header:
-                raise LabelFileError(f"{path}:1: header {header} has no {column!r} column (expected path,label[,labels])")
+                raise LabelFileError(
+                    f"{path}:1: header {header} has no {column!r} column (expected path,label[,labels])"
+                )
         rows = []
         for record in reader:
             line = reader.line_num
@@ -71,7 +73,9 @@ def _read_csv(path: Path, text: str, unlabelled: bool) -> list[Row]:
                 continue
             labels = record.get("labels")
             split_labels = tuple(labels.replace(";", " ").split()) if labels and labels.strip() else None
-            rows.append(Row(line, _field(path, line, record, "path"), _field(path, line, record, "label"), split_labels))
+            rows.append(
+                Row(line, _field(path, line, record, "path"), _field(path, line, record, "label"), split_labels)
+            )
     return rows
 
 
@@ -132,7 +136,12 @@ def class_names_for(rows: list[Row], out: Path, split: str | None = None) -> lis
 
 
 def folder_items(
-    images: Path, labels_file: Path, out: Path, split: str | None = None, follow_symlinks: bool = False, unlabelled: bool = False
+    images: Path,
+    labels_file: Path,
+    out: Path,
+    split: str | None = None,
+    follow_symlinks: bool = False,
+    unlabelled: bool = False,
 ) -> tuple[list[SourceItem], list[str], LabelKind]:
     """Items, class names and label kind of ``split``; every structural problem is an error naming
     the line, a path leaving ``images`` included (see ``PathGuard``). ``unlabelled``: the label
@@ -162,14 +171,18 @@ def _item(guard: PathGuard, row: Row, where: str, images: Path, index: dict[str,
         if name not in index:
             raise LabelFileError(f"{where}: class {name!r} is not among the dataset's {len(index)} classes")
     label_set = tuple(sorted({index[n] for n in row.label_set})) if row.label_set is not None else ()
-    return SourceItem(key=safe_key(row.path), label=index[row.label], source=row.path, path=str(file), label_set=label_set)
+    return SourceItem(
+        key=safe_key(row.path), label=index[row.label], source=row.path, path=str(file), label_set=label_set
+    )
 
 
 def unlabelled_class_names(out: Path, split: str | None) -> list[str]:
     """The classes of a labelled split already in ``out``: an unlabelled split has none of its own."""
     labelled = []
     if manifest_path(out).is_file():
-        labelled = [s for name, s in load_splits(out).items() if name != split and s.label_kind is not LabelKind.UNLABELLED]
+        labelled = [
+            s for name, s in load_splits(out).items() if name != split and s.label_kind is not LabelKind.UNLABELLED
+        ]
     if not labelled:
         raise ShardError(
             f"--unlabelled: {out} holds no labelled split yet; convert the labelled split first "
@@ -191,4 +204,9 @@ def _check_unique_keys(items: list[SourceItem], rows: list[Row], labels_file: Pa
 
 
 def folder_spec(split: str, class_names: list[str], kind: LabelKind, labels_file: Path) -> SplitSpec:
-    return SplitSpec(name=split, label_kind=kind, class_names=class_names, extra={"source": "folder", "labels_file": labels_file.name})
+    return SplitSpec(
+        name=split,
+        label_kind=kind,
+        class_names=class_names,
+        extra={"source": "folder", "labels_file": labels_file.name},
+    )

@@ -92,10 +92,14 @@ class ImageNetOptions:
         if name is None:
             return
         if self.subset is None and self.fraction is None:
-            raise ValueError("--unlabelled-complement needs --fraction or --subset (without them no train image is left out)")
+            raise ValueError(
+                "--unlabelled-complement needs --fraction or --subset (without them no train image is left out)"
+            )
         if name in SPLITS or not _KEY_LIKE.fullmatch(name):
-            raise ValueError(f"--unlabelled-complement {name!r}: give a plain split name other than {' and '.join(SPLITS)} "
-                             f"(letters, digits, '_' or '-'), e.g. train_unlabelled")
+            raise ValueError(
+                f"--unlabelled-complement {name!r}: give a plain split name other than {' and '.join(SPLITS)} "
+                f"(letters, digits, '_' or '-'), e.g. train_unlabelled"
+            )
         if self.splits is not None and "train" not in self.splits:
             raise ValueError("--unlabelled-complement is made from the train split: include train in --splits")
 
@@ -175,7 +179,9 @@ def select_classes(options: ImageNetOptions, present: list[str]) -> ClassSelecti
         unknown = sorted(set(wnids) - set(canonical))
         if unknown:
             raise SourceError(f"class list {options.class_list}: {unknown[:3]} are not ImageNet-1k classes")
-        return ClassSelection(wnids, {"method": "class_list", "file": options.class_list.name, "num_classes": len(wnids)})
+        return ClassSelection(
+            wnids, {"method": "class_list", "file": options.class_list.name, "num_classes": len(wnids)}
+        )
     if options.num_classes is not None:
         found = sorted(set(present) & set(canonical))
         if len(found) < options.num_classes:
@@ -201,7 +207,11 @@ def train_splits(
 
 
 def complement_split(
-    options: ImageNetOptions, guard: PathGuard, base: Path, selected: dict[str, list[str]], chosen: dict[str, list[str]],
+    options: ImageNetOptions,
+    guard: PathGuard,
+    base: Path,
+    selected: dict[str, list[str]],
+    chosen: dict[str, list[str]],
     selection: ClassSelection,
 ) -> PlannedSplit:
     """The selected classes' train images that the label fraction did not keep, with no labels: the
@@ -214,18 +224,32 @@ def complement_split(
         for file in names
     ]
     if not items:
-        raise SourceError(f"--unlabelled-complement {name}: the label fraction kept every train image; nothing is left unlabelled")
-    extra = {"source": "imagenet", "classes": selection.description, "complement_of": "train", "unlabelled_images": len(items)}
+        raise SourceError(
+            f"--unlabelled-complement {name}: the label fraction kept every train image; nothing is left unlabelled"
+        )
+    extra = {
+        "source": "imagenet",
+        "classes": selection.description,
+        "complement_of": "train",
+        "unlabelled_images": len(items),
+    }
     return PlannedSplit(SplitSpec(name, LabelKind.UNLABELLED, list(selection.wnids), extra), items)
 
 
 def train_split(
-    options: ImageNetOptions, guard: PathGuard, base: Path, files: dict[str, list[str]], selection: ClassSelection,
-    chosen: dict[str, list[str]], fraction: dict[str, Any],
+    options: ImageNetOptions,
+    guard: PathGuard,
+    base: Path,
+    files: dict[str, list[str]],
+    selection: ClassSelection,
+    chosen: dict[str, list[str]],
+    fraction: dict[str, Any],
 ) -> PlannedSplit:
     index = selection.index()
     items = [
-        file_item(guard, (PurePosixPath(base) / "train" / wnid / name).as_posix(), safe_key(Path(name).stem), index[wnid])
+        file_item(
+            guard, (PurePosixPath(base) / "train" / wnid / name).as_posix(), safe_key(Path(name).stem), index[wnid]
+        )
         for wnid, names in chosen.items()
         for name in names
     ]
@@ -238,7 +262,9 @@ def train_split(
     return PlannedSplit(SplitSpec("train", LabelKind.SINGLE, list(selection.wnids), extra), items)
 
 
-def select_fraction(files: dict[str, list[str]], options: ImageNetOptions) -> tuple[dict[str, list[str]], dict[str, Any]]:
+def select_fraction(
+    files: dict[str, list[str]], options: ImageNetOptions
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """Keep the files of a SimCLR subset list, a seeded per-class fraction, or everything."""
     if options.subset is not None:
         return _subset_files(files, options.subset)
@@ -262,7 +288,13 @@ def _subset_files(files: dict[str, list[str]], subset: Path) -> tuple[dict[str, 
         raise SourceError(f"none of the {len(listed)} files listed in {subset} is among the selected training images")
     if kept < expected:
         print(f"note: {expected - kept} files of {subset.name} in the selected classes are missing from train/")
-    info = {"method": "subset", "file": subset.name, "listed": len(listed), "listed_in_classes": expected, "selected": kept}
+    info = {
+        "method": "subset",
+        "file": subset.name,
+        "listed": len(listed),
+        "listed_in_classes": expected,
+        "selected": kept,
+    }
     return chosen, info
 
 
@@ -287,7 +319,9 @@ def list_val(options: ImageNetOptions, image_root: Path) -> ValListing:
     name = KAGGLE_VAL_FILE if layout == "kaggle" else DEVKIT_VAL_FILE
     label_file = options.val_labels or find_file(name, search)
     if label_file is None:
-        raise SourceError(f"--val-layout {layout}: {name} not found in {', '.join(map(str, search))}; pass --val-labels FILE")
+        raise SourceError(
+            f"--val-layout {layout}: {name} not found in {', '.join(map(str, search))}; pass --val-labels FILE"
+        )
     if layout == "kaggle":
         labels = read_kaggle_val(label_file)
     else:
@@ -380,7 +414,9 @@ def devkit_id_to_wnid(devkit_synsets: Path | None, ground_truth: Path) -> dict[i
     if unknown:
         raise SourceError(f"devkit synsets {source}: {unknown[:3]} are not ImageNet-1k classes")
     if len(wnids) > 1 and wnids == sorted(wnids):
-        raise SourceError(f"devkit synsets {source} are in sorted order; the devkit's ID order is not sorted (ID 1 = n02119789)")
+        raise SourceError(
+            f"devkit synsets {source} are in sorted order; the devkit's ID order is not sorted (ID 1 = n02119789)"
+        )
     return mapping
 
 
@@ -405,7 +441,10 @@ def _read_id_order(path: Path) -> dict[int, str]:
 def load_real(path: Path | None) -> tuple[dict[str, list[int]], str]:
     """{val image stem: ReaL set (ImageNet-1k indices)} and a description of where it came from."""
     if path is None:
-        data, source = pkgutil.get_data("timm.data", "_info/imagenet_real_labels.json"), "timm:imagenet_real_labels.json"
+        data, source = (
+            pkgutil.get_data("timm.data", "_info/imagenet_real_labels.json"),
+            "timm:imagenet_real_labels.json",
+        )
     else:
         try:
             data, source = path.read_bytes(), path.name
@@ -446,7 +485,12 @@ def val_split(
 
 
 def _val_item(
-    guard: PathGuard, relpath: str, label: int, real: dict[str, list[int]] | None, canonical: list[str], index: dict[str, int]
+    guard: PathGuard,
+    relpath: str,
+    label: int,
+    real: dict[str, list[int]] | None,
+    canonical: list[str],
+    index: dict[str, int],
 ) -> SourceItem:
     stem = PurePosixPath(relpath).stem
     if real is None:

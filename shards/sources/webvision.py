@@ -70,7 +70,9 @@ def webvision_plan(options: WebVisionOptions) -> list[PlannedSplit]:
     all_classes, synsets_source = class_wnids(info)
     classes = all_classes[:MINI_NUM_CLASSES] if options.mini else all_classes
     if len(classes) < (MINI_NUM_CLASSES if options.mini else 1):
-        raise SourceError(f"{info / SYNSETS_FILE} lists {len(all_classes)} classes; mini-WebVision needs {MINI_NUM_CLASSES}")
+        raise SourceError(
+            f"{info / SYNSETS_FILE} lists {len(all_classes)} classes; mini-WebVision needs {MINI_NUM_CLASSES}"
+        )
     extra: dict[str, Any] = {"source": "webvision", "mini": options.mini, "synsets_file": synsets_source}
     if options.mini:
         extra["synsets"] = list(classes)  # = class_names; kept under its own name for the ImageNet-val split
@@ -101,7 +103,9 @@ def requested_splits(info: Path, splits: tuple[str, ...] | None) -> tuple[str, .
     return SPLITS if (info / VAL_LIST).is_file() else ("train",)
 
 
-def train_items(guard: PathGuard, info: Path, sources: tuple[str, ...], num_all: int, num_kept: int) -> list[SourceItem]:
+def train_items(
+    guard: PathGuard, info: Path, sources: tuple[str, ...], num_all: int, num_kept: int
+) -> list[SourceItem]:
     items: list[SourceItem] = []
     for source in sources:
         list_file = info / TRAIN_LIST.format(source)
@@ -123,7 +127,9 @@ def val_items(guard: PathGuard, info: Path, num_all: int, num_kept: int) -> list
     listed = {line.relpath for line in lines}
     unlabelled = [n for n in list_image_files(require_dir(root / VAL_DIR, "WebVision val folder")) if n not in listed]
     if unlabelled:
-        raise SourceError(f"{len(unlabelled)} images in {root / VAL_DIR} have no label in {list_file}, e.g. {unlabelled[:3]}")
+        raise SourceError(
+            f"{len(unlabelled)} images in {root / VAL_DIR} have no label in {list_file}, e.g. {unlabelled[:3]}"
+        )
     items = labelled_items(guard, VAL_DIR, lines, list_file, num_all, num_kept)
     check_listed_files_exist(items, str(list_file))
     return items
