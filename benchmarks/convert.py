@@ -148,7 +148,11 @@ def run_convert_bench(config: ConvertBenchConfig) -> tuple[list[BenchResult], in
                 result = BenchResult("convert", workers, max_side_px, config.num_images)
                 for repeat in range(config.repeats):
                     out = Path(tmp) / f"out_{max_side_px}_{workers}_{repeat}"
-                    result.measure(lambda: time_conversion(data_root, out, workers, max_side_px))
+                    result.measure(
+                        lambda out=out, workers=workers, side=max_side_px: time_conversion(
+                            data_root, out, workers, side
+                        )
+                    )
                 results.append(result)
         results += _verify_results(Path(tmp) / f"out_None_{config.workers[0]}_0", config)
     return results, num_large
@@ -159,7 +163,7 @@ def _verify_results(shards: Path, config: ConvertBenchConfig) -> list[BenchResul
     for workers in config.workers:
         result = BenchResult("verify", workers, None, config.num_images)
         for _ in range(config.repeats):
-            result.measure(lambda: _timed_verify(shards, workers))
+            result.measure(lambda workers=workers: _timed_verify(shards, workers))
         results.append(result)
     return results
 

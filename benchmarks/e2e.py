@@ -187,7 +187,9 @@ def pil_loader(root: Path, config: E2EConfig, device: torch.device) -> PilFolder
 def loader_rows(loaders: dict[str, Any], config: E2EConfig, device: torch.device) -> list[E2ERow]:
     rows = []
     for name, loader in loaders.items():
-        rows += _attempt(LOADER, name, lambda: [streamed_row(LOADER, name, config, device, loader, _taker)])
+        rows += _attempt(
+            LOADER, name, lambda name=name, loader=loader: [streamed_row(LOADER, name, config, device, loader, _taker)]
+        )
     return rows
 
 
@@ -253,7 +255,7 @@ def switch_rows(engine: Engine, kind: str, device: torch.device) -> list[E2ERow]
     timer, rows = Timer(device), []
     for action in (PhaseAction.SNAPSHOT_TEACHER, PhaseAction.SAVE_STUDENT, PhaseAction.RESTORE_STUDENT):
         engine.switch.apply((action,))  # untimed once: the first save allocates the saved-student mirror
-        seconds = [timer.seconds(lambda: engine.switch.apply((action,))) for _ in range(SWITCH_REPEATS)]
+        seconds = [timer.seconds(lambda action=action: engine.switch.apply((action,))) for _ in range(SWITCH_REPEATS)]
         rows.append(E2ERow(SWITCH, f"engine {action.value} ({kind})", ms_per_step=1000 * statistics.median(seconds)))
     return rows
 
@@ -281,11 +283,16 @@ def end_to_end_rows(
     engine: Engine, kind: str, loaders: dict[str, Any], config: E2EConfig, device: torch.device
 ) -> list[E2ERow]:
     rows = []
+
+    def make_steps(stream: Iterator[Batch]) -> Callable[[int], None]:
+        return trainer_steps(engine, stream, device)
+
     for name, loader in loaders.items():
         label = f"{name} + engine ({kind})"
-        make_steps = lambda stream: trainer_steps(engine, stream, device)  # noqa: E731
         rows += _attempt(
-            END_TO_END, label, lambda: [streamed_row(END_TO_END, label, config, device, loader, make_steps)]
+            END_TO_END,
+            label,
+            lambda label=label, loader=loader: [streamed_row(END_TO_END, label, config, device, loader, make_steps)],
         )
     return rows
 
@@ -365,7 +372,9 @@ def run_e2e_bench(config: E2EConfig) -> list[E2ERow]:
             )
             for graphs in (True, False) if device.type == "cuda" else (False,):
                 rows += _attempt(
-                    ENGINE, f"engine (graphs {graphs})", lambda: _engine_and_end_to_end(loaders, config, device, graphs)
+                    ENGINE,
+                    f"engine (graphs {graphs})",
+                    lambda graphs=graphs: _engine_and_end_to_end(loaders, config, device, graphs),
                 )
                 _release(device)
             rows += _attempt(BASELINE, "released-code baseline", lambda: baseline_rows(baseline_loader, config, device))

@@ -82,7 +82,7 @@ def _measure(steps: dict[str, Callable[[], None]], config: EngineBenchConfig, ti
     seconds: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(config.repeats):
         for name, step in steps.items():
-            seconds[name].append(timer.seconds(lambda: [step() for _ in range(config.steps_per_repeat)]))
+            seconds[name].append(timer.seconds(lambda step=step: [step() for _ in range(config.steps_per_repeat)]))
     return [_row(name, times, config) for name, times in seconds.items()]
 
 

@@ -462,8 +462,8 @@ def switch_timings(
     allocated = _allocated(device)
     results = {}
     for action in actions:
-        device_ms = [1000 * timer.seconds(lambda: switch.apply((action,))) for _ in range(repeats)]
-        host_ms = [1000 * _host_seconds(lambda: switch.apply((action,))) for _ in range(repeats)]
+        device_ms = [1000 * timer.seconds(lambda action=action: switch.apply((action,))) for _ in range(repeats)]
+        host_ms = [1000 * _host_seconds(lambda action=action: switch.apply((action,))) for _ in range(repeats)]
         tensors = switch.teacher_state if action is PhaseAction.SNAPSHOT_TEACHER else switch.student_state
         results[action.value] = {
             "device_ms": statistics.median(device_ms),

@@ -223,7 +223,9 @@ def run_loader_bench(config: LoaderBenchConfig) -> list[LoaderResult]:
             for result, loader in running:
                 if loader is None or result.error is not None:
                     continue
-                timing = _attempt(result, lambda: time_epoch(loader, epoch, result.device))
+                timing = _attempt(
+                    result, lambda loader=loader, epoch=epoch, result=result: time_epoch(loader, epoch, result.device)
+                )
                 if timing is not None and epoch >= config.warmup_epochs:
                     result.images_per_s.append(timing[0])
                     result.cpu_ms_per_image.append(timing[1])

@@ -104,7 +104,7 @@ def make_imagenet_train(root: Path, classes: list[str] = IMAGENET_CLASSES, with_
             layout.expected[f"train/{wnid}/{name}"] = "pass"
     if with_broken:
         # the real PNG-named-JPEG is n02105855_2933.JPEG; here every kind sits in the first class
-        for k, (kind, (data, outcome)) in enumerate(broken_files(7).items()):
+        for k, (data, outcome) in enumerate(broken_files(7).values()):
             relpath = f"train/{classes[0]}/{classes[0]}_{800000 + k}.JPEG"
             write(root / relpath, data)
             layout.expected[relpath] = outcome

@@ -113,7 +113,7 @@ def test_run_ahead_waits_for_the_step_depth_back_and_holds_batches_until_then() 
 
 def test_run_ahead_is_a_no_op_on_cpu() -> None:
     ring = RunAheadLimit(torch.device("cpu"))
-    for step in range(3):
+    for _ in range(3):
         ring.wait_turn()
         ring.step_queued(object())
     assert ring.events == [] and all(b is None for b in ring.in_flight) and ring.steps_queued == 3
