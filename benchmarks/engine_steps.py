@@ -182,7 +182,8 @@ def format_table(rows: list[BenchRow]) -> str:
     lines = [f"{'measurement':52s} {'img/s median':>13s} {'min':>9s} {'max':>9s} {'ms/step':>9s}"]
     for row in rows:
         lines.append(
-            f"{row.name:52s} {row.images_per_s_median:13.1f} {row.images_per_s_min:9.1f} {row.images_per_s_max:9.1f} {row.ms_per_step_median:9.3f}"
+            f"{row.name:52s} {row.images_per_s_median:13.1f} {row.images_per_s_min:9.1f} {row.images_per_s_max:9.1f} "
+            f"{row.ms_per_step_median:9.3f}"
         )
     return "\n".join(lines)
 

@@ -372,7 +372,8 @@ def check_hot_loop(
         summary = (
             f"{result.steps_checked} steps probed; engine sync: {result.engine_sync_error or 'none'}; "
             f"loader syncs: {len(result.loader_syncs)}; device busy after {result.busy_fraction:.0%} of steps "
-            f"(>= {BUSY_FRACTION_MIN:.0%} needed); unfinished steps in the ring: max {max(result.unfinished_in_ring, default=0)}"
+            f"(>= {BUSY_FRACTION_MIN:.0%} needed); unfinished steps in the ring: max "
+            f"{max(result.unfinished_in_ring, default=0)}"
         )
         return passed, summary, {"result": {**asdict(result), "busy_fraction": result.busy_fraction}}
 
@@ -412,7 +413,10 @@ def check_e2e(
         groups = {r.group for r in rows if not r.error}
         missing = [g for g in (e2e.LOADER, e2e.ENGINE, e2e.SWITCH, e2e.END_TO_END, e2e.BASELINE) if g not in groups]
         graphed = any("(graphs)" in r.name for r in rows if r.group == e2e.END_TO_END and not r.error)
-        summary = f"{len(rows)} rows; failed: {failed or 'none'}; groups missing: {missing or 'none'}; graphed end to end: {graphed}"
+        summary = (
+            f"{len(rows)} rows; failed: {failed or 'none'}; groups missing: {missing or 'none'}; "
+            f"graphed end to end: {graphed}"
+        )
         return not failed and not missing and graphed, summary, {"speedups": _speedups(rows)}
 
     guarded("G4", "e2e", out, body)
@@ -531,7 +535,8 @@ def check_switch(out: Path = OUT_OPTION, arch: str = "resnet50", repeats: int = 
             + ", ".join(
                 f"{k} {v['device_ms']:.3f} ms" for k, v in timings["actions"].items() if k != "snapshot_teacher"
             )
-            + f"; deepcopy teacher {timings['deepcopy_ms']:.3f} ms; allocation growth {timings['allocated_bytes_growth']} B; "
+            + f"; deepcopy teacher {timings['deepcopy_ms']:.3f} ms; "
+            f"allocation growth {timings['allocated_bytes_growth']} B; "
             f"sync: {timings['sync_error'] or 'none'}"
         )
         return passed, summary, {"timings": timings, "snapshot_gb_per_s": gbps}
@@ -610,7 +615,8 @@ def check_decode(out: Path = OUT_OPTION, num_images: int = 96, batch_size: int =
         )
         summary = "; ".join(
             f"{k}: mean |diff| {v['mean_abs_diff'] * 255:.3f}/255, max {v['max_abs_diff'] * 255:.1f}/255, labels "
-            f"{'equal' if v['labels_equal'] else 'DIFFER'}, {'channels-last' if v['channels_last'] else 'WRONG STRIDES'}"
+            f"{'equal' if v['labels_equal'] else 'DIFFER'}, "
+            f"{'channels-last' if v['channels_last'] else 'WRONG STRIDES'}"
             for k, v in results.items()
         )
         return passed, summary, {"results": results, "tolerance": PIXEL_TOLERANCE}
@@ -715,7 +721,10 @@ def check_dali_capture(out: Path = OUT_OPTION, arch: str = "resnet18", steps: in
             losses = [engine.train_step(step, next(stream)).loss.float().item() for step in range(steps)]
             stream.close()
         finite = all(math.isfinite(x) for x in losses)
-        summary = f"capture: {reason or 'graphed'}; {steps} steps on DALI batches, losses {'finite' if finite else 'NOT finite'}"
+        summary = (
+            f"capture: {reason or 'graphed'}; {steps} steps on DALI batches, "
+            f"losses {'finite' if finite else 'NOT finite'}"
+        )
         return reason is None and engine.stepper.graphed and finite, summary, {"losses": losses, "reason": reason}
 
     guarded("G7", "dali-capture", out, body)
@@ -879,8 +888,8 @@ def check_ddp_graphs(
         summary = (
             f"capture: {result['capture']}; graphed vs eager DDP over {steps} steps: median error {median_error:.2e} "
             f"(<= {DDP_ERROR_MEDIAN:g}), max {max_error:.2e} (<= {DDP_ERROR_MAX:g}); step "
-            f"{result['step_ms']['ddp graphed']:.3f} ms under DDP vs {result['step_ms']['plain graphed']:.3f} ms without "
-            f"(x{result['slowdown']:.3f}, <= {DDP_SLOWDOWN_MAX})"
+            f"{result['step_ms']['ddp graphed']:.3f} ms under DDP vs {result['step_ms']['plain graphed']:.3f} ms "
+            f"without (x{result['slowdown']:.3f}, <= {DDP_SLOWDOWN_MAX})"
         )
         return passed, summary, {"result": result}
 

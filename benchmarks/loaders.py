@@ -252,7 +252,8 @@ def format_table(results: list[LoaderResult]) -> str:
         else:
             rates = r.images_per_s
             lines.append(
-                f"{r.name:<40} {r.device:<6} {r.median:>12.1f} {min(rates):>7.1f} {max(rates):>7.1f} {r.median_cpu_ms:>10.2f}"
+                f"{r.name:<40} {r.device:<6} {r.median:>12.1f} {min(rates):>7.1f} {max(rates):>7.1f} "
+                f"{r.median_cpu_ms:>10.2f}"
             )
     return "\n".join(lines)
 

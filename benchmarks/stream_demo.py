@@ -55,7 +55,8 @@ def main(
     for backend in backends:
         images, seconds = stream_once(out, backend, batch_size, workers)
         print(
-            f"{backend:>5} backend: {images} train images in {seconds:.2f} s = {images / seconds:,.0f} images/s (CPU, incl. start-up)"
+            f"{backend:>5} backend: {images} train images in {seconds:.2f} s = {images / seconds:,.0f} images/s "
+            "(CPU, incl. start-up)"
         )
 
 

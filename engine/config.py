@@ -130,8 +130,8 @@ class DataConfig(_Component):
     eval_split: str = knob("val", "Split to evaluate on.", alias="--eval-split")
     unlabelled_split: str = knob(
         "",
-        "MILe semi-supervised: imitation (student) phases train on this split's images, pseudo-labelled by the teacher, "
-        "and never read its labels; interaction (teacher) phases train on train_split. Empty = off.",
+        "MILe semi-supervised: imitation (student) phases train on this split's images, pseudo-labelled by the "
+        "teacher, and never read its labels; interaction (teacher) phases train on train_split. Empty = off.",
         alias="--unlabelled-split",
     )
     unlabelled_root: str = knob(
@@ -244,7 +244,8 @@ class OptimConfig(_Component):
     step_decay_factor: float = knob(0.1, "Step schedule: the factor.", alias="--step-decay-factor", gt=0, le=1)
     head_lr_scale: float = knob(
         1.0,
-        "The classifier's learning rate as a multiple of the backbone's (e.g. 10 when fine-tuning from --init-checkpoint).",
+        "The classifier's learning rate as a multiple of the backbone's (e.g. 10 when fine-tuning from "
+        "--init-checkpoint).",
         alias="--head-lr-scale",
         ge=0,
     )
@@ -258,7 +259,8 @@ class CheckpointConfig(_Component):
 
     keep_last: int = knob(
         0,
-        "Also keep the last N checkpoints as checkpoints/step-XXXXXXX.pt (last.pt is the newest of them); 0 = last.pt only.",
+        "Also keep the last N checkpoints as checkpoints/step-XXXXXXX.pt (last.pt is the newest of them); 0 = "
+        "last.pt only.",
         alias="--keep-checkpoints",
         ge=0,
         resume_safe=True,
@@ -281,7 +283,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     arch: str = knob(
         "grid_cnn",
-        f"Model architecture: {' | '.join(BUILTIN_ARCHS)}, or any timm model name (timm.list_models()); never downloads weights.",
+        f"Model architecture: {' | '.join(BUILTIN_ARCHS)}, or any timm model name (timm.list_models()); never "
+        "downloads weights.",
         alias="--arch",
     )
     init_checkpoint: str = knob(
@@ -503,8 +506,8 @@ def _check_unlabelled(config: RunConfig) -> None:
         raise ConfigError("data.unlabelled_root (--unlabelled-data) needs data.unlabelled_split (--unlabelled-split)")
     if data.unlabelled_split and config.method.name is not Method.MILE:
         raise ConfigError(
-            f"data.unlabelled_split (--unlabelled-split) {data.unlabelled_split!r}: method.name (--method) {config.method.name} "
-            f"has no imitation phase to train on unlabelled images; use --method mile"
+            f"data.unlabelled_split (--unlabelled-split) {data.unlabelled_split!r}: method.name (--method) "
+            f"{config.method.name} has no imitation phase to train on unlabelled images; use --method mile"
         )
 
 
@@ -514,16 +517,19 @@ def _check_step_schedule(optim: OptimConfig) -> None:
     if optim.schedule is not Schedule.STEP:
         if milestones:
             raise ConfigError(
-                f"optim.lr_milestones (--lr-milestones) {list(milestones)} is used by optim.schedule = step only, not {optim.schedule}"
+                f"optim.lr_milestones (--lr-milestones) {list(milestones)} is used by optim.schedule = step only, "
+                f"not {optim.schedule}"
             )
         return
     if every == 0 and not milestones:
         raise ConfigError(
-            "optim.schedule = step needs optim.step_decay_every (--step-decay-every) > 0 or optim.lr_milestones (--lr-milestones)"
+            "optim.schedule = step needs optim.step_decay_every (--step-decay-every) > 0 or optim.lr_milestones "
+            "(--lr-milestones)"
         )
     if every and milestones:
         raise ConfigError(
-            "optim.schedule = step: give optim.step_decay_every (--step-decay-every) or optim.lr_milestones (--lr-milestones), not both"
+            "optim.schedule = step: give optim.step_decay_every (--step-decay-every) or optim.lr_milestones "
+            "(--lr-milestones), not both"
         )
     if list(milestones) != sorted(set(milestones)):
         raise ConfigError(f"optim.lr_milestones (--lr-milestones) must be strictly increasing, got {list(milestones)}")

@@ -137,7 +137,8 @@ def extra_eval_sets(config: RunConfig, train: SplitManifest, train_root: Path) -
         root, split = parse_eval_data(spec)
         if not root.is_dir():
             raise ConfigError(
-                f"data.extra_eval (--eval-data) {spec!r}: {root} {'is not a folder' if root.exists() else 'does not exist'}"
+                f"data.extra_eval (--eval-data) {spec!r}: {root} "
+                f"{'is not a folder' if root.exists() else 'does not exist'}"
             )
         try:
             manifest = load_split(root, split)
@@ -145,7 +146,8 @@ def extra_eval_sets(config: RunConfig, train: SplitManifest, train_root: Path) -
             raise ConfigError(f"data.extra_eval (--eval-data) {spec!r}: {error}") from None
         if manifest.label_kind is LabelKind.UNLABELLED:
             raise ConfigError(
-                f"data.extra_eval (--eval-data) {spec!r}: split {split!r} is unlabelled: no ground truth to score against"
+                f"data.extra_eval (--eval-data) {spec!r}: split {split!r} is unlabelled: "
+                "no ground truth to score against"
             )
         check_same_classes(spec, manifest, root, train, train_root)
         name = _unique_name(f"{root.resolve().name}/{split}", {s.name for s in sets})
@@ -169,12 +171,13 @@ def check_same_classes(spec: str, manifest: SplitManifest, root: Path, train: Sp
         return
     index = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
     raise ConfigError(
-        f"data.extra_eval (--eval-data) {spec!r}: split {manifest.name!r} of {manifest_path(root)} has {len(theirs)} classes, "
-        f"split {train.name!r} of {manifest_path(train_root)} (the train split) has {len(ours)}; they first differ at class index "
-        f"{index}: {_class_at(theirs, index)} vs {_class_at(ours, index)}. Convert the eval set with the train split's class list, in its order: for ImageNet "
-        f"val with a WebVision model, `make-shards webvision --write-class-list classes.txt ...` then `make-shards imagenet "
-        f"--class-list classes.txt ...`; an image folder split written with `make-shards folder --out` into the train split's "
-        f"folder reuses its classes"
+        f"data.extra_eval (--eval-data) {spec!r}: split {manifest.name!r} of {manifest_path(root)} has "
+        f"{len(theirs)} classes, split {train.name!r} of {manifest_path(train_root)} (the train split) has "
+        f"{len(ours)}; they first differ at class index {index}: {_class_at(theirs, index)} vs "
+        f"{_class_at(ours, index)}. Convert the eval set with the train split's class list, in its order: for "
+        "ImageNet val with a WebVision model, `make-shards webvision --write-class-list classes.txt ...` then "
+        "`make-shards imagenet --class-list classes.txt ...`; an image folder split written with `make-shards "
+        "folder --out` into the train split's folder reuses its classes"
     )
 
 

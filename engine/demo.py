@@ -94,7 +94,8 @@ def main(
     config: Path = typer.Option(
         None,
         "--config",
-        help="Experiment config for every method (default: engine/configs/digits_grid.toml with each method's tuned settings from engine/configs/demo/methods.toml).",
+        help="Experiment config for every method (default: engine/configs/digits_grid.toml with each method's "
+        "tuned settings from engine/configs/demo/methods.toml).",
     ),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the runs, the table and the plots."),
     steps: int = typer.Option(None, "--steps", min=1, help="Override the step budget (all methods)."),

@@ -41,7 +41,8 @@ def evaluate_exported(
     meta, model = load_exported(model_dir, device)
     if manifest.num_classes != meta.num_classes:
         raise ExportError(
-            f"split {split!r} of {data} has {manifest.num_classes} classes; the model in {model_dir} has {meta.num_classes}"
+            f"split {split!r} of {data} has {manifest.num_classes} classes; the model in {model_dir} has "
+            f"{meta.num_classes}"
         )
     attributes = manifest.label_kind is LabelKind.ATTRIBUTES
     has_targets = manifest.label_kind.has_targets

@@ -51,7 +51,8 @@ class LoadReport:
     def summary(self) -> str:
         return (
             f"loaded {len(self.loaded)} backbone tensors (key prefix {self.prefix!r}), skipped {len(self.head)} head "
-            f"and {len(self.unexpected)} unexpected, {len(self.mismatched)} of another shape, {len(self.missing)} missing"
+            f"and {len(self.unexpected)} unexpected, {len(self.mismatched)} of another shape, {len(self.missing)} "
+            "missing"
         )
 
 

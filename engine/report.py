@@ -119,7 +119,8 @@ def find_runs(paths: list[Path]) -> list[RunRecord]:
         found = sorted(config.parent for config in path.rglob(CONFIG_NAME))
         if not found:
             raise RunFolderError(
-                f"{path} is not a run folder (no {CONFIG_NAME}) and holds none: give the --out of engine-run, the demo or a sweep"
+                f"{path} is not a run folder (no {CONFIG_NAME}) and holds none: "
+                "give the --out of engine-run, the demo or a sweep"
             )
         folders.extend(found)
     return [read_run(folder) for folder in dict.fromkeys(folders)]
@@ -291,9 +292,10 @@ def table_header(groups: list[Group], digit_grid: bool) -> str:
     seeds = sorted({r.config.seed for r in runs})
     evaluated = sorted({r.config.data.eval_split for r in runs})
     return title + (
-        f"{budget}; seeds {', '.join(map(str, seeds))} (mean ± std over a row's seeds). Eval split {', '.join(evaluated)}"
-        f"{'; the label set is every digit present' if digit_grid else ''}. F1, LRAP, mAP and top-1 in %, coverage in labels "
-        "per image. F1@matched: the threshold (sigmoid) or top-m (softmax) whose mean set size equals the mean true set size "
+        f"{budget}; seeds {', '.join(map(str, seeds))} (mean ± std over a row's seeds). "
+        f"Eval split {', '.join(evaluated)}{'; the label set is every digit present' if digit_grid else ''}. "
+        "F1, LRAP, mAP and top-1 in %, coverage in labels per image. F1@matched: the threshold (sigmoid) or "
+        "top-m (softmax) whose mean set size equals the mean true set size "
         "(θ or m in the next column); top-T F1: each image's |T| best labels.\n\n"
     )
 

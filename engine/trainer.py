@@ -520,7 +520,8 @@ class Trainer:
             position = self.engine.plan.position(bad_step)
             # steps are counted from 1 for people, as in metrics.jsonl
             raise NonFiniteLoss(
-                f"non-finite loss at step {bad_step + 1} ({position.phase} phase, cycle {position.cycle}); {self._kept_message()}"
+                f"non-finite loss at step {bad_step + 1} ({position.phase} phase, cycle {position.cycle}); "
+                f"{self._kept_message()}"
             )
 
     def _check_finite_state(self) -> None:

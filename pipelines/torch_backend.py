@@ -205,7 +205,8 @@ class TorchLoader:
         shards = sorted({self.table.shard_paths[int(self.table.shard[int(i)])] for i in indices.tolist()})
         raise ShardDataError(
             f"batch of {len(encoded)} samples from shard(s) {', '.join(shards)} cannot be decoded on {self._device} "
-            f"({_first_line(error)}); the failing sample cannot be pinpointed; run `make-shards verify {self.table.root}`"
+            f"({_first_line(error)}); the failing sample cannot be pinpointed; run `make-shards verify "
+            f"{self.table.root}`"
         ) from None
 
     def close(self) -> None:

@@ -286,7 +286,9 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 # What to do about an OSError, by errno: the path comes from the error itself.
 _OS_ERROR_ADVICE = {
-    errno.ENOSPC: "free space on that disk or choose another --out, then run the same command again (finished shards are kept)",
+    errno.ENOSPC: (
+        "free space on that disk or choose another --out, then run the same command again (finished shards are kept)"
+    ),
     errno.EDQUOT: "free space within your quota or choose another --out, then run the same command again",
     errno.EACCES: "check the folder's permissions or choose a writable --out",
     errno.EPERM: "check the folder's permissions or choose a writable --out",

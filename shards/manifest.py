@@ -118,7 +118,8 @@ def _check_inside(path: str, what: str) -> None:
     pure = PurePosixPath(path)
     if not path or pure.is_absolute() or "\\" in path or ".." in pure.parts:
         raise ShardError(
-            f"shard {what} {path!r} is absolute or leaves the dataset folder; manifest paths must be relative, without '..'"
+            f"shard {what} {path!r} is absolute or leaves the dataset folder; manifest paths must be relative, "
+            "without '..'"
         )
 
 

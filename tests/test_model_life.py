@@ -140,8 +140,8 @@ def test_a_file_of_another_architecture_is_an_error_naming_missing_keys(tmp_path
     message = str(error.value)
     assert "init_checkpoint (--init-checkpoint)" in message and "r50.pth" in message
     assert (
-        "leaves 23 of the 120 backbone tensors of ResNet unloaded (missing: layer1.0.conv1.weight, layer1.1.conv1.weight"
-        in message
+        "leaves 23 of the 120 backbone tensors of ResNet unloaded (missing: layer1.0.conv1.weight, "
+        "layer1.1.conv1.weight" in message
     )
     assert "of another shape: layer1.0.conv1.weight: file (64, 64, 1, 1) vs model (64, 64, 3, 3)" in message
     # no key in common: everything missing

@@ -16,7 +16,8 @@ app = typer.Typer(
 
 @app.callback()
 def main() -> None:
-    """Subcommands: loaders (input pipelines), dali-gap (DALI CPU backend vs a plain DALI pipeline), convert (shard conversion), engine (training steps), e2e (all together)."""
+    """Subcommands: loaders (input pipelines), dali-gap (DALI CPU backend vs a plain DALI pipeline),
+    convert (shard conversion), engine (training steps), e2e (all together)."""
 
 
 @app.command("loaders")
@@ -151,7 +152,8 @@ def e2e(
     k_student: int = typer.Option(5, "--k-student-steps", min=1, help="End-to-end rows: steps per student phase."),
     device: str = typer.Option("cuda", "--device", help="cuda, cuda:N or cpu."),
 ) -> None:
-    """Loader alone, engine alone (graphs on/off), loader + engine as trained, and the released code's way, with GPU telemetry."""
+    """Loader alone, engine alone (graphs on/off), loader + engine as trained, and the released code's way,
+    with GPU telemetry."""
     from benchmarks import e2e as bench_e2e
     from benchmarks.loaders import environment
 

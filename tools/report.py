@@ -23,12 +23,14 @@ def main(
     metrics: Optional[list[str]] = typer.Option(
         None,
         "--metrics",
-        help="Summary keys to tabulate, e.g. top1, imagenet/val/top1 (repeat); default: the demo's columns and each extra eval set's top-1.",
+        help="Summary keys to tabulate, e.g. top1, imagenet/val/top1 (repeat); default: the demo's columns and "
+        "each extra eval set's top-1.",
     ),
     group_by: Optional[list[str]] = typer.Option(
         None,
         "--group-by",
-        help="Config keys that make a row, e.g. method or method.rho (repeat); default: every key that differs between runs, seeds apart.",
+        help="Config keys that make a row, e.g. method or method.rho (repeat); default: every key that differs "
+        "between runs, seeds apart.",
     ),
     curve_metric: Optional[str] = typer.Option(
         None, "--curve-metric", help="Eval metric to plot over training steps (default f1@0.25, else top1)."
@@ -36,7 +38,8 @@ def main(
     score_models: bool = typer.Option(
         True,
         "--score-models/--no-score-models",
-        help="Score each group's last checkpoint on its eval split for the F1-vs-coverage plot and the no-model rows (needs the data).",
+        help="Score each group's last checkpoint on its eval split for the F1-vs-coverage plot and the no-model "
+        "rows (needs the data).",
     ),
 ) -> None:
     """Write the comparison table and plots of finished runs; unfinished ones are listed, not fatal."""
