@@ -21,11 +21,12 @@ plain pipeline is taken within a round, and the median over rounds is reported.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +34,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.loaders import SPLIT, LoaderBenchConfig, backend_loader, photo_jpegs, time_epoch, write_bench_data
+from benchmarks.loaders import (
+    SPLIT,
+    LoaderBenchConfig,
+    TimedLoader,
+    backend_loader,
+    photo_jpegs,
+    time_epoch,
+    write_bench_data,
+)
 from pipelines.contract import IMAGENET_MEAN, IMAGENET_STD, Batch
 from shards.format import FIELD_IMAGE, FIELD_LABEL
 from shards.manifest import load_split
@@ -218,8 +227,10 @@ def run_dali_gap(bench: LoaderBenchConfig, rows_named: tuple[str, ...] = ()) -> 
     with tempfile.TemporaryDirectory(prefix="bench-dali-gap-") as tmp:
         root = Path(tmp)
         write_bench_data(root, photo_jpegs(bench.num_images, bench.seed))
-        factories = [(PROJECT, lambda: backend_loader(root, bench, "dali", "cpu"))]
-        factories += [(v.name, lambda v=v: VariantLoader(root / "shards", v, bench)) for v in variants()]
+        factories: list[tuple[str, Callable[[], TimedLoader]]] = [
+            (PROJECT, lambda: backend_loader(root, bench, "dali", "cpu"))
+        ]
+        factories += [(v.name, functools.partial(VariantLoader, root / "shards", v, bench)) for v in variants()]
         factories = [
             (name, f) for name, f in factories if name == PLAIN or not rows_named or any(n in name for n in rows_named)
         ]

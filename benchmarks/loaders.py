@@ -13,6 +13,7 @@ load on a shared machine hits them alike.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -107,6 +108,14 @@ def write_bench_data(root: Path, jpegs: list[bytes], num_classes: int = 1) -> No
     write_split(root / "shards", spec, items, WriterSettings(progress=False))  # valid JPEGs pass through byte-for-byte
 
 
+class TimedLoader(Protocol):
+    """What ``time_epoch`` times: the project's loaders, ``PilFolderLoader`` and ``dali_gap``'s variants."""
+
+    def epoch(self, epoch: int) -> Iterable[Any]: ...
+
+    def close(self) -> None: ...
+
+
 class PilFolderLoader:
     """The baseline: ImageFolder + PIL transforms in a DataLoader, behind the ``epoch``/``close`` interface."""
 
@@ -133,6 +142,8 @@ class PilFolderLoader:
         )
 
     def epoch(self, epoch: int) -> Iterable[Any]:
+        if self.loader is None:
+            raise RuntimeError("PilFolderLoader.epoch after close()")
         return self.loader
 
     def close(self) -> None:
@@ -153,7 +164,7 @@ def backend_loader(root: Path, config: LoaderBenchConfig, backend: str, device: 
     return build_loader(root / "shards", SPLIT, loader_config)
 
 
-def time_epoch(loader: Loader | PilFolderLoader, epoch: int, device: str) -> tuple[float, float]:
+def time_epoch(loader: TimedLoader, epoch: int, device: str) -> tuple[float, float]:
     """(images/s, CPU ms per image) of one whole epoch, first batch request to last batch ready.
 
     CPU time counts this process's threads (DALI's among them) and its worker processes; unlike
@@ -223,9 +234,7 @@ def run_loader_bench(config: LoaderBenchConfig) -> list[LoaderResult]:
             for result, loader in running:
                 if loader is None or result.error is not None:
                     continue
-                timing = _attempt(
-                    result, lambda loader=loader, epoch=epoch, result=result: time_epoch(loader, epoch, result.device)
-                )
+                timing = _attempt(result, functools.partial(time_epoch, loader, epoch, result.device))
                 if timing is not None and epoch >= config.warmup_epochs:
                     result.images_per_s.append(timing[0])
                     result.cpu_ms_per_image.append(timing[1])

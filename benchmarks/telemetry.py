@@ -79,7 +79,9 @@ class GpuSampler:
     def __init__(self, device: torch.device, interval_s: float = SAMPLE_INTERVAL_S) -> None:
         found = nvml_handle(device)
         self.unavailable = found if isinstance(found, str) else None
-        self._nvml, self._handle = (None, None) if isinstance(found, str) else found
+        self._nvml: Any
+        self._handle: Any
+        self._nvml, self._handle = (None, None) if isinstance(found, str) else found  # None only while unavailable
         self.interval_s = interval_s
         self.samples = Samples()
         self._stop = threading.Event()

@@ -88,7 +88,9 @@ class RngState:
     """Python, NumPy, torch (and CUDA) random generators, as tensors and plain values."""
 
     def state_dict(self) -> dict[str, Any]:
-        name, keys, pos, has_gauss, cached = np.random.get_state()
+        legacy = np.random.get_state()
+        assert isinstance(legacy, tuple)  # legacy=True (the default) gives the tuple form
+        name, keys, pos, has_gauss, cached = legacy
         state = {
             "python": random.getstate(),
             "numpy": {
@@ -116,7 +118,7 @@ class RngState:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _feed(hasher: hashlib._Hash, value: Any) -> None:
+def _feed(hasher: hashlib.blake2b, value: Any) -> None:
     """Hash a state tree: structure, keys, values and tensor bytes, in a fixed order."""
     if isinstance(value, torch.Tensor):
         flat = value.detach().cpu().contiguous().reshape(-1)
@@ -291,8 +293,10 @@ class CheckpointWriter:
 
     def step_files(self) -> list[Path]:
         """The kept ``step-XXXXXXX.pt`` files, oldest first."""
-        found = [p for p in self.folder.iterdir() if STEP_FILE.match(p.name)] if self.folder.is_dir() else []
-        return sorted(found, key=lambda p: int(STEP_FILE.match(p.name).group(1)))
+        if not self.folder.is_dir():
+            return []
+        steps = {path: int(m[1]) for path in self.folder.iterdir() if (m := STEP_FILE.match(path.name))}
+        return sorted(steps, key=steps.__getitem__)
 
     def _prune(self) -> None:
         for path in self.step_files()[: -self.keep_last]:

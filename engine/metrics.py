@@ -117,6 +117,7 @@ class EvalAccumulator:
         truth = None if targets is None else targets > 0.5
         self._sums["num_images"] += z.shape[0]
         if self.attributes:
+            assert truth is not None  # attributes imply has_targets, which _check_inputs held targets to
             self._update_attributes(probs, truth)
         else:
             self._update_classification(z, probs, labels, truth)
@@ -648,7 +649,7 @@ def _validate_matched_coverage(matched_coverage: float | None, num_classes: int)
 
 def coverage_curve(
     logits: torch.Tensor, targets: torch.Tensor, method_kind: str, thetas: tuple[float, ...]
-) -> list[dict[str, float]]:
+) -> list[dict[str, float | str]]:
     """F1 against label coverage as the prediction set grows, over E (images with |T_i| > 0).
 
     Sigmoid-trained models: one point per theta, P_i = {argmax} ∪ {c : sigmoid(z_ic) > theta} (the

@@ -223,7 +223,8 @@ def group_rows(groups: list[Group], columns: list[tuple[str, str, int]], paper: 
         for title, key, scale in columns:
             values = [_value(s, key) for s in summaries]
             spec = ".3g" if key == "threshold@matched" else ".2f"  # thresholds near 0.01 need significant digits
-            row[title] = "-" if any(v is None for v in values) else _cell([scale * v for v in values], spec)
+            present = [v for v in values if v is not None]
+            row[title] = _cell([scale * v for v in present], spec) if len(present) == len(values) else "-"
         if paper:
             row["paper F1@0.25"] = f"{PAPER_F1_025[group.method]:.2f}" if group.method in PAPER_F1_025 else "-"
         walls = [run.wall_s for run in group.runs if run.summary is not None and run.wall_s is not None]
@@ -359,7 +360,7 @@ def plot_metric_curves(out: Path, groups: list[Group], metric: str, title: str) 
 
 
 def plot_f1_vs_coverage(
-    out: Path, curves: dict[str, list[dict[str, float]]], trivial: dict[str, dict[str, float]]
+    out: Path, curves: dict[str, list[dict[str, float | str]]], trivial: dict[str, dict[str, float]]
 ) -> Path:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 4.5))
@@ -386,13 +387,15 @@ def plot_f1_vs_coverage(
     return out / "f1_vs_coverage.png"
 
 
-def score_final_models(groups: list[Group]) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, float]]]:
+def score_final_models(
+    groups: list[Group],
+) -> tuple[dict[str, list[dict[str, float | str]]], dict[str, dict[str, float]]]:
     """F1-vs-coverage curves of each group's first finished run (its last checkpoint on its eval split),
     and the no-model predictors' scores on that split; empty where the split has no multi-label sets."""
     from engine.metrics import coverage_curve, trivial_predictor_scores
     from engine.scoring import eval_outputs
 
-    curves: dict[str, list[dict[str, float]]] = {}
+    curves: dict[str, list[dict[str, float | str]]] = {}
     trivial: dict[str, dict[str, float]] = {}
     for group in groups:
         run = next(
@@ -419,7 +422,7 @@ def score_final_models(groups: list[Group]) -> tuple[dict[str, list[dict[str, fl
 class Report:
     groups: list[Group]
     rows: list[dict[str, str]]
-    curves: dict[str, list[dict[str, float]]]
+    curves: dict[str, list[dict[str, float | str]]]
     trivial: dict[str, dict[str, float]]
     files: list[Path]
 
@@ -436,17 +439,18 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs, group_by)
     finished = [run for run in runs if run.summary is not None]
+    summaries = [run.summary for run in runs if run.summary is not None]
     if not finished:
         write_table(out, [], "# No finished runs\n\n", unfinished_note(runs))
         return Report(groups, [], {}, {}, [out / "table.md", out / "table.csv"])
     digit_grid = all(on_digit_grid(run) for run in finished)
-    columns = metric_columns(metrics, [run.summary for run in finished])
+    columns = metric_columns(metrics, summaries)
     rows = drop_empty_columns(group_rows(groups, columns, paper=digit_grid))
     curves, trivial = score_final_models(groups) if score_models else ({}, {})
     table_rows = rows + trivial_rows(trivial, list(rows[0])) if metrics is None else rows
     write_table(out, table_rows, table_header(groups, digit_grid), unfinished_note(runs))
     files = [out / "table.md", out / "table.csv"]
-    metric = curve_metric or ("f1@0.25" if "f1@0.25" in finished[0].summary else "top1")
+    metric = curve_metric or ("f1@0.25" if "f1@0.25" in summaries[0] else "top1")
     files.append(plot_metric_curves(out, groups, metric, "Multi-label digit grid" if digit_grid else metric))
     if curves:
         files.append(plot_f1_vs_coverage(out, curves, trivial))

@@ -44,10 +44,12 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
         if not self.track_running_stats:
             return
-        self.num_batches_tracked.add_(1)
-        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        self.running_mean.lerp_(mean, momentum)
-        self.running_var.lerp_(var * count / (count - 1), momentum)  # unbiased: what BatchNorm keeps
+        tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        assert tracked is not None and running_mean is not None and running_var is not None  # track_running_stats
+        tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(var * count / (count - 1), momentum)  # unbiased: what BatchNorm keeps
 
 
 def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:

@@ -56,12 +56,13 @@ def sanitize(data: bytes, policy: ImagePolicy) -> CleanImage:
         raise UnreadableImage("zero-byte file")
     image = _decode_fully(data)
     repair = _repair_reason(data, image)
-    resized = policy.max_side_px is not None and max(image.size) > policy.max_side_px
+    max_side_px = policy.max_side_px
+    resized = max_side_px is not None and max(image.size) > max_side_px
     if repair is None and not resized:
         return CleanImage(data, None, False, *image.size)
     rgb = image.convert("RGB")
-    if resized:
-        rgb = _shrink(rgb, policy.max_side_px)
+    if max_side_px is not None and resized:
+        rgb = _shrink(rgb, max_side_px)
     return CleanImage(encode_jpeg(rgb, policy.quality), repair, resized, *rgb.size)
 
 
@@ -106,8 +107,9 @@ def _repair_reason(data: bytes, image: Image.Image) -> str | None:
         return f"{image.mode} JPEG, not RGB"
     if image.info.get("progressive") or image.info.get("progression"):
         return "progressive JPEG"
-    if getattr(image, "layers", 3) != 3:
-        return f"JPEG with {image.layers} components"
+    layers = getattr(image, "layers", 3)  # JpegImageFile only
+    if layers != 3:
+        return f"JPEG with {layers} components"
     return None
 
 
