@@ -91,7 +91,8 @@ class Engine:
 
     def _new_model(self, spec: EngineSpec) -> nn.Module:
         model = build_model(self.config.arch, spec.num_classes, self.config.method.multi_label_head)
-        return model.to(self.device, memory_format=self.memory_format)
+        # torch's stubs omit Module.to's memory_format keyword
+        return model.to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]
 
     def _new_teacher(self, spec: EngineSpec) -> nn.Module:
         # allocated once; refreshed later by device-side copies, never re-created (graph addresses stay valid)

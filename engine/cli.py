@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+import types
 import typing
 from importlib import resources
 from pathlib import Path
@@ -46,7 +47,7 @@ def _flag_decls(key: Key) -> list[str]:
 
 def _cli_type(key: Key) -> Any:
     if typing.get_origin(key.type) is tuple:
-        return list[typing.get_args(key.type)[0]]
+        return types.GenericAlias(list, (typing.get_args(key.type)[0],))  # list[item type]
     return key.type
 
 
@@ -104,7 +105,7 @@ def resolve_config(
             )
         from engine.run_folder import saved_config
 
-        out_dir = overrides.get("out_dir") or RunConfig.__dataclass_fields__["out_dir"].default
+        out_dir = overrides.get("out_dir") or RunConfig.out_dir  # the field's default
         saved = saved_config(out_dir)
         config = build_config(saved.to_json(), overrides, source=f"{out_dir}/config.toml")
         check_resume_changes(saved, config)

@@ -110,7 +110,7 @@ def main(
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     base = load_toml(config or default_config_path())
     overrides = {"num_steps": steps, "device": device}
-    settings = default_method_settings() if config is None else {}  # a user's --config is taken as it is
+    settings: dict[str, dict[str, Any]] = default_method_settings() if config is None else {}  # --config as it is
     configs = {
         m: [method_config(base, m, out, overrides, i, settings) for i in range(seeds)] for m in METHODS
     }  # all checked before any training
@@ -121,7 +121,9 @@ def main(
             run_method(run_config)
     # the table and plots come from the run folders alone: `tools/report.py OUT` writes the same
     report = write_report(out, find_runs([Path(c.out_dir) for runs in configs.values() for c in runs]))
-    summaries = {g.label: [{**r.summary, "wall_s": r.wall_s} for r in g.runs] for g in report.groups}
+    summaries = {
+        g.label: [{**r.summary, "wall_s": r.wall_s} for r in g.runs if r.summary is not None] for g in report.groups
+    }
     (out / "summaries.json").write_text(
         json.dumps({"runs": summaries, "curves": report.curves, "trivial": report.trivial}, indent=1) + "\n"
     )

@@ -62,6 +62,12 @@ def evaluate_exported(
         loader.close()
 
 
+def _per_channel(values: list[float], name: str) -> tuple[float, float, float]:
+    if len(values) != 3:
+        raise ExportError(f"model.json: {name} must hold 3 values (R, G, B), got {values}")
+    return values[0], values[1], values[2]
+
+
 def _loader_config(
     meta: ExportedModel,
     batch_size: int,
@@ -75,8 +81,8 @@ def _loader_config(
         image_size_px=meta.image_size_px,
         train=False,
         eval_crop_fraction=meta.eval_crop_fraction,
-        mean=tuple(meta.mean),
-        std=tuple(meta.std),
+        mean=_per_channel(meta.mean, "mean"),
+        std=_per_channel(meta.std, "std"),
         backend=backend,
         num_workers=num_workers,
         device=str(device),

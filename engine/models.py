@@ -75,10 +75,11 @@ def init_sigmoid_head(model: nn.Module, num_classes: int) -> None:
     nn.init.constant_(bias, -math.log(num_classes))
 
 
-def classifier_of(model: nn.Module) -> nn.Module:
+def classifier_of(model: nn.Module) -> nn.Linear | nn.Conv2d:
     """The final layer of any supported architecture: ``fc``, or what timm's ``get_classifier`` names
     (a Linear, or a 1×1 convolution in a few timm models)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else model.fc
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if get_classifier is not None else model.fc
     if not isinstance(head, (nn.Linear, nn.Conv2d)):
         raise TypeError(
             f"classifier of {type(model).__name__} is {type(head).__name__}, expected nn.Linear or nn.Conv2d"

@@ -17,10 +17,13 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.config import RunConfig, build_config, load_toml, to_toml
 from shards.manifest import atomic_write_text
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.toml"
@@ -34,7 +37,7 @@ class RunFolder:
     def __init__(self, root: Path | str, is_main: bool = True) -> None:
         self.root = Path(root)
         self.is_main = is_main  # only rank 0 writes
-        self._tb = None
+        self._tb: SummaryWriter | None = None
 
     @property
     def checkpoint_path(self) -> Path:

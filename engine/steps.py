@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -48,10 +49,15 @@ def supervised_loss(
     settings: StepSettings,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     if settings.attributes:
-        return lambda logits, labels, targets: bce_multi_hot(logits, targets)
+        return _attribute_loss
     if settings.method == "softmax":
         return lambda logits, labels, targets: softmax_cross_entropy(logits, labels)
     return lambda logits, labels, targets: bce_one_hot(logits, labels)
+
+
+def _attribute_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    assert targets is not None  # attribute splits always carry their multi-hot targets
+    return bce_multi_hot(logits, targets)
 
 
 def autocast_context(dtype: torch.dtype | None, device_type: str):
@@ -74,6 +80,7 @@ def make_step(
         with autocast_context(settings.autocast_dtype, settings.device_type):
             logits = learner(images)
             if phase == STUDENT:
+                assert teacher is not None  # build_engine gives every MILe stepper a teacher
                 with torch.no_grad():
                     teacher_logits = teacher(images)  # same augmented batch, teacher in eval mode
                 loss = bce_pseudo_labels(logits, teacher_logits, logit_rho)
@@ -142,6 +149,14 @@ class GraphedStep:
 RUN_AHEAD_STEPS = 2
 
 
+class DeviceEvent(Protocol):
+    """What ``RunAheadLimit`` uses of ``torch.cuda.Event``."""
+
+    def record(self) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+
 class RunAheadLimit:
     """Bounds the host's run-ahead: a ring of CUDA events, one recorded after each step; before
     step i the host waits (on the host, no stream sync) for the event of step i - depth. No-op on CPU.
@@ -155,13 +170,13 @@ class RunAheadLimit:
     copy into a persistent buffer would not help, since that copy is queued too."""
 
     def __init__(
-        self, device: torch.device, depth: int = RUN_AHEAD_STEPS, new_event: Callable[[], object] | None = None
+        self, device: torch.device, depth: int = RUN_AHEAD_STEPS, new_event: Callable[[], DeviceEvent] | None = None
     ) -> None:
         if depth < 1:
             raise ValueError(f"run-ahead depth must be >= 1, got {depth}")
         self.enabled = device.type == "cuda"
         make = new_event or (lambda: torch.cuda.Event(blocking=True))  # blocking: yield the core to loader threads
-        self.events = [make() for _ in range(depth)] if self.enabled else []
+        self.events: list[DeviceEvent] = [make() for _ in range(depth)] if self.enabled else []
         self.in_flight: list[object | None] = [None] * depth  # the batch each slot's step reads, or None
         self.steps_queued = 0
 

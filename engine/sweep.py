@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import csv
 import itertools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError, RunConfig, build_config, flatten, load_toml
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # pragma: no cover
+else:  # pragma: no cover
     import tomli as tomllib
 
 

@@ -586,7 +586,7 @@ class Trainer:
         if progress.best_value is not None and metrics[name] <= progress.best_value:
             return False
         progress.best_value, progress.best_step = metrics[name], self.step
-        if self.dist.is_main:
+        if self.checkpoints is not None:  # the main rank writes checkpoints
             log.info(
                 "best %s so far: %.4f at step %d -> %s", name, metrics[name], self.step, self.checkpoints.best_path
             )

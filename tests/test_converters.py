@@ -327,6 +327,12 @@ def test_imagenet_cli_with_resize_and_kaggle_root(tmp_path):
     assert load_split(tmp_path / "out", "train").writer["image"] == {"max_side_px": 60, "quality": 90}
 
 
+def test_kaggle_root_without_train_or_val_is_a_one_line_error(tmp_path):
+    (tmp_path / "ILSVRC" / "Data" / "CLS-LOC").mkdir(parents=True)
+    with pytest.raises(SourceError, match=r"CLS-LOC has neither train/ nor val/"):
+        imagenet_plan(ImageNetOptions(root=tmp_path))
+
+
 def test_cli_main_prints_structural_errors(tmp_path, monkeypatch, capsys):
     from shards import cli
 

@@ -49,9 +49,9 @@ class GridConfig:
     tune_digit_fraction: float = 0.2  # share reserved for tune grids; train grids get the rest
 
     def __post_init__(self) -> None:
-        if self.tune_size is None:
-            object.__setattr__(self, "tune_size", self.val_size)
-        if min(self.train_size, self.val_size, self.tune_size) < 1:
+        tune_size = self.val_size if self.tune_size is None else self.tune_size
+        object.__setattr__(self, "tune_size", tune_size)
+        if min(self.train_size, self.val_size, tune_size) < 1:
             raise ValueError(
                 f"train_size, val_size and tune_size must be >= 1, got "
                 f"{self.train_size}, {self.val_size}, {self.tune_size}"
@@ -66,6 +66,7 @@ class GridConfig:
             )
 
     def split_sizes(self) -> dict[str, int]:
+        assert self.tune_size is not None  # set by __post_init__
         return {"train": self.train_size, "tune": self.tune_size, "val": self.val_size}
 
 

@@ -130,7 +130,11 @@ def imagenet_plan(options: ImageNetOptions) -> list[PlannedSplit]:
     splits = requested_splits(image_root, options.splits)
     train = list_train(image_root) if "train" in splits else None
     val = list_val(options, image_root) if "val" in splits else None
-    present = [w for w, names in train.items() if names] if train is not None else [w for _, w in val.files]
+    if train is not None:
+        present = [w for w, names in train.items() if names]
+    else:
+        assert val is not None  # requested_splits holds train or val
+        present = [w for _, w in val.files if w is not None]  # None: a skipped non-UTF-8 name
     selection = select_classes(options, present)
     base = image_root.relative_to(options.root)
     guard = PathGuard(options.root, options.follow_symlinks)
@@ -154,6 +158,8 @@ def resolve_image_root(root: Path) -> Path:
 
 def requested_splits(image_root: Path, splits: tuple[str, ...] | None) -> tuple[str, ...]:
     present = tuple(s for s in SPLITS if (image_root / s).is_dir())
+    if not present:  # Kaggle's ILSVRC/Data/CLS-LOC/ without train/ or val/ inside
+        raise SourceError(f"ImageNet image folder {image_root} has neither train/ nor val/")
     if splits is None:
         return present
     missing = [s for s in splits if s not in present]
@@ -351,7 +357,7 @@ def detect_val_layout(val: Path, options: ImageNetOptions, search: list[Path]) -
     )
 
 
-def _val_from_folders(val: Path) -> list[tuple[str, str]]:
+def _val_from_folders(val: Path) -> list[tuple[str, str | None]]:
     folders, loose = list_subfolders(val, WNID_PATTERN), list_image_files(val)
     if not folders:
         raise SourceError(f"{val} holds no class folders named nXXXXXXXX (--val-layout folders)")
