@@ -10,6 +10,7 @@ run); the median and the spread are reported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -148,11 +149,7 @@ def run_convert_bench(config: ConvertBenchConfig) -> tuple[list[BenchResult], in
                 result = BenchResult("convert", workers, max_side_px, config.num_images)
                 for repeat in range(config.repeats):
                     out = Path(tmp) / f"out_{max_side_px}_{workers}_{repeat}"
-                    result.measure(
-                        lambda out=out, workers=workers, side=max_side_px: time_conversion(
-                            data_root, out, workers, side
-                        )
-                    )
+                    result.measure(functools.partial(time_conversion, data_root, out, workers, max_side_px))
                 results.append(result)
         results += _verify_results(Path(tmp) / f"out_None_{config.workers[0]}_0", config)
     return results, num_large
@@ -163,7 +160,7 @@ def _verify_results(shards: Path, config: ConvertBenchConfig) -> list[BenchResul
     for workers in config.workers:
         result = BenchResult("verify", workers, None, config.num_images)
         for _ in range(config.repeats):
-            result.measure(lambda workers=workers: _timed_verify(shards, workers))
+            result.measure(functools.partial(_timed_verify, shards, workers))
         results.append(result)
     return results
 

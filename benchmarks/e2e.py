@@ -18,12 +18,13 @@ telemetry sampled by NVML during the row (utilisation, memory, SM clock, power; 
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +37,7 @@ from benchmarks.engine_steps import EngineBenchConfig, Timer, synthetic_batch
 from benchmarks.loaders import SPLIT, LoaderBenchConfig, PilFolderLoader, photo_jpegs, write_bench_data
 from benchmarks.telemetry import GpuSampler, format_telemetry
 from engine.build import Engine, EngineSpec, build_engine
-from engine.config import MethodConfig, RunConfig, build_config
+from engine.config import Method, MethodConfig, RunConfig, build_config
 from engine.data import loader_config
 from engine.models import build_model
 from engine.phases import STUDENT, TEACHER, PhaseAction, PhasePlan
@@ -108,7 +109,7 @@ def e2e_run_config(config: E2EConfig, graphs: bool, backend: str) -> RunConfig:
     )
 
 
-def endless(loader: Any) -> Iterator[Any]:
+def endless(loader: Any) -> Generator[Any, None, None]:
     """Batches epoch after epoch."""
     epoch = 0
     while True:
@@ -187,9 +188,7 @@ def pil_loader(root: Path, config: E2EConfig, device: torch.device) -> PilFolder
 def loader_rows(loaders: dict[str, Any], config: E2EConfig, device: torch.device) -> list[E2ERow]:
     rows = []
     for name, loader in loaders.items():
-        rows += _attempt(
-            LOADER, name, lambda name=name, loader=loader: [streamed_row(LOADER, name, config, device, loader, _taker)]
-        )
+        rows += _attempt(LOADER, name, functools.partial(_streamed_rows, LOADER, name, config, device, loader, _taker))
     return rows
 
 
@@ -199,6 +198,11 @@ def _taker(stream: Iterator[Any]) -> Callable[[int], None]:
             next(stream)
 
     return take
+
+
+def _streamed_rows(*args: Any) -> list[E2ERow]:
+    """``[streamed_row(*args)]``, for ``_attempt``."""
+    return [streamed_row(*args)]
 
 
 def streamed_row(
@@ -255,7 +259,7 @@ def switch_rows(engine: Engine, kind: str, device: torch.device) -> list[E2ERow]
     timer, rows = Timer(device), []
     for action in (PhaseAction.SNAPSHOT_TEACHER, PhaseAction.SAVE_STUDENT, PhaseAction.RESTORE_STUDENT):
         engine.switch.apply((action,))  # untimed once: the first save allocates the saved-student mirror
-        seconds = [timer.seconds(lambda action=action: engine.switch.apply((action,))) for _ in range(SWITCH_REPEATS)]
+        seconds = [timer.seconds(functools.partial(engine.switch.apply, (action,))) for _ in range(SWITCH_REPEATS)]
         rows.append(E2ERow(SWITCH, f"engine {action.value} ({kind})", ms_per_step=1000 * statistics.median(seconds)))
     return rows
 
@@ -292,7 +296,7 @@ def end_to_end_rows(
         rows += _attempt(
             END_TO_END,
             label,
-            lambda label=label, loader=loader: [streamed_row(END_TO_END, label, config, device, loader, make_steps)],
+            functools.partial(_streamed_rows, END_TO_END, label, config, device, loader, make_steps),
         )
     return rows
 
@@ -311,7 +315,9 @@ class ReleasedCodeBaseline:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-5)
         self.teacher = copy.deepcopy(self.model).eval()
         self.plan = PhasePlan(
-            MethodConfig(name="mile", k_teacher_steps=config.k_teacher_steps, k_student_steps=config.k_student_steps)
+            MethodConfig(
+                name=Method.MILE, k_teacher_steps=config.k_teacher_steps, k_student_steps=config.k_student_steps
+            )
         )
 
     def step(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -374,7 +380,7 @@ def run_e2e_bench(config: E2EConfig) -> list[E2ERow]:
                 rows += _attempt(
                     ENGINE,
                     f"engine (graphs {graphs})",
-                    lambda graphs=graphs: _engine_and_end_to_end(loaders, config, device, graphs),
+                    functools.partial(_engine_and_end_to_end, loaders, config, device, graphs),
                 )
                 _release(device)
             rows += _attempt(BASELINE, "released-code baseline", lambda: baseline_rows(baseline_loader, config, device))

@@ -10,10 +10,11 @@ after warm-up; medians and spreads over repeats (docs/DESIGN.md, "Measuring").
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class Timer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
-    def seconds(self, fn: Callable[[], None]) -> float:
+    def seconds(self, fn: Callable[[], object]) -> float:
         if not self.cuda:
             start = time.perf_counter()
             fn()
@@ -74,7 +75,7 @@ def _row(name: str, seconds: list[float], config: EngineBenchConfig) -> BenchRow
     return BenchRow(name, statistics.median(rates), min(rates), max(rates), per_step_ms)
 
 
-def _measure(steps: dict[str, Callable[[], None]], config: EngineBenchConfig, timer: Timer) -> list[BenchRow]:
+def _measure(steps: Mapping[str, Callable[[], object]], config: EngineBenchConfig, timer: Timer) -> list[BenchRow]:
     """Round-robin repeats (each round times every step once), so background load hits all rows alike."""
     for step in steps.values():
         for _ in range(config.warmup_steps):
@@ -82,8 +83,13 @@ def _measure(steps: dict[str, Callable[[], None]], config: EngineBenchConfig, ti
     seconds: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(config.repeats):
         for name, step in steps.items():
-            seconds[name].append(timer.seconds(lambda step=step: [step() for _ in range(config.steps_per_repeat)]))
+            seconds[name].append(timer.seconds(functools.partial(_repeat, step, config.steps_per_repeat)))
     return [_row(name, times, config) for name, times in seconds.items()]
+
+
+def _repeat(step: Callable[[], object], times: int) -> None:
+    for _ in range(times):
+        step()
 
 
 def synthetic_batch(config: EngineBenchConfig, device: torch.device, channels_last: bool, dtype: torch.dtype):
@@ -122,7 +128,7 @@ def engine_rows(config: EngineBenchConfig, graphs: bool) -> list[BenchRow]:
     engine.capture(batch)
     timer, suffix = Timer(device), "graphs" if engine.stepper.graphed else "eager"
     steps = {
-        f"engine {phase} step ({suffix})": (lambda p=phase: engine.stepper(p, images, labels, None))
+        f"engine {phase} step ({suffix})": functools.partial(engine.stepper, phase, images, labels, None)
         for phase in (TEACHER, STUDENT)
     }
     rows = _measure(steps, config, timer)

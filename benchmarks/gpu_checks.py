@@ -28,6 +28,7 @@ Project modules are imported inside each check, so that G0 can report a missing 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -215,8 +216,10 @@ def _junit_counts(path: Path) -> dict[str, int]:
 
     if not path.is_file():
         return {}
-    suite = ElementTree.parse(path).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    root = ElementTree.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    if suite is None:
+        return {}
     return {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
 
 
@@ -466,8 +469,8 @@ def switch_timings(
     allocated = _allocated(device)
     results = {}
     for action in actions:
-        device_ms = [1000 * timer.seconds(lambda action=action: switch.apply((action,))) for _ in range(repeats)]
-        host_ms = [1000 * _host_seconds(lambda action=action: switch.apply((action,))) for _ in range(repeats)]
+        device_ms = [1000 * timer.seconds(functools.partial(switch.apply, (action,))) for _ in range(repeats)]
+        host_ms = [1000 * _host_seconds(functools.partial(switch.apply, (action,))) for _ in range(repeats)]
         tensors = switch.teacher_state if action is PhaseAction.SNAPSHOT_TEACHER else switch.student_state
         results[action.value] = {
             "device_ms": statistics.median(device_ms),
@@ -475,7 +478,12 @@ def switch_timings(
             "bytes": sum(t.numel() * t.element_size() for t in tensors),
         }
     growth = _allocated(device) - allocated
-    sync_error = _first_sync_error(device, lambda: [switch.apply((action,)) for action in actions])
+
+    def apply_each() -> None:
+        for action in actions:
+            switch.apply((action,))
+
+    sync_error = _first_sync_error(device, apply_each)
     deepcopy_ms = [1000 * timer.seconds(lambda: copy.deepcopy(engine.learner)) for _ in range(repeats)]
     return {
         "actions": results,
