@@ -213,6 +213,13 @@ def make_celeba(root: Path, partitions: list[int], with_broken: bool = True) -> 
     return layout
 
 
+def member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The bytes of a regular file in an open tar (``extractfile`` gives None for other kinds)."""
+    handle = tar.extractfile(member)
+    assert handle is not None, f"{member.name} is not a regular file"
+    return handle.read()
+
+
 def read_split(out: Path, split: str) -> dict[str, Sample]:
     """Every sample of a written split, keyed by its source path."""
     manifest = load_split(out, split)
@@ -222,7 +229,7 @@ def read_split(out: Path, split: str) -> dict[str, Sample]:
             grouped: dict[str, dict[str, bytes]] = {}
             for info in tar:
                 key, ext = split_name(info.name)
-                grouped.setdefault(key, {})[ext] = tar.extractfile(info).read()
+                grouped.setdefault(key, {})[ext] = member_bytes(tar, info)
         for key, members in grouped.items():
             sample = decode_sample(key, members)
             samples[sample.meta["source"]] = sample

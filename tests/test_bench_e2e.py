@@ -98,7 +98,8 @@ def test_gpu_check_functions_run_on_cpu(tmp_path: Path) -> None:
         )
         for train in (False, True)
     ]  # eval centre crops vs random crops of the same images
-    different = gpu_checks.compare_loaders(*loaders, LoaderConfig().std)
+    eval_loader, train_loader = loaders
+    different = gpu_checks.compare_loaders(eval_loader, train_loader, LoaderConfig().std)
     assert different["mean_abs_diff"] > gpu_checks.PIXEL_TOLERANCE
 
     result = gpu_checks.hot_loop_check(

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from engine import distributed, steps
-from engine.steps import CaptureDeviceError, RunAheadLimit, Stepper, check_current_device
+from engine.steps import CaptureDeviceError, RunAheadLimit, Stepper, StepResult, check_current_device
+from pipelines.contract import Batch
 
 
 @pytest.fixture
@@ -159,8 +160,11 @@ def test_trainer_waits_its_turn_before_each_step(tmp_path, monkeypatch) -> None:
     }
     trainer = trainer_module.Trainer(build_config({}, values), DistInfo(0, 1, 0, torch.device("cpu")))
     original = trainer.engine.train_step
-    monkeypatch.setattr(
-        trainer.engine, "train_step", lambda step, batch: (events.append(f"step {step}"), original(step, batch))[1]
-    )
+
+    def logged_train_step(step: int, batch: Batch) -> StepResult:
+        events.append(f"step {step}")
+        return original(step, batch)
+
+    monkeypatch.setattr(trainer.engine, "train_step", logged_train_step)
     trainer.run()
     assert events == ["ring on cpu"] + [e for step in range(3) for e in ("wait", f"step {step}", "queued Batch")]

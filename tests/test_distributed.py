@@ -118,7 +118,7 @@ def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
                 b[name],
                 atol=scale * WEIGHT_ATOL,
                 rtol=scale * WEIGHT_RTOL,
-                msg=lambda detail, name=name: f"{name}: {detail}",
+                msg=f"{name}: {{}}".format,  # the mismatch report, prefixed with the tensor's name
             )
         else:
             assert torch.equal(a[name], b[name]), name
@@ -277,7 +277,8 @@ def test_checkpoints_are_written_while_training_goes_on(grid_root: Path, tmp_pat
     import engine.checkpoint
 
     trainer = Trainer(tiny_config(grid_root, tmp_path / "run", num_steps=6, checkpoint_every=2, eval_every=100), CPU)
-    real_save, seen = torch.save, []
+    real_save = torch.save
+    seen: list[tuple[int, int]] = []
 
     def save_when_training_moved_on(obj, handle, *args, **kwargs):
         if not seen:

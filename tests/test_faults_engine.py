@@ -36,6 +36,8 @@ def test_batch_larger_than_the_split_is_refused_before_work(grid_root: Path, tmp
 
 
 class _Payload:
+    marker = ""  # the file unpickling would create; set by the test
+
     def __reduce__(self):
         return (Path.touch, (Path(_Payload.marker),))
 

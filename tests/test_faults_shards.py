@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dataset_layouts import IMAGENET_CLASSES, jpeg_bytes, make_imagenet_train, make_imagenet_val, make_webvision, write
+from dataset_layouts import (
+    IMAGENET_CLASSES,
+    jpeg_bytes,
+    make_imagenet_train,
+    make_imagenet_val,
+    make_webvision,
+    member_bytes,
+    write,
+)
 
 from pipelines import ShardDataError, build_loader, dali_import_error
 from pipelines.contract import LoaderConfig
@@ -50,7 +58,9 @@ def cli_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+def run_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str
+) -> tuple[int | str | None, str]:
     """``make-shards ARGS`` in this process (so a test can patch what it calls): (status, stdout + stderr)."""
     monkeypatch.setattr(sys, "argv", ["make-shards", *args])
     previous = signal.getsignal(signal.SIGTERM)
@@ -246,7 +256,7 @@ def read_sources(out: Path, split: str) -> list[str]:
     sources = []
     for shard in load_split(out, split).shards:
         with tarfile.open(out / shard.path) as tar:
-            sources += [json.loads(tar.extractfile(m).read())["source"] for m in tar if m.name.endswith(".json")]
+            sources += [json.loads(member_bytes(tar, m))["source"] for m in tar if m.name.endswith(".json")]
     return sources
 
 
@@ -308,7 +318,8 @@ def process_table() -> dict[int, tuple[int, str]]:
 
 def descendants(pid: int) -> set[int]:
     table = process_table()
-    found, frontier = set(), {pid}
+    found: set[int] = set()
+    frontier = {pid}
     while frontier:
         frontier = {child for child, (parent, _) in table.items() if parent in frontier} - found
         found |= frontier

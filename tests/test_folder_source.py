@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dataset_layouts import member_bytes
 from PIL import Image
 
 from shards.format import LabelKind, Sample, decode_sample, safe_key
@@ -73,7 +74,7 @@ def read_samples(out: Path, manifest: SplitManifest) -> dict[str, Sample]:
             grouped: dict[str, dict[str, bytes]] = {}
             for member in tar.getmembers():
                 key, ext = member.name.split(".", 1)
-                grouped.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                grouped.setdefault(key, {})[ext] = member_bytes(tar, member)
         samples.update({key: decode_sample(key, members) for key, members in grouped.items()})
     return samples
 

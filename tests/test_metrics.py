@@ -246,6 +246,7 @@ def reference_matched_sigmoid(logits: np.ndarray, targets: np.ndarray, k: float 
         distance = abs(predicted.sum() - target_total)
         if best is None or distance <= best[0]:
             best = (distance, theta, f1_score(truth, predicted, average="samples"), predicted.sum() / n)
+    assert best is not None
     return best[1:]
 
 
@@ -261,6 +262,7 @@ def reference_matched_softmax(logits: np.ndarray, targets: np.ndarray) -> tuple:
         distance = abs(m * len(z) - truth.sum())
         if best is None or distance < best[0]:
             best = (distance, m, f1_score(truth, predicted, average="samples"), float(m))
+    assert best is not None
     return best[1:]
 
 

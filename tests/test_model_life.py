@@ -7,6 +7,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -56,7 +57,12 @@ def test_builtin_names_keep_torchvision_and_nothing_downloads(monkeypatch) -> No
     assert isinstance(build_model("resnet18", 5, False), torchvision.models.ResNet)  # timm has the name too
     calls = []
     real = timm.create_model
-    monkeypatch.setattr(timm, "create_model", lambda name, **kw: calls.append(kw) or real(name, **kw))
+
+    def recorded_create_model(name: str, **kw: Any) -> Any:
+        calls.append(kw)
+        return real(name, **kw)
+
+    monkeypatch.setattr(timm, "create_model", recorded_create_model)
     build_model("test_vit", 5, True)
     assert calls == [{"pretrained": False, "num_classes": 5}]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import statistics
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 import torch
@@ -111,6 +111,7 @@ def schedule_batches(batch_size: int, image_size: int, device: str, dtype: torch
 
 def teacher_positive_rate(engine: Engine, images: torch.Tensor) -> float:
     """Share of the teacher's outputs above the pseudo-label threshold, as the student step sees them."""
+    assert engine.teacher is not None  # a MILe engine
     with torch.no_grad(), autocast_context(engine.settings.autocast_dtype, engine.device.type):
         logits = engine.teacher(images).float()
     return float((logits > logit(engine.config.method.rho)).float().mean())
@@ -127,7 +128,7 @@ def skip_snapshot(engine: Engine, which: int) -> None:
                 actions = tuple(a for a in actions if a is not PhaseAction.SNAPSHOT_TEACHER)
         apply(actions)
 
-    engine.switch.apply = apply_but_skip
+    engine.switch.apply = apply_but_skip  # type: ignore[method-assign]  # the fault under test
 
 
 # -- states and their comparison (shared with tests/test_gpu.py) ------------------------------------
@@ -165,6 +166,7 @@ def engine_state(engine: Engine) -> dict[str, torch.Tensor]:
     if engine.switch.saved_student is not None:
         names = list(named_state(learner)) + [f"momentum:{name}" for name, _ in learner.named_parameters()]
         saved = dict(zip(names, engine.switch.saved_student.tensors, strict=True))
+    assert engine.teacher is not None  # a MILe engine
     return collect_state(learner, engine_momentum(engine), engine.teacher, saved)
 
 
@@ -287,6 +289,7 @@ class ReferenceMile:
         if phase == "S" and self.previous_phase == "T":
             self.teacher = copy.deepcopy(self.model).eval()
             if self.previous_init:
+                assert self.saved is not None  # saved when the teacher phase began
                 self.model, self.momentum = copy.deepcopy(self.saved[0]), copy.deepcopy(self.saved[1])
         if phase == "T" and self.previous_phase != "T" and self.previous_init:
             self.saved = (copy.deepcopy(self.model), copy.deepcopy(self.momentum))
@@ -320,7 +323,7 @@ class ReferenceMile:
 
 # -- the CPU test ---------------------------------------------------------------------------------
 
-CPU_SETTINGS = {"arch": "grid_cnn", "batch_size": 16, "image_size": 24}
+CPU_SETTINGS: dict[str, Any] = {"arch": "grid_cnn", "batch_size": 16, "image_size": 24}
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 import tarfile
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from dataset_layouts import member_bytes
 from torchvision.io import decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
@@ -89,7 +92,7 @@ def file_order_labels(root: Path, split: str) -> list[int]:
     labels = []
     for shard in load_split(root, split).shards:
         with tarfile.open(root / shard.path) as tar:
-            labels += [int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")]
+            labels += [int(member_bytes(tar, m)) for m in tar if m.name.endswith(".cls")]
     return labels
 
 
@@ -233,6 +236,7 @@ def test_torch_main_process_decode_equals_worker_decode(root: Path) -> None:
     manifest = load_split(root, "multi")
     in_workers, in_main = TorchLoader(root, manifest, cfg), TorchLoader(root, manifest, cfg, decode_on_device=True)
     for a, b in zip(in_workers.epoch(1), in_main.epoch(1), strict=True):
+        assert a.targets is not None and b.targets is not None  # the multi split has target sets
         assert torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
 
 
@@ -269,8 +273,8 @@ def decoded(root: Path, split: str, label: int) -> torch.Tensor:
         with tarfile.open(root / shard.path) as tar:
             members = {m.name: m for m in tar}
             for name, member in members.items():
-                if name.endswith(".cls") and int(tar.extractfile(member).read()) == label:
-                    data = tar.extractfile(members[name[:-3] + "jpg"]).read()
+                if name.endswith(".cls") and int(member_bytes(tar, member)) == label:
+                    data = member_bytes(tar, members[name[:-3] + "jpg"])
                     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     raise KeyError(label)
 
@@ -305,7 +309,7 @@ def test_flip_only_mirrors_the_plain_image(root: Path, backend: str) -> None:
 def test_backends_agree(root: Path, split: str, train: bool) -> None:
     """Same labels in the same order in eval; the same images (eval crop, or plain resize in
     training) up to decoder rounding, matched by the unique labels of the ``multi`` split."""
-    cfg = dict(train=train, augment=NO_AUGMENT, batch_size=4 if train else 8)
+    cfg: dict[str, Any] = dict(train=train, augment=NO_AUGMENT, batch_size=4 if train else 8)
     torch_batches = run_epoch(root, split, config("torch", **cfg))
     dali_batches = run_epoch(root, split, config("dali", **cfg))
     if not train:
@@ -357,7 +361,10 @@ def assert_same_batches(a: list, b: list) -> None:
 @needs_dali
 def test_dali_eval_pipeline_is_built_once_and_repeats_exactly(root: Path) -> None:
     """Every evaluation reuses one pipeline (reset, not rebuilt) and gives the batches a fresh pipeline gives."""
+    from pipelines.dali_backend import DaliLoader
+
     loader = build_loader(root, "multi", config("dali", rank=1, world_size=2))
+    assert isinstance(loader, DaliLoader)
     try:
         first = cloned(loader.epoch(0))
         pipeline = loader._eval_iterator
@@ -380,6 +387,7 @@ def test_dali_eval_after_an_abandoned_pass_is_complete(root: Path) -> None:
     loader = build_loader(root, "multi", config("dali"))
     try:
         stream = loader.epoch(0)
+        assert isinstance(stream, Generator)  # closing it abandons the pass
         next(stream)
         stream.close()
         after = cloned(loader.epoch(0))
@@ -451,7 +459,7 @@ def test_backends_resolve_auto_workers(root: Path, backend: str, monkeypatch: py
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     loader = build_loader(root, "single", config(backend, num_workers=-1))
     try:
-        assert (loader.num_threads if backend == "dali" else loader.num_workers) == 2
+        assert getattr(loader, "num_threads" if backend == "dali" else "num_workers") == 2
     finally:
         loader.close()
 
@@ -465,7 +473,12 @@ def test_dali_training_epoch_runs_no_batch_past_its_end(root: Path, monkeypatch:
 
     runs = []
     iter_setup = Pipeline._iter_setup
-    monkeypatch.setattr(Pipeline, "_iter_setup", lambda self: (runs.append(1), iter_setup(self))[1])  # once per run
+
+    def counted_iter_setup(self: Pipeline) -> Any:  # once per run
+        runs.append(1)
+        return iter_setup(self)
+
+    monkeypatch.setattr(Pipeline, "_iter_setup", counted_iter_setup)
     cfg = config("dali", train=True, batch_size=4)
     loader = build_loader(root, "multi", cfg)
     try:

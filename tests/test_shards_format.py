@@ -95,7 +95,8 @@ def read_with_dali(paths: list[str], index_paths: list[str], ext: list[str], cou
 
     dtypes = {"jpg": types.UINT8, "lbl": types.INT32, "tgt": types.UINT8, "cls": types.UINT8}
 
-    @pipeline_def(batch_size=count, num_threads=1, device_id=None)
+    # device_id None = CPU only, as DALI documents it; its stub wants an int
+    @pipeline_def(batch_size=count, num_threads=1, device_id=None)  # type: ignore[call-overload]
     def pipe():
         return tuple(
             fn.readers.webdataset(

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from dataset_layouts import member_bytes
 
 import shards.writer as writer
 from shards.format import FormatError, LabelKind
@@ -34,7 +35,7 @@ def write(root: Path, items: list[SourceItem], name: str = "train", **settings) 
 def shard_labels(root: Path, path: str) -> list[int]:
     """The .cls labels of one tar, in file order."""
     with tarfile.open(root / path) as tar:
-        return [int(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".cls")]
+        return [int(member_bytes(tar, m)) for m in tar.getmembers() if m.name.endswith(".cls")]
 
 
 def file_ids(root: Path, manifest: SplitManifest) -> list[tuple[int, int]]:
@@ -102,7 +103,7 @@ class Crash(RuntimeError):
 def crash_after(monkeypatch, num_samples: int) -> None:
     """Make the writer raise when it is about to add sample ``num_samples + 1``."""
     original = writer._ShardInProgress.add
-    added = []
+    added: list[str] = []
 
     def add(self, result):
         if len(added) == num_samples:
