@@ -47,6 +47,7 @@ def rank() -> int:
 
 def install_digests(trainer: Trainer, folder: Path) -> None:
     engine = trainer.engine
+    assert engine.teacher is not None  # the distributed tests run MILe
     teacher_buffers = list(engine.teacher.buffers())
     original_apply, original_sync = engine.switch.apply, engine.sync_buffers
 
@@ -63,7 +64,7 @@ def install_digests(trainer: Trainer, folder: Path) -> None:
         write("learner", list(engine.learner.buffers()))
         original_sync()
 
-    engine.switch.apply, engine.sync_buffers = apply, sync_buffers
+    engine.switch.apply, engine.sync_buffers = apply, sync_buffers  # type: ignore[method-assign]  # probes
 
 
 def install_kill(trainer: Trainer, target_rank: int, after_step: int) -> None:
@@ -76,7 +77,7 @@ def install_kill(trainer: Trainer, target_rank: int, after_step: int) -> None:
         if trainer.step == after_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    trainer._timed_step = step_then_die
+    trainer._timed_step = step_then_die  # type: ignore[method-assign]  # the fault under test
 
 
 def install_step_sleep(trainer: Trainer, seconds: float) -> None:
@@ -86,7 +87,7 @@ def install_step_sleep(trainer: Trainer, seconds: float) -> None:
         original(batch, stats)
         time.sleep(seconds)
 
-    trainer._timed_step = slow_step
+    trainer._timed_step = slow_step  # type: ignore[method-assign]  # a slow rank, on purpose
 
 
 def install_slow_write(seconds: float) -> None:
@@ -99,7 +100,7 @@ def install_slow_write(seconds: float) -> None:
             handle.flush()
             time.sleep(seconds)  # the temporary file is written; publishing it waits
 
-    engine.checkpoint.torch.save = slow_save
+    engine.checkpoint.torch.save = slow_save  # type: ignore[assignment]  # a slow disk, on purpose
 
 
 def install_probes() -> None:
@@ -115,7 +116,7 @@ def install_probes() -> None:
         if sleep := os.environ.get("MILE_TEST_STEP_SLEEP"):
             install_step_sleep(self, float(sleep))
 
-    Trainer.__init__ = init
+    Trainer.__init__ = init  # type: ignore[method-assign]  # installs the probes above
     if seconds := os.environ.get("MILE_TEST_SLOW_WRITE"):
         install_slow_write(float(seconds))
 

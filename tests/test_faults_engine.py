@@ -178,7 +178,7 @@ def test_non_finite_batchnorm_statistics_stop_the_run_before_the_checkpoint(grid
             bn = next(m for m in trainer.engine.learner.modules() if isinstance(m, torch.nn.BatchNorm2d))
             bn.running_var.fill_(float("inf"))
 
-    trainer._timed_step = blow_up_late
+    trainer._timed_step = blow_up_late  # type: ignore[method-assign]  # the fault under test
     with pytest.raises(
         NonFiniteLoss,
         match="non-finite weights or BatchNorm statistics after step 4; stopping; the last good checkpoint",
@@ -211,7 +211,7 @@ def test_sigterm_interrupts_a_long_wait_for_the_first_batch(grid_root: Path, tmp
         time.sleep(60)  # a loader that takes a minute to produce its first batch
         yield from ()
 
-    trainer.train_loader.epoch = stalled_epoch
+    trainer.train_loader.epoch = stalled_epoch  # type: ignore[method-assign]  # the fault under test
     main_thread = threading.get_ident()
     threading.Timer(0.5, lambda: signal.pthread_kill(main_thread, signal.SIGTERM)).start()
     started = time.monotonic()

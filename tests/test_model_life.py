@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from engine.build import EngineSpec, OptimizerInPlace, build_engine
 from engine.checkpoint import CheckpointError
 from engine.cli import app
-from engine.config import OptimConfig, build_config
+from engine.config import MilestoneUnit, OptimConfig, Schedule, build_config
 from engine.data import compute_dtype, loader_config
 from engine.init_weights import load_backbone, read_weights
 from engine.models import build_model, classifier_of, classifier_prefix
@@ -44,7 +44,8 @@ def config_from_flags(*args: str):
 def test_any_timm_model_trains_with_a_sigmoid_head(arch: str) -> None:
     config = build_config({}, {"arch": arch, "device": "cpu", "method.name": "sigmoid", "data.image_size_px": 32})
     engine = build_engine(config, EngineSpec(num_classes=7), torch.device("cpu"))
-    assert torch.allclose(classifier_of(engine.learner).bias, torch.full((7,), -math.log(7)))
+    bias = classifier_of(engine.learner).bias
+    assert bias is not None and torch.allclose(bias, torch.full((7,), -math.log(7)))
     images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     result = engine.train_step(0, Batch(images, torch.tensor([0, 1, 2, 3])))
     assert result.logits.shape == (4, 7) and torch.isfinite(result.loss)
@@ -128,12 +129,13 @@ def test_moco_checkpoint_of_a_trained_resnet18_loads_every_backbone_key(
     )
     with caplog.at_level(logging.INFO, logger="engine.init_weights"):
         trainer = Trainer(config, CPU)
+    teacher = trainer.engine.teacher
+    assert teacher is not None
     for key, value in backbone.items():  # every backbone tensor, BatchNorm statistics included
         assert torch.equal(trainer.engine.learner.state_dict()[key], value), key
-        assert torch.equal(trainer.engine.teacher.state_dict()[key], value), key
-    assert torch.allclose(
-        classifier_of(trainer.engine.learner).bias, torch.full((10,), -math.log(10))
-    )  # re-initialised
+        assert torch.equal(teacher.state_dict()[key], value), key
+    bias = classifier_of(trainer.engine.learner).bias
+    assert bias is not None and torch.allclose(bias, torch.full((10,), -math.log(10)))  # re-initialised
     assert f"loaded {len(backbone)} backbone tensors (key prefix 'module.encoder_q.'), skipped 4 head" in caplog.text
     assert f"and {len(backbone) + 4 + 1} unexpected, 0 of another shape, 0 missing" in caplog.text
 
@@ -183,7 +185,8 @@ def test_release_layouts_load_into_the_backbone(tmp_path: Path, prefix: str, wra
     for key, value in target.state_dict().items():
         if not key.startswith(classifier_prefix(target)):
             assert torch.equal(value, source.state_dict()[key]), key
-    assert torch.allclose(classifier_of(target).bias, torch.full((4,), -math.log(4)))
+    bias = classifier_of(target).bias
+    assert bias is not None and torch.allclose(bias, torch.full((4,), -math.log(4)))
 
 
 def test_the_trainers_own_checkpoint_is_a_weights_file(grid_root: Path, tmp_path: Path) -> None:
@@ -249,7 +252,7 @@ def test_head_lr_scale_gives_the_classifier_its_own_device_lr(tmp_path: Path) ->
 
 
 def test_step_schedule_at_milestones() -> None:
-    optim = OptimConfig(lr_per_256=0.1, schedule="step", lr_milestones=(5, 8), step_decay_factor=0.5)
+    optim = OptimConfig(lr_per_256=0.1, schedule=Schedule.STEP, lr_milestones=(5, 8), step_decay_factor=0.5)
     assert [lr_at(step, 100, optim, 256) for step in (0, 4, 5, 7, 8, 50)] == pytest.approx(
         [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
     )
@@ -260,7 +263,11 @@ def test_step_schedule_at_milestones() -> None:
 
 def test_milestones_in_epochs_decay_at_each_epochs_first_step() -> None:
     optim = OptimConfig(
-        lr_per_256=0.1, schedule="step", lr_milestones=(2, 3), lr_milestones_unit="epochs", step_decay_factor=0.5
+        lr_per_256=0.1,
+        schedule=Schedule.STEP,
+        lr_milestones=(2, 3),
+        lr_milestones_unit=MilestoneUnit.EPOCHS,
+        step_decay_factor=0.5,
     )
     # 4 batches per epoch: epoch 2 starts at step 8, epoch 3 at step 12
     assert [lr_at(step, 100, optim, 256, batches_per_epoch=4) for step in (7, 8, 11, 12)] == pytest.approx(

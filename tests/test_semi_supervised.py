@@ -308,8 +308,10 @@ def test_student_steps_read_only_unlabelled_batches_and_teacher_steps_only_label
 
         return epoch
 
-    trainer.train_loader.epoch = tagged(trainer.train_loader, "train")
-    trainer.unlabelled_loader.epoch = tagged(trainer.unlabelled_loader, "train_unlabelled")
+    assert trainer.unlabelled_loader is not None
+    # tag each batch with the split it came from
+    trainer.train_loader.epoch = tagged(trainer.train_loader, "train")  # type: ignore[method-assign]
+    trainer.unlabelled_loader.epoch = tagged(trainer.unlabelled_loader, "train_unlabelled")  # type: ignore[method-assign]
     seen: list[tuple[str, str, bool]] = []
     original_step = trainer.engine.train_step
 
@@ -318,7 +320,7 @@ def test_student_steps_read_only_unlabelled_batches_and_teacher_steps_only_label
         seen.append((phase.value, source[id(batch.images)], bool(batch.labels.eq(NO_LABEL).any())))
         return original_step(step, batch)
 
-    trainer.engine.train_step = recording_step
+    trainer.engine.train_step = recording_step  # type: ignore[method-assign]  # records each step's batch
     trainer.run()
     pairs = {(phase, split) for phase, split, _ in seen}
     assert pairs == {(TEACHER.value, "train"), (STUDENT.value, "train_unlabelled")}
