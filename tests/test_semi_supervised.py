@@ -308,10 +308,11 @@ def test_student_steps_read_only_unlabelled_batches_and_teacher_steps_only_label
 
         return epoch
 
-    assert trainer.unlabelled_loader is not None
+    unlabelled = trainer.unlabelled_loader
+    assert unlabelled is not None
     # tag each batch with the split it came from
     trainer.train_loader.epoch = tagged(trainer.train_loader, "train")  # type: ignore[method-assign]
-    trainer.unlabelled_loader.epoch = tagged(trainer.unlabelled_loader, "train_unlabelled")  # type: ignore[method-assign]
+    unlabelled.epoch = tagged(unlabelled, "train_unlabelled")  # type: ignore[method-assign]
     seen: list[tuple[str, str, bool]] = []
     original_step = trainer.engine.train_step
 
@@ -343,7 +344,10 @@ def test_stopped_mid_phase_and_resumed_equals_the_uninterrupted_run(
     for name, tensor in whole_state["learner"].items():
         assert torch.equal(tensor, cut_state["learner"][name]), name
     assert whole_state["progress"] == cut_state["progress"]
-    drop_timing = lambda r: {k: v for k, v in r.items() if "per_s" not in k and "seconds" not in k and "wait" not in k}  # noqa: E731
+
+    def drop_timing(record: dict) -> dict:
+        return {k: v for k, v in record.items() if "per_s" not in k and "seconds" not in k and "wait" not in k}
+
     assert [drop_timing(r) for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")] == [
         drop_timing(r) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")
     ]
