@@ -99,7 +99,7 @@ class BatchReader(Dataset):
 def decode_or_raise(decode: Decode, data: torch.Tensor, index: int, reader: ShardReader) -> torch.Tensor:
     """Decode one JPEG on the CPU; damaged bytes raise ``ShardDataError`` naming shard and key."""
     try:
-        return decode.torch(data)
+        return decode.apply_torch(data)
     except (RuntimeError, ValueError) as error:  # torchvision reports libjpeg failures as RuntimeError
         raise reader.data_error(index, f"JPEG cannot be decoded ({_first_line(error)})") from None
 
@@ -136,7 +136,7 @@ class TorchLoader:
         self._device = torch.device(config.device)
         self._decode_on_device = self._device.type == "cuda" if decode_on_device is None else decode_on_device
         self._spec = transform_spec(config)
-        self._normalise = self._spec.normalize.torch_batch(self._device)
+        self._normalise = self._spec.normalize.torch_normaliser(self._device)
         self._plan = _EpochPlan()
         self._reader = BatchReader(self.table, self._spec, config.seed, decode=not self._decode_on_device)
         self._dataloader: DataLoader | None = _make_dataloader(
@@ -185,7 +185,7 @@ class TorchLoader:
         """Decode the batch in one call (nvJPEG on CUDA), then augment image by image on the device:
         sizes differ until resized, so this loop is per-sample Python; DALI is the fast GPU path."""
         try:
-            images = self._spec.decode.torch_batch(encoded, self._device)
+            images = self._spec.decode.apply_torch_batch(encoded, self._device)
         except (RuntimeError, ValueError) as error:
             self._raise_for_batch(encoded, indices, error)
         random = self._spec.random

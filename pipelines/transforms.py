@@ -6,11 +6,11 @@ timm's ``transforms_factory`` does: ``Decode`` (JPEG bytes -> RGB), the per-imag
 ``Flip`` when configured), then ``Normalize`` (mean, std and the batch dtype). Each transform is one
 small frozen dataclass holding its parameters, with its two implementations side by side:
 
-- ``torch``: on uint8 C×H×W tensors on any device (CPU in DataLoader workers, CUDA after nvJPEG
+- ``apply_torch``: on uint8 C×H×W tensors on any device (CPU in DataLoader workers, CUDA after nvJPEG
   decoding). Randomness comes from a numpy generator the caller seeds from (seed, epoch, sample
   index), so an augmented image depends only on those three numbers, never on worker count or
   scheduling. The crop sampling is torchvision's ``RandomResizedCrop.get_params`` algorithm.
-- ``dali``: adds its operator to a DALI graph (``DaliImages``). DALI fuses operators, so decoding is
+- ``apply_dali``: adds its operator to a DALI graph (``DaliImages``). DALI fuses operators, so decoding is
   deferred to the first step (a random-resized crop decodes only its window:
   ``fn.decoders.image_random_crop``), and the centre crop, flip, normalisation, layout and dtype are
   arguments of the one ``fn.crop_mirror_normalize`` that ends the graph. DALI draws from its own
@@ -19,7 +19,7 @@ small frozen dataclass holding its parameters, with its two implementations side
 
 Both backends' images are H×W×C per sample (``IMAGE_LAYOUT``): a stacked batch is N×H×W×C, whose
 N×C×H×W view is exactly the channels-last layout of the ``Batch`` contract. DALI is imported only
-inside the ``dali`` methods, so this module works without it.
+inside the ``apply_dali`` methods, so this module works without it.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ class DaliImages:
     def then(self, node: Any) -> DaliImages:
         """The graph continued by operator output ``node``."""
         if self.finish:  # they would run after ``node`` although their steps came before it
-            raise ValueError(f"a DALI operator cannot follow the steps fused into crop_mirror_normalize ({self.finish})")
+            raise ValueError(
+                f"a DALI operator cannot follow the steps fused into crop_mirror_normalize ({self.finish})"
+            )
         return replace(self, node=node)
 
     def fused(self, **arguments: Any) -> DaliImages:
@@ -78,11 +80,11 @@ class Step:
 
     random: ClassVar[bool] = False  # draws from the sample's generator (torch) or a DALI generator
 
-    def torch(self, image: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
+    def apply_torch(self, image: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
         """uint8 C×H×W -> uint8 C×H'×W'; ``rng`` is used by random steps only."""
         raise NotImplementedError
 
-    def dali(self, images: DaliImages) -> DaliImages:
+    def apply_dali(self, images: DaliImages) -> DaliImages:
         """The graph with this step added."""
         raise NotImplementedError
 
@@ -91,20 +93,20 @@ class Step:
 class Decode:
     """JPEG bytes -> uint8 RGB image."""
 
-    def torch(self, data: torch.Tensor) -> torch.Tensor:
+    def apply_torch(self, data: torch.Tensor) -> torch.Tensor:
         """One JPEG (uint8 1-D tensor of its bytes) -> uint8 3×H×W, on the CPU."""
         return decode_jpeg(data, mode=ImageReadMode.RGB)
 
-    def torch_batch(self, data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    def apply_torch_batch(self, data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         """Many JPEGs decoded in one call on ``device`` (nvJPEG on CUDA) -> uint8 3×H×W each."""
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
-    def dali(self, images: DaliImages) -> DaliImages:
+    def apply_dali(self, images: DaliImages) -> DaliImages:
         """Deferred: the first step decodes (``DaliImages.decoded``, or fused with a random crop)."""
         from nvidia.dali import types
 
         assert images.decoder is not None, "Decode starts the graph"
-        return replace(images, decoder={**images.decoder, "output_type": types.RGB})
+        return replace(images, decoder={**images.decoder, "output_type": types.DALIImageType.RGB})
 
 
 @dataclass(frozen=True)
@@ -140,12 +142,12 @@ class RandomResizedCrop(Step):
             crop_w = round(height * self.ratio[1])
         return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
-    def torch(self, image: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
+    def apply_torch(self, image: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
         assert rng is not None, "a random crop needs the sample's generator"
         top, left, crop_h, crop_w = self.box(image.shape[-2], image.shape[-1], rng)
         return F.resized_crop(image, top, left, crop_h, crop_w, [self.size_px, self.size_px], antialias=True)
 
-    def dali(self, images: DaliImages) -> DaliImages:
+    def apply_dali(self, images: DaliImages) -> DaliImages:
         from nvidia.dali import fn
 
         if images.decoder is None:
@@ -157,7 +159,7 @@ class RandomResizedCrop(Step):
             random_aspect_ratio=list(self.ratio),
             num_attempts=self.attempts,
         )
-        return Resize(self.size_px).dali(DaliImages(window, None, images.finish))
+        return Resize(self.size_px).apply_dali(DaliImages(window, None, images.finish))
 
 
 @dataclass(frozen=True)
@@ -167,10 +169,10 @@ class Resize(Step):
 
     size_px: int
 
-    def torch(self, image: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
+    def apply_torch(self, image: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
         return F.resize(image, [self.size_px, self.size_px], antialias=True)
 
-    def dali(self, images: DaliImages) -> DaliImages:
+    def apply_dali(self, images: DaliImages) -> DaliImages:
         from nvidia.dali import fn
 
         images = images.decoded()
@@ -185,13 +187,13 @@ class ResizeShorter(Step):
 
     shorter_px: int
 
-    def torch(self, image: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
+    def apply_torch(self, image: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
         height, width = image.shape[-2:]
         new_height = self.shorter_px if height <= width else int(height * self.shorter_px / width + 0.5)
         new_width = self.shorter_px if width <= height else int(width * self.shorter_px / height + 0.5)
         return F.resize(image, [new_height, new_width], antialias=True)
 
-    def dali(self, images: DaliImages) -> DaliImages:
+    def apply_dali(self, images: DaliImages) -> DaliImages:
         from nvidia.dali import fn
 
         images = images.decoded()
@@ -206,12 +208,12 @@ class CentreCrop(Step):
 
     size_px: int
 
-    def torch(self, image: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
+    def apply_torch(self, image: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
         top = (image.shape[-2] - self.size_px + 1) // 2
         left = (image.shape[-1] - self.size_px + 1) // 2
         return F.crop(image, top, left, self.size_px, self.size_px)
 
-    def dali(self, images: DaliImages) -> DaliImages:
+    def apply_dali(self, images: DaliImages) -> DaliImages:
         return images.decoded().fused(crop=(self.size_px, self.size_px))  # centred: crop_pos_x = crop_pos_y = 0.5
 
 
@@ -222,11 +224,11 @@ class Flip(Step):
     probability: float = FLIP_PROBABILITY
     random: ClassVar[bool] = True
 
-    def torch(self, image: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
+    def apply_torch(self, image: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
         assert rng is not None, "a random flip needs the sample's generator"
         return F.horizontal_flip(image) if rng.random() < self.probability else image
 
-    def dali(self, images: DaliImages) -> DaliImages:
+    def apply_dali(self, images: DaliImages) -> DaliImages:
         from nvidia.dali import fn
 
         return images.decoded().fused(mirror=fn.random.coin_flip(probability=self.probability))
@@ -240,12 +242,12 @@ class Normalize:
     std: tuple[float, float, float]
     dtype: torch.dtype
 
-    def torch_batch(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    def torch_normaliser(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         """uint8 N×H×W×C batches on ``device`` -> N×C×H×W channels-last batches (``normalise``)."""
         scale, bias = normalisation(self.mean, self.std, device)
         return partial(normalise, scale=scale, bias=bias, dtype=self.dtype)
 
-    def dali(self, images: DaliImages) -> DaliImages:
+    def apply_dali(self, images: DaliImages) -> DaliImages:
         """Mean and std of 0..255 pixels; the DALI dtype written is the backend's choice (``dali_graph``)."""
         return images.fused(mean=[255.0 * m for m in self.mean], std=[255.0 * s for s in self.std])
 
@@ -273,10 +275,10 @@ class TransformSpec:
         of DALI type ``output_dtype``; ``decoder``: the decoder's device arguments."""
         from nvidia.dali import fn
 
-        images = self.decode.dali(DaliImages(jpegs, dict(decoder)))
+        images = self.decode.apply_dali(DaliImages(jpegs, dict(decoder)))
         for step in self.steps:
-            images = step.dali(images)
-        images = self.normalize.dali(images).decoded()
+            images = step.apply_dali(images)
+        images = self.normalize.apply_dali(images).decoded()
         arguments = {"mirror": 0, **images.finish}
         return fn.crop_mirror_normalize(images.node, **arguments, dtype=output_dtype, output_layout=IMAGE_LAYOUT)
 
@@ -306,7 +308,7 @@ def transform_image(image: torch.Tensor, spec: TransformSpec, rng: np.random.Gen
     """The torch implementation of ``spec``'s steps: decoded uint8 C×H×W -> uint8 C×S×S; ``rng`` is
     needed when ``spec.random``."""
     for step in spec.steps:
-        image = step.torch(image, rng)
+        image = step.apply_torch(image, rng)
     return image
 
 
