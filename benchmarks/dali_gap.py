@@ -106,7 +106,7 @@ class VariantLoader:
         self.variant, self.bench = variant, bench
         self.fill = variant.initial_fill or bench.num_images
         self.iterator = None if variant.rebuild_per_epoch else self._new_iterator(0)
-        from pipelines.torch_backend import normalisation
+        from pipelines.transforms import normalisation
 
         self.scale, self.bias = normalisation(IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu"))
 
@@ -143,7 +143,7 @@ class VariantLoader:
 
     def _finish(self, outputs: dict[str, torch.Tensor]) -> Batch:
         """As ``DaliLoader._to_batch``; uint8 output is normalised here as the torch backend does."""
-        from pipelines.torch_backend import normalise
+        from pipelines.transforms import normalise
 
         images = outputs["images"]
         if images.dtype == torch.uint8:

@@ -27,8 +27,7 @@ from engine.export import ExportedModel, ExportError, autocast_dtype, load_expor
 from engine.metrics import prediction_sets
 from engine.steps import autocast_context
 from pipelines.contract import LoaderConfig
-from pipelines.torch_backend import normalisation, normalise
-from pipelines.transforms import TransformSpec, transform_image, transform_spec
+from pipelines.transforms import TransformSpec, normalisation, normalise, transform_image, transform_spec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

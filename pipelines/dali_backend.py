@@ -54,7 +54,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.contract import Batch, LoaderConfig, ShardDataError, batches_per_epoch, rank_range, verify_advice
-from pipelines.transforms import CROP_ATTEMPTS, Mode, TransformSpec, transform_spec
+from pipelines.transforms import TransformSpec, transform_spec
 from shards.format import FIELD_IMAGE, FIELD_LABEL, FIELD_TARGETS
 from shards.manifest import SplitManifest, check_index_file
 
@@ -69,9 +69,8 @@ class PipelineSpec:
     tar_paths: tuple[str, ...]
     index_paths: tuple[str, ...]
     has_targets: bool
-    transform: TransformSpec
-    mean_255: tuple[float, ...]
-    std_255: tuple[float, ...]
+    train: bool
+    transform: TransformSpec  # decode and augmentation, described once for both backends
     output_dtype: Any  # types.DALIDataType of the images
     shuffle_buffer: int
     gpu: bool
@@ -80,7 +79,7 @@ class PipelineSpec:
 def read_samples(spec: PipelineSpec, shard_id: int, num_shards: int) -> list[DataNode]:
     """[jpegs, labels, (targets)] from the webdataset reader; eval pads the shard's last batch
     (the iterator drops the padding) and sticks to the rank's own shard."""
-    train = spec.transform.mode is not Mode.EVAL
+    train = spec.train
     exts = [FIELD_IMAGE, FIELD_LABEL] + ([FIELD_TARGETS] if spec.has_targets else [])
     return fn.readers.webdataset(
         paths=list(spec.tar_paths),
@@ -127,38 +126,9 @@ def decoder_args(gpu: bool) -> dict[str, Any]:
 
 
 def decode_and_augment(jpegs: DataNode, spec: PipelineSpec) -> DataNode:
-    """The one augmentation helper: JPEG bytes -> normalised S×S×3 images (HWC), per the mode."""
-    t = spec.transform
-    size = t.image_size_px
-    decoder = decoder_args(spec.gpu)
-    crop: dict[str, Any] = {}
-    if t.mode is Mode.TRAIN and t.augment.random_resized_crop:
-        images = fn.decoders.image_random_crop(
-            jpegs,
-            **decoder,
-            output_type=types.RGB,
-            random_area=[t.augment.scale_min, t.augment.scale_max],
-            random_aspect_ratio=[t.augment.ratio_min, t.augment.ratio_max],
-            num_attempts=CROP_ATTEMPTS,
-        )
-    else:
-        images = fn.decoders.image(jpegs, **decoder, output_type=types.RGB)
-    if t.mode is Mode.EVAL:
-        # subpixel_scale=False: map the whole image onto the rounded output size, as torchvision does
-        images = fn.resize(images, resize_shorter=t.eval_resize_px, subpixel_scale=False)
-        crop = {"crop": (size, size)}  # centred: crop_pos_x = crop_pos_y = 0.5
-    else:
-        images = fn.resize(images, resize_x=size, resize_y=size)
-    mirror = fn.random.coin_flip(probability=0.5) if t.mode is Mode.TRAIN and t.augment.flip else 0
-    return fn.crop_mirror_normalize(
-        images,
-        mirror=mirror,
-        mean=list(spec.mean_255),
-        std=list(spec.std_255),
-        dtype=spec.output_dtype,
-        output_layout="HWC",
-        **crop,
-    )
+    """The one augmentation helper: JPEG bytes -> normalised S×S×3 images (HWC), the DALI operators of
+    the loader's ``TransformSpec`` (``pipelines/transforms.py``; the torch backend runs the same spec)."""
+    return spec.transform.dali_graph(jpegs, decoder_args(spec.gpu), spec.output_dtype)
 
 
 @pipeline_def
@@ -349,9 +319,8 @@ def _pipeline_spec(root: Path, manifest: SplitManifest, config: LoaderConfig, gp
         tar_paths=tuple(str(Path(root) / s.path) for s in manifest.shards),
         index_paths=tuple(str(Path(root) / s.index_path) for s in manifest.shards),
         has_targets=manifest.label_kind.has_targets,
+        train=config.train,
         transform=transform_spec(config),
-        mean_255=tuple(255.0 * m for m in config.mean),
-        std_255=tuple(255.0 * s for s in config.std),
         output_dtype=dali_output_dtype(config.dtype, gpu),
         shuffle_buffer=config.shuffle_buffer,
         gpu=gpu,

@@ -10,13 +10,14 @@ How it works:
   partial. ``epoch(e, start_batch=k)`` simply starts at batch k.
 - DataLoader worker processes (persistent across epochs) turn a planned batch into tensors: they
   read member bytes with ``pread`` through the ``.idx`` offsets and, when the device is the CPU,
-  decode (``torchvision.io.decode_jpeg``) and augment each image, returning a uint8 N×S×S×C batch.
-  Augmentation draws from a generator seeded by (seed, epoch, sample index): the images do not
-  depend on ``num_workers``.
+  decode and augment each image, returning a uint8 N×S×S×C batch. Decoding and augmentation are the
+  torch side of the loader's one ``TransformSpec`` (``pipelines/transforms.py``, which the DALI
+  backend builds its graph from too). Augmentation draws from a generator seeded by (seed, epoch,
+  sample index): the images do not depend on ``num_workers``.
 - When the device is CUDA, workers return the raw JPEG bytes only; the main process decodes the
   whole batch with nvJPEG (``decode_jpeg(list, device=...)``) and augments on the GPU.
 - The main process moves the batch to the device and converts it to a normalised, channels-last
-  tensor of the configured dtype.
+  tensor of the configured dtype (the spec's ``Normalize``).
 - A sample that cannot be read or decoded raises ``ShardDataError`` naming the shard and the
   sample's key (a worker's error reaches the main process with the same type and message).
 """
@@ -32,11 +33,10 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines.contract import Batch, LoaderConfig, ShardDataError, batches_per_epoch, rank_range, train_batch_range
 from pipelines.sample_table import SampleTable, ShardReader, build_sample_table
-from pipelines.transforms import Mode, TransformSpec, epoch_permutation, sample_rng, transform_image, transform_spec
+from pipelines.transforms import Decode, TransformSpec, epoch_permutation, sample_rng, transform_spec
 from shards.manifest import SplitManifest
 
 
@@ -91,15 +91,15 @@ class BatchReader(Dataset):
 
     def _decode_one(self, data: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
         """One JPEG -> uint8 H×W×C (the batch is stacked N×H×W×C: channels-last once viewed as NCHW)."""
-        image = decode_or_raise(data, index, self.reader)
-        rng = sample_rng(self.seed, epoch, index) if self.spec.mode is Mode.TRAIN else None
-        return transform_image(image, self.spec, rng).permute(1, 2, 0)
+        image = decode_or_raise(self.spec.decode, data, index, self.reader)
+        rng = sample_rng(self.seed, epoch, index) if self.spec.random else None
+        return self.spec.torch_image(image, rng)
 
 
-def decode_or_raise(data: torch.Tensor, index: int, reader: ShardReader) -> torch.Tensor:
+def decode_or_raise(decode: Decode, data: torch.Tensor, index: int, reader: ShardReader) -> torch.Tensor:
     """Decode one JPEG on the CPU; damaged bytes raise ``ShardDataError`` naming shard and key."""
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB)
+        return decode.apply_torch(data)
     except (RuntimeError, ValueError) as error:  # torchvision reports libjpeg failures as RuntimeError
         raise reader.data_error(index, f"JPEG cannot be decoded ({_first_line(error)})") from None
 
@@ -136,7 +136,7 @@ class TorchLoader:
         self._device = torch.device(config.device)
         self._decode_on_device = self._device.type == "cuda" if decode_on_device is None else decode_on_device
         self._spec = transform_spec(config)
-        self._scale, self._bias = normalisation(config.mean, config.std, self._device)
+        self._normalise = self._spec.normalize.torch_normaliser(self._device)
         self._plan = _EpochPlan()
         self._reader = BatchReader(self.table, self._spec, config.seed, decode=not self._decode_on_device)
         self._dataloader: DataLoader | None = _make_dataloader(
@@ -179,29 +179,25 @@ class TorchLoader:
         targets = raw.get("targets")
         if targets is not None:
             targets = targets.to(self._device, non_blocking=True).to(torch.float32)
-        return Batch(
-            images=normalise(images, self._scale, self._bias, self.config.dtype), labels=labels, targets=targets
-        )
+        return Batch(images=self._normalise(images), labels=labels, targets=targets)
 
     def _decode_batch(self, encoded: list[torch.Tensor], indices: torch.Tensor, epoch: int) -> torch.Tensor:
         """Decode the batch in one call (nvJPEG on CUDA), then augment image by image on the device:
         sizes differ until resized, so this loop is per-sample Python; DALI is the fast GPU path."""
         try:
-            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self._device)
+            images = self._spec.decode.apply_torch_batch(encoded, self._device)
         except (RuntimeError, ValueError) as error:
             self._raise_for_batch(encoded, indices, error)
-        train = self._spec.mode is Mode.TRAIN
-        rngs = [sample_rng(self.config.seed, epoch, int(i)) if train else None for i in indices.tolist()]
-        return torch.stack(
-            [transform_image(image, self._spec, rng).permute(1, 2, 0) for image, rng in zip(images, rngs)]
-        )
+        random = self._spec.random
+        rngs = [sample_rng(self.config.seed, epoch, int(i)) if random else None for i in indices.tolist()]
+        return torch.stack([self._spec.torch_image(image, rng) for image, rng in zip(images, rngs)])
 
     def _raise_for_batch(self, encoded: list[torch.Tensor], indices: torch.Tensor, error: BaseException) -> NoReturn:
         """A batch decode failed: find the damaged sample by decoding each on the CPU, else name the
         shards of the whole batch (the device decoder may reject what the CPU accepts)."""
         reader = self._reader.reader
         for data, index in zip(encoded, indices.tolist()):
-            decode_or_raise(data.cpu(), int(index), reader)
+            decode_or_raise(self._spec.decode, data.cpu(), int(index), reader)
         shards = sorted({self.table.shard_paths[int(self.table.shard[int(i)])] for i in indices.tolist()})
         raise ShardDataError(
             f"batch of {len(encoded)} samples from shard(s) {', '.join(shards)} cannot be decoded on {self._device} "
@@ -214,28 +210,6 @@ class TorchLoader:
         # (they close their own descriptors on exit); the main process's are closed here.
         self._dataloader = None
         self._reader.reader.close()
-
-
-def normalise(images_nhwc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 N×H×W×C -> ``dtype`` N×C×H×W channels-last ``x * scale + bias`` (= (x/255 - mean) / std).
-
-    The NCHW view of NHWC memory is channels-last already, so the conversion is a straight pass
-    and the fused in-place ``addcmul`` keeps the strides (measured ~40% faster than converting
-    from NCHW and normalising in two passes)."""
-    images = images_nhwc.permute(0, 3, 1, 2).to(torch.float32)
-    torch.addcmul(bias, images, scale, out=images)
-    return images if dtype == torch.float32 else images.to(dtype)
-
-
-def normalisation(
-    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, bias) of ``normalise`` for per-channel ``mean`` and ``std`` of [0, 1] pixels."""
-    std_255 = torch.tensor(std, dtype=torch.float32) * 255.0
-    mean_255 = torch.tensor(mean, dtype=torch.float32) * 255.0
-    scale = (1.0 / std_255).view(1, 3, 1, 1).to(device)
-    bias = (-mean_255 / std_255).view(1, 3, 1, 1).to(device)
-    return scale, bias
 
 
 def _make_dataloader(reader: BatchReader, plan: _EpochPlan, num_workers: int, pin: bool) -> DataLoader:

@@ -16,9 +16,20 @@ from torchvision.io import decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from pipelines import build_loader, dali_import_error, rank_range
-from pipelines.contract import AugmentConfig, LoaderConfig
+from pipelines.contract import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, LoaderConfig
 from pipelines.torch_backend import TorchLoader
-from pipelines.transforms import random_crop_box
+from pipelines.transforms import (
+    CentreCrop,
+    Decode,
+    Flip,
+    Normalize,
+    RandomResizedCrop,
+    Resize,
+    ResizeShorter,
+    Step,
+    TransformSpec,
+    transform_spec,
+)
 from shards.format import LabelKind
 from shards.manifest import load_split
 from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
@@ -327,14 +338,92 @@ def images_by_label(batches: list) -> dict[int, torch.Tensor]:
 
 
 def test_random_crop_box_respects_ranges() -> None:
-    augment = AugmentConfig(scale_min=0.25, scale_max=0.5, ratio_min=0.5, ratio_max=2.0)
+    crop = RandomResizedCrop(IMAGE_PX, scale=(0.25, 0.5), ratio=(0.5, 2.0))
     rng = np.random.default_rng(0)
     for height, width in [(45, 60), (120, 90), (10, 300)]:
         for _ in range(50):
-            top, left, crop_h, crop_w = random_crop_box(height, width, augment, rng)
+            top, left, crop_h, crop_w = crop.box(height, width, rng)
             assert 0 <= top and top + crop_h <= height and 0 <= left and left + crop_w <= width
             if (height, width) != (10, 300):  # 10×300 cannot hold these crops: centre-crop fallback
                 assert 0.2 < crop_h * crop_w / (height * width) < 0.56
+
+
+def test_one_transform_description_per_loader_config() -> None:
+    """The augmentation a user configures, as the one description both backends build from."""
+    evaluation = transform_spec(LoaderConfig(image_size_px=224, train=False))
+    assert evaluation.steps == (ResizeShorter(256), CentreCrop(224)) and not evaluation.random  # 224 / 0.875
+    assert evaluation.decode == Decode()
+    assert evaluation.normalize == Normalize(IMAGENET_MEAN, IMAGENET_STD, torch.float32)
+    augment = AugmentConfig(scale_min=0.35, ratio_max=1.5)
+    train = transform_spec(LoaderConfig(image_size_px=224, augment=augment, dtype=torch.bfloat16))
+    assert train.steps == (RandomResizedCrop(224, scale=(0.35, 1.0), ratio=(3 / 4, 1.5)), Flip(0.5)) and train.random
+    assert train.normalize.dtype == torch.bfloat16
+    assert transform_spec(LoaderConfig(image_size_px=64, augment=NO_AUGMENT)).steps == (Resize(64),)
+    flip_only = AugmentConfig(random_resized_crop=False)
+    assert transform_spec(LoaderConfig(image_size_px=64, augment=flip_only)).steps == (Resize(64), Flip(0.5))
+
+
+def stored_jpegs(root: Path, split: str) -> list[np.ndarray]:
+    """The JPEG bytes of every sample of ``split``, in file order."""
+    jpegs = []
+    for shard in load_split(root, split).shards:
+        with tarfile.open(root / shard.path) as tar:
+            members = [tar.extractfile(m) for m in tar if m.name.endswith(".jpg")]
+            jpegs += [np.frombuffer(member.read(), np.uint8) for member in members if member is not None]
+    return jpegs
+
+
+def torch_transformed(spec: TransformSpec, jpegs: list[np.ndarray]) -> torch.Tensor:
+    """``spec`` run by its torch implementations, as the torch backend runs it: N×C×S×S."""
+    rng = np.random.default_rng(0)
+    images = [spec.torch_image(spec.decode.apply_torch(torch.from_numpy(data.copy())), rng) for data in jpegs]
+    return spec.normalize.torch_normaliser(torch.device("cpu"))(torch.stack(images))
+
+
+def dali_transformed(spec: TransformSpec, jpegs: list[np.ndarray]) -> torch.Tensor:
+    """``spec`` run by its DALI operators on the CPU (``device_id=None``): N×C×S×S."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def graph():
+        data = fn.external_source(source=lambda: jpegs, batch=True, dtype=types.UINT8)
+        return spec.dali_graph(data, {"device": "cpu"}, types.FLOAT)
+
+    pipe = graph(batch_size=len(jpegs), num_threads=1, device_id=None, seed=0)
+    pipe.build()
+    (images,) = pipe.run()
+    return torch.stack([torch.from_numpy(np.array(images[i])) for i in range(len(jpegs))]).permute(0, 3, 1, 2)
+
+
+WIDE = 4 / 3  # the landscape fixture images' width / height
+# Transforms whose result their parameters fix; the whole-image random crop only on WIDE images.
+DETERMINISTIC_STEPS: dict[str, tuple[Step, ...]] = {
+    "eval resize and centre crop": (ResizeShorter(37), CentreCrop(IMAGE_PX)),
+    "square resize": (Resize(IMAGE_PX),),
+    "always flip": (Resize(IMAGE_PX), Flip(1.0)),
+    "never flip": (Resize(IMAGE_PX), Flip(0.0)),
+    "whole-image random crop": (RandomResizedCrop(IMAGE_PX, scale=(1.0, 1.0), ratio=(WIDE, WIDE)),),
+}
+
+
+@pytest.mark.parametrize("name", list(DETERMINISTIC_STEPS))
+@pytest.mark.dali
+@needs_dali
+def test_each_transform_gives_the_same_pixels_on_both_backends(root: Path, name: str) -> None:
+    """One description, two implementations: each transform's torch code and its DALI operators (CPU
+    path) give the same pixels up to decoder rounding, parameters and normalisation included."""
+    jpegs = stored_jpegs(root, "multi")
+    if "random crop" in name:
+        shapes = [decode_jpeg(torch.from_numpy(data.copy())).shape for data in jpegs]
+        jpegs = [data for data, (_, height, width) in zip(jpegs, shapes) if width * 3 == height * 4]
+    spec = TransformSpec(Decode(), DETERMINISTIC_STEPS[name], Normalize(IMAGENET_MEAN, IMAGENET_STD, torch.float32))
+    from_torch, from_dali = torch_transformed(spec, jpegs), dali_transformed(spec, jpegs)
+    assert from_torch.shape == from_dali.shape == (len(jpegs), 3, IMAGE_PX, IMAGE_PX)
+    diff = (from_torch - from_dali).abs().mean(dim=(1, 2, 3))
+    assert diff.max() < EVAL_IMAGE_TOLERANCE, diff
+    if name == "always flip":
+        plain = TransformSpec(spec.decode, (Resize(IMAGE_PX),), spec.normalize)
+        assert torch.equal(from_torch, torch_transformed(plain, jpegs).flip(-1))
 
 
 def test_dali_requested_without_dali_is_a_clear_error(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
