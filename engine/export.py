@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,21 +361,21 @@ def write_onnx(meta: ExportedModel, state: dict[str, torch.Tensor], out_dir: Pat
     model.load_state_dict(state)
     size = meta.image_size_px
     example = torch.zeros(1, 3, size, size)
-    buffer = io.BytesIO()
+    partial = out_dir / f"{ONNX_NAME}.partial"
     with warnings.catch_warnings():
         # the TorchScript-based exporter: it needs no extra package (the newer one needs onnxscript)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             model.eval(),
             (example,),
-            buffer,
+            str(partial),
             input_names=["images"],
             output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
-    atomic_write_bytes(out_dir / ONNX_NAME, buffer.getvalue())
+    os.replace(partial, out_dir / ONNX_NAME)
     return {
         "file": ONNX_NAME,
         "opset": ONNX_OPSET,

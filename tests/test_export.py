@@ -25,7 +25,7 @@ NUM_IMAGES = 12
 THETA = 0.075
 
 
-def invoke(app, *args: str) -> str:
+def invoke(app, *args: str | Path) -> str:
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result.stdout
