@@ -12,7 +12,6 @@ import logging
 import math
 import re
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from engine.steps import RunAheadLimit, StepResult
 from pipelines.contract import Batch, Loader, ShardDataError
 from shards.format import LabelKind
 from shards.manifest import ShardError, SplitManifest, load_split
+from shards.progress import on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +421,7 @@ class Trainer:
         return summary
 
     def _on_terminal(self) -> bool:
-        return self.dist.is_main and sys.stderr.isatty()
+        return self.dist.is_main and on_terminal()
 
     def _next_batch(self, stop: StopRequest, batches: Iterator[Batch], stats: TrainStats) -> Batch:
         started = time.perf_counter()
