@@ -406,6 +406,8 @@ def plot_metric_curves(out: Path, groups: list[Group], metric: str, title: str) 
             else []
         )
         axis.plot([r["step"] for r in evals], [scale * r[metric] for r in evals], marker="o", label=group.label)
+    last_step = max([group.first.config.num_steps for group in groups] + [int(axis.get_xlim()[1]), 1])
+    axis.set_xlim(0, last_step * 1.02)  # the whole run, from step 0
     axis.set_xlabel("training step")
     axis.set_ylabel(f"{metric_words(metric)}{' (%)' if scale == 100 else ''}")
     axis.set_title(title, fontsize=10)
