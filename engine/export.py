@@ -345,12 +345,12 @@ def write_export(meta: ExportedModel, state: dict[str, torch.Tensor], out_dir: P
         atomic_write_bytes(weights, buffer.getvalue())
     for stale in {out_dir / SAFETENSORS_NAME, out_dir / TORCH_NAME} - {weights}:
         stale.unlink(missing_ok=True)  # a re-export must not leave the other format's older weights
+    (out_dir / ONNX_NAME).unlink(missing_ok=True)  # a re-export must not leave older weights beside new ones
     description = meta.to_json()
-    if onnx:
-        description["onnx"] = write_onnx(meta, tensors, out_dir)
-    else:
-        (out_dir / ONNX_NAME).unlink(missing_ok=True)  # a re-export must not leave older weights beside new ones
     atomic_write_text(out_dir / META_NAME, json.dumps(description, indent=1, ensure_ascii=False) + "\n")
+    if onnx:  # after model.json: a graph the exporter cannot translate leaves a usable folder
+        description["onnx"] = write_onnx(meta, tensors, out_dir)
+        atomic_write_text(out_dir / META_NAME, json.dumps(description, indent=1, ensure_ascii=False) + "\n")
     return weights
 
 
@@ -362,19 +362,24 @@ def write_onnx(meta: ExportedModel, state: dict[str, torch.Tensor], out_dir: Pat
     size = meta.image_size_px
     example = torch.zeros(1, 3, size, size)
     partial = out_dir / f"{ONNX_NAME}.partial"
-    with warnings.catch_warnings():
-        # the TorchScript-based exporter: it needs no extra package (the newer one needs onnxscript)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model.eval(),
-            (example,),
-            str(partial),
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=ONNX_OPSET,
-            dynamo=False,
-        )
+    try:
+        with warnings.catch_warnings():
+            # the TorchScript-based exporter: it needs no extra package (the newer one needs onnxscript)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model.eval(),
+                (example,),
+                str(partial),
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+    except Exception as error:  # an operator the exporter cannot translate; the other files are written
+        partial.unlink(missing_ok=True)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ExportError(f"{out_dir / ONNX_NAME}: ONNX export of arch {meta.arch!r} failed ({first_line})") from None
     os.replace(partial, out_dir / ONNX_NAME)
     return {
         "file": ONNX_NAME,
