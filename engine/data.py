@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError, DataConfig, EvalPrecision, RunConfig, Switch
-from pipelines import build_loader
+from pipelines import build_loader, describe_backend
 from pipelines.contract import AugmentConfig, Loader, LoaderConfig
 from shards.format import LabelKind
 from shards.manifest import ShardError, SplitManifest, load_split, manifest_path
@@ -92,6 +92,7 @@ def build_loaders(
     train_config = loader_config(config, True, rank, world_size, device)
     workers = train_config.resolved_workers
     how = "auto: CPU affinity / local ranks" if config.data.num_workers < 0 else "--workers"
+    log.info("loader: %s", describe_backend(config.data.backend.value))
     log.info("loader workers per process: %d (%s)", workers, how)
     train = build_loader(root, config.data.train_split, train_config)
     evaluation = build_loader(root, config.data.eval_split, loader_config(config, False, rank, world_size, device))

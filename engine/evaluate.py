@@ -8,6 +8,7 @@ reproduces its summary metrics. The metrics are printed as JSON (and written to 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,10 +18,12 @@ import typer
 from engine.export import ExportedModel, ExportError, autocast_dtype, load_exported, resolve_device, run_cli
 from engine.metrics import EvalAccumulator
 from engine.scoring import score_split
-from pipelines import build_loader
+from pipelines import build_loader, describe_backend
 from pipelines.contract import LoaderConfig
 from shards.format import LabelKind
 from shards.manifest import atomic_write_text, load_split
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -55,6 +58,7 @@ def evaluate_exported(
         device=device,
     )
     dtype = autocast_dtype(meta, device)
+    log.info("loader: %s", describe_backend(backend))
     loader = build_loader(data, split, _loader_config(meta, batch_size, backend, num_workers, device, dtype))
     try:
         return score_split(model, loader, accumulator, dtype, device)  # the loop a run's evaluation runs

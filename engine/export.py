@@ -6,10 +6,17 @@ An exported model folder holds (``EXPORT_FORMAT`` 1)::
                         safetensors package is missing); loading either runs no code
     model.json          everything predicting and evaluating need (``ExportedModel``): arch, classes
                         and their names, preprocessing (mean, std, image size, eval crop fraction),
-                        method, default threshold, eval precision and the run's summary metrics
+                        method, default threshold, eval precision and the run's summary metrics; and,
+                        for a reader outside this project, ``architecture`` (whose network: torchvision,
+                        timm or this project, with versions) and ``preprocessing`` (every step from
+                        file to input tensor: decode, resize rule and interpolation, crop, value range,
+                        channel order, mean/std) and ``outputs`` (how logits become label sets)
+    model.onnx          with ``--onnx``: the network as an ONNX graph (input ``images``: the
+                        preprocessed float32 N×3×S×S batch; output ``logits``: N×classes)
 
 ``mile-predict`` and ``mile-eval`` read it through ``load_exported``; they need neither the run folder
-nor its config.
+nor its config. Every field read back is checked as a flag would be (``check_meta``): a bad one is a
+one-line error naming the file and the key.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ import dataclasses
 import io
 import json
 import logging
+import math
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +39,7 @@ from torch import nn
 from engine.checkpoint import CheckpointError, read_checkpoint
 from engine.config import EvalPrecision, Method
 from engine.data import loader_config, resolve_data_root
-from engine.models import build_model
+from engine.models import TORCHVISION_ARCHS, build_model, classifier_prefix
 from engine.run_folder import RunFolder, RunFolderError, saved_config
 from shards.format import LabelKind
 from shards.manifest import ShardError, atomic_write_bytes, atomic_write_text, load_split
@@ -40,6 +50,9 @@ EXPORT_FORMAT = 1
 META_NAME = "model.json"
 SAFETENSORS_NAME = "model.safetensors"
 TORCH_NAME = "model.pt"
+ONNX_NAME = "model.onnx"
+ONNX_OPSET = 17
+MAX_IMAGE_SIZE_PX = 4096  # model.json's image_size_px above this is refused (a typo, not a model)
 
 
 class ExportError(Exception):
@@ -72,10 +85,19 @@ class ExportedModel:
         return "softmax" if self.method == Method.SOFTMAX.value else "sigmoid"
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, then the descriptions for readers outside this project (derived from the
+        fields; ``from_json`` reads the fields only)."""
+        return {
+            **dataclasses.asdict(self),
+            "architecture": architecture_source(self.arch),
+            "preprocessing": preprocessing_steps(self),
+            "outputs": output_rule(self),
+        }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: Path) -> ExportedModel:
+    def from_json(cls, data: Any, source: Path) -> ExportedModel:
+        if not isinstance(data, dict):
+            raise ExportError(f"{source}: expected a JSON object, found {type(data).__name__}")
         if data.get("format") != EXPORT_FORMAT:
             raise ExportError(
                 f"{source}: export format {data.get('format')!r}; this release reads format {EXPORT_FORMAT}"
@@ -84,7 +106,183 @@ class ExportedModel:
         missing = sorted(names - set(data) - {"format"})
         if missing:
             raise ExportError(f"{source}: missing fields {missing}")
+        check_meta(data, source)
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# -- what model.json says to a reader outside this project ----------------------------------
+
+
+def project_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mile-trainer")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def architecture_source(arch: str) -> dict[str, Any]:
+    """Whose network ``arch`` is and how to build it (weights come from model.safetensors, never a download)."""
+    if arch in TORCHVISION_ARCHS:
+        import torchvision
+
+        return {
+            "name": arch,
+            "source": "torchvision",
+            "version": torchvision.__version__,
+            "build": f"torchvision.models.{arch}(weights=None, num_classes=NUM_CLASSES)",
+        }
+    if arch == "grid_cnn":
+        from engine.models import GridCNN
+
+        return {
+            "name": arch,
+            "source": "this project (mile-trainer), not a published architecture",
+            "version": project_version(),
+            "defined_in": "engine/models.py, class GridCNN",
+            "build": "engine.models.build_model('grid_cnn', NUM_CLASSES, multi_label_head)",
+            # torch's own description of every layer, for re-implementing it elsewhere
+            "layers": repr(GridCNN(num_classes=1)).replace("out_features=1,", "out_features=NUM_CLASSES,").splitlines(),
+        }
+    import timm
+
+    return {
+        "name": arch,
+        "source": "timm",
+        "version": timm.__version__,
+        "build": f"timm.create_model({arch!r}, pretrained=False, num_classes=NUM_CLASSES)",
+    }
+
+
+def eval_resize_px_of(image_size_px: int, eval_crop_fraction: float) -> int:
+    from pipelines.contract import LoaderConfig
+    from pipelines.transforms import eval_resize_px
+
+    return eval_resize_px(LoaderConfig(image_size_px=image_size_px, train=False, eval_crop_fraction=eval_crop_fraction))
+
+
+def preprocessing_steps(meta: ExportedModel) -> dict[str, Any]:
+    """Every step from an image file to the network's input, in order (``pipelines/transforms.py``,
+    evaluation mode; ``mile-predict`` runs exactly these)."""
+    size = meta.image_size_px
+    return {
+        "decode": "the file's pixels as 8-bit RGB (grey and palette images expanded to 3 channels, alpha dropped)",
+        "resize": {
+            "shorter_side_px": eval_resize_px_of(size, meta.eval_crop_fraction),
+            "longer_side": "scaled by the same factor, rounded half up (int(long * shorter_side_px / short + 0.5))",
+            "interpolation": "bilinear",
+            "antialias": True,
+            "as": "torchvision.transforms.v2.functional.resize(image, [h, w], antialias=True)",
+        },
+        "crop": {
+            "kind": "centre",
+            "size_px": size,
+            "top_px": f"(height - {size} + 1) // 2",
+            "left_px": f"(width - {size} + 1) // 2",
+        },
+        "value_range": "uint8 0..255 divided by 255, giving [0, 1]",
+        "normalise": "(x - mean[c]) / std[c] per channel c",
+        "mean": list(meta.mean),
+        "std": list(meta.std),
+        "channel_order": "RGB",
+        "layout": f"float32 N x 3 x {size} x {size} (channels first)",
+    }
+
+
+def output_rule(meta: ExportedModel) -> dict[str, str]:
+    """How the network's logits become probabilities and the label set (docs/DESIGN.md, "Metrics")."""
+    if meta.method_kind == "softmax":
+        probabilities, label_set = "softmax(logits) over the classes", "{argmax}"
+    elif meta.attributes:
+        probabilities, label_set = "sigmoid(logits) per class", "{c : sigmoid(z_c) > theta}"
+    else:
+        probabilities, label_set = "sigmoid(logits) per class", "{argmax} ∪ {c : sigmoid(z_c) > theta}"
+    return {
+        "logits": "N x num_classes; column i is class_names[i]",
+        "probabilities": probabilities,
+        "label_set": label_set + f" (theta: default_theta, {meta.default_theta})",
+    }
+
+
+# -- model.json read back: checked as the flags are ------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _meta_problem(data: dict[str, Any]) -> tuple[str, str] | None:
+    """(key, what is wrong) for the first field of ``model.json`` that no run could have written."""
+    names = data["class_names"]
+    checks: list[tuple[str, bool, str]] = [
+        ("arch", isinstance(data["arch"], str) and bool(data["arch"]), "must be a model name"),
+        ("num_classes", _is_int(data["num_classes"]) and data["num_classes"] >= 1, "must be an integer >= 1"),
+        (
+            "class_names",
+            isinstance(names, list) and all(isinstance(n, str) for n in names),
+            "must be a list of strings",
+        ),
+    ]
+    checks += [
+        (
+            "class_names",
+            len(names) == data["num_classes"],
+            f"lists {len(names)} names, num_classes is {data['num_classes']}",
+        ),
+        ("class_names", len(set(names)) == len(names), "names a class twice"),
+        ("method", data["method"] in [m.value for m in Method], f"must be one of {[m.value for m in Method]}"),
+        ("attributes", isinstance(data["attributes"], bool), "must be true or false"),
+        (
+            "image_size_px",
+            _is_int(data["image_size_px"]) and 8 <= data["image_size_px"] <= MAX_IMAGE_SIZE_PX,
+            f"must be an integer in [8, {MAX_IMAGE_SIZE_PX}]",
+        ),
+        (
+            "eval_crop_fraction",
+            _is_number(data["eval_crop_fraction"]) and 0 < data["eval_crop_fraction"] <= 1,
+            "must be a number in (0, 1]",
+        ),
+    ]
+    for key, low in (("mean", 0.0), ("std", 0.0)):
+        values = data[key]
+        shaped = isinstance(values, list) and len(values) == 3 and all(_is_number(v) for v in values)
+        checks.append((key, shaped, "must be a list of 3 numbers (R, G, B)"))
+        if shaped:
+            ok = all(0 <= v <= 1 for v in values) if key == "mean" else all(v > low for v in values)
+            checks.append((key, ok, "values must be in [0, 1]" if key == "mean" else "values must be > 0"))
+    thetas = data["thetas"]
+    checks += [
+        ("default_theta", _is_number(data["default_theta"]) and 0 < data["default_theta"] < 1, "must be in (0, 1)"),
+        (
+            "thetas",
+            isinstance(thetas, list) and all(_is_number(t) and 0 < t < 1 for t in thetas),
+            "must be numbers in (0, 1)",
+        ),
+        ("eval_precision", data["eval_precision"] in [p.value for p in EvalPrecision], "must be bf16 or fp32"),
+        ("step", _is_int(data["step"]) and data["step"] >= 0, "must be an integer >= 0"),
+        ("metrics", data["metrics"] is None or isinstance(data["metrics"], dict), "must be an object or null"),
+    ]
+    return next(((key, problem) for key, ok, problem in checks if not ok), None)
+
+
+def check_meta(data: dict[str, Any], source: Path) -> None:
+    """``model.json``'s fields, checked as the flags that made them; one line naming the key at fault."""
+    if not isinstance(data.get("class_names"), list):
+        raise ExportError(f"{source}: key 'class_names' {data.get('class_names')!r} must be a list of strings")
+    problem = _meta_problem(data)
+    if problem is not None:
+        key, what = problem
+        raise ExportError(f"{source}: key {key!r} {_short(data[key])} {what}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def safetensors_available() -> bool:
@@ -127,8 +325,9 @@ def describe_run(run_dir: Path) -> tuple[ExportedModel, dict[str, torch.Tensor]]
     return meta, payload["components"]["learner"]
 
 
-def write_export(meta: ExportedModel, state: dict[str, torch.Tensor], out_dir: Path) -> Path:
-    """Write the weights and ``model.json`` into ``out_dir``; returns the weights file."""
+def write_export(meta: ExportedModel, state: dict[str, torch.Tensor], out_dir: Path, onnx: bool = False) -> Path:
+    """Write the weights and ``model.json`` (and with ``onnx`` ``model.onnx``) into ``out_dir``;
+    returns the weights file."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # contiguous copies: safetensors stores dense row-major tensors (channels-last weights are not)
     # and refuses tensors that share memory
@@ -146,13 +345,53 @@ def write_export(meta: ExportedModel, state: dict[str, torch.Tensor], out_dir: P
         atomic_write_bytes(weights, buffer.getvalue())
     for stale in {out_dir / SAFETENSORS_NAME, out_dir / TORCH_NAME} - {weights}:
         stale.unlink(missing_ok=True)  # a re-export must not leave the other format's older weights
-    atomic_write_text(out_dir / META_NAME, json.dumps(meta.to_json(), indent=1) + "\n")
+    (out_dir / ONNX_NAME).unlink(missing_ok=True)  # a re-export must not leave older weights beside new ones
+    description = meta.to_json()
+    atomic_write_text(out_dir / META_NAME, json.dumps(description, indent=1, ensure_ascii=False) + "\n")
+    if onnx:  # after model.json: a graph the exporter cannot translate leaves a usable folder
+        description["onnx"] = write_onnx(meta, tensors, out_dir)
+        atomic_write_text(out_dir / META_NAME, json.dumps(description, indent=1, ensure_ascii=False) + "\n")
     return weights
 
 
-def export_run(run_dir: Path, out_dir: Path) -> Path:
+def write_onnx(meta: ExportedModel, state: dict[str, torch.Tensor], out_dir: Path) -> dict[str, Any]:
+    """``model.onnx``: the network with these weights as an ONNX graph (fp32; the batch size is free);
+    what model.json says about it."""
+    model = build_model(meta.arch, meta.num_classes, meta.method_kind == "sigmoid")
+    model.load_state_dict(state)
+    size = meta.image_size_px
+    example = torch.zeros(1, 3, size, size)
+    partial = out_dir / f"{ONNX_NAME}.partial"
+    try:
+        with warnings.catch_warnings():
+            # the TorchScript-based exporter: it needs no extra package (the newer one needs onnxscript)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model.eval(),
+                (example,),
+                str(partial),
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+    except Exception as error:  # an operator the exporter cannot translate; the other files are written
+        partial.unlink(missing_ok=True)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ExportError(f"{out_dir / ONNX_NAME}: ONNX export of arch {meta.arch!r} failed ({first_line})") from None
+    os.replace(partial, out_dir / ONNX_NAME)
+    return {
+        "file": ONNX_NAME,
+        "opset": ONNX_OPSET,
+        "input": f"images: float32 N x 3 x {size} x {size}, after every step of 'preprocessing'",
+        "output": f"logits: float32 N x {meta.num_classes}; see 'outputs'",
+    }
+
+
+def export_run(run_dir: Path, out_dir: Path, onnx: bool = False) -> Path:
     meta, state = describe_run(Path(run_dir))
-    return write_export(meta, state, Path(out_dir))
+    return write_export(meta, state, Path(out_dir), onnx)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -189,14 +428,29 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 def load_exported(model_dir: Path, device: torch.device) -> tuple[ExportedModel, nn.Module]:
     """An exported model's description and its network, with the weights, in eval mode on ``device``."""
     meta = read_meta(model_dir)
-    model = build_model(meta.arch, meta.num_classes, meta.method_kind == "sigmoid")
     try:
-        model.load_state_dict(read_weights(model_dir))
+        model = build_model(meta.arch, meta.num_classes, meta.method_kind == "sigmoid")
+    except ValueError as error:
+        raise ExportError(f"{Path(model_dir) / META_NAME}: key 'arch': {error}") from None
+    state = read_weights(model_dir)
+    check_output_size(meta, model, state, Path(model_dir))
+    try:
+        model.load_state_dict(state)
     except RuntimeError as error:  # keys or shapes that do not fit model.json's arch
         raise ExportError(
             f"{model_dir}: the weights do not fit arch {meta.arch!r} with {meta.num_classes} classes ({error})"
         ) from None
     return meta, model.to(device).eval()
+
+
+def check_output_size(meta: ExportedModel, model: nn.Module, state: dict[str, torch.Tensor], model_dir: Path) -> None:
+    """The weights' classifier must have one output per class of model.json."""
+    weight = state.get(classifier_prefix(model) + "weight")
+    if weight is not None and weight.shape[0] != meta.num_classes:
+        raise ExportError(
+            f"{model_dir / META_NAME}: key 'num_classes' {meta.num_classes} does not match the weights' "
+            f"classifier, which has {weight.shape[0]} outputs"
+        )
 
 
 def autocast_dtype(meta: ExportedModel, device: torch.device) -> torch.dtype | None:
@@ -221,10 +475,14 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 def export(
     run: Path = typer.Argument(..., help="A run folder (engine-run --out) with checkpoints/last.pt."),
     out: Path = typer.Option(..., "--out", help="Folder to write model.safetensors and model.json into."),
+    onnx: bool = typer.Option(
+        False, "--onnx", help="Also write model.onnx (input: the preprocessed N×3×S×S batch; output: logits)."
+    ),
 ) -> None:
     """Export a trained run's model: weights (safetensors) plus model.json for mile-predict and mile-eval."""
-    weights = export_run(run, out)
-    typer.echo(f"wrote {weights} and {out / META_NAME}")
+    weights = export_run(run, out, onnx)
+    extra = f", {out / ONNX_NAME}" if onnx else ""
+    typer.echo(f"wrote {weights}{extra} and {out / META_NAME}")
 
 
 def run_cli(command: typer.Typer) -> None:

@@ -6,6 +6,10 @@ so a shard's image scores here as it did in the run's evaluation. The label set 
 set that the metrics score (docs/DESIGN.md, "Metrics"): argmax ∪ {c : sigmoid(z_c) > theta} for
 sigmoid-trained models (MILe too), the argmax alone for softmax, {sigmoid > theta} for attributes.
 Probabilities are sigmoids, or softmax for softmax-trained models.
+
+A file that cannot be read as an image (damaged, not an image, or a header claiming more pixels than
+Pillow's decompression-bomb limit, the converter's limit too) is skipped with a warning and listed
+in the output with the reason; the command fails (exit status 1) only when no image could be predicted.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +26,7 @@ from typing import Optional
 
 import torch
 import typer
+from PIL import Image
 from torch import nn
 from torchvision.io import ImageReadMode, decode_image
 
@@ -31,14 +38,23 @@ from pipelines.transforms import TransformSpec, normalisation, normalise, transf
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
+log = logging.getLogger(__name__)
+
+
+class UnreadableImage(Exception):
+    """One input file that is not a decodable image; the message says why (not naming the file)."""
+
 
 @dataclass(frozen=True)
 class Prediction:
     image: str
     topk: list[tuple[str, float]]  # (class name, probability), most probable first
     labels: list[str]  # the prediction set, by class name, in class order
+    skipped: str | None = None  # why the image could not be predicted (then topk and labels are empty)
 
     def to_json(self) -> dict:
+        if self.skipped is not None:
+            return {"image": self.image, "skipped": self.skipped}
         return {
             "image": self.image,
             "labels": self.labels,
@@ -67,14 +83,36 @@ def eval_transform(meta: ExportedModel) -> TransformSpec:
     return transform_spec(config)
 
 
+def check_header(path: Path) -> None:
+    """Refuse, before any pixel is decoded, a file Pillow cannot identify or whose header claims more
+    pixels than Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), as the converter does.
+    (A decoder handed a 30000×30000 header can crash the process instead of raising.)"""
+    # TODO(issue 19.7): use the converter's shared guard in shards/ once it lands
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(f"too large to decode safely ({error})") from None
+    except Exception as error:  # Pillow raises many types for a file it cannot identify
+        raise UnreadableImage(f"not a readable image ({type(error).__name__}: {_first_line(error)})") from None
+    if width < 1 or height < 1:
+        raise UnreadableImage(f"empty image {width}x{height}")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def load_image(path: Path, spec: TransformSpec) -> torch.Tensor:
-    """One file -> uint8 H×W×C after the eval resize and centre crop."""
+    """One file -> uint8 H×W×C after the eval resize and centre crop; ``UnreadableImage`` if it is none."""
+    check_header(path)
     try:
         image = decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as error:  # torchvision reports decoder failures as RuntimeError
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ExportError(f"image {path} cannot be decoded ({first_line})") from None
-    return transform_image(image, spec, None).permute(1, 2, 0)
+        return transform_image(image, spec, None).permute(1, 2, 0)
+    except (RuntimeError, ValueError, OSError) as error:  # torchvision reports decoder failures as RuntimeError
+        raise UnreadableImage(f"cannot be decoded ({_first_line(error)})") from None
 
 
 def batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
@@ -97,11 +135,29 @@ def predict_images(
     dtype = autocast_dtype(meta, device)
     predictions: list[Prediction] = []
     for chunk in batches(paths, batch_size):
-        images = torch.stack([load_image(path, spec) for path in chunk]).to(device)
-        with autocast_context(dtype, device.type):
-            logits = model(normalise(images, scale, bias, dtype or torch.float32)).float()
-        predictions += describe(logits, meta, chunk, theta, topk)
+        loaded, skipped = load_images(chunk, spec)
+        if loaded:
+            images = torch.stack(list(loaded.values())).to(device)
+            with autocast_context(dtype, device.type):
+                logits = model(normalise(images, scale, bias, dtype or torch.float32)).float()
+            done = dict(zip(loaded, describe(logits, meta, list(loaded), theta, topk)))
+        else:
+            done = {}
+        predictions += [done[path] if path in done else Prediction(str(path), [], [], skipped[path]) for path in chunk]
     return predictions
+
+
+def load_images(paths: list[Path], spec: TransformSpec) -> tuple[dict[Path, torch.Tensor], dict[Path, str]]:
+    """The images of ``paths`` that decode, and why each of the others was skipped (warned about)."""
+    loaded: dict[Path, torch.Tensor] = {}
+    skipped: dict[Path, str] = {}
+    for path in paths:
+        try:
+            loaded[path] = load_image(path, spec)
+        except UnreadableImage as error:
+            skipped[path] = str(error)
+            log.warning("skipping %s: %s", path, error)
+    return loaded, skipped
 
 
 def describe(logits: torch.Tensor, meta: ExportedModel, paths: list[Path], theta: float, topk: int) -> list[Prediction]:
@@ -122,9 +178,10 @@ def write_predictions(predictions: list[Prediction], out: Optional[Path]) -> Non
     if out is not None and out.suffix.lower() == ".csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["image", "labels", "topk"])
+        writer.writerow(["image", "labels", "topk", "skipped"])
         for p in predictions:
-            writer.writerow([p.image, ";".join(p.labels), ";".join(f"{name}:{prob:.6g}" for name, prob in p.topk)])
+            topk = ";".join(f"{name}:{prob:.6g}" for name, prob in p.topk)
+            writer.writerow([p.image, ";".join(p.labels), topk, p.skipped or ""])
         text = buffer.getvalue()
     else:
         text = "".join(json.dumps(p.to_json()) + "\n" for p in predictions)
@@ -158,7 +215,14 @@ def predict(
     target = resolve_device(device)
     meta, network = load_exported(model, target)
     chosen = meta.default_theta if theta is None else theta
-    write_predictions(predict_images(network, meta, image_files(images), chosen, topk, target, batch_size), out)
+    predictions = predict_images(network, meta, image_files(images), chosen, topk, target, batch_size)
+    write_predictions(predictions, out)
+    skipped = sum(p.skipped is not None for p in predictions)
+    if skipped == len(predictions):
+        typer.secho(f"error: none of the {skipped} images could be read (reasons in the output)", fg="red", err=True)
+        raise typer.Exit(1)
+    if skipped:
+        log.warning("skipped %d of %d images (listed in the output with the reason)", skipped, len(predictions))
 
 
 def main() -> None:

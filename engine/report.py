@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -335,11 +336,71 @@ def curve_file(metric: str) -> str:
     return "f1_curve.png" if metric == "f1@0.25" else re.sub(r"[^A-Za-z0-9.@-]+", "_", metric) + "_curve.png"
 
 
+# A metric's name in words, for plot titles and axes; "@X" adds "at threshold X" (docs/DESIGN.md, "Metrics").
+_METRIC_WORDS = {
+    "top1": "top-1 accuracy",
+    "top5": "top-5 accuracy",
+    "real_top1": "top-1 against the label sets",
+    "f1": "F1 of the label sets",
+    "coverage": "labels predicted per image",
+    "balanced_acc": "balanced accuracy",
+    "secondary_map": "secondary-label mAP",
+    "lrap": "label ranking average precision",
+    "f1@top|T|": "F1 of each image's |T| best labels",
+    "f1@matched": "F1 at the matched set size",
+    "coverage@matched": "labels predicted per image at the matched set size",
+    "theta@matched": "threshold giving the matched set size",
+    "m@matched": "top-m giving the matched set size",
+    "num_images": "images evaluated",
+}
+
+
+def metric_words(metric: str) -> str:
+    """``f1@0.25`` -> "F1 of the label sets at threshold 0.25";
+    ``imagenet/val/top1`` -> "top-1 accuracy on imagenet/val"."""
+    where, _, name = metric.rpartition("/")
+    if name in _METRIC_WORDS:
+        words = _METRIC_WORDS[name]
+    else:
+        base, at, theta = name.partition("@")
+        words = f"{_METRIC_WORDS.get(base, base)} at threshold {theta}" if at else _METRIC_WORDS.get(name, name)
+    return f"{words} on {where}" if where else words
+
+
+def phase_spans(config: RunConfig) -> list[tuple[str, int, int]]:
+    """(phase, first step, end step) of every phase of a run, in steps done (an eval point's x)."""
+    from engine.phases import TEACHER, PhasePlan
+
+    method, plan, spans, start = config.method, PhasePlan(config.method), [], 0
+    while start < config.num_steps:
+        position = plan.position(start)
+        if position.phase is TEACHER:
+            length = method.k_teacher_steps + (method.warmup_steps if position.cycle == 0 else 0)
+        else:
+            length = method.k_student_steps
+        end = min(config.num_steps, start + max(1, length - position.step_in_phase))
+        spans.append((position.phase.value, start, end))
+        start = end
+    return spans
+
+
+def shade_phases(axis: Any, config: RunConfig) -> None:
+    """MILe's imitation (student) phases shaded, interaction (teacher) phases left clear; one legend entry."""
+    students = [(start, end) for phase, start, end in phase_spans(config) if phase == "student"]
+    for index, (start, end) in enumerate(students):
+        label = "MILe imitation (student) phases" if index == 0 else None
+        axis.axvspan(start, end, color="tab:purple", alpha=0.12, linewidth=0, label=label)
+
+
 def plot_metric_curves(out: Path, groups: list[Group], metric: str, title: str) -> Path:
-    """``metric`` at every eval point of each group's first run (its lowest seed)."""
+    """``metric`` at every eval point of each group's first run (its lowest seed); the imitation phases
+    of the first MILe group shaded."""
     plt = _pyplot()
     scale = 1 if _UNSCALED.search(metric) else 100
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    mile = next((group for group in groups if group.method == "mile"), None)
+    if mile is not None:
+        shade_phases(axis, mile.first.config)
     for group in groups:
         path = group.first.folder / "metrics.jsonl"
         evals = (
@@ -348,39 +409,58 @@ def plot_metric_curves(out: Path, groups: list[Group], metric: str, title: str) 
             else []
         )
         axis.plot([r["step"] for r in evals], [scale * r[metric] for r in evals], marker="o", label=group.label)
+    last_step = max([group.first.config.num_steps for group in groups] + [int(axis.get_xlim()[1]), 1])
+    axis.set_xlim(0, last_step * 1.02)  # the whole run, from step 0
     axis.set_xlabel("training step")
-    axis.set_ylabel(f"{metric}{' (%)' if scale == 100 else ''}")
-    axis.set_title(title)
+    axis.set_ylabel(f"{metric_words(metric)}{' (%)' if scale == 100 else ''}")
+    axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
     figure.savefig(out / curve_file(metric), dpi=120)
     plt.close(figure)
     return out / curve_file(metric)
 
 
+def plain_log_ticks(axis: Any) -> None:
+    """A log-scale x axis labelled 0.5, 1, 2, 5, 10 (not 2×10⁰); every 1..9 multiple where the axis
+    spans less than a factor 4 (a narrow coverage range would otherwise have one label or none)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def label(value: float, _position: int) -> str:
+        low, high = axis.get_xlim()
+        leading = round(value / 10 ** math.floor(math.log10(value)), 6) if value > 0 else 0
+        return f"{value:g}" if leading in (1, 2, 5) or (low > 0 and high / low < 4) else ""
+
+    axis.xaxis.set_major_locator(LogLocator(base=10, subs=tuple(float(k) for k in range(1, 10))))
+    axis.xaxis.set_major_formatter(FuncFormatter(label))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_f1_vs_coverage(
     out: Path, curves: dict[str, list[dict[str, float | str]]], trivial: dict[str, dict[str, float]]
 ) -> Path:
+    """Each model's F1 against its label coverage as theta falls; the no-model predictors as marks
+    named in the legend (outside the axes), so that no text covers a curve."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 4.5))
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
     for label, points in curves.items():
         axis.plot([p["coverage"] for p in points], [100 * p["f1"] for p in points], marker=".", label=label)
-    for name, scores in trivial.items():
-        axis.scatter([scores["coverage"]], [100 * scores["f1"]], marker="x", color="black")
-        axis.annotate(
-            name.replace("_", " "),
-            (scores["coverage"], 100 * scores["f1"]),
-            fontsize=7,
-            xytext=(4, -10),
-            textcoords="offset points",
+    for (name, scores), marker in zip(trivial.items(), "xP*Dv^<>"):
+        axis.scatter(
+            [scores["coverage"]],
+            [100 * scores["f1"]],
+            marker=marker,
+            color="black",
+            label=f"no model: {name.replace('_', ' ')}",
         )
     axis.set_xscale("log")
-    axis.set_xlabel("label coverage (mean predicted labels per image, log scale)")
-    axis.set_ylabel("val F1 (%)")
-    axis.set_title("F1 against coverage as the prediction set grows")
+    plain_log_ticks(axis)
+    axis.set_xlabel("label coverage: mean labels predicted per image (log scale)")
+    axis.set_ylabel("F1 of the label sets (%)")
+    axis.set_title("F1 against coverage as the threshold falls and the label sets grow", fontsize=10)
     axis.grid(alpha=0.3, which="both")
-    axis.legend()
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
     figure.savefig(out / "f1_vs_coverage.png", dpi=120)
     plt.close(figure)
@@ -451,7 +531,8 @@ def write_report(
     write_table(out, table_rows, table_header(groups, digit_grid), unfinished_note(runs))
     files = [out / "table.md", out / "table.csv"]
     metric = curve_metric or ("f1@0.25" if "f1@0.25" in summaries[0] else "top1")
-    files.append(plot_metric_curves(out, groups, metric, "Multi-label digit grid" if digit_grid else metric))
+    data = "Multi-label digit grid" if digit_grid else (Path(finished[0].config.data.root).name or "data")
+    files.append(plot_metric_curves(out, groups, metric, f"{data}: {metric_words(metric)} over training"))
     if curves:
         files.append(plot_f1_vs_coverage(out, curves, trivial))
     return Report(groups, table_rows, curves, trivial, files)

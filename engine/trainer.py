@@ -12,7 +12,6 @@ import logging
 import math
 import re
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from engine.build import Engine, EngineSpec, build_engine
 from engine.checkpoint import (
@@ -44,14 +44,15 @@ from engine.data import (
     resolve_unlabelled_root,
 )
 from engine.distributed import DistInfo, gather_floats
-from engine.metrics import EvalAccumulator
-from engine.phases import STUDENT, module_state
+from engine.metrics import EvalAccumulator, metric_key
+from engine.phases import STUDENT, PhasePosition, module_state
 from engine.run_folder import RunFolder
 from engine.scoring import score_split
 from engine.steps import RunAheadLimit, StepResult
 from pipelines.contract import Batch, Loader, ShardDataError
 from shards.format import LabelKind
 from shards.manifest import ShardError, SplitManifest, load_split
+from shards.progress import on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,28 @@ class UnlabelledPlaceholders:
         return Batch(images=batch.images, labels=self.labels, targets=self.targets)
 
 
+def describe_position(position: PhasePosition, method: Method) -> str:
+    """A step's place in the phase plan for people: "teacher phase, cycle 2, its step 5" (MILe) or
+    "train phase, its step 5"; steps counted from 1."""
+    cycle = f", cycle {position.cycle}" if method is Method.MILE else ""
+    return f"{position.phase} phase{cycle}, its step {position.step_in_phase + 1}"
+
+
+def headline_metrics(metrics: dict[str, float], thetas: tuple[float, ...]) -> list[str]:
+    """The keys of an eval record worth a console line: top-1, F1 and coverage (or balanced accuracy)
+    at the first threshold, secondary mAP, and each extra eval set's top-1; those present, in order."""
+    theta = thetas[0]
+    wanted = ["top1", metric_key("f1", theta), metric_key("coverage", theta), metric_key("balanced_acc", theta)]
+    wanted += ["secondary_map"] + [key for key in metrics if key.endswith("/top1")]
+    return [key for key in wanted if key in metrics]
+
+
+def eval_line(step: int, num_steps: int, where: str, metrics: dict[str, float], thetas: tuple[float, ...]) -> str:
+    """One console line per eval point: "eval step 300/2000 (student phase, cycle 1, its step 20): top1 0.8125 ..."."""
+    figures = " ".join(f"{key} {metrics[key]:.4f}" for key in headline_metrics(metrics, thetas))
+    return f"eval step {step}/{num_steps} ({where}): {figures or 'no metrics'}"
+
+
 class Trainer:
     def __init__(self, config: RunConfig, dist: DistInfo, resume: bool = False) -> None:
         self.config, self.dist, self.device = config, dist, dist.device
@@ -382,7 +405,8 @@ class Trainer:
         )
         eval_metrics: dict[str, float] = {}
         self.engine.learner.train()
-        with bar:
+        # log lines go through the bar's writer on a terminal, so that they never land inside the bar
+        with bar, logging_redirect_tqdm():
             while self.step < self.config.num_steps:
                 self._timed_step(self._next_batch(stop, streams[self.reads_unlabelled(self.step)], stats), stats)
                 bar.update(1)
@@ -397,7 +421,7 @@ class Trainer:
         return summary
 
     def _on_terminal(self) -> bool:
-        return self.dist.is_main and sys.stderr.isatty()
+        return self.dist.is_main and on_terminal()
 
     def _next_batch(self, stop: StopRequest, batches: Iterator[Batch], stats: TrainStats) -> Batch:
         started = time.perf_counter()
@@ -500,8 +524,9 @@ class Trainer:
         bar.set_postfix(loss=f"{record['loss']:.4f}", phase=position.phase.value, img_s=f"{record['images_per_s']:.0f}")
         if self.dist.is_main and not self._on_terminal():
             top1 = "-" if record["train_top1"] is None else f"{record['train_top1']:.3f}"
+            ranks = f" (max over ranks {record['data_wait_s_max']:.2f}s)" if self.dist.world_size > 1 else ""
             log.info(
-                "step %d/%d %s loss %.4f top1 %s lr %.4g %.0f images/s data wait %.2fs (max over ranks %.2fs)",
+                "step %d/%d %s loss %.4f top1 %s lr %.4g %.0f images/s data wait %.2fs%s",
                 self.step,
                 self.config.num_steps,
                 position.phase.value,
@@ -510,7 +535,7 @@ class Trainer:
                 record["lr"],
                 record["images_per_s"],
                 record["data_wait_s"],
-                record["data_wait_s_max"],
+                ranks,
             )
         return signum
 
@@ -520,8 +545,8 @@ class Trainer:
             position = self.engine.plan.position(bad_step)
             # steps are counted from 1 for people, as in metrics.jsonl
             raise NonFiniteLoss(
-                f"non-finite loss at step {bad_step + 1} ({position.phase} phase, cycle {position.cycle}); "
-                f"{self._kept_message()}"
+                f"non-finite loss at step {bad_step + 1} "
+                f"({describe_position(position, self.config.method.name)}); {self._kept_message()}"
             )
 
     def _check_finite_state(self) -> None:
@@ -569,6 +594,9 @@ class Trainer:
         last = self.engine.plan.position(max(self.step - 1, 0))  # the phase the evaluated weights come from
         record = {"kind": "eval", "step": self.step, "phase": last.phase.value, "cycle": last.cycle, **metrics}
         self.folder.log({**record, **seconds})
+        if self.dist.is_main:
+            where = describe_position(last, self.config.method.name)
+            log.info(eval_line(self.step, self.config.num_steps, where, metrics, self.config.eval_thetas))
         return metrics
 
     def _score(self, eval_set: EvalSet, loader: Loader) -> dict[str, float]:
@@ -614,7 +642,8 @@ class Trainer:
         load_components(payload, self.components(), path)
         self.folder.truncate_metrics_after(self.step)
         if self.dist.is_main:
-            log.info("resumed %s at step %d (%s)", path, self.step, self.engine.plan.position(self.step))
+            where = describe_position(self.engine.plan.position(self.step), self.config.method.name)
+            log.info("resumed %s at step %d (next: %s)", path, self.step, where)
 
     def _stopped_message(self, signum: int) -> str:
         name = signal.Signals(signum).name

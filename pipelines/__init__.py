@@ -13,7 +13,7 @@ from shards.manifest import validate_split
 
 __all__ = [
     "AugmentConfig", "Batch", "Loader", "LoaderConfig", "ShardDataError", "build_loader", "dali_import_error",
-    "rank_range", "resolve_backend",
+    "describe_backend", "rank_range", "resolve_backend",
 ]  # fmt: skip
 
 
@@ -41,6 +41,17 @@ def resolve_backend(requested: str) -> str:
         f"backend 'dali' was asked for but NVIDIA DALI cannot be imported ({reason}). Install it with "
         "`pip install nvidia-dali-cuda120` (Linux x86-64 only), or use backend 'torch' (or 'auto')."
     )
+
+
+def describe_backend(requested: str) -> str:
+    """The backend ``resolve_backend`` picks, and why, for the log:
+    "torch (auto: NVIDIA DALI cannot be imported here: ...)"."""
+    chosen = resolve_backend(requested)
+    if requested != "auto":
+        return f"{chosen} (asked for)"
+    if chosen == "dali":
+        return "dali (auto: NVIDIA DALI imports here)"
+    return f"torch (auto: NVIDIA DALI cannot be imported here: {dali_import_error()})"
 
 
 def build_loader(root: Path, split: str, config: LoaderConfig) -> Loader:

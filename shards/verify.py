@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from shards.format import (
     FIELD_IMAGE,
@@ -28,6 +27,7 @@ from shards.format import (
 from shards.images import ImagePolicy, UnreadableImage, sanitize
 from shards.manifest import ShardError, ShardRecord, SplitManifest, check_shard, load_splits
 from shards.parallel import ordered_map
+from shards.progress import Progress
 from shards.tar_io import Member, read_index, split_name
 from shards.writer import PROGRESS_NAME, writer_file_pattern
 
@@ -95,7 +95,7 @@ def verify_root(
     report = VerifyReport(problems=[p for s in splits.values() for p in stray_files(root, s)])
     tasks = [task for s in splits.values() for task in _tasks(root, s, sample_fraction, seed)]
     total = sum(t.shard.num_samples for t in tasks)
-    with tqdm(total=total, unit="img", desc="verify", disable=not progress) as bar:
+    with Progress(total, "verify", "img", enabled=progress) as bar:
         for task, check in zip(tasks, ordered_map(verify_shard, tasks, workers, chunk_size=1)):
             report.num_shards += 1
             report.num_samples += check.num_samples

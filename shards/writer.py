@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from shards.folder_lock import output_lock
 from shards.format import LabelKind, Sample, check_key, encode_sample
@@ -39,6 +38,7 @@ from shards.manifest import (
     temp_sibling,
 )
 from shards.parallel import ordered_map
+from shards.progress import Progress
 from shards.tar_io import TarShardFile, format_index
 
 PROGRESS_NAME = ".progress.json"
@@ -218,7 +218,7 @@ def _write_remaining(
 ) -> None:
     start = progress.inputs_done
     prepared = ordered_map(_PrepareWith(spec, settings.image), ordered[start:], settings.workers)
-    bar = tqdm(total=len(ordered), initial=start, unit="img", desc=f"{spec.name}", disable=not settings.progress)
+    bar = Progress(len(ordered), spec.name, "img", initial=start, enabled=settings.progress)
     shard = _ShardInProgress(root, split_dir, spec.name, len(progress.shards))
     try:
         for consumed, result in enumerate(prepared, start=start + 1):

@@ -143,7 +143,7 @@ def test_predict_writes_csv_and_accepts_png_files(trained, grid_root: Path, tmp_
     Image.open(jpeg).save(png)
     invoke(predict.app, "--model", model_dir, jpeg, png, "--out", tmp_path / "preds.csv", "--device", "cpu")
     lines = (tmp_path / "preds.csv").read_text().splitlines()
-    assert lines[0] == "image,labels,topk" and len(lines) == 3
+    assert lines[0] == "image,labels,topk,skipped" and len(lines) == 3
     assert lines[1].split(",")[0] == str(jpeg) and lines[1].split(",")[2].count(":") == 5
 
 
@@ -165,13 +165,166 @@ def test_errors_are_one_line_naming_the_path(trained, tmp_path: Path) -> None:
             ["engine.predict", "--model", str(tmp_path), str(tmp_path / "bad.jpg")],
             "is not an exported model folder (no model.json)",
         ),
-        (
-            ["engine.predict", "--model", str(model_dir), str(tmp_path / "bad.jpg"), "--device", "cpu"],
-            "bad.jpg cannot be decoded",
-        ),
         (["engine.predict", "--model", str(model_dir), str(tmp_path / "nothing")], "nothing does not exist"),
         (["engine.export", str(tmp_path / "norun"), "--out", str(tmp_path / "m")], "config.toml does not exist"),
     ]
     for args, message in cases:
         result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=REPO)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def huge_png_header(path: Path, side_px: int = 30000) -> Path:
+    """A PNG whose header claims ``side_px``² pixels, with almost no data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side_px, side_px, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def run_predict(model_dir: Path, *args: Path | str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "engine.predict", "--model", str(model_dir), "--device", "cpu", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_predict_skips_unreadable_files_and_lists_them(trained, grid_root: Path, tmp_path: Path) -> None:
+    _, model_dir, _ = trained
+    good = val_jpegs(grid_root, tmp_path / "images", 3)
+    bad = tmp_path / "images" / "001b_bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    huge = huge_png_header(tmp_path / "images" / "002b_huge.png")
+    result = run_predict(model_dir, tmp_path / "images", "--out", tmp_path / "preds.jsonl")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert [row["image"] for row in rows] == [str(good[0]), str(good[1]), str(bad), str(good[2]), str(huge)]
+    by_image = {row["image"]: row for row in rows}
+    assert all("labels" in by_image[str(path)] and "skipped" not in by_image[str(path)] for path in good)
+    assert "not a readable image" in by_image[str(bad)]["skipped"]
+    assert "too large to decode safely" in by_image[str(huge)]["skipped"]
+    assert f"skipping {bad}" in result.stderr and f"skipping {huge}" in result.stderr
+    assert "skipped 2 of 5 images" in result.stderr and "Traceback" not in result.stderr
+
+    # nothing predictable: the output still lists why, and the command fails
+    result = run_predict(model_dir, bad, huge, "--out", tmp_path / "none.csv")
+    assert result.returncode == 1 and "none of the 2 images could be read" in result.stderr, result.stderr
+    lines = (tmp_path / "none.csv").read_text().splitlines()
+    assert lines[0] == "image,labels,topk,skipped" and len(lines) == 3 and "Traceback" not in result.stderr
+
+
+def test_model_json_says_whose_architecture_and_every_preprocessing_step(trained) -> None:
+    _, model_dir, method = trained
+    meta = json.loads((model_dir / "model.json").read_text())
+    arch = meta["architecture"]
+    assert arch["name"] == "grid_cnn" and arch["source"].startswith("this project")
+    assert arch["defined_in"] == "engine/models.py, class GridCNN" and any(
+        "Conv2d(3, 24" in line for line in arch["layers"]
+    )
+    steps = meta["preprocessing"]
+    assert steps["resize"]["interpolation"] == "bilinear" and steps["resize"]["antialias"] is True
+    assert (
+        steps["resize"]["shorter_side_px"] == 24
+        and steps["crop"]["kind"] == "centre"
+        and steps["crop"]["size_px"] == 24
+    )
+    assert steps["channel_order"] == "RGB" and "255" in steps["value_range"]
+    assert steps["mean"] == meta["mean"] and steps["std"] == meta["std"]
+    assert meta["outputs"]["probabilities"].startswith("softmax" if method == "softmax" else "sigmoid")
+
+
+def standalone_inputs(meta: dict, paths: list[Path]):
+    """The network's input batch made from model.json's preprocessing alone (not this project's code)."""
+    import numpy as np
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as F
+
+    steps, batch = meta["preprocessing"], []
+    shorter, size = steps["resize"]["shorter_side_px"], steps["crop"]["size_px"]
+    for path in paths:
+        image = decode_image(str(path), mode=ImageReadMode.RGB)
+        height, width = image.shape[-2:]
+        long_px = lambda long, short: int(long * shorter / short + 0.5)  # noqa: E731 (the recorded rule)
+        new = (shorter, long_px(width, height)) if height <= width else (long_px(height, width), shorter)
+        image = F.resize(image, list(new), antialias=True)  # bilinear, as recorded
+        top, left = (image.shape[-2] - size + 1) // 2, (image.shape[-1] - size + 1) // 2
+        pixels = image[:, top : top + size, left : left + size].float().numpy() / 255.0
+        mean, std = np.array(steps["mean"]).reshape(3, 1, 1), np.array(steps["std"]).reshape(3, 1, 1)
+        batch.append(((pixels - mean) / std).astype(np.float32))
+    return np.stack(batch)
+
+
+def test_onnx_export_predicts_as_mile_predict(trained, grid_root: Path, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    import numpy as np
+
+    run, _, method = trained
+    printed = invoke(export.app, run, "--out", tmp_path / "model", "--onnx")
+    assert "model.onnx" in printed
+    onnx.checker.check_model(str(tmp_path / "model" / "model.onnx"))
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert meta["onnx"]["file"] == "model.onnx"
+    images = val_jpegs(grid_root, tmp_path / "images", NUM_IMAGES)
+    num_classes = meta["num_classes"]
+    printed = invoke(
+        predict.app,
+        "--model",
+        tmp_path / "model",
+        *images,
+        "--theta",
+        str(THETA),
+        "--topk",
+        str(num_classes),
+        "--device",
+        "cpu",
+    )
+    rows = [json.loads(line) for line in printed.splitlines()]
+
+    session = ort.InferenceSession(str(tmp_path / "model" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"images": standalone_inputs(meta, images)})
+    if method == "softmax":
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+    else:
+        probs = 1.0 / (1.0 + np.exp(-logits))
+    names = meta["class_names"]
+    for row, p in zip(rows, probs):
+        predicted = {t["class"]: t["probability"] for t in row["topk"]}
+        assert [predicted[name] for name in names] == pytest.approx(p.tolist(), abs=1e-4)
+        chosen = {int(p.argmax())} | (set() if method == "softmax" else set(np.flatnonzero(p > THETA).tolist()))
+        assert row["labels"] == [names[c] for c in sorted(chosen)]
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        ({"mean": [0.5, 0.5]}, "mean"),
+        ({"std": [0.2, 0.0, 0.2]}, "std"),
+        ({"method": "softmaxx"}, "method"),
+        ({"image_size_px": 100000}, "image_size_px"),
+        ({"eval_crop_fraction": 0}, "eval_crop_fraction"),
+        ({"class_names": ["a", "b"]}, "class_names"),
+        ({"num_classes": 11, "class_names": [str(c) for c in range(11)]}, "num_classes"),
+        ({"default_theta": 2}, "default_theta"),
+    ],
+)
+def test_an_edited_model_json_is_refused_naming_the_key(trained, tmp_path: Path, edit: dict, key: str) -> None:
+    import shutil
+
+    _, model_dir, _ = trained
+    shutil.copytree(model_dir, tmp_path / "model")
+    meta = json.loads((model_dir / "model.json").read_text())
+    (tmp_path / "model" / "model.json").write_text(json.dumps({**meta, **edit}))
+    with pytest.raises(export.ExportError) as refused:
+        export.load_exported(tmp_path / "model", torch.device("cpu"))
+    message = str(refused.value)
+    assert "\n" not in message and str(tmp_path / "model" / "model.json") in message and f"key {key!r}" in message
+    if key == "mean":  # through the command: one line on stderr, exit status 2
+        (tmp_path / "one.jpg").write_bytes(b"")  # never read: model.json is checked first
+        result = run_predict(tmp_path / "model", tmp_path / "one.jpg")
+        assert result.returncode == 2 and result.stderr.strip() == f"error: {message}", result.stderr
