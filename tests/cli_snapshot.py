@@ -29,10 +29,10 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("mile-export", "engine.export", "app"),
     ("mile-predict", "engine.predict", "app"),
     ("mile-eval", "engine.evaluate", "app"),
-    ("python -m engine.demo", "engine.demo", "main"),
+    ("python -m engine.demo", "engine.demo", "app"),
     ("tools/bench.py", "tools/bench.py", "app"),
-    ("tools/report.py", "tools/report.py", "main"),
-    ("tools/sweep.py", "tools/sweep.py", "main"),
+    ("tools/report.py", "tools/report.py", "app"),
+    ("tools/sweep.py", "tools/sweep.py", "app"),
     ("python -m engine.launch", "torch.distributed.run", "get_args_parser"),
 ]
 
