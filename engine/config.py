@@ -468,15 +468,18 @@ _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 _BOUND_TEST = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
 
 
+def bounds_problem(bounds: dict[str, float], value: Any) -> str | None:
+    """What is wrong with one value under a knob's ``bounds`` ("must be > 0 and < 1, got 1.5"); None if nothing."""
+    if all(_BOUND_TEST[name](value, bound) for name, bound in bounds.items()):
+        return None
+    allowed = " and ".join(f"{_BOUND_TEXT[name]} {bound:g}" for name, bound in bounds.items())
+    return f"must be {allowed}, got {value}"
+
+
 def _check_bounds(key: Key, value: Any) -> None:
-    bounds = key.bounds
     for item in value if isinstance(value, tuple) else (value,):
-        failed = [
-            f"{_BOUND_TEXT[name]} {bound:g}" for name, bound in bounds.items() if not _BOUND_TEST[name](item, bound)
-        ]
-        if failed:
-            allowed = " and ".join(f"{_BOUND_TEXT[name]} {bound:g}" for name, bound in bounds.items())
-            raise ConfigError(f"{key.label()} must be {allowed}, got {item}")
+        if (problem := bounds_problem(key.bounds, item)) is not None:
+            raise ConfigError(f"{key.label()} {problem}")
 
 
 def _normalise(instance: Any, section: str) -> None:

@@ -1,19 +1,19 @@
-"""The command-line options that the engine's commands and the tools share, declared once. An option
-that mirrors a config knob (``--loader`` is ``data.backend``) takes its flag, type, default, help and
-bounds from the knob in ``engine/config.py``; a command changes only what differs (its default, or
-help saying what the value is for there)."""
+"""The command-line options that the engine's commands and the tools share, declared once.
+
+An option that mirrors a config knob (``--loader`` is ``data.backend``) takes its flag, type,
+default, help and bounds from the knob in ``engine/config.py``; a command changes only what differs
+(its default, or help saying what the value is for there).
+"""
 
 from __future__ import annotations
 
+import functools
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.config import device_problem, key_by_name
+from engine.config import bounds_problem, device_problem, key_by_name
 from shards.command_options import Opt
-
-_OPEN_BOUNDS = {"gt": (lambda value, bound: value > bound, ">"), "lt": (lambda value, bound: value < bound, "<")}
 
 
 def knob_option(name: str, **changes: Any) -> Opt:
@@ -23,6 +23,8 @@ def knob_option(name: str, **changes: Any) -> Opt:
     kind = key.type
     if typing.get_origin(kind) is tuple:  # a repeatable flag
         kind = list[typing.get_args(kind)[0]]  # type: ignore[misc]
+    # typer's min and max are inclusive bounds; exclusive ones (theta's > 0 and < 1) become a check
+    exclusive = {name: bound for name, bound in key.bounds.items() if name in ("gt", "lt")}
     declared = Opt(
         flags=(key.alias or key.flag,),
         type=kind,
@@ -30,23 +32,9 @@ def knob_option(name: str, **changes: Any) -> Opt:
         default=key.field.default,
         min=key.bounds.get("ge"),
         max=key.bounds.get("le"),
-        check=_open_bounds(key.bounds),
+        check=functools.partial(bounds_problem, exclusive) if exclusive else None,
     )
     return declared.but(**changes)
-
-
-def _open_bounds(bounds: dict[str, float]) -> Callable[[Any], str | None] | None:
-    """The check of a knob's exclusive bounds (typer's min and max are inclusive)."""
-    open_bounds = {name: bound for name, bound in bounds.items() if name in _OPEN_BOUNDS}
-    if not open_bounds:
-        return None
-    allowed = " and ".join(f"{_OPEN_BOUNDS[name][1]} {bound:g}" for name, bound in open_bounds.items())
-
-    def check(value: Any) -> str | None:
-        inside = all(_OPEN_BOUNDS[name][0](value, bound) for name, bound in open_bounds.items())
-        return None if inside else f"must be {allowed}, got {value}"
-
-    return check
 
 
 DEVICE = knob_option("device", check=device_problem)

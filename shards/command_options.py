@@ -1,7 +1,10 @@
-"""Command-line options declared once: ``Opt`` (flags, type, default, help, bounds) makes the typer
-option, an ``OptionGroup`` reaches a command as one value, and ``command_app`` gives every command the
-same help style and ``-h``. The lowest layer with a command holds it; engine/ and tools/ reuse it
-(docs/DESIGN.md, "Command-line options")."""
+"""Command-line options, each declared once, and the one style of every command's help and errors.
+
+``Opt`` (flags, type, default, help, bounds) makes the typer option, an ``OptionGroup`` reaches a
+command as one value, and ``command_app`` gives every command plain help, ``-h`` and one-line errors.
+The lowest layer with a command holds it; engine/ and tools/ reuse it (docs/DESIGN.md, "Command-line
+options").
+"""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ def test_every_command_keeps_its_flags(current: dict) -> None:
 
 def typer_commands() -> list[tuple[str, Any, list[str]]]:
     """(command path, its typer app, the arguments that reach it) for every typer command and subcommand."""
-    out = []
+    out: list[tuple[str, Any, list[str]]] = []
     for path, source, attribute in COMMANDS:
         target = load_attribute(source, attribute)
         if not isinstance(target, typer.Typer):

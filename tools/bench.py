@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from engine.options import ARCH, BATCH_SIZE, DEVICE, IMAGE_SIZE, OUT, WORKERS
+from engine.options import ARCH, BATCH_SIZE, DEVICE, IMAGE_SIZE, OUT, WORKERS, knob_option
 from shards.cli import MAX_SIDE
 from shards.command_options import Opt, OptionGroup, command_app, with_options
 
@@ -180,8 +180,12 @@ def e2e(
     steps: int = STEPS.option(help="Timed steps per row."),
     warmup: int = WARMUP.option(help="Untimed steps first, per row."),
     workers: int = WORKERS.option(default=8, min=0, help="DataLoader processes / DALI threads (every loader)."),
-    k_teacher: int = typer.Option(10, "--k-teacher-steps", min=1, help="End-to-end rows: steps per teacher phase."),
-    k_student: int = typer.Option(5, "--k-student-steps", min=1, help="End-to-end rows: steps per student phase."),
+    k_teacher: int = knob_option("method.k_teacher_steps").option(
+        default=10, help="End-to-end rows: steps per teacher phase."
+    ),
+    k_student: int = knob_option("method.k_student_steps").option(
+        default=5, help="End-to-end rows: steps per student phase."
+    ),
     device: str = GPU.option(),
 ) -> None:
     """Loader alone, engine alone (graphs on/off), loader + engine as trained, and the released code's way, with GPU telemetry."""
