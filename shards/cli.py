@@ -9,6 +9,7 @@ non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import sys
@@ -47,7 +48,7 @@ QUALITY = Opt(("--quality",), int, "JPEG quality when an image is re-encoded.", 
 
 
 def writer_settings(
-    workers: int, seed: int, shard_samples: int, quality: int, shard_mb: int = 512, max_side: int | None = None
+    workers: int, seed: int, shard_samples: int, shard_mb: int, max_side: int | None, quality: int
 ) -> WriterSettings:
     return WriterSettings(
         max_samples_per_shard=shard_samples,
@@ -76,7 +77,7 @@ WRITER = OptionGroup(
 GRID_WRITER = OptionGroup(
     {name: WRITER.options[name] for name in ("seed", "workers", "shard_samples")}
     | {"quality": QUALITY.but(default=digits_grid.GRID_JPEG_QUALITY, help="JPEG quality of the grids.")},
-    writer_settings,
+    functools.partial(writer_settings, shard_mb=WRITER.options["shard_mb"].default, max_side=None),
 )
 
 
