@@ -190,8 +190,8 @@ _FIXED = {
     ),
     "gpus": Opt(("--gpus",), int, "GPUs on this node; N > 1 re-launches under torchrun (engine.launch).", 1, min=1),
 }
-fixed_parameters = [opt.parameter(name) for name, opt in _FIXED.items()]
-run.__signature__ = inspect.Signature(fixed_parameters + config_parameters())  # type: ignore[attr-defined]
+fixed = [opt.parameter(name) for name, opt in _FIXED.items()]
+run.__signature__ = inspect.Signature(fixed + config_parameters())  # type: ignore[attr-defined]
 app.command()(run)
 
 

@@ -33,7 +33,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("tools/bench.py", "tools/bench.py", "app"),
     ("tools/report.py", "tools/report.py", "app"),
     ("tools/sweep.py", "tools/sweep.py", "app"),
-    ("python -m engine.launch", "torch.distributed.run", "get_args_parser"),
+    ("python -m engine.launch", "torch.distributed.run", "get_args_parser"),  # torchrun's own options, unchanged
 ]
 
 
