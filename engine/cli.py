@@ -22,6 +22,8 @@ from typing import Any, Optional
 import typer
 
 from engine.config import ConfigError, Key, RunConfig, build_config, changed_keys, config_keys, load_toml, to_toml
+from engine.options import CONFIG
+from shards.command_options import Opt, command_app
 
 DEFAULT_CONFIG = "digits_grid.toml"
 _PANELS = {"data": "Data", "method": "Method", "optim": "Optimizer", "checkpoint": "Checkpoints"}
@@ -139,7 +141,7 @@ def check_resume_changes(saved: RunConfig, config: RunConfig) -> None:
 
 # -- the command ----------------------------------------------------------------------------
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = command_app()
 
 
 def run(
@@ -168,56 +170,30 @@ def run(
     _train(run_config, resuming)
 
 
-_FIXED = [
-    inspect.Parameter(
-        "config",
-        inspect.Parameter.KEYWORD_ONLY,
-        annotation=Optional[Path],
-        default=typer.Option(
-            None,
-            "--config",
-            help="TOML config (e.g. a run's config.toml); flags override it. Default: MILe on the digit grid.",
-        ),
+# The flags that are not config keys, in the order --help lists them.
+_FIXED = {
+    "config": CONFIG.but(
+        help="TOML config (e.g. a run's config.toml); flags override it. Default: MILe on the digit grid."
     ),
-    inspect.Parameter(
-        "print_config",
-        inspect.Parameter.KEYWORD_ONLY,
-        annotation=bool,
-        default=typer.Option(
-            False, "--print-config", help="Print the resolved config as TOML and exit (nothing is built or written)."
-        ),
+    "print_config": Opt(
+        ("--print-config",), bool, "Print the resolved config as TOML and exit (nothing is built or written).", False
     ),
-    inspect.Parameter(
-        "resume",
-        inspect.Parameter.KEYWORD_ONLY,
-        annotation=bool,
-        default=typer.Option(
-            False, "--resume", help="Continue the run in --out from its last checkpoint, with its saved config."
-        ),
+    "resume": Opt(
+        ("--resume",), bool, "Continue the run in --out from its last checkpoint, with its saved config.", False
     ),
-    inspect.Parameter(
-        "resume_auto",
-        inspect.Parameter.KEYWORD_ONLY,
-        annotation=bool,
-        default=typer.Option(
-            False,
-            "--resume-auto",
-            help="Resume the run in --out when it holds a checkpoint of this same "
-            "config (changes as --resume allows them), else start it: one command for a job that may be "
-            "re-queued. A worker group restarted by torchrun --max-restarts does this by itself.",
-        ),
+    "resume_auto": Opt(
+        ("--resume-auto",),
+        bool,
+        "Resume the run in --out when it holds a checkpoint of this same config (changes as --resume allows them), "
+        "else start it: one command for a job that may be re-queued. A worker group restarted by torchrun "
+        "--max-restarts does this by itself.",
+        False,
     ),
-    inspect.Parameter(
-        "gpus",
-        inspect.Parameter.KEYWORD_ONLY,
-        annotation=int,
-        default=typer.Option(
-            1, "--gpus", min=1, help="GPUs on this node; N > 1 re-launches under torchrun (engine.launch)."
-        ),
-    ),
-]
-run.__signature__ = inspect.Signature(_FIXED + config_parameters())  # type: ignore[attr-defined]
-app.command(context_settings={"help_option_names": ["-h", "--help"]})(run)
+    "gpus": Opt(("--gpus",), int, "GPUs on this node; N > 1 re-launches under torchrun (engine.launch).", 1, min=1),
+}
+fixed = [opt.parameter(name) for name, opt in _FIXED.items()]
+run.__signature__ = inspect.Signature(fixed + config_parameters())  # type: ignore[attr-defined]
+app.command()(run)
 
 
 def _relaunch(gpus: int) -> None:

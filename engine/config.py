@@ -391,6 +391,11 @@ class Key:
         return self.field.metadata.get("help", "")
 
     @property
+    def bounds(self) -> dict[str, float]:
+        """``{"ge" | "gt" | "le" | "lt": bound}`` as declared."""
+        return self.field.metadata.get("bounds", {})
+
+    @property
     def resume_safe(self) -> bool:
         return bool(self.field.metadata.get("resume_safe"))
 
@@ -466,15 +471,18 @@ _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 _BOUND_TEST = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
 
 
+def bounds_problem(bounds: dict[str, float], value: Any) -> str | None:
+    """What is wrong with one value under a knob's ``bounds`` ("must be > 0 and < 1, got 1.5"); None if nothing."""
+    if all(_BOUND_TEST[name](value, bound) for name, bound in bounds.items()):
+        return None
+    allowed = " and ".join(f"{_BOUND_TEXT[name]} {bound:g}" for name, bound in bounds.items())
+    return f"must be {allowed}, got {value}"
+
+
 def _check_bounds(key: Key, value: Any) -> None:
-    bounds = key.field.metadata.get("bounds", {})
     for item in value if isinstance(value, tuple) else (value,):
-        failed = [
-            f"{_BOUND_TEXT[name]} {bound:g}" for name, bound in bounds.items() if not _BOUND_TEST[name](item, bound)
-        ]
-        if failed:
-            allowed = " and ".join(f"{_BOUND_TEXT[name]} {bound:g}" for name, bound in bounds.items())
-            raise ConfigError(f"{key.label()} must be {allowed}, got {item}")
+        if (problem := bounds_problem(key.bounds, item)) is not None:
+            raise ConfigError(f"{key.label()} {problem}")
 
 
 def _normalise(instance: Any, section: str) -> None:
@@ -488,8 +496,8 @@ def _normalise(instance: Any, section: str) -> None:
 
 def _check_combinations(config: RunConfig) -> None:
     """Rules that involve two keys, or a pattern rather than a range."""
-    if not _DEVICE_PATTERN.match(config.device):
-        raise ConfigError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    if (problem := device_problem(config.device)) is not None:
+        raise ConfigError(f"device (--device) {problem}")
     if config.optim.nesterov and config.optim.momentum == 0:
         raise ConfigError("optim.nesterov (--nesterov) needs optim.momentum (--momentum) > 0")
     _check_step_schedule(config.optim)
@@ -509,6 +517,11 @@ def _check_unlabelled(config: RunConfig) -> None:
             f"data.unlabelled_split (--unlabelled-split) {data.unlabelled_split!r}: method.name (--method) "
             f"{config.method.name} has no imitation phase to train on unlabelled images; use --method mile"
         )
+
+
+def device_problem(name: str) -> str | None:
+    """What is wrong with a device name (the ``device`` key, or any command's --device); None if nothing."""
+    return None if _DEVICE_PATTERN.match(name) else f"must be auto, cpu, cuda or cuda:N, got {name!r}"
 
 
 def _check_step_schedule(optim: OptimConfig) -> None:

@@ -17,13 +17,15 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
 from engine.config import RunConfig, build_config, load_toml, tomllib
+from engine.options import CONFIG, DEVICE, NUM_STEPS, OUT
 from engine.report import METHOD_ORDER, WALL_FILE, find_runs, write_report
 from engine.run_folder import CONFIG_NAME, RunFolderError, saved_config
+from shards.command_options import command_app
 
 METHODS = METHOD_ORDER
 
@@ -91,18 +93,16 @@ def _check_existing(folder: Path, config: RunConfig) -> bool:
 
 
 def main(
-    config: Path = typer.Option(
-        None,
-        "--config",
-        help="Experiment config for every method (default: engine/configs/digits_grid.toml with each method's "
-        "tuned settings from engine/configs/demo/methods.toml).",
+    config: Optional[Path] = CONFIG.option(
+        help="Experiment config for every method (default: engine/configs/digits_grid.toml with each method's tuned "
+        "settings from engine/configs/demo/methods.toml).",
     ),
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the runs, the table and the plots."),
-    steps: int = typer.Option(None, "--steps", min=1, help="Override the step budget (all methods)."),
+    out: Path = OUT.option(default=Path("runs/demo"), help="Folder for the runs, the table and the plots."),
+    steps: Optional[int] = NUM_STEPS.option(default=None, help="Override the step budget (all methods)."),
     seeds: int = typer.Option(
         1, "--seeds", min=1, help="Train every method with N seeds (config seed, +1, ...); the table shows mean ± std."
     ),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda."),
+    device: Optional[str] = DEVICE.option(default=None, help=f"{DEVICE.help} Default: the config's."),
 ) -> None:
     """Train softmax, sigmoid and MILe on the digit grid with one budget and print the comparison table."""
     from engine.cli import default_config_path
@@ -131,12 +131,16 @@ def main(
     print(f"wrote {', '.join(str(path) for path in report.files)}")
 
 
+app = command_app(completion=True)
+app.command()(main)
+
+
 def cli() -> None:
     from engine.config import ConfigError
     from engine.trainer import RunInterrupted
 
     try:
-        typer.run(main)
+        app()
     except RunInterrupted as stopped:
         typer.secho(f"{stopped}\nRun `make demo` again to continue where it stopped.", fg=typer.colors.YELLOW, err=True)
         raise SystemExit(stopped.exit_code) from None

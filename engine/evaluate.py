@@ -15,11 +15,14 @@ from typing import Any, Optional
 import torch
 import typer
 
+from engine.config import Backend
 from engine.export import ExportedModel, ExportError, autocast_dtype, load_exported, resolve_device, run_cli
 from engine.metrics import EvalAccumulator
+from engine.options import BATCH_SIZE, DEVICE, LOADER, MODEL, OUT, THETA, WORKERS
 from engine.scoring import score_split
 from pipelines import build_loader, describe_backend
 from pipelines.contract import LoaderConfig
+from shards.command_options import command_app
 from shards.format import LabelKind
 from shards.manifest import atomic_write_text, load_split
 
@@ -94,24 +97,20 @@ def _loader_config(
     )
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = command_app()
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command()
 def evaluate(
-    model: Path = typer.Option(..., "--model", help="An exported model folder (mile-export)."),
+    model: Path = MODEL.option(),
     data: Path = typer.Option(..., "--data", help="A shard folder with manifest.json (make-shards)."),
     split: str = typer.Option("val", "--split", help="Split to score."),
-    theta: Optional[list[float]] = typer.Option(
-        None, "--theta", min=0.0, max=1.0, help="F1/coverage threshold(s); default: the run's. Repeat for several."
-    ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics JSON here."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available) | cpu | cuda | cuda:N."),
-    batch_size: int = typer.Option(128, "--batch-size", min=1),
-    loader: str = typer.Option("auto", "--loader", help="auto | dali | torch, as engine-run's --loader."),
-    workers: int = typer.Option(
-        -1, "--workers", min=-1, help="Loader worker processes (torch) or threads (DALI); -1 = auto."
-    ),
+    theta: Optional[list[float]] = THETA.option(default=None, help=f"{THETA.help} Default: the run's."),
+    out: Optional[Path] = OUT.option(default=None, help="Also write the metrics JSON here."),
+    device: str = DEVICE.option(),
+    batch_size: int = BATCH_SIZE.option(),
+    loader: Backend = LOADER.option(),
+    workers: int = WORKERS.option(),
 ) -> None:
     """Score an exported model on a converted split with the run's metrics; prints them as JSON."""
     metrics = evaluate_exported(

@@ -40,7 +40,9 @@ from engine.checkpoint import CheckpointError, read_checkpoint
 from engine.config import EvalPrecision, Method
 from engine.data import loader_config, resolve_data_root
 from engine.models import TORCHVISION_ARCHS, build_model, classifier_prefix
+from engine.options import OUT
 from engine.run_folder import RunFolder, RunFolderError, saved_config
+from shards.command_options import command_app
 from shards.format import LabelKind
 from shards.manifest import ShardError, atomic_write_bytes, atomic_write_text, load_split
 
@@ -468,13 +470,13 @@ def resolve_device(name: str) -> torch.device:
 
 # -- command line ----------------------------------------------------------------------------
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = command_app()
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command()
 def export(
     run: Path = typer.Argument(..., help="A run folder (engine-run --out) with checkpoints/last.pt."),
-    out: Path = typer.Option(..., "--out", help="Folder to write model.safetensors and model.json into."),
+    out: Path = OUT.option(help="Folder to write model.safetensors and model.json into."),
     onnx: bool = typer.Option(
         False, "--onnx", help="Also write model.onnx (input: the preprocessed N×3×S×S batch; output: logits)."
     ),

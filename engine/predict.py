@@ -32,9 +32,11 @@ from torchvision.io import ImageReadMode, decode_image
 
 from engine.export import ExportedModel, ExportError, autocast_dtype, load_exported, resolve_device, run_cli
 from engine.metrics import prediction_sets
+from engine.options import BATCH_SIZE, DEVICE, MODEL, OUT, THETA
 from engine.steps import autocast_context
 from pipelines.contract import LoaderConfig
 from pipelines.transforms import TransformSpec, normalisation, normalise, transform_image, transform_spec
+from shards.command_options import command_app
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -192,24 +194,20 @@ def write_predictions(predictions: list[Prediction], out: Optional[Path]) -> Non
         out.write_text(text, encoding="utf-8")
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = command_app()
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command()
 def predict(
     images: list[Path] = typer.Argument(..., help="JPEG/PNG files or folders of them (searched recursively)."),
-    model: Path = typer.Option(..., "--model", help="An exported model folder (mile-export)."),
-    theta: Optional[float] = typer.Option(
-        None,
-        "--theta",
-        min=0.0,
-        max=1.0,
-        help="Label-set threshold on sigmoid(z); default: the run's first eval theta.",
+    model: Path = MODEL.option(),
+    theta: Optional[float] = THETA.option(
+        default=None, help="Label-set threshold on sigmoid(z); default: the run's first eval theta."
     ),
     topk: int = typer.Option(5, "--topk", min=1, help="Most probable classes listed per image."),
-    out: Optional[Path] = typer.Option(None, "--out", help="preds.jsonl or preds.csv; default: JSON lines on stdout."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available) | cpu | cuda | cuda:N."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
+    out: Optional[Path] = OUT.option(default=None, help="preds.jsonl or preds.csv; default: JSON lines on stdout."),
+    device: str = DEVICE.option(),
+    batch_size: int = BATCH_SIZE.option(default=64, help="Images per forward pass."),
 ) -> None:
     """Predict top-k classes and the thresholded label set of each image with an exported model."""
     target = resolve_device(device)

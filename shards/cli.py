@@ -9,6 +9,7 @@ non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import typer
 
+from shards.command_options import Opt, OptionGroup, command_app, with_options
 from shards.folder_lock import output_lock
 from shards.images import ImagePolicy
 from shards.manifest import ShardError
@@ -24,28 +26,25 @@ from shards.sources.common import parse_splits, write_planned
 from shards.verify import format_report, verify_root
 from shards.writer import WriterSettings, write_split
 
-app = typer.Typer(
-    help="Convert datasets into WebDataset tar shards (+ DALI index files and a manifest).",
+app = command_app(
+    "Convert datasets into WebDataset tar shards (+ DALI index files and a manifest).",
     no_args_is_help=True,
-    pretty_exceptions_enable=False,
+    completion=True,
 )
 
-# Options every source shares. Typer has no option groups, so each command lists them and
-# passes them through ``writer_settings``.
-OutOption = typer.Option(..., "--out", help="Output folder (manifest.json and one sub-folder per split).")
-WorkersOption = typer.Option(os.cpu_count() or 1, "--workers", min=1, help="Processes encoding images in parallel.")
-SeedOption = typer.Option(0, "--seed", help="Seed of the write-time shuffle (and of any random selection).")
-ShardSamplesOption = typer.Option(1000, "--shard-samples", min=1, help="Maximum samples per tar shard.")
-ShardMbOption = typer.Option(512, "--shard-mb", min=1, help="Maximum size of a tar shard in MiB.")
-MaxSideOption = typer.Option(None, "--max-side", min=8, help="Shrink images whose longer side exceeds PX (re-encodes).")
-QualityOption = typer.Option(90, "--quality", min=1, max=100, help="JPEG quality when an image is re-encoded.")
-RootOption = typer.Option(..., "--root", help="The dataset's top folder, as downloaded.")
-SplitsOption = typer.Option(None, "--splits", help="Comma-separated splits to write (default: every split found).")
-FollowSymlinksOption = typer.Option(
+OUT = Opt(("--out",), Path, "Output folder (manifest.json and one sub-folder per split).")
+ROOT = Opt(("--root",), Path, "The dataset's top folder, as downloaded.")
+SPLITS = Opt(("--splits",), str | None, "Comma-separated splits to write (default: every split found).", None)
+FOLLOW_SYMLINKS = Opt(
+    ("--follow-symlinks",),
+    bool,
+    "Read listed files through symlinks that point outside the dataset folder (refused by default).",
     False,
-    "--follow-symlinks",
-    help="Read listed files through symlinks that point outside the dataset folder (refused by default).",
 )
+SEED = Opt(("--seed",), int, "Seed of the write-time shuffle (and of any random selection).", 0)
+WORKERS = Opt(("--workers",), int, "Processes encoding images in parallel.", os.cpu_count() or 1, min=1)
+MAX_SIDE = Opt(("--max-side",), int | None, "Shrink images whose longer side exceeds PX (re-encodes).", None, min=8)
+QUALITY = Opt(("--quality",), int, "JPEG quality when an image is re-encoded.", 90, min=1, max=100)
 
 
 def writer_settings(
@@ -60,37 +59,57 @@ def writer_settings(
     )
 
 
+# How every converter writes its shards: one value, WriterSettings, from these options.
+WRITER = OptionGroup(
+    {
+        "seed": SEED,
+        "workers": WORKERS,
+        "shard_samples": Opt(("--shard-samples",), int, "Maximum samples per tar shard.", 1000, min=1),
+        "shard_mb": Opt(("--shard-mb",), int, "Maximum size of a tar shard in MiB.", 512, min=1),
+        "max_side": MAX_SIDE,
+        "quality": QUALITY,
+    },
+    writer_settings,
+)
+
+
+# The digit grid's writer: its own JPEG quality; grids are small (no --shard-mb) and never resized.
+GRID_WRITER = OptionGroup(
+    {name: WRITER.options[name] for name in ("seed", "workers", "shard_samples")}
+    | {"quality": QUALITY.but(default=digits_grid.GRID_JPEG_QUALITY, help="JPEG quality of the grids.")},
+    functools.partial(writer_settings, shard_mb=WRITER.options["shard_mb"].default, max_side=None),
+)
+
+
 @app.command("digits-grid")
+@with_options(writer=GRID_WRITER)
 def digits_grid_command(
-    out: Path = OutOption,
+    *,
+    out: Path = OUT.option(),
     train_size: int = typer.Option(20000, "--train-size", min=1, help="Number of training grids."),
     val_size: int = typer.Option(2000, "--val-size", min=1, help="Number of validation grids."),
     tune_size: int | None = typer.Option(
         None, "--tune-size", min=1, help="Number of tune grids (for choosing hyperparameters); default: --val-size."
     ),
     cell_px: int = typer.Option(8, "--cell-px", min=4, max=64, help="Side of one digit cell in pixels."),
-    seed: int = SeedOption,
-    workers: int = WorkersOption,
-    shard_samples: int = ShardSamplesOption,
-    quality: int = typer.Option(
-        digits_grid.GRID_JPEG_QUALITY, "--quality", min=1, max=100, help="JPEG quality of the grids."
-    ),
+    writer: WriterSettings,
 ) -> None:
     """The paper's multi-label digit grid (3×3 digits; label = centre digit w.p. 0.6), no download needed.
 
     Writes splits train, tune and val, drawn from three disjoint digit-image pools that --seed never
     changes: tune on the tune split, report on val."""
     config = digits_grid.GridConfig(
-        train_size=train_size, val_size=val_size, tune_size=tune_size, seed=seed, cell_px=cell_px
+        train_size=train_size, val_size=val_size, tune_size=tune_size, seed=writer.seed, cell_px=cell_px
     )
-    settings = writer_settings(workers, seed, shard_samples, 512, None, quality)
     with output_lock(out):
         for split, items in digits_grid.grid_items(config).items():
-            write_split(out, digits_grid.grid_spec(split, config), items, settings)
+            write_split(out, digits_grid.grid_spec(split, config), items, writer)
 
 
 @app.command("folder")
+@with_options(writer=WRITER)
 def folder_command(
+    *,
     images: Path = typer.Option(..., "--images", help="Image folder; label-file paths are relative to it."),
     labels: Path = typer.Option(..., "--labels", help="CSV (header path,label[,labels]) or JSONL label file."),
     split: str = typer.Option(..., "--split", help="Split name to write (e.g. train, val)."),
@@ -100,27 +119,24 @@ def folder_command(
         help="Write an unlabelled split (semi-supervised training): only the label file's path column is read; "
         "convert a labelled split into --out first (its class names are kept).",
     ),
-    out: Path = OutOption,
-    seed: int = SeedOption,
-    workers: int = WorkersOption,
-    shard_samples: int = ShardSamplesOption,
-    shard_mb: int = ShardMbOption,
-    max_side: int | None = MaxSideOption,
-    quality: int = QualityOption,
-    follow_symlinks: bool = FollowSymlinksOption,
+    out: Path = OUT.option(),
+    writer: WriterSettings,
+    follow_symlinks: bool = FOLLOW_SYMLINKS.option(),
 ) -> None:
     """Any image folder plus a label file; run again with another --split to add splits."""
     with output_lock(out):  # the classes are read from the manifest: hold the lock from here
         items, class_names, kind = folder.folder_items(images, labels, out, split, follow_symlinks, unlabelled)
         spec = folder.folder_spec(split, class_names, kind, labels)
-        write_split(out, spec, items, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+        write_split(out, spec, items, writer)
 
 
 @app.command("imagenet")
+@with_options(writer=WRITER)
 def imagenet_command(
-    root: Path = RootOption,
-    out: Path = OutOption,
-    splits: str | None = SplitsOption,
+    *,
+    root: Path = ROOT.option(),
+    out: Path = OUT.option(),
+    splits: str | None = SPLITS.option(),
     val_layout: str = typer.Option(
         "auto",
         "--val-layout",
@@ -168,13 +184,8 @@ def imagenet_command(
         "--class-list",
         help="Only these WNIDs (one per line); class index = position in the file.",
     ),
-    seed: int = SeedOption,
-    workers: int = WorkersOption,
-    shard_samples: int = ShardSamplesOption,
-    shard_mb: int = ShardMbOption,
-    max_side: int | None = MaxSideOption,
-    quality: int = QualityOption,
-    follow_symlinks: bool = FollowSymlinksOption,
+    writer: WriterSettings,
+    follow_symlinks: bool = FOLLOW_SYMLINKS.option(),
 ) -> None:
     """ImageNet-1k: train class folders; val in folders, Kaggle-CSV or devkit layout, with ReaL sets."""
     options = imagenet.ImageNetOptions(
@@ -187,40 +198,36 @@ def imagenet_command(
         use_real=not no_real,
         subset=subset,
         fraction=fraction,
-        seed=seed,
+        seed=writer.seed,
         num_classes=classes,
         class_list=class_list,
         follow_symlinks=follow_symlinks,
         unlabelled_complement=unlabelled_complement,
     )
     with output_lock(out):
-        planned = imagenet.imagenet_plan(options)
-        write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+        write_planned(out, imagenet.imagenet_plan(options), writer)
 
 
 @app.command("webvision")
+@with_options(writer=WRITER)
 def webvision_command(
-    root: Path = RootOption,
-    out: Path = OutOption,
+    *,
+    root: Path = ROOT.option(),
+    out: Path = OUT.option(),
     mini: bool = typer.Option(False, "--mini", help="mini-WebVision: Google images of the first 50 classes."),
     sources: str | None = typer.Option(
         None,
         "--sources",
         help="Comma-separated train sources: google,flickr (default: both; google with --mini).",
     ),
-    splits: str | None = SplitsOption,
+    splits: str | None = SPLITS.option(),
     write_class_list: Path | None = typer.Option(
         None,
         "--write-class-list",
         help="Also write the classes' WNIDs here, for `imagenet --class-list`.",
     ),
-    seed: int = SeedOption,
-    workers: int = WorkersOption,
-    shard_samples: int = ShardSamplesOption,
-    shard_mb: int = ShardMbOption,
-    max_side: int | None = MaxSideOption,
-    quality: int = QualityOption,
-    follow_symlinks: bool = FollowSymlinksOption,
+    writer: WriterSettings,
+    follow_symlinks: bool = FOLLOW_SYMLINKS.option(),
 ) -> None:
     """WebVision 1.0 (or --mini): info/ file lists, Google/Flickr train images, val_images_256/."""
     source_names = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources is not None else None
@@ -231,27 +238,23 @@ def webvision_command(
         planned = webvision.webvision_plan(options)
         if write_class_list is not None:
             webvision.write_class_list(write_class_list, planned[0].spec.class_names)
-        write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+        write_planned(out, planned, writer)
 
 
 @app.command("celeba")
+@with_options(writer=WRITER)
 def celeba_command(
-    root: Path = RootOption,
-    out: Path = OutOption,
-    splits: str | None = SplitsOption,
-    seed: int = SeedOption,
-    workers: int = WorkersOption,
-    shard_samples: int = ShardSamplesOption,
-    shard_mb: int = ShardMbOption,
-    max_side: int | None = MaxSideOption,
-    quality: int = QualityOption,
-    follow_symlinks: bool = FollowSymlinksOption,
+    *,
+    root: Path = ROOT.option(),
+    out: Path = OUT.option(),
+    splits: str | None = SPLITS.option(),
+    writer: WriterSettings,
+    follow_symlinks: bool = FOLLOW_SYMLINKS.option(),
 ) -> None:
     """CelebA: the 40 attributes as a multi-label target, official train/val/test partition."""
     options = celeba.CelebAOptions(root, parse_splits(splits, celeba.SPLITS), follow_symlinks)
     with output_lock(out):
-        planned = celeba.celeba_plan(options)
-        write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+        write_planned(out, celeba.celeba_plan(options), writer)
 
 
 @app.command("verify")
@@ -264,8 +267,8 @@ def verify_command(
         max=1.0,
         help="Fraction of images to decode (checksums and counts are always checked in full).",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed choosing which images --sample decodes."),
-    workers: int = typer.Option(os.cpu_count() or 1, "--workers", min=1, help="Processes checking shards in parallel."),
+    seed: int = SEED.option(help="Seed choosing which images --sample decodes."),
+    workers: int = WORKERS.option(help="Processes checking shards in parallel."),
 ) -> None:
     """Re-hash every shard, check counts against the manifest and index files, decode the images."""
     report = verify_root(root, sample_fraction=sample, seed=seed, workers=workers)

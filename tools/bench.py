@@ -4,13 +4,60 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-OUT_OPTION = typer.Option(None, "--out", help="Write the results as JSON to FILE.")  # every subcommand
+from engine.options import ARCH, BATCH_SIZE, DEVICE, IMAGE_SIZE, OUT, WORKERS, knob_option
+from shards.cli import MAX_SIDE
+from shards.command_options import Opt, OptionGroup, command_app, with_options
 
-app = typer.Typer(
-    help="Measure the trainer's parts side by side; prints a table and writes JSON.", no_args_is_help=True
+if TYPE_CHECKING:
+    from benchmarks.loaders import LoaderBenchConfig
+
+app = command_app(
+    "Measure the trainer's parts side by side; prints a table and writes JSON.", no_args_is_help=True, completion=True
+)
+
+# Options of several subcommands; each one changes only what differs there (a default, or what the value is for).
+RESULTS = OUT.but(type=Path | None, default=None, help="Write the results as JSON to FILE.")  # every subcommand
+NUM_IMAGES = Opt(("--num-images",), int, "Synthetic ~500x375 photo JPEGs to stream.", 512, min=8)
+REPEATS = Opt(("--repeats",), int, "Timed repeats (median and spread reported).", 5, min=1)
+WARMUP = Opt(("--warmup",), int, "Untimed steps first.", 5, min=0)
+SEED = Opt(("--seed",), int, "Seed of the synthetic photos and the loaders.", 0)
+STEPS = Opt(("--steps",), int, "Timed steps per repeat.", 20, min=1)
+NUM_CLASSES = Opt(("--num-classes",), int, "Classifier outputs.", 1000, min=2)
+MODEL_ARCH = ARCH.but(default="resnet50", help="Model (grid_cnn for a quick CPU check).")
+MODEL_IMAGE_SIZE = IMAGE_SIZE.but(default=224)
+STEP_BATCH_SIZE = BATCH_SIZE.but(default=256, help="Images per step.")
+GPU = DEVICE.but(default="cuda", help="cuda, cuda:N or cpu.")
+
+
+def _loader_bench_config(**values: Any) -> LoaderBenchConfig:
+    from benchmarks.loaders import LoaderBenchConfig
+
+    return LoaderBenchConfig(**values)
+
+
+# What loaders and dali-gap stream: one LoaderBenchConfig from these options.
+LOADER_BENCH = OptionGroup(
+    {
+        "num_images": NUM_IMAGES,
+        "batch_size": BATCH_SIZE.but(default=64, help="Images per batch (every loader)."),
+        "image_size_px": IMAGE_SIZE.but(default=224, help="Output side in pixels."),
+        "workers": WORKERS.but(default=2, min=0, help="DataLoader processes / DALI threads (every loader)."),
+        "repeats": REPEATS.but(help="Timed epochs per loader."),
+        "warmup_epochs": WARMUP.but(default=1, help="Untimed epochs first."),
+        "seed": SEED,
+    },
+    _loader_bench_config,
+)
+DALI_GAP_BENCH = LOADER_BENCH.but(
+    batch_size=LOADER_BENCH.options["batch_size"].but(help="Images per batch (every row)."),
+    workers=WORKERS.but(default=2, min=1, help="DALI threads (every row)."),
+    repeats=REPEATS.but(help="Timed rounds (one epoch of every row each)."),
+    warmup_epochs=WARMUP.but(default=1, help="Untimed rounds first."),
+    seed=SEED.but(help="Seed of the synthetic photos and the pipelines."),
 )
 
 
@@ -21,20 +68,11 @@ def main() -> None:
 
 
 @app.command("loaders")
-def loaders(
-    out: Path | None = OUT_OPTION,
-    num_images: int = typer.Option(512, "--num-images", min=8, help="Synthetic ~500x375 photo JPEGs to stream."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch (every loader)."),
-    image_size: int = typer.Option(224, "--image-size", min=8, help="Output side in pixels."),
-    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader processes / DALI threads (every loader)."),
-    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed epochs per loader."),
-    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed epochs first."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic photos and the loaders."),
-) -> None:
+@with_options(config=LOADER_BENCH)
+def loaders(*, out: Path | None = RESULTS.option(), config: LoaderBenchConfig) -> None:
     """Train-mode decode+augment images/s: DALI CPU, torch backend, PIL DataLoader (and GPU decode with CUDA)."""
     from benchmarks import loaders as bench_loaders
 
-    config = bench_loaders.LoaderBenchConfig(num_images, batch_size, image_size, workers, repeats, warmup, seed)
     env = bench_loaders.environment()
     results = bench_loaders.run_loader_bench(config)
     typer.echo(bench_loaders.format_table(results))
@@ -44,15 +82,11 @@ def loaders(
 
 
 @app.command("dali-gap")
+@with_options(config=DALI_GAP_BENCH)
 def dali_gap(
-    out: Path | None = OUT_OPTION,
-    num_images: int = typer.Option(512, "--num-images", min=8, help="Synthetic ~500x375 photo JPEGs to stream."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch (every row)."),
-    image_size: int = typer.Option(224, "--image-size", min=8, help="Output side in pixels."),
-    workers: int = typer.Option(2, "--workers", min=1, help="DALI threads (every row)."),
-    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed rounds (one epoch of every row each)."),
-    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed rounds first."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic photos and the pipelines."),
+    *,
+    out: Path | None = RESULTS.option(),
+    config: LoaderBenchConfig,
     rows: str = typer.Option(
         "", "--rows", help="Comma-separated parts of row names to run (default: all; the plain pipeline always)."
     ),
@@ -63,7 +97,6 @@ def dali_gap(
 
     if (reason := _dali_missing()) is not None:
         raise typer.BadParameter(f"dali-gap needs NVIDIA DALI, which does not import here ({reason})")
-    config = bench_loaders.LoaderBenchConfig(num_images, batch_size, image_size, workers, repeats, warmup, seed)
     env = bench_loaders.environment()
     results = bench_gap.run_dali_gap(config, tuple(part.strip() for part in rows.split(",") if part.strip()))
     typer.echo(bench_gap.format_table(results))
@@ -80,13 +113,13 @@ def _dali_missing() -> str | None:
 
 @app.command("convert")
 def convert(
-    out: Path | None = OUT_OPTION,
-    num_images: int = typer.Option(1000, "--num-images", min=1, help="Synthetic photo JPEGs (~500x375) to convert."),
+    out: Path | None = RESULTS.option(),
+    num_images: int = NUM_IMAGES.option(default=1000, min=1, help="Synthetic photo JPEGs (~500x375) to convert."),
     large_fraction: float = typer.Option(0.3, "--large-fraction", min=0.0, max=1.0, help="Share enlarged to 800x600."),
-    max_side: int = typer.Option(500, "--max-side", min=8, help="--max-side of the resizing conversion."),
+    max_side: int = MAX_SIDE.option(default=500, help="--max-side of the resizing conversion."),
     workers: str = typer.Option("1,2", "--workers", help="Comma-separated worker counts to measure."),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per configuration."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic photos."),
+    repeats: int = REPEATS.option(default=3, help="Timed runs per configuration."),
+    seed: int = SEED.option(help="Seed of the synthetic photos."),
 ) -> None:
     """make_shards conversion images/s (pass-through and --max-side) and verify seconds per 1,000 images."""
     from benchmarks import convert as bench_convert
@@ -103,15 +136,15 @@ def convert(
 
 @app.command("engine")
 def engine(
-    out: Path | None = OUT_OPTION,
-    arch: str = typer.Option("resnet50", "--arch", help="Model (grid_cnn for a quick CPU check)."),
-    image_size: int = typer.Option(224, "--image-size", min=8, help="Image side in pixels."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per step."),
-    num_classes: int = typer.Option(1000, "--num-classes", min=2, help="Classifier outputs."),
-    steps: int = typer.Option(20, "--steps", min=1, help="Timed steps per repeat."),
-    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed repeats (median and spread reported)."),
-    warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed steps first."),
-    device: str = typer.Option("cuda", "--device", help="cuda or cpu."),
+    out: Path | None = RESULTS.option(),
+    arch: str = MODEL_ARCH.option(),
+    image_size: int = MODEL_IMAGE_SIZE.option(),
+    batch_size: int = STEP_BATCH_SIZE.option(),
+    num_classes: int = NUM_CLASSES.option(),
+    steps: int = STEPS.option(),
+    repeats: int = REPEATS.option(),
+    warmup: int = WARMUP.option(),
+    device: str = GPU.option(help="cuda or cpu."),
 ) -> None:
     """Engine-only images/s per phase (graphs on/off) vs a plain eager deepcopy-teacher loop."""
     from benchmarks import engine_steps as bench_engine
@@ -137,20 +170,24 @@ def _use_device(device: str) -> None:
 
 @app.command("e2e")
 def e2e(
-    out: Path | None = OUT_OPTION,
-    arch: str = typer.Option("resnet50", "--arch", help="Model (grid_cnn for a quick CPU check)."),
-    image_size: int = typer.Option(224, "--image-size", min=8, help="Image side in pixels."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per step."),
-    num_classes: int = typer.Option(1000, "--num-classes", min=2, help="Classes (labels cycle through them)."),
-    num_images: int = typer.Option(
-        1024, "--num-images", min=1, help="Distinct synthetic ~500x375 photos (repeated to fill the rows)."
+    out: Path | None = RESULTS.option(),
+    arch: str = MODEL_ARCH.option(),
+    image_size: int = MODEL_IMAGE_SIZE.option(),
+    batch_size: int = STEP_BATCH_SIZE.option(),
+    num_classes: int = NUM_CLASSES.option(help="Classes (labels cycle through them)."),
+    num_images: int = NUM_IMAGES.option(
+        default=1024, min=1, help="Distinct synthetic ~500x375 photos (repeated to fill the rows)."
     ),
-    steps: int = typer.Option(20, "--steps", min=1, help="Timed steps per row."),
-    warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed steps first, per row."),
-    workers: int = typer.Option(8, "--workers", min=0, help="DataLoader processes / DALI threads (every loader)."),
-    k_teacher: int = typer.Option(10, "--k-teacher-steps", min=1, help="End-to-end rows: steps per teacher phase."),
-    k_student: int = typer.Option(5, "--k-student-steps", min=1, help="End-to-end rows: steps per student phase."),
-    device: str = typer.Option("cuda", "--device", help="cuda, cuda:N or cpu."),
+    steps: int = STEPS.option(help="Timed steps per row."),
+    warmup: int = WARMUP.option(help="Untimed steps first, per row."),
+    workers: int = WORKERS.option(default=8, min=0, help="DataLoader processes / DALI threads (every loader)."),
+    k_teacher: int = knob_option("method.k_teacher_steps").option(
+        default=10, help="End-to-end rows: steps per teacher phase."
+    ),
+    k_student: int = knob_option("method.k_student_steps").option(
+        default=5, help="End-to-end rows: steps per student phase."
+    ),
+    device: str = GPU.option(),
 ) -> None:
     """Loader alone, engine alone (graphs on/off), loader + engine as trained, and the released code's way,
     with GPU telemetry."""

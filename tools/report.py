@@ -14,12 +14,15 @@ from typing import Optional
 
 import typer
 
+from engine.options import OUT
+from shards.command_options import command_app
+
 
 def main(
     runs: list[Path] = typer.Argument(
         ..., help="Run folders, or folders holding run folders (a demo's or sweep's --out)."
     ),
-    out: Path = typer.Option(Path("runs/report"), "--out", help="Folder for table.md, table.csv and the plots."),
+    out: Path = OUT.option(default=Path("runs/report"), help="Folder for table.md, table.csv and the plots."),
     metrics: Optional[list[str]] = typer.Option(
         None,
         "--metrics",
@@ -59,5 +62,8 @@ def main(
     typer.echo(f"wrote {', '.join(str(path) for path in report.files)}")
 
 
+app = command_app(completion=True)
+app.command()(main)
+
 if __name__ == "__main__":
-    typer.run(main)
+    app()

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import typer
 
+from engine.options import OUT
+from shards.command_options import command_app
+
 COLUMNS = ["lrap", "f1@matched", "f1@top|T|", "secondary_map", "f1@0.25", "coverage@0.25", "top1"]
 
 
 def main(
     sweep: Path = typer.Argument(..., help="Sweep TOML (base, overrides, [grid.METHOD] tables)."),
-    out: Path = typer.Option(Path("runs/sweep"), "--out", help="Folder for the runs and the results table."),
+    out: Path = OUT.option(default=Path("runs/sweep"), help="Folder for the runs and the results table."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and check their configs; train nothing."),
 ) -> None:
     """Run every configuration of a sweep; finished runs are reused, interrupted ones resumed."""
@@ -39,5 +42,8 @@ def main(
     typer.echo(f"wrote {out / 'sweep.md'}, {out / 'sweep.csv'}, {', '.join(str(path) for path in report.files)}")
 
 
+app = command_app(completion=True)
+app.command()(main)
+
 if __name__ == "__main__":
-    typer.run(main)
+    app()
