@@ -21,7 +21,6 @@ from typing import Optional
 import torch
 import typer
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image
 
 from engine.export import ExportedModel, ExportError, autocast_dtype, load_exported, resolve_device, run_cli
 from engine.metrics import prediction_sets
@@ -29,6 +28,7 @@ from engine.steps import autocast_context
 from pipelines.contract import LoaderConfig
 from pipelines.torch_backend import normalisation, normalise
 from pipelines.transforms import TransformSpec, transform_image, transform_spec
+from shards.images import UnreadableImage, decode_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -69,12 +69,16 @@ def eval_transform(meta: ExportedModel) -> TransformSpec:
 
 
 def load_image(path: Path, spec: TransformSpec) -> torch.Tensor:
-    """One file -> uint8 H×W×C after the eval resize and centre crop."""
+    """One file -> uint8 H×W×C after the eval resize and centre crop. Decoded as the converter
+    decodes it (``shards.images.decode_rgb``: EXIF orientation, 16-bit scaling, transparency, the
+    decompression-bomb guard), so a file gives the pixels its shard would."""
     try:
-        image = decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as error:  # torchvision reports decoder failures as RuntimeError
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ExportError(f"image {path} cannot be decoded ({first_line})") from None
+        pixels = decode_rgb(path.read_bytes()).pixels
+    except UnreadableImage as error:
+        raise ExportError(f"image {path} cannot be used: {error}") from None
+    except OSError as error:
+        raise ExportError(f"image {path} cannot be read ({error.strerror or error})") from None
+    image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
     return transform_image(image, spec, None).permute(1, 2, 0)
 
 
