@@ -17,12 +17,13 @@ from pathlib import Path
 import typer
 
 from shards.folder_lock import output_lock
+from shards.format import check_split_name
 from shards.images import ImagePolicy
 from shards.manifest import ShardError
 from shards.sources import celeba, digits_grid, folder, imagenet, webvision
-from shards.sources.common import parse_splits, write_planned
+from shards.sources.common import PlannedSplit, parse_splits, write_planned
 from shards.verify import format_report, verify_root
-from shards.writer import WriterSettings, write_split
+from shards.writer import WriterSettings
 
 app = typer.Typer(
     help="Convert datasets into WebDataset tar shards (+ DALI index files and a manifest).",
@@ -41,6 +42,11 @@ MaxSideOption = typer.Option(None, "--max-side", min=8, help="Shrink images whos
 QualityOption = typer.Option(90, "--quality", min=1, max=100, help="JPEG quality when an image is re-encoded.")
 RootOption = typer.Option(..., "--root", help="The dataset's top folder, as downloaded.")
 SplitsOption = typer.Option(None, "--splits", help="Comma-separated splits to write (default: every split found).")
+OverwriteOption = typer.Option(
+    False,
+    "--overwrite",
+    help="--out holds splits of another dataset (other classes): remove them instead of refusing.",
+)
 FollowSymlinksOption = typer.Option(
     False,
     "--follow-symlinks",
@@ -75,6 +81,7 @@ def digits_grid_command(
     quality: int = typer.Option(
         digits_grid.GRID_JPEG_QUALITY, "--quality", min=1, max=100, help="JPEG quality of the grids."
     ),
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """The paper's multi-label digit grid (3×3 digits; label = centre digit w.p. 0.6), no download needed.
 
@@ -85,8 +92,9 @@ def digits_grid_command(
     )
     settings = writer_settings(workers, seed, shard_samples, 512, None, quality)
     with output_lock(out):
-        for split, items in digits_grid.grid_items(config).items():
-            write_split(out, digits_grid.grid_spec(split, config), items, settings)
+        grids = digits_grid.grid_items(config)
+        planned = [PlannedSplit(digits_grid.grid_spec(split, config), items) for split, items in grids.items()]
+        write_planned(out, planned, settings, overwrite)
 
 
 @app.command("folder")
@@ -108,12 +116,15 @@ def folder_command(
     max_side: int | None = MaxSideOption,
     quality: int = QualityOption,
     follow_symlinks: bool = FollowSymlinksOption,
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """Any image folder plus a label file; run again with another --split to add splits."""
+    check_split_name(split, "--split")
     with output_lock(out):  # the classes are read from the manifest: hold the lock from here
         items, class_names, kind = folder.folder_items(images, labels, out, split, follow_symlinks, unlabelled)
         spec = folder.folder_spec(split, class_names, kind, labels)
-        write_split(out, spec, items, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+        settings = writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality)
+        write_planned(out, [PlannedSplit(spec, items)], settings, overwrite)
 
 
 @app.command("imagenet")
@@ -175,6 +186,7 @@ def imagenet_command(
     max_side: int | None = MaxSideOption,
     quality: int = QualityOption,
     follow_symlinks: bool = FollowSymlinksOption,
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """ImageNet-1k: train class folders; val in folders, Kaggle-CSV or devkit layout, with ReaL sets."""
     options = imagenet.ImageNetOptions(
@@ -195,7 +207,9 @@ def imagenet_command(
     )
     with output_lock(out):
         planned = imagenet.imagenet_plan(options)
-        write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+        write_planned(
+            out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality), overwrite
+        )
 
 
 @app.command("webvision")
@@ -221,6 +235,7 @@ def webvision_command(
     max_side: int | None = MaxSideOption,
     quality: int = QualityOption,
     follow_symlinks: bool = FollowSymlinksOption,
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """WebVision 1.0 (or --mini): info/ file lists, Google/Flickr train images, val_images_256/."""
     source_names = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources is not None else None
@@ -231,7 +246,9 @@ def webvision_command(
         planned = webvision.webvision_plan(options)
         if write_class_list is not None:
             webvision.write_class_list(write_class_list, planned[0].spec.class_names)
-        write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+        write_planned(
+            out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality), overwrite
+        )
 
 
 @app.command("celeba")
@@ -246,12 +263,15 @@ def celeba_command(
     max_side: int | None = MaxSideOption,
     quality: int = QualityOption,
     follow_symlinks: bool = FollowSymlinksOption,
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """CelebA: the 40 attributes as a multi-label target, official train/val/test partition."""
     options = celeba.CelebAOptions(root, parse_splits(splits, celeba.SPLITS), follow_symlinks)
     with output_lock(out):
         planned = celeba.celeba_plan(options)
-        write_planned(out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality))
+        write_planned(
+            out, planned, writer_settings(workers, seed, shard_samples, shard_mb, max_side, quality), overwrite
+        )
 
 
 @app.command("verify")
@@ -286,7 +306,8 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 # What to do about an OSError, by errno: the path comes from the error itself.
 _OS_ERROR_ADVICE = {
-    errno.ENOSPC: "free space on that disk or choose another --out, then run the same command again (finished shards are kept)",
+    errno.ENOSPC: "free space on that disk or choose another --out, "
+    "then run the same command again (finished shards are kept)",
     errno.EDQUOT: "free space within your quota or choose another --out, then run the same command again",
     errno.EACCES: "check the folder's permissions or choose a writable --out",
     errno.EPERM: "check the folder's permissions or choose a writable --out",
@@ -294,14 +315,31 @@ _OS_ERROR_ADVICE = {
     errno.ENOTDIR: "a path component is a file, not a folder: choose another --out",
     errno.EEXIST: "a file is in the way: choose another --out",
 }
+_READ_ONLY_ADVICE = _OS_ERROR_ADVICE[errno.EROFS]
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO})
 
 
 def describe_os_error(error: OSError) -> str:
-    """One line naming the path at fault, what went wrong and what to do."""
+    """One line naming the path at fault, what went wrong and what to do. A write that fails on a
+    read-only file system is called that, whatever errno the kernel or a FUSE layer chose (a
+    read-only mount can answer ENOSPC or EACCES): "free space" would send the user the wrong way."""
     what = error.strerror or str(error)
     where = error.filename if error.filename is not None else "(no file named)"
     advice = _OS_ERROR_ADVICE.get(error.errno or 0, "")
+    if error.errno in _WRITE_ERRORS and error.filename is not None and _on_read_only_file_system(error.filename):
+        advice = _READ_ONLY_ADVICE
     return f"cannot access {where}: {what}" + (f"; {advice}" if advice else "")
+
+
+def _on_read_only_file_system(path: str | bytes | os.PathLike) -> bool:
+    """Whether the nearest existing folder of ``path`` lies on a file system mounted read-only."""
+    folder = Path(os.fsdecode(path))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def main() -> None:

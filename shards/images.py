@@ -133,7 +133,7 @@ def to_rgb(image: Image.Image) -> RgbImage:
     image = _eight_bit(image, changes)
     image = _opaque(image, changes)
     try:
-        rgb = image.convert("RGB")
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # a pass-through JPEG is not copied
     except (ValueError, OSError) as error:
         raise UnreadableImage(f"pixel mode {image.mode} has no RGB conversion ({error})") from None
     if orientation in _UPRIGHT:

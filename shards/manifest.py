@@ -27,8 +27,9 @@ from shards.format import (
     TARGETS_DTYPE,
     FormatError,
     LabelKind,
-    check_key,
+    check_split_name,
 )
+from shards.manifest_checks import check_manifest_json, parse_manifest_json
 from shards.tar_io import Member, read_index
 
 MANIFEST_NAME = "manifest.json"
@@ -81,11 +82,9 @@ class SplitManifest:
 
     def __post_init__(self) -> None:
         try:
-            check_key(self.name)  # the name is the split's folder: no separators, no '..'
-        except FormatError:
-            raise ShardError(
-                f"split name {self.name!r} is not a plain folder name (letters, digits, '_' or '-')"
-            ) from None
+            check_split_name(self.name)  # the name is the split's folder: no separators, no '..'
+        except FormatError as error:
+            raise ShardError(str(error)) from None
         counted = sum(s.num_samples for s in self.shards)
         if counted != self.num_samples:
             raise ShardError(f"split {self.name}: shards hold {counted} samples, manifest says {self.num_samples}")
@@ -118,7 +117,8 @@ def _check_inside(path: str, what: str) -> None:
     pure = PurePosixPath(path)
     if not path or pure.is_absolute() or "\\" in path or ".." in pure.parts:
         raise ShardError(
-            f"shard {what} {path!r} is absolute or leaves the dataset folder; manifest paths must be relative, without '..'"
+            f"shard {what} {path!r} is absolute or leaves the dataset folder; "
+            "manifest paths must be relative, without '..'"
         )
 
 
@@ -132,15 +132,14 @@ def load_splits(root: Path) -> dict[str, SplitManifest]:
     if not path.is_file():
         raise ShardError(f"no manifest at {path}: is {root} a shard folder made by tools/make_shards.py?")
     try:
-        data = json.loads(path.read_text())
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{path}: format_version {data.get('format_version')}, expected {FORMAT_VERSION}")
+        data = parse_manifest_json(path.read_text())
+        check_manifest_json(data, FORMAT_VERSION)
         return {name: SplitManifest.from_json(entry) for name, entry in data["splits"].items()}
     except ShardError as error:
         if str(error).startswith(str(path)):
             raise
         raise ShardError(f"{path}: {error}") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON (UnicodeDecodeError too)
         raise ShardError(f"{path} is not a valid manifest: {error}") from None
 
 

@@ -13,9 +13,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from shards.folder_lock import output_lock
 from shards.format import NO_LABEL, safe_key
 from shards.manifest import ShardError, SplitManifest
-from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
+from shards.writer import SourceItem, SplitSpec, WriterSettings, make_room, write_split
 
 # Extensions listed as images; the bytes are still checked by decoding (a .JPEG may hold a PNG).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
@@ -270,12 +271,21 @@ def parse_splits(text: str | None, known: Sequence[str]) -> tuple[str, ...] | No
     return names
 
 
-def write_planned(out: Path, planned: Sequence[PlannedSplit], settings: WriterSettings) -> list[SplitManifest]:
-    """Write every planned split; an empty split is refused before anything is written."""
+def write_planned(
+    out: Path, planned: Sequence[PlannedSplit], settings: WriterSettings, overwrite: bool = False
+) -> list[SplitManifest]:
+    """Write every planned split; an empty split, and (unless ``overwrite``) another dataset's splits
+    in ``out`` with other classes (``shards.writer.make_room``), are refused before anything is written."""
+    with output_lock(out):
+        _check_planned(planned)
+        make_room(out, [split.spec for split in planned], overwrite)
+        return [write_split(out, split.spec, split.items, settings) for split in planned]
+
+
+def _check_planned(planned: Sequence[PlannedSplit]) -> None:
     for split in planned:
         if not split.items:
             raise SourceError(f"split {split.spec.name}: no images found to convert")
         duplicates = [key for key, n in Counter(item.key for item in split.items).items() if n > 1]
         if duplicates:
             raise SourceError(f"split {split.spec.name}: several files map to the sample keys {duplicates[:3]}")
-    return [write_split(out, split.spec, split.items, settings) for split in planned]
