@@ -3,13 +3,14 @@ line naming file:line through ``make-shards folder``, never a silently wrong cla
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import sys
 from pathlib import Path
 
 import pytest
-from dataset_layouts import jpeg_bytes, read_split, write
+from dataset_layouts import jpeg_bytes, make_celeba, make_imagenet_val, make_webvision, read_split, write
 
 from shards import cli
 from shards.manifest import load_split, manifest_path
@@ -101,3 +102,69 @@ def test_a_quoted_comma_and_spaces_around_fields_are_read_as_meant(monkeypatch, 
     status, output = convert(monkeypatch, capsys, images, labels, tmp_path / "out")
     assert status == 0, output
     assert load_split(tmp_path / "out", "train").class_names == ["cat", "dog"]
+
+
+# --- the other converters' label files -------------------------------------------------------------
+
+
+def _kaggle_duplicate(root: Path) -> list[str]:
+    make_imagenet_val(root, "kaggle")
+    csv = root / "LOC_val_solution.csv"
+    csv.write_text(csv.read_text() + "ILSVRC2012_val_00000002,n02105855 1 2 3 4\n")  # image 2 again, other class
+    return ["imagenet", "--root", str(root), "--splits", "val", "--no-real"]
+
+
+def _real_float(root: Path) -> list[str]:
+    make_imagenet_val(root, "folders")
+    real = root / "real.json"
+    real.write_text(json.dumps([[1], [2.5], []]))
+    return ["imagenet", "--root", str(root), "--splits", "val", "--real-labels", str(real)]
+
+
+def _webvision_list(line: str):
+    def build(root: Path) -> list[str]:
+        make_webvision(root, [0, 1], [0, 1])
+        listing = root / "info" / "train_filelist_google.txt"
+        listing.write_text(listing.read_text() + line + "\n")
+        return ["webvision", "--root", str(root), "--splits", "train"]
+
+    return build
+
+
+def _celeba_edit(edit):
+    def build(root: Path) -> list[str]:
+        make_celeba(root, [0, 0, 1, 2], with_broken=False)
+        path = root / "list_attr_celeba.txt"
+        path.write_text(edit(path.read_text()))
+        return ["celeba", "--root", str(root)]
+
+    return build
+
+
+def _repeat_attribute(text: str) -> str:
+    lines = text.splitlines()
+    lines[1] = lines[1].replace("Bald", "Bangs", 1)
+    return "\n".join(lines) + "\n"
+
+
+def _repeat_image(text: str) -> str:
+    lines = text.splitlines()
+    return "\n".join([str(int(lines[0]) + 1), *lines[1:], lines[2]]) + "\n"
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (_kaggle_duplicate, r"LOC_val_solution\.csv:7: ImageId 'ILSVRC2012_val_00000002' is listed again"),
+        (_real_float, r"real\.json: entry 1 \(ILSVRC2012_val_00000002\) holds 2\.5, not a class index"),
+        (_webvision_list("google/q0000/000000.jpg 1"), r"train_filelist_google\.txt:3: 'google/q0000/000000\.jpg' is"),
+        (_webvision_list("google/q0000/x.jpg ²"), r"train_filelist_google\.txt:3: expected 'path label'"),
+        (_celeba_edit(_repeat_attribute), r"list_attr_celeba\.txt:2: attribute 'Bangs' is named 2 times"),
+        (_celeba_edit(_repeat_image), r"list_attr_celeba\.txt:7: '000001\.jpg' is listed again"),
+    ],
+)
+def test_other_converters_label_files_are_strict_too(monkeypatch, capsys, tmp_path, build, message):
+    args = build(tmp_path / "in")
+    status, output = run_main(monkeypatch, capsys, *args, "--out", str(tmp_path / "out"), "--workers", "1")
+    assert status == 2 and "Traceback" not in output and re.search(message, output), output
+    assert not manifest_path(tmp_path / "out").exists()
