@@ -168,3 +168,10 @@ def test_other_converters_label_files_are_strict_too(monkeypatch, capsys, tmp_pa
     status, output = run_main(monkeypatch, capsys, *args, "--out", str(tmp_path / "out"), "--workers", "1")
     assert status == 2 and "Traceback" not in output and re.search(message, output), output
     assert not manifest_path(tmp_path / "out").exists()
+
+
+def test_a_trailing_comma_in_the_header_is_named(monkeypatch, capsys, images, tmp_path):
+    labels = tmp_path / "l.csv"
+    labels.write_text("path,label,,\nimg0.jpg,cat,,\n")  # a spreadsheet's empty columns
+    status, output = convert(monkeypatch, capsys, images, labels, tmp_path / "out")
+    assert status == 2 and "l.csv:1: an unnamed column (a trailing comma?)" in output, output

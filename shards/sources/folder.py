@@ -88,14 +88,15 @@ def _read_csv(path: Path, text: str, unlabelled: bool) -> list[Row]:
 def _csv_header(path: Path, fields: list[str], unlabelled: bool) -> list[str]:
     header = [name.strip() for name in fields]
     for name in header:
-        if header.count(name) > 1:
+        if name and header.count(name) > 1:
             raise LabelFileError(f"{path}:1: column {name!r} appears {header.count(name)} times in the header")
     for column in ("path",) if unlabelled else ("path", "label"):
         if column not in header:
             raise LabelFileError(f"{path}:1: header {header} has no {column!r} column ({_LAYOUT})")
     for name in header:
         if name not in COLUMNS:
-            raise LabelFileError(f"{path}:1: unknown column {name!r} in header {header} ({_LAYOUT})")
+            what = "an unnamed column (a trailing comma?)" if not name else f"unknown column {name!r}"
+            raise LabelFileError(f"{path}:1: {what} in header {header} ({_LAYOUT})")
     return header
 
 
