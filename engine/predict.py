@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import typer
 from torch import nn
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from engine.export import ExportedModel, ExportError, autocast_dtype, load_exported, resolve_device, run_cli
 from engine.metrics import prediction_sets
@@ -28,7 +29,7 @@ from engine.steps import autocast_context
 from pipelines.contract import LoaderConfig
 from pipelines.torch_backend import normalisation, normalise
 from pipelines.transforms import TransformSpec, transform_image, transform_spec
-from shards.images import UnreadableImage, decode_rgb
+from shards.images import ImagePolicy, UnreadableImage, sanitize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -69,16 +70,17 @@ def eval_transform(meta: ExportedModel) -> TransformSpec:
 
 
 def load_image(path: Path, spec: TransformSpec) -> torch.Tensor:
-    """One file -> uint8 H×W×C after the eval resize and centre crop. Decoded as the converter
-    decodes it (``shards.images.decode_rgb``: EXIF orientation, 16-bit scaling, transparency, the
-    decompression-bomb guard), so a file gives the pixels its shard would."""
+    """One file -> uint8 H×W×C after the eval resize and centre crop. The file becomes the JPEG
+    ``make-shards`` would store for it (``shards.images.sanitize``: EXIF orientation, bit depth,
+    transparency, first frame, the decompression-bomb guard), decoded as the loaders decode shards,
+    so an image scores here as its shard does."""
     try:
-        pixels = decode_rgb(path.read_bytes()).pixels
+        stored = sanitize(path.read_bytes(), ImagePolicy()).jpeg
+        image = decode_jpeg(torch.frombuffer(bytearray(stored), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except UnreadableImage as error:
-        raise ExportError(f"image {path} cannot be used: {error}") from None
+        raise ExportError(f"image {path} cannot be decoded: {error}") from None
     except OSError as error:
         raise ExportError(f"image {path} cannot be read ({error.strerror or error})") from None
-    image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
     return transform_image(image, spec, None).permute(1, 2, 0)
 
 

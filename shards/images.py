@@ -4,12 +4,13 @@ Real datasets contain CMYK and grayscale JPEGs, PNG or GIF bytes behind a ``.JPE
 progressive JPEGs, truncated and zero-byte files. Everything is detected by decoding the bytes,
 never by file name. Valid RGB baseline JPEGs pass through byte-for-byte unless a resize is asked for.
 
-One image is the same pixels everywhere (docs/DATASETS.md, "Image kinds"): ``decode_rgb`` is the one
-definition of an image's RGB pixels, used by the converter before it encodes and by ``mile-predict``
-on its input files. It applies the EXIF orientation (stored JPEGs then carry none, so no decoder
-rotates them differently), scales 16-bit pixels to 8 bits, composites transparency over white,
-keeps the first frame of an animation, and refuses kinds with no faithful 8-bit form (floating-point
-and 32-bit integer pixels). ``open_image`` holds the decompression-bomb guard every caller shares.
+One image is the same pixels everywhere (docs/DATASETS.md, "Image kinds"): ``to_rgb`` is the one
+definition of an image's RGB pixels, and ``sanitize`` (which uses it) is what the converter stores
+and what ``mile-predict`` decodes its input files through. It applies the EXIF orientation (stored
+JPEGs then carry none, so no decoder rotates them differently), scales 16-bit pixels to 8 bits,
+composites transparency over white, keeps the first frame of an animation, and refuses kinds with
+no faithful 8-bit form (floating-point and 32-bit integer pixels). ``open_image`` holds the
+decompression-bomb guard every caller shares.
 """
 
 from __future__ import annotations
@@ -91,17 +92,6 @@ class RgbImage:
     image: Image.Image  # mode RGB
     changes: tuple[str, ...]
 
-    @property
-    def pixels(self) -> np.ndarray:
-        """H×W×3 uint8."""
-        return np.asarray(self.image)
-
-
-def decode_rgb(data: bytes) -> RgbImage:
-    """The one decoding of an image file's bytes to RGB pixels (converter and ``mile-predict``
-    alike); ``UnreadableImage`` with the reason when there is none."""
-    return to_rgb(open_image(data))
-
 
 def open_image(data: bytes) -> Image.Image:
     """Open and decode every pixel, so truncation is caught here and not in a training run. The
@@ -151,10 +141,11 @@ def _orientation(image: Image.Image, changes: list[str]) -> int:
         return 1
     if value == 1:
         return 1
-    changes.append(
-        f"EXIF orientation {value} applied" if value in _UPRIGHT else f"invalid EXIF orientation {value} dropped"
-    )
-    return int(value) if value in _UPRIGHT else 1
+    if isinstance(value, int) and value in _UPRIGHT:
+        changes.append(f"EXIF orientation {value} applied")
+        return value
+    changes.append(f"invalid EXIF orientation {without_addresses(repr(value))[:40]} dropped")
+    return 1
 
 
 def _eight_bit(image: Image.Image, changes: list[str]) -> Image.Image:
