@@ -8,30 +8,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
-import sys
 from pathlib import Path
 
 import pytest
 from dataset_layouts import jpeg_bytes, write
+from shards_cli import run_main
 
-from shards import cli
 from shards.format import LabelKind
 from shards.manifest import load_splits, manifest_path
 from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
-
-
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    """``make-shards ARGS`` in this process: (exit status, stdout + stderr)."""
-    monkeypatch.setattr(sys, "argv", ["make-shards", *args])
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out + captured.err
 
 
 def folder_dataset(root: Path, labels: list[str]) -> tuple[Path, Path]:

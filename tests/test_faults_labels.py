@@ -5,30 +5,15 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import sys
 from pathlib import Path
 
 import pytest
 from dataset_layouts import jpeg_bytes, make_celeba, make_imagenet_val, make_webvision, read_split, write
+from shards_cli import run_main
 
-from shards import cli
 from shards.manifest import load_split, manifest_path
 
 IMAGES = [f"img{i}.jpg" for i in range(4)]
-
-
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    """``make-shards ARGS`` in this process: (exit status, stdout + stderr)."""
-    monkeypatch.setattr(sys, "argv", ["make-shards", *args])
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out + captured.err
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ reason. Also the decompression-bomb guard the converter and ``mile-predict`` sha
 from __future__ import annotations
 
 import io
-import signal
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -17,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from shards_cli import main_status
 
 from engine.export import ExportError
 from engine.predict import load_image
 from pipelines import build_loader, dali_import_error
 from pipelines.contract import LoaderConfig
 from pipelines.transforms import transform_image, transform_spec
-from shards import cli
 from shards.images import UnreadableImage, open_image
 from shards.manifest import load_split
 
@@ -154,18 +152,6 @@ SKIPPED = {
 }
 
 
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["make-shards", *args])
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out + captured.err
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     """(shard folder, image folder, kinds): every kind converted through ``make-shards folder``,
@@ -183,28 +169,9 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     (images / "bomb.png").write_bytes(png_bomb())
     rows.append("bomb.png,bomb")
     (root / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    args = ["--images", str(images), "--labels", str(root / "labels.csv"), "--split", "val", "--out", str(root / "out")]
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(
-            sys,
-            "argv",
-            [
-                "make-shards",
-                "folder",
-                "--images",
-                str(images),
-                "--labels",
-                str(root / "labels.csv"),
-                "--split",
-                "val",
-                "--out",
-                str(root / "out"),
-                "--workers",
-                "1",
-            ],
-        )
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-    assert exit_info.value.code in (0, None)
+        assert main_status(monkeypatch, "folder", *args, "--workers", "1") == 0
     return root / "out", images, kinds
 
 
