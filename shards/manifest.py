@@ -131,16 +131,23 @@ def load_splits(root: Path) -> dict[str, SplitManifest]:
     path = manifest_path(root)
     if not path.is_file():
         raise ShardError(f"no manifest at {path}: is {root} a shard folder made by tools/make_shards.py?")
+    data = read_manifest_json(path)
+    try:
+        return {name: SplitManifest.from_json(entry) for name, entry in data["splits"].items()}
+    except ShardError as error:
+        raise ShardError(f"{path}: {error}") from None
+
+
+def read_manifest_json(path: Path) -> dict[str, Any]:
+    """The manifest's JSON after ``manifest_checks`` (one ``ShardError`` naming the file and key)."""
     try:
         data = parse_manifest_json(path.read_text())
         check_manifest_json(data, FORMAT_VERSION)
-        return {name: SplitManifest.from_json(entry) for name, entry in data["splits"].items()}
     except ShardError as error:
-        if str(error).startswith(str(path)):
-            raise
         raise ShardError(f"{path}: {error}") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON (UnicodeDecodeError too)
+    except ValueError as error:  # not JSON (UnicodeDecodeError too)
         raise ShardError(f"{path} is not a valid manifest: {error}") from None
+    return data
 
 
 def load_split(root: Path, split: str) -> SplitManifest:
@@ -156,7 +163,7 @@ def save_split(root: Path, split: SplitManifest) -> None:
         path = manifest_path(root)
         data: dict[str, Any] = {"format_version": FORMAT_VERSION, "splits": {}}
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = read_manifest_json(path)  # a damaged manifest is named, never half-kept
         data["splits"][split.name] = split.to_json()
         data["splits"] = dict(sorted(data["splits"].items()))
         atomic_write_text(path, json.dumps(data, indent=1) + "\n")
@@ -168,8 +175,8 @@ def remove_split(root: Path, name: str) -> None:
         path = manifest_path(root)
         if not path.is_file():
             return
-        data = json.loads(path.read_text())
-        if name in data.get("splits", {}):
+        data = read_manifest_json(path)
+        if name in data["splits"]:
             del data["splits"][name]
             atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 

@@ -211,3 +211,11 @@ def test_a_killed_runs_temporary_files_are_cleaned_by_the_next_run(tmp_path, mon
     status, output = run_main(monkeypatch, capsys, *folder_args(images, labels, out))
     assert status == 0, output
     assert not any(path.exists() for path in leftovers) and mine.read_bytes() == b"mine"
+
+
+def test_converting_into_a_folder_with_a_damaged_manifest_names_it(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    write(manifest_path(out), b'{"format_version": 1, "splits": {')  # a torn manifest
+    line = one_line_error(*run_main(monkeypatch, capsys, *grid_args(out)))
+    assert f"{manifest_path(out)} is not a valid manifest" in line, line
+    assert manifest_path(out).read_bytes() == b'{"format_version": 1, "splits": {'
