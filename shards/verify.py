@@ -124,7 +124,7 @@ def mixed_datasets(root: Path, splits: dict[str, SplitManifest]) -> list[Problem
     first = splits[names[0]]
     problems = []
     for name in names[1:]:
-        difference = first_class_difference(first.class_names, splits[name].class_names)
+        difference = first_class_difference(first.class_names, splits[name].class_names, repr(first.name), repr(name))
         if difference is not None:
             problems.append(
                 Problem(

@@ -406,14 +406,15 @@ def _remove_unlisted_shards(split_dir: Path, split: str, progress: _Progress) ->
             path.unlink()
 
 
-def first_class_difference(ours: list[str], theirs: list[str]) -> str | None:
+def first_class_difference(ours: list[str], theirs: list[str], our_name: str, their_name: str) -> str | None:
     """None when two class lists are equal, else where they first differ, in words."""
     if ours == theirs:
         return None
     for index, (a, b) in enumerate(zip(ours, theirs)):
         if a != b:
-            return f"class {index} is {a!r} in one and {b!r} in the other"
-    return f"one has {len(ours)} classes, the other {len(theirs)} (the first {min(len(ours), len(theirs))} agree)"
+            return f"class {index} is {a!r} in {our_name}, {b!r} in {their_name}"
+    common = min(len(ours), len(theirs))
+    return f"{len(ours)} classes in {our_name}, {len(theirs)} in {their_name}, the first {common} alike"
 
 
 def make_room(root: Path, specs: list[SplitSpec], overwrite: bool) -> None:
@@ -427,7 +428,11 @@ def make_room(root: Path, specs: list[SplitSpec], overwrite: bool) -> None:
     for name, split in load_splits(root).items():
         if name in replaced:
             continue
-        difference = next(filter(None, (first_class_difference(s.class_names, split.class_names) for s in specs)), None)
+        differences = (
+            first_class_difference(s.class_names, split.class_names, f"the new split {s.name!r}", f"split {name!r}")
+            for s in specs
+        )
+        difference = next(filter(None, differences), None)
         if difference is None:
             continue
         if not overwrite:

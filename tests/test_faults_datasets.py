@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,8 @@ from shards_cli import run_main
 from shards.format import LabelKind
 from shards.manifest import load_splits, manifest_path
 from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def folder_dataset(root: Path, labels: list[str]) -> tuple[Path, Path]:
@@ -75,7 +79,9 @@ def test_another_converter_with_other_classes_is_refused_before_writing(tmp_path
     images, labels = folder_dataset(tmp_path, ["cat", "dog"])
     assert run_main(monkeypatch, capsys, *folder_args(images, labels, out, "mine"))[0] == 0
     line = one_line_error(*run_main(monkeypatch, capsys, *grid_args(out)))
-    assert "split 'mine' of another dataset" in line and "class 0 is" in line, line
+    assert "split 'mine' of another dataset (class 0 is '0' in the new split 'train', 'cat' in split 'mine')" in line, (
+        line
+    )
     assert sorted(load_splits(out)) == ["mine"] and not (out / "train").exists()
 
 
@@ -96,7 +102,10 @@ def test_verify_refuses_splits_whose_classes_differ(tmp_path, monkeypatch, capsy
         item = SourceItem(key="a", label=0, source="a.jpg", path=str(write(tmp_path / f"{split}.jpg", jpeg_bytes(1))))
         write_split(out, SplitSpec(split, LabelKind.SINGLE, classes), [item], settings)
     status, output = run_main(monkeypatch, capsys, "verify", str(out), "--workers", "1")
-    assert status == 1 and "splits 'train' and 'val' have different classes (class 1 is 'dog'" in output, output
+    assert (
+        status == 1
+        and "splits 'train' and 'val' have different classes (class 1 is 'dog' in 'train', 'owl' in 'val')" in output
+    ), output
 
 
 # --- item 6: manifest.json read back is validated like a flag -----------------------------------
@@ -219,3 +228,32 @@ def test_converting_into_a_folder_with_a_damaged_manifest_names_it(tmp_path, mon
     line = one_line_error(*run_main(monkeypatch, capsys, *grid_args(out)))
     assert f"{manifest_path(out)} is not a valid manifest" in line, line
     assert manifest_path(out).read_bytes() == b'{"format_version": 1, "splits": {'
+
+
+# --- the same through a real process (tools/make_shards.py) -------------------------------------
+
+
+def test_in_a_real_process_each_fault_is_one_line_and_no_traceback(tmp_path):
+    """What a user sees: ``python tools/make_shards.py ...`` exits 2 with one line on stderr."""
+    images, labels = folder_dataset(tmp_path, ["cat", "dog"])
+    big = tmp_path / "big.csv"
+    big.write_text("path,label\nimg0.jpg," + "x" * 200_000 + "\n")
+    grid = tmp_path / "grid"
+    assert make_shards(*grid_args(grid)).returncode == 0
+    cases = {
+        "invalid --split '../x'": folder_args(images, labels, tmp_path / "a", "../x"),
+        "big.csv:2: malformed CSV (field larger than field limit": folder_args(images, big, tmp_path / "b"),
+        "of another dataset (class 0 is 'cat' in the new split 'mine', '0' in split 'train')": folder_args(
+            images, labels, grid, "mine"
+        ),
+    }
+    for message, args in cases.items():
+        result = make_shards(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def make_shards(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "tools/make_shards.py", *args]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
