@@ -451,7 +451,8 @@ def _remove_split_files(split_dir: Path, split: str) -> None:
         return
     own = writer_file_pattern(split)
     for path in split_dir.iterdir():
-        if (own.fullmatch(path.name) or path.name == PROGRESS_NAME) and path.is_file():
+        ours = own.fullmatch(path.name) or path.name == PROGRESS_NAME or _PROGRESS_TMP.fullmatch(path.name)
+        if ours and path.is_file():
             path.unlink()
     if not any(split_dir.iterdir()):
         split_dir.rmdir()
