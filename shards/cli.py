@@ -316,17 +316,17 @@ _OS_ERROR_ADVICE = {
     errno.EEXIST: "a file is in the way: choose another --out",
 }
 _READ_ONLY_ADVICE = _OS_ERROR_ADVICE[errno.EROFS]
-_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO})
+_FREE_SPACE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT})  # only writes raise them: the path is an output
 
 
 def describe_os_error(error: OSError) -> str:
     """One line naming the path at fault, what went wrong and what to do. A write that fails on a
-    read-only file system is called that, whatever errno the kernel or a FUSE layer chose (a
-    read-only mount can answer ENOSPC or EACCES): "free space" would send the user the wrong way."""
+    read-only file system is called that even when the kernel or a FUSE layer answered ENOSPC:
+    "free space" would send the user the wrong way."""
     what = error.strerror or str(error)
     where = error.filename if error.filename is not None else "(no file named)"
     advice = _OS_ERROR_ADVICE.get(error.errno or 0, "")
-    if error.errno in _WRITE_ERRORS and error.filename is not None and _on_read_only_file_system(error.filename):
+    if error.errno in _FREE_SPACE_ERRORS and error.filename is not None and _on_read_only_file_system(error.filename):
         advice = _READ_ONLY_ADVICE
     return f"cannot access {where}: {what}" + (f"; {advice}" if advice else "")
 
