@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import logging
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,8 @@ from typing import Optional
 
 import torch
 import typer
-from PIL import Image
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from engine.export import ExportedModel, ExportError, autocast_dtype, load_exported, resolve_device, run_cli
 from engine.metrics import prediction_sets
@@ -37,14 +35,11 @@ from engine.steps import autocast_context
 from pipelines.contract import LoaderConfig
 from pipelines.transforms import TransformSpec, normalisation, normalise, transform_image, transform_spec
 from shards.command_options import command_app
+from shards.images import ImagePolicy, UnreadableImage, sanitize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 log = logging.getLogger(__name__)
-
-
-class UnreadableImage(Exception):
-    """One input file that is not a decodable image; the message says why (not naming the file)."""
 
 
 @dataclass(frozen=True)
@@ -85,36 +80,17 @@ def eval_transform(meta: ExportedModel) -> TransformSpec:
     return transform_spec(config)
 
 
-def check_header(path: Path) -> None:
-    """Refuse, before any pixel is decoded, a file Pillow cannot identify or whose header claims more
-    pixels than Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), as the converter does.
-    (A decoder handed a 30000×30000 header can crash the process instead of raising.)"""
-    # TODO(issue 19.7): use the converter's shared guard in shards/ once it lands
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise UnreadableImage(f"too large to decode safely ({error})") from None
-    except Exception as error:  # Pillow raises many types for a file it cannot identify
-        raise UnreadableImage(f"not a readable image ({type(error).__name__}: {_first_line(error)})") from None
-    if width < 1 or height < 1:
-        raise UnreadableImage(f"empty image {width}x{height}")
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def load_image(path: Path, spec: TransformSpec) -> torch.Tensor:
-    """One file -> uint8 H×W×C after the eval resize and centre crop; ``UnreadableImage`` if it is none."""
-    check_header(path)
+    """One file -> uint8 H×W×C after the eval resize and centre crop; ``UnreadableImage`` if it is none.
+    The file becomes the JPEG ``make-shards`` would store for it (``shards.images.sanitize``: EXIF
+    orientation, bit depth, transparency, first frame, the decompression-bomb guard), decoded as the
+    loaders decode shards, so an image scores here as its shard does."""
     try:
-        image = decode_image(str(path), mode=ImageReadMode.RGB)
-        return transform_image(image, spec, None).permute(1, 2, 0)
-    except (RuntimeError, ValueError, OSError) as error:  # torchvision reports decoder failures as RuntimeError
-        raise UnreadableImage(f"cannot be decoded ({_first_line(error)})") from None
+        stored = sanitize(path.read_bytes(), ImagePolicy()).jpeg
+        image = decode_jpeg(torch.frombuffer(bytearray(stored), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except OSError as error:
+        raise UnreadableImage(f"cannot be read ({error.strerror or error})") from None
+    return transform_image(image, spec, None).permute(1, 2, 0)
 
 
 def batches(paths: list[Path], size: int) -> Iterator[list[Path]]:

@@ -19,12 +19,13 @@ import typer
 
 from shards.command_options import Opt, OptionGroup, command_app, with_options
 from shards.folder_lock import output_lock
+from shards.format import check_split_name
 from shards.images import ImagePolicy
 from shards.manifest import ShardError
 from shards.sources import celeba, digits_grid, folder, imagenet, webvision
-from shards.sources.common import parse_splits, write_planned
+from shards.sources.common import PlannedSplit, parse_splits, write_planned
 from shards.verify import format_report, verify_root
-from shards.writer import WriterSettings, write_split
+from shards.writer import WriterSettings
 
 app = command_app(
     "Convert datasets into WebDataset tar shards (+ DALI index files and a manifest).",
@@ -39,6 +40,12 @@ FOLLOW_SYMLINKS = Opt(
     ("--follow-symlinks",),
     bool,
     "Read listed files through symlinks that point outside the dataset folder (refused by default).",
+    False,
+)
+OVERWRITE = Opt(
+    ("--overwrite",),
+    bool,
+    "--out holds splits of another dataset (other classes): remove them instead of refusing.",
     False,
 )
 SEED = Opt(("--seed",), int, "Seed of the write-time shuffle (and of any random selection).", 0)
@@ -93,6 +100,7 @@ def digits_grid_command(
     ),
     cell_px: int = typer.Option(8, "--cell-px", min=4, max=64, help="Side of one digit cell in pixels."),
     writer: WriterSettings,
+    overwrite: bool = OVERWRITE.option(),
 ) -> None:
     """The paper's multi-label digit grid (3×3 digits; label = centre digit w.p. 0.6), no download needed.
 
@@ -102,8 +110,9 @@ def digits_grid_command(
         train_size=train_size, val_size=val_size, tune_size=tune_size, seed=writer.seed, cell_px=cell_px
     )
     with output_lock(out):
-        for split, items in digits_grid.grid_items(config).items():
-            write_split(out, digits_grid.grid_spec(split, config), items, writer)
+        grids = digits_grid.grid_items(config)
+        planned = [PlannedSplit(digits_grid.grid_spec(split, config), items) for split, items in grids.items()]
+        write_planned(out, planned, writer, overwrite)
 
 
 @app.command("folder")
@@ -121,13 +130,15 @@ def folder_command(
     ),
     out: Path = OUT.option(),
     writer: WriterSettings,
+    overwrite: bool = OVERWRITE.option(),
     follow_symlinks: bool = FOLLOW_SYMLINKS.option(),
 ) -> None:
     """Any image folder plus a label file; run again with another --split to add splits."""
+    check_split_name(split, "--split")
     with output_lock(out):  # the classes are read from the manifest: hold the lock from here
         items, class_names, kind = folder.folder_items(images, labels, out, split, follow_symlinks, unlabelled)
         spec = folder.folder_spec(split, class_names, kind, labels)
-        write_split(out, spec, items, writer)
+        write_planned(out, [PlannedSplit(spec, items)], writer, overwrite)
 
 
 @app.command("imagenet")
@@ -185,6 +196,7 @@ def imagenet_command(
         help="Only these WNIDs (one per line); class index = position in the file.",
     ),
     writer: WriterSettings,
+    overwrite: bool = OVERWRITE.option(),
     follow_symlinks: bool = FOLLOW_SYMLINKS.option(),
 ) -> None:
     """ImageNet-1k: train class folders; val in folders, Kaggle-CSV or devkit layout, with ReaL sets."""
@@ -205,7 +217,7 @@ def imagenet_command(
         unlabelled_complement=unlabelled_complement,
     )
     with output_lock(out):
-        write_planned(out, imagenet.imagenet_plan(options), writer)
+        write_planned(out, imagenet.imagenet_plan(options), writer, overwrite)
 
 
 @app.command("webvision")
@@ -227,6 +239,7 @@ def webvision_command(
         help="Also write the classes' WNIDs here, for `imagenet --class-list`.",
     ),
     writer: WriterSettings,
+    overwrite: bool = OVERWRITE.option(),
     follow_symlinks: bool = FOLLOW_SYMLINKS.option(),
 ) -> None:
     """WebVision 1.0 (or --mini): info/ file lists, Google/Flickr train images, val_images_256/."""
@@ -238,7 +251,7 @@ def webvision_command(
         planned = webvision.webvision_plan(options)
         if write_class_list is not None:
             webvision.write_class_list(write_class_list, planned[0].spec.class_names)
-        write_planned(out, planned, writer)
+        write_planned(out, planned, writer, overwrite)
 
 
 @app.command("celeba")
@@ -249,12 +262,13 @@ def celeba_command(
     out: Path = OUT.option(),
     splits: str | None = SPLITS.option(),
     writer: WriterSettings,
+    overwrite: bool = OVERWRITE.option(),
     follow_symlinks: bool = FOLLOW_SYMLINKS.option(),
 ) -> None:
     """CelebA: the 40 attributes as a multi-label target, official train/val/test partition."""
     options = celeba.CelebAOptions(root, parse_splits(splits, celeba.SPLITS), follow_symlinks)
     with output_lock(out):
-        write_planned(out, celeba.celeba_plan(options), writer)
+        write_planned(out, celeba.celeba_plan(options), writer, overwrite)
 
 
 @app.command("verify")
@@ -299,14 +313,31 @@ _OS_ERROR_ADVICE = {
     errno.ENOTDIR: "a path component is a file, not a folder: choose another --out",
     errno.EEXIST: "a file is in the way: choose another --out",
 }
+_READ_ONLY_ADVICE = _OS_ERROR_ADVICE[errno.EROFS]
+_FREE_SPACE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT})  # only writes raise them: the path is an output
 
 
 def describe_os_error(error: OSError) -> str:
-    """One line naming the path at fault, what went wrong and what to do."""
+    """One line naming the path at fault, what went wrong and what to do. A write that fails on a
+    read-only file system is called that even when the kernel or a FUSE layer answered ENOSPC:
+    "free space" would send the user the wrong way."""
     what = error.strerror or str(error)
     where = error.filename if error.filename is not None else "(no file named)"
     advice = _OS_ERROR_ADVICE.get(error.errno or 0, "")
+    if error.errno in _FREE_SPACE_ERRORS and error.filename is not None and _on_read_only_file_system(error.filename):
+        advice = _READ_ONLY_ADVICE
     return f"cannot access {where}: {what}" + (f"; {advice}" if advice else "")
+
+
+def _on_read_only_file_system(path: str | bytes | os.PathLike) -> bool:
+    """Whether the nearest existing folder of ``path`` lies on a file system mounted read-only."""
+    folder = Path(os.fsdecode(path))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def main() -> None:

@@ -83,6 +83,16 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_split_name(name: str, what: str = "split name") -> str:
+    """A split's name is its folder under the dataset root: a plain name, never a path or ``..``."""
+    if not _KEY_PATTERN.fullmatch(name):
+        raise FormatError(
+            f"invalid {what} {name!r}: not a plain folder name (use letters, digits, '_' or '-'; "
+            "it names the split's folder)"
+        )
+    return name
+
+
 def safe_key(text: str) -> str:
     """Turn a source path or name into a valid key (dots and separators become '_')."""
     return re.sub(r"[^A-Za-z0-9_\-]", "_", text)

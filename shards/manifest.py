@@ -27,8 +27,9 @@ from shards.format import (
     TARGETS_DTYPE,
     FormatError,
     LabelKind,
-    check_key,
+    check_split_name,
 )
+from shards.manifest_checks import check_manifest_json, parse_manifest_json
 from shards.tar_io import Member, read_index
 
 MANIFEST_NAME = "manifest.json"
@@ -81,11 +82,9 @@ class SplitManifest:
 
     def __post_init__(self) -> None:
         try:
-            check_key(self.name)  # the name is the split's folder: no separators, no '..'
-        except FormatError:
-            raise ShardError(
-                f"split name {self.name!r} is not a plain folder name (letters, digits, '_' or '-')"
-            ) from None
+            check_split_name(self.name)  # the name is the split's folder: no separators, no '..'
+        except FormatError as error:
+            raise ShardError(str(error)) from None
         counted = sum(s.num_samples for s in self.shards)
         if counted != self.num_samples:
             raise ShardError(f"split {self.name}: shards hold {counted} samples, manifest says {self.num_samples}")
@@ -118,8 +117,8 @@ def _check_inside(path: str, what: str) -> None:
     pure = PurePosixPath(path)
     if not path or pure.is_absolute() or "\\" in path or ".." in pure.parts:
         raise ShardError(
-            f"shard {what} {path!r} is absolute or leaves the dataset folder; manifest paths must be relative, "
-            "without '..'"
+            f"shard {what} {path!r} is absolute or leaves the dataset folder; "
+            "manifest paths must be relative, without '..'"
         )
 
 
@@ -132,17 +131,23 @@ def load_splits(root: Path) -> dict[str, SplitManifest]:
     path = manifest_path(root)
     if not path.is_file():
         raise ShardError(f"no manifest at {path}: is {root} a shard folder made by tools/make_shards.py?")
+    data = read_manifest_json(path)
     try:
-        data = json.loads(path.read_text())
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{path}: format_version {data.get('format_version')}, expected {FORMAT_VERSION}")
         return {name: SplitManifest.from_json(entry) for name, entry in data["splits"].items()}
     except ShardError as error:
-        if str(error).startswith(str(path)):
-            raise
         raise ShardError(f"{path}: {error}") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+
+
+def read_manifest_json(path: Path) -> dict[str, Any]:
+    """The manifest's JSON after ``manifest_checks`` (one ``ShardError`` naming the file and key)."""
+    try:
+        data = parse_manifest_json(path.read_text())
+        check_manifest_json(data, FORMAT_VERSION)
+    except ShardError as error:
+        raise ShardError(f"{path}: {error}") from None
+    except ValueError as error:  # not JSON (UnicodeDecodeError too)
         raise ShardError(f"{path} is not a valid manifest: {error}") from None
+    return data
 
 
 def load_split(root: Path, split: str) -> SplitManifest:
@@ -158,7 +163,7 @@ def save_split(root: Path, split: SplitManifest) -> None:
         path = manifest_path(root)
         data: dict[str, Any] = {"format_version": FORMAT_VERSION, "splits": {}}
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = read_manifest_json(path)  # a damaged manifest is named, never half-kept
         data["splits"][split.name] = split.to_json()
         data["splits"] = dict(sorted(data["splits"].items()))
         atomic_write_text(path, json.dumps(data, indent=1) + "\n")
@@ -170,8 +175,8 @@ def remove_split(root: Path, name: str) -> None:
         path = manifest_path(root)
         if not path.is_file():
             return
-        data = json.loads(path.read_text())
-        if name in data.get("splits", {}):
+        data = read_manifest_json(path)
+        if name in data["splits"]:
             del data["splits"][name]
             atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 

@@ -25,11 +25,11 @@ from shards.format import (
     fields_for,
 )
 from shards.images import ImagePolicy, UnreadableImage, sanitize
-from shards.manifest import ShardError, ShardRecord, SplitManifest, check_shard, load_splits
+from shards.manifest import ShardError, ShardRecord, SplitManifest, check_shard, load_splits, manifest_path
 from shards.parallel import ordered_map
 from shards.progress import Progress
 from shards.tar_io import Member, read_index, split_name
-from shards.writer import PROGRESS_NAME, writer_file_pattern
+from shards.writer import PROGRESS_NAME, first_class_difference, writer_file_pattern
 
 _CHECK_ONLY = ImagePolicy()  # sanitize with no resize: returns the bytes untouched when they are fine
 
@@ -92,7 +92,9 @@ def verify_root(
     started = time.perf_counter()
     root = Path(root)
     splits = load_splits(root)
-    report = VerifyReport(problems=[p for s in splits.values() for p in stray_files(root, s)])
+    report = VerifyReport(
+        problems=mixed_datasets(root, splits) + [p for s in splits.values() for p in stray_files(root, s)]
+    )
     tasks = [task for s in splits.values() for task in _tasks(root, s, sample_fraction, seed)]
     total = sum(t.shard.num_samples for t in tasks)
     with Progress(total, "verify", "img", enabled=progress) as bar:
@@ -111,6 +113,27 @@ def _tasks(root: Path, split: SplitManifest, sample_fraction: float, seed: int) 
         _ShardTask(root, split.name, split.label_kind, split.num_classes, shard, number, sample_fraction, seed)
         for number, shard in enumerate(split.shards)
     ]
+
+
+def mixed_datasets(root: Path, splits: dict[str, SplitManifest]) -> list[Problem]:
+    """Splits whose class lists differ from the first split's: two datasets in one folder (a label
+    index would mean one class in training and another in evaluation)."""
+    names = sorted(splits)
+    if not names:
+        return []
+    first = splits[names[0]]
+    problems = []
+    for name in names[1:]:
+        difference = first_class_difference(first.class_names, splits[name].class_names, repr(first.name), repr(name))
+        if difference is not None:
+            problems.append(
+                Problem(
+                    str(manifest_path(root)),
+                    f"splits {first.name!r} and {name!r} have different classes ({difference}): two datasets in "
+                    "one folder; convert one of them into another --out, or again with --overwrite",
+                )
+            )
+    return problems
 
 
 def stray_files(root: Path, split: SplitManifest) -> list[Problem]:

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from shards.folder_lock import output_lock
-from shards.format import LabelKind, Sample, check_key, encode_sample
+from shards.format import LabelKind, Sample, check_key, check_split_name, encode_sample
 from shards.images import ImagePolicy, UnreadableImage, encode_array, sanitize
 from shards.manifest import (
+    MANIFEST_NAME,
     FileReport,
     ShardError,
     ShardRecord,
@@ -57,6 +58,21 @@ def writer_file_pattern(split: str) -> re.Pattern[str]:
     return re.compile(rf"{stem}|{stem}\.partial|\.{stem}\.\d+-[0-9a-f]+\.(?:partial|tmp)|\.{stem}\.tmp")
 
 
+# Temporary files of an atomic write (``manifest.temp_sibling``) of the manifest or of a split's
+# progress file, left behind by a process killed mid-write.
+_MANIFEST_TMP = re.compile(rf"\.{re.escape(MANIFEST_NAME)}\.\d+-[0-9a-f]+\.tmp")
+_PROGRESS_TMP = re.compile(rf"\.{re.escape(PROGRESS_NAME)}\.\d+-[0-9a-f]+\.tmp")
+
+
+def _remove_stale_temporaries(root: Path, split_dir: Path) -> None:
+    """Every manifest and progress write holds the folder's lock, as this caller does: such a
+    temporary file on disk now belongs to a process that died, never to a live writer."""
+    for folder, pattern in ((root, _MANIFEST_TMP), (split_dir, _PROGRESS_TMP)):
+        for path in folder.iterdir():
+            if pattern.fullmatch(path.name) and path.is_file():
+                path.unlink()
+
+
 @dataclass(frozen=True, slots=True)  # slots: ~1.3M of these are listed for ImageNet train
 class SourceItem:
     """One input sample: an image file (``path``) or raw pixels (``pixels``), with its labels."""
@@ -85,7 +101,7 @@ class SplitSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_key(self.name)
+        check_split_name(self.name)
         if not self.class_names:
             raise ValueError(f"split {self.name}: no classes")
 
@@ -193,6 +209,7 @@ def _write_split_locked(
     order = np.random.default_rng(settings.seed).permutation(len(items))
     ordered = [items[i] for i in order]  # write-time shuffle: DALI only shuffles inside a buffer
     fingerprint = _fingerprint(spec, ordered, settings)
+    _remove_stale_temporaries(root, split_dir)
     done = _completed_split(root, spec.name, fingerprint)
     if done is not None:
         print(f"split {spec.name}: already complete in {root} ({done.num_samples} samples), nothing to do")
@@ -387,6 +404,58 @@ def _remove_unlisted_shards(split_dir: Path, split: str, progress: _Progress) ->
     for path in split_dir.iterdir():
         if path.name not in keep and own.fullmatch(path.name) and path.is_file():
             path.unlink()
+
+
+def first_class_difference(ours: list[str], theirs: list[str], our_name: str, their_name: str) -> str | None:
+    """None when two class lists are equal, else where they first differ, in words."""
+    if ours == theirs:
+        return None
+    for index, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return f"class {index} is {a!r} in {our_name}, {b!r} in {their_name}"
+    common = min(len(ours), len(theirs))
+    return f"{len(ours)} classes in {our_name}, {len(theirs)} in {their_name}, the first {common} alike"
+
+
+def make_room(root: Path, specs: list[SplitSpec], overwrite: bool) -> None:
+    """Refuse to put ``specs`` beside splits of another dataset in ``root``: every split a manifest
+    lists must have the same classes (docs/DATASETS.md, "Mixing datasets"). With ``overwrite`` the
+    other dataset's splits are removed instead (their manifest entries and the files the writer made).
+    Call it holding the folder's lock; splits named in ``specs`` are being replaced and do not count."""
+    if not Path(root, MANIFEST_NAME).is_file():
+        return
+    replaced = {spec.name for spec in specs}
+    for name, split in load_splits(root).items():
+        if name in replaced:
+            continue
+        differences = (
+            first_class_difference(s.class_names, split.class_names, f"the new split {s.name!r}", f"split {name!r}")
+            for s in specs
+        )
+        difference = next(filter(None, differences), None)
+        if difference is None:
+            continue
+        if not overwrite:
+            raise ShardError(
+                f"{Path(root, MANIFEST_NAME)} holds split {name!r} of another dataset ({difference}); "
+                f"convert into another --out, or pass --overwrite to remove split {name!r} first"
+            )
+        print(f"--overwrite: removing split {name} of another dataset from {root} ({difference})")
+        remove_split(root, name)
+        _remove_split_files(Path(root) / name, name)
+
+
+def _remove_split_files(split_dir: Path, split: str) -> None:
+    """The files the writer made in ``split_dir`` (a user's own files stay), then the folder if empty."""
+    if not split_dir.is_dir():
+        return
+    own = writer_file_pattern(split)
+    for path in split_dir.iterdir():
+        ours = own.fullmatch(path.name) or path.name == PROGRESS_NAME or _PROGRESS_TMP.fullmatch(path.name)
+        if ours and path.is_file():
+            path.unlink()
+    if not any(split_dir.iterdir()):
+        split_dir.rmdir()
 
 
 def _check_unique_keys(items: list[SourceItem]) -> None:

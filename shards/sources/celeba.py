@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shards.format import NO_LABEL, LabelKind
 from shards.sources.common import (
+    INTEGER_PATTERN,
     PathGuard,
     PlannedSplit,
     SourceError,
@@ -88,10 +89,14 @@ def image_folder(root: Path) -> str:
 def read_attributes(path: Path) -> Attributes:
     """Parse ``list_attr_celeba.txt``; any malformed line is an error naming it."""
     lines = read_lines(path, "CelebA attribute file")
-    if len(lines) < 2 or not lines[0].strip().isdigit():
+    if len(lines) < 2 or not INTEGER_PATTERN.fullmatch(lines[0].strip()):
         raise SourceError(f"{path}:1: expected the image count, then the attribute names")
     names = lines[1].split()
-    positives = {}
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SourceError(f"{path}:2: attribute {repeated[0]!r} is named {names.count(repeated[0])} times")
+    positives: dict[str, tuple[int, ...]] = {}
+    first_line: dict[str, int] = {}
     for number, text in enumerate(lines[2:], start=3):
         fields = text.split()  # split() on any run of spaces: the file pads values to width 2
         if not fields:
@@ -99,6 +104,9 @@ def read_attributes(path: Path) -> Attributes:
         values = fields[1:]
         if len(values) != len(names) or any(v not in ("1", "-1") for v in values):
             raise SourceError(f"{path}:{number}: expected a name and {len(names)} values of 1 or -1")
+        if fields[0] in first_line:
+            raise SourceError(f"{path}:{number}: {fields[0]!r} is listed again (first on line {first_line[fields[0]]})")
+        first_line[fields[0]] = number
         positives[fields[0]] = tuple(i for i, v in enumerate(values) if v == "1")
     if len(positives) != int(lines[0]):
         raise SourceError(f"{path}: the count line says {int(lines[0])} images, the file lists {len(positives)}")

@@ -13,13 +13,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from shards.folder_lock import output_lock
 from shards.format import NO_LABEL, safe_key
 from shards.manifest import ShardError, SplitManifest
-from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
+from shards.writer import SourceItem, SplitSpec, WriterSettings, make_room, write_split
 
 # Extensions listed as images; the bytes are still checked by decoding (a .JPEG may hold a PNG).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 WNID_PATTERN = re.compile(r"^n\d{8}$")
+INTEGER_PATTERN = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
 _EXISTENCE_PROBES = 64  # listed files stat-ed up front to tell a wrong --root from a few missing files
 
 
@@ -87,14 +89,19 @@ def read_lines(path: Path, what: str) -> list[str]:
 
 
 def read_labelled_lines(path: Path, what: str) -> list[LabelledLine]:
-    """Parse ``relpath label`` lines (blank lines ignored); errors name the file and line."""
+    """Parse ``relpath label`` lines (blank lines ignored); errors name the file and line, a path
+    listed twice included (naming both lines)."""
     out = []
+    first_line: dict[str, int] = {}
     for number, text in enumerate(read_lines(path, what), start=1):
         if not text.strip():
             continue
         parts = text.strip().rsplit(maxsplit=1)  # rsplit: a path may contain spaces, the label cannot
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        if len(parts) != 2 or not INTEGER_PATTERN.fullmatch(parts[1]):
             raise SourceError(f"{path}:{number}: expected 'path label', got {text.strip()[:80]!r}")
+        if parts[0] in first_line:
+            raise SourceError(f"{path}:{number}: {parts[0]!r} is listed again (first on line {first_line[parts[0]]})")
+        first_line[parts[0]] = number
         out.append(LabelledLine(number, parts[0], int(parts[1])))
     if not out:
         raise SourceError(f"{what} {path} lists no images")
@@ -270,12 +277,21 @@ def parse_splits(text: str | None, known: Sequence[str]) -> tuple[str, ...] | No
     return names
 
 
-def write_planned(out: Path, planned: Sequence[PlannedSplit], settings: WriterSettings) -> list[SplitManifest]:
-    """Write every planned split; an empty split is refused before anything is written."""
+def write_planned(
+    out: Path, planned: Sequence[PlannedSplit], settings: WriterSettings, overwrite: bool = False
+) -> list[SplitManifest]:
+    """Write every planned split; an empty split, and (unless ``overwrite``) another dataset's splits
+    in ``out`` with other classes (``shards.writer.make_room``), are refused before anything is written."""
+    with output_lock(out):
+        _check_planned(planned)
+        make_room(out, [split.spec for split in planned], overwrite)
+        return [write_split(out, split.spec, split.items, settings) for split in planned]
+
+
+def _check_planned(planned: Sequence[PlannedSplit]) -> None:
     for split in planned:
         if not split.items:
             raise SourceError(f"split {split.spec.name}: no images found to convert")
         duplicates = [key for key, n in Counter(item.key for item in split.items).items() if n > 1]
         if duplicates:
             raise SourceError(f"split {split.spec.name}: several files map to the sample keys {duplicates[:3]}")
-    return [write_split(out, split.spec, split.items, settings) for split in planned]

@@ -381,7 +381,8 @@ def read_kaggle_val(path: Path) -> dict[str, str]:
     header = [h.strip() for h in lines[0].split(",")] if lines else []
     if header[:2] != ["ImageId", "PredictionString"]:
         raise SourceError(f"{path}:1: header {header} is not 'ImageId,PredictionString'")
-    labels = {}
+    labels: dict[str, str] = {}
+    first_line: dict[str, int] = {}
     for number, text in enumerate(lines[1:], start=2):
         if not text.strip():
             continue
@@ -389,7 +390,13 @@ def read_kaggle_val(path: Path) -> dict[str, str]:
         tokens = prediction.split()
         if not tokens or not WNID_PATTERN.match(tokens[0]):
             raise SourceError(f"{path}:{number}: no WNID at the start of {prediction.strip()[:60]!r}")
-        labels[image_id.strip()] = tokens[0]
+        image_id = image_id.strip()
+        if image_id in first_line:
+            raise SourceError(
+                f"{path}:{number}: ImageId {image_id!r} is listed again (first on line {first_line[image_id]})"
+            )
+        first_line[image_id] = number
+        labels[image_id] = tokens[0]
     return labels
 
 
@@ -462,7 +469,15 @@ def load_real(path: Path | None) -> tuple[dict[str, list[int]], str]:
             raise ValueError("expected a JSON list of lists of class indices")
     except ValueError as error:
         raise SourceError(f"ReaL label file {path or source}: {error}") from None
-    return {VAL_STEM.format(i + 1): [int(c) for c in s] for i, s in enumerate(sets)}, source
+    num_classes = len(imagenet_wnids())
+    for number, classes in enumerate(sets):
+        wrong = [c for c in classes if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes]
+        if wrong:
+            raise SourceError(
+                f"ReaL label file {path or source}: entry {number} ({VAL_STEM.format(number + 1)}) holds "
+                f"{json.dumps(wrong[0])}, not a class index 0..{num_classes - 1}"
+            )
+    return {VAL_STEM.format(i + 1): list(s) for i, s in enumerate(sets)}, source
 
 
 def val_split(
