@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_engine_run import REPO, grid_root  # noqa: F401 (fixture)
+from helpers import REPO
 from typer.testing import CliRunner
 
 from engine.config import build_config, load_toml, to_toml

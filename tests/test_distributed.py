@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_run import CPU, REPO, checkpoint_state, grid_root, tiny_config  # noqa: F401 (grid_root is a fixture)
+from helpers import CPU, REPO, checkpoint_state, tiny_config
 
 from engine.checkpoint import read_checkpoint
 from engine.cli import resolve_config

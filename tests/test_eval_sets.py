@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_engine_run import CPU, REPO, grid_root, run_cli, tiny_config  # noqa: F401 (grid_root is a fixture)
+from helpers import CPU, REPO, run_cli, tiny_config
 from typer.testing import CliRunner
 
 from engine import evaluate, export

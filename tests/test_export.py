@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_run import CPU, REPO, grid_root, tiny_config  # noqa: F401 (grid_root is a fixture)
+from helpers import CPU, REPO, tiny_config
 from typer.testing import CliRunner
 
 from engine import evaluate, export, predict

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_run import CPU, REPO, checkpoint_step, grid_root, run_cli, tiny_config  # noqa: F401 (grid_root is a fixture)
+from helpers import CPU, checkpoint_step, run_cli, tiny_config
 
 from engine.checkpoint import CheckpointError, read_checkpoint
 from engine.run_folder import read_metrics

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_run import CPU, checkpoint_state, grid_root, tiny_config  # noqa: F401 (grid_root is a fixture)
+from helpers import CPU, checkpoint_state, tiny_config
 from typer.testing import CliRunner
 
 from engine.build import EngineSpec, OptimizerInPlace, build_engine

@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_engine_run import run_stopped_by_sigterm
+from helpers import CPU, REPO, run_stopped_by_sigterm
 
 from engine.checkpoint import Progress, read_checkpoint
 from engine.config import ConfigError, build_config
-from engine.distributed import DistInfo
 from engine.phases import STUDENT, TEACHER
 from engine.run_folder import read_metrics
 from engine.trainer import Trainer
@@ -23,8 +22,6 @@ from shards.format import NO_LABEL, FormatError, LabelKind
 from shards.manifest import load_split
 from shards.verify import verify_root
 
-REPO = Path(__file__).resolve().parents[1]
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 CLASSES = ("bird", "cat", "dog")
 COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "bird": (40, 40, 200)}
 NUM_TRAIN_IMAGES = 200  # 10 % labelled (20), 90 % unlabelled (180)
