@@ -4,6 +4,7 @@ digit grid most engine tests train on. Helpers that are not fixtures live in hel
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,6 +65,16 @@ def grid_root(tmp_path_factory) -> Path:
     """The converted digit grid (train 640, val 160 images), built once per session: tests only read
     it; one that writes into a grid copies it first."""
     return write_grid(tmp_path_factory.mktemp("grid"))
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``make test PYTEST_WORKERS=N``) the workers share the cores: each runs torch
+    on one thread, and the processes a test starts inherit OMP_NUM_THREADS=1."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

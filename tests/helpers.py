@@ -4,9 +4,11 @@ as a user starts it, and a run stopped by SIGTERM."""
 
 from __future__ import annotations
 
+import io
 import signal
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,41 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
+
+
+class CommandTimedOut(BaseException):
+    """A command run in this process went past its time limit (a BaseException, so that no
+    ``except Exception`` of the command turns it into an exit status)."""
+
+
+def run_cli_in_process(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``engine-run ARGS`` in this process, through ``engine.cli.run_command`` as the installed command
+    runs it: exit status and what it printed, as ``run_cli`` returns them, without a fresh
+    interpreter's seconds of imports. An exception the command does not turn into an exit status
+    propagates (where a fresh process would print its traceback); so does a re-launch (``--gpus N``),
+    which would replace this process, and a command that runs past ``timeout`` seconds."""
+    from unittest import mock
+
+    from engine import cli
+
+    def no_exec(path: str, argv: list[str]) -> None:
+        raise AssertionError(f"engine-run tried to become {argv}")
+
+    def timed_out(signum: int, frame: object) -> None:
+        raise CommandTimedOut(f"engine-run {' '.join(args)} ran past {timeout} s")
+
+    out, err = io.StringIO(), io.StringIO()
+    previous = signal.signal(signal.SIGALRM, timed_out)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        with (
+            mock.patch.object(sys, "argv", ["engine-run", *args]),
+            mock.patch.object(cli.os, "execv", no_exec),
+            redirect_stdout(out),
+            redirect_stderr(err),
+        ):
+            code = cli.run_command()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return subprocess.CompletedProcess(["engine-run", *args], code, out.getvalue(), err.getvalue())

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CPU, REPO, checkpoint_step, learner_weights, run_cli, run_stopped_by_sigterm, tiny_config
+from helpers import (
+    CPU,
+    REPO,
+    checkpoint_step,
+    learner_weights,
+    run_cli,
+    run_cli_in_process,
+    run_stopped_by_sigterm,
+    tiny_config,
+)
 
 from engine.config import ConfigError
 from engine.run_folder import RunFolderError, read_metrics
@@ -142,7 +151,7 @@ def test_cli_help_lists_the_options() -> None:
     ],
 )
 def test_cli_bad_options_fail_before_work(args: list[str], message: str, tmp_path: Path) -> None:
-    result = run_cli(*args, "--out", str(tmp_path / "out"), timeout=120)
+    result = run_cli_in_process(*args, "--out", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
