@@ -283,7 +283,7 @@ def test_training_on_a_folder_converted_dataset(tmp_path: Path) -> None:
         )
         assert convert.returncode == 0, convert.stderr
     out = tmp_path / "run"
-    result = run_cli(
+    result = run_cli_in_process(
         "--data",
         str(shards),
         "--method",

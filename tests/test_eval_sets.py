@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import CPU, REPO, run_cli, tiny_config
+from helpers import CPU, REPO, run_cli_in_process, tiny_config
 from typer.testing import CliRunner
 
 from engine import evaluate, export
@@ -49,7 +49,7 @@ def test_extra_eval_sets_are_scored_at_every_eval_point_and_match_mile_eval(
     grid_root: Path, second_grid: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    result = run_cli(
+    result = run_cli_in_process(
         "--data",
         str(grid_root),
         "--out",
@@ -148,7 +148,7 @@ def test_an_eval_set_with_other_classes_is_refused_naming_both_manifests_and_the
 def test_a_missing_eval_folder_or_split_fails_before_any_file_is_written(
     grid_root: Path, second_grid: Path, tmp_path: Path, spec: str, message: str
 ) -> None:
-    result = run_cli(
+    result = run_cli_in_process(
         "--data",
         str(grid_root),
         "--out",

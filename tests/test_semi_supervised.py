@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CPU, REPO, run_stopped_by_sigterm
+from helpers import CPU, REPO, run_cli_in_process, run_stopped_by_sigterm
 
 from engine.checkpoint import Progress, read_checkpoint
 from engine.config import ConfigError, build_config
@@ -31,12 +31,6 @@ BATCH = 8  # labelled: 2 batches per epoch; unlabelled: 22
 def make_shards(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "tools/make_shards.py", *args], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
-
-
-def engine_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=300, cwd=REPO
     )
 
 
@@ -238,7 +232,7 @@ def test_semi_supervised_run_through_the_cli_reads_each_split_in_its_phases(semi
     """The acceptance run: engine-run on the converted folder; every logged step (log_every 1) says
     which split its images came from, and the checkpoint's two data positions count the steps of each phase."""
     out = tmp_path / "run"
-    result = engine_run(
+    result = run_cli_in_process(
         "--data",
         str(semi_root),
         "--unlabelled-split",
