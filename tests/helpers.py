@@ -78,7 +78,7 @@ def run_stopped_by_sigterm(config: RunConfig, stop_at: int) -> None:
         if trainer.step == stop_at:
             signal.raise_signal(signal.SIGTERM)
 
-    trainer._timed_step = step_then_signal
+    trainer._timed_step = step_then_signal  # type: ignore[method-assign]  # a signal mid-run, on purpose
     with pytest.raises(RunInterrupted) as stopped:
         trainer.run()
     assert stopped.value.exit_code == 128 + signal.SIGTERM
