@@ -96,34 +96,62 @@ class CommandTimedOut(BaseException):
     ``except Exception`` of the command turns it into an exit status)."""
 
 
-def run_cli_in_process(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``engine-run ARGS`` in this process, through ``engine.cli.run_command`` as the installed command
-    runs it: exit status and what it printed, as ``run_cli`` returns them, without a fresh
-    interpreter's seconds of imports. An exception the command does not turn into an exit status
-    propagates (where a fresh process would print its traceback); so does a re-launch (``--gpus N``),
-    which would replace this process, and a command that runs past ``timeout`` seconds."""
+# Handlers a command may install (engine-run's trainer, make-shards' SIGTERM): put back afterwards.
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM)
+
+
+def run_in_process(target: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m TARGET ARGS`` (a module) or ``python TARGET ARGS`` (a ``.py`` script, relative to
+    the repository) run in this process as the interpreter would run it (``__main__``, ``sys.argv``,
+    the repository as working folder): its exit status and what it printed, as ``subprocess.run``
+    returns them, without a fresh interpreter's seconds of imports. For what a command does with its
+    arguments, files and errors; signals, exits and launchers need a real process. An exception the
+    command lets through propagates (where a process would print its traceback), and so do a command
+    that runs past ``timeout`` seconds and an exec (``engine-run --gpus N``), which would replace
+    this process."""
+    import os
+    import runpy
+    import warnings
     from unittest import mock
 
-    from engine import cli
-
     def no_exec(path: str, argv: list[str]) -> None:
-        raise AssertionError(f"engine-run tried to become {argv}")
+        raise AssertionError(f"{target} tried to become {argv}")
 
     def timed_out(signum: int, frame: object) -> None:
-        raise CommandTimedOut(f"engine-run {' '.join(args)} ran past {timeout} s")
+        raise CommandTimedOut(f"{target} {' '.join(args)} ran past {timeout} s")
 
-    out, err = io.StringIO(), io.StringIO()
-    previous = signal.signal(signal.SIGALRM, timed_out)
+    script = target.endswith(".py")
+    argv = [str(REPO / target) if script else target, *args]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    handlers = {signum: signal.getsignal(signum) for signum in _SIGNALS}
+    cwd = os.getcwd()
+    signal.signal(signal.SIGALRM, timed_out)
     signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
+        os.chdir(REPO)
         with (
-            mock.patch.object(sys, "argv", ["engine-run", *args]),
-            mock.patch.object(cli.os, "execv", no_exec),
+            mock.patch.object(sys, "argv", argv),
+            mock.patch.object(os, "execv", no_exec),
             redirect_stdout(out),
             redirect_stderr(err),
+            warnings.catch_warnings(),
         ):
-            code = cli.run_command()
+            warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)  # runpy's
+            try:
+                if script:
+                    runpy.run_path(argv[0], run_name="__main__")
+                else:
+                    runpy.run_module(target, run_name="__main__", alter_sys=True)
+            except SystemExit as finished:
+                code = finished.code if isinstance(finished.code, int) else (0 if finished.code is None else 1)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    return subprocess.CompletedProcess(["engine-run", *args], code, out.getvalue(), err.getvalue())
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def run_cli_in_process(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``engine-run ARGS`` in this process (``run_in_process``): what ``run_cli`` returns, seconds sooner."""
+    return run_in_process("engine.cli", *args, timeout=timeout)

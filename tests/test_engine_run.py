@@ -20,6 +20,7 @@ from helpers import (
     learner_weights,
     run_cli,
     run_cli_in_process,
+    run_in_process,
     run_stopped_by_sigterm,
     tiny_config,
 )
@@ -260,26 +261,20 @@ def test_training_on_a_folder_converted_dataset(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     for split, lines in rows.items():
         (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
-        convert = subprocess.run(
-            [
-                sys.executable,
-                "tools/make_shards.py",
-                "folder",
-                "--images",
-                str(images),
-                "--labels",
-                str(tmp_path / f"{split}.csv"),
-                "--split",
-                split,
-                "--out",
-                str(shards),
-                "--workers",
-                "1",
-            ],
-            capture_output=True,
-            text=True,
+        convert = run_in_process(
+            "tools/make_shards.py",
+            "folder",
+            "--images",
+            str(images),
+            "--labels",
+            str(tmp_path / f"{split}.csv"),
+            "--split",
+            split,
+            "--out",
+            str(shards),
+            "--workers",
+            "1",
             timeout=120,
-            cwd=REPO,
         )
         assert convert.returncode == 0, convert.stderr
     out = tmp_path / "run"

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import CPU, REPO, run_cli_in_process, run_stopped_by_sigterm
+from helpers import CPU, run_cli_in_process, run_in_process, run_stopped_by_sigterm
 
 from engine.checkpoint import Progress, read_checkpoint
 from engine.config import ConfigError, build_config
@@ -29,9 +28,7 @@ BATCH = 8  # labelled: 2 batches per epoch; unlabelled: 22
 
 
 def make_shards(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "tools/make_shards.py", *args], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
+    return run_in_process("tools/make_shards.py", *args, timeout=120)
 
 
 def write_photos(images: Path, count: int, offset: int) -> list[tuple[str, str]]:
