@@ -59,6 +59,7 @@ def report(*args: str) -> subprocess.CompletedProcess:
     return run_in_process("tools/report.py", *args, timeout=600)
 
 
+@pytest.mark.slow
 def test_demo_table_has_every_method_the_no_model_rows_and_both_plots(demo_out: Path) -> None:
     out = demo_out
     rows = list(csv.DictReader(open(out / "table.csv")))
@@ -74,6 +75,7 @@ def test_demo_table_has_every_method_the_no_model_rows_and_both_plots(demo_out: 
     assert (out / "mile-seed1" / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_report_over_the_demos_run_folders_writes_the_demos_table(demo_out: Path, tmp_path: Path) -> None:
     result = report(str(demo_out), "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,6 +84,7 @@ def test_report_over_the_demos_run_folders_writes_the_demos_table(demo_out: Path
     assert (tmp_path / "report" / "f1_curve.png").is_file() and (tmp_path / "report" / "f1_vs_coverage.png").is_file()
 
 
+@pytest.mark.slow
 def test_report_lists_unfinished_runs_groups_as_asked_and_refuses_other_folders(demo_out: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     for name in ("mile", "mile-seed1", "sigmoid"):
@@ -124,6 +127,7 @@ def test_report_lists_unfinished_runs_groups_as_asked_and_refuses_other_folders(
     assert wrong_key.returncode == 2 and "--group-by rhoo: not a config key" in wrong_key.stderr
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_combination_marks_the_chosen_and_reuses_runs(grid_root: Path, tmp_path: Path) -> None:
     base = tiny_base(grid_root, tmp_path)
     sweep = tmp_path / "sweep.toml"

@@ -48,12 +48,14 @@ def assert_stop_and_resume_matches_whole_run(grid_root: Path, tmp_path: Path, st
     assert steps == [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("student_init", ["teacher", "previous"])
 def test_stopped_and_resumed_run_matches_uninterrupted(grid_root: Path, tmp_path: Path, student_init: str) -> None:
     # SIGTERM after step 7: inside a teacher phase (k_t=3, k_s=2)
     assert_stop_and_resume_matches_whole_run(grid_root, tmp_path, 7, **{"method.student_init": student_init})
 
 
+@pytest.mark.slow
 @pytest.mark.dali
 def test_dali_run_resumes_mid_epoch_bitwise(grid_root: Path, tmp_path: Path) -> None:
     pytest.importorskip("nvidia.dali")
@@ -159,6 +161,7 @@ def test_cli_bad_options_fail_before_work(args: list[str], message: str, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_sigterm_saves_checkpoint_then_resume_finishes(grid_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     args = [
@@ -198,6 +201,7 @@ def test_cli_sigterm_saves_checkpoint_then_resume_finishes(grid_root: Path, tmp_
     assert json.loads((out / "summary.json").read_text())["step"] == step + 3
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run_under_torchrun(grid_root: Path, tmp_path: Path) -> None:
     """DDP over gloo: both ranks train, eval covers the whole val split once, rank 0 writes, and both
     ranks exit 0. (This used to fail about once in ten suite runs, rank 1 aborting at exit while

@@ -84,6 +84,7 @@ def moco_file(backbone: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_moco_checkpoint_of_a_trained_resnet18_loads_every_backbone_key(
     grid_root: Path, tmp_path: Path, caplog
 ) -> None:
