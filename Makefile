@@ -3,7 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean lint
+# Test processes (pytest-xdist): 0 runs the suite in this process; N > 0 starts N workers, each
+# taking whole files (module fixtures are built once) with torch limited to one thread.
+PYTEST_WORKERS ?= 0
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
+.PHONY: demo test test-fast install clean lint
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -18,8 +23,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m engine.demo  # re-running reuses finished runs and resumes interrupted ones
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+test: $(STAMP)  # the whole suite; .ci/run runs it
+	$(PYTEST)
+
+test-fast: $(STAMP)  # what to run between edits: every test not marked slow
+	$(PYTEST) -m "not slow"
 
 # ruff and mypy come with the lint extra: $(PY) -m pip install -e ".[lint]"
 lint: $(STAMP)

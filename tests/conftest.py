@@ -1,12 +1,16 @@
-"""Shared fixtures: real JPEG bytes made with PIL, and small in-memory sample lists for the writer."""
+"""Shared fixtures: real JPEG bytes made with PIL, small in-memory sample lists for the writer, and the
+digit grid most engine tests train on. Helpers that are not fixtures live in helpers.py."""
 
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_grid
 from PIL import Image
 
 from shards.writer import SourceItem
@@ -54,6 +58,23 @@ def pixel_items(count: int, num_classes: int, multi: bool = True, seed: int = 0)
 def make_items() -> Callable[..., list[SourceItem]]:
     """``make_items(count, num_classes, multi=True, seed=0)``: class-sorted in-memory samples."""
     return pixel_items
+
+
+@pytest.fixture(scope="session")
+def grid_root(tmp_path_factory) -> Path:
+    """The converted digit grid (train 640, val 160 images), built once per session: tests only read
+    it; one that writes into a grid copies it first."""
+    return write_grid(tmp_path_factory.mktemp("grid"))
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``make test PYTEST_WORKERS=N``) the workers share the cores: each runs torch
+    on one thread, and the processes a test starts inherit OMP_NUM_THREADS=1."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--num-images", "16", "--batch-size", "4", "--image-size", "32", "--repeats", "2", "--warmup", "0"]
 
 
+@pytest.mark.slow
 @pytest.mark.dali
 @pytest.mark.skipif(dali_import_error() is not None, reason="DALI not importable")
 def test_dali_gap_bench_measures_every_row(tmp_path: Path) -> None:
@@ -39,6 +40,7 @@ def test_dali_gap_bench_measures_every_row(tmp_path: Path) -> None:
     assert rows[PLAIN]["ratio_to_plain"] == [1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_dali_gap_bench_without_dali_says_why(tmp_path: Path) -> None:
     """Where DALI does not import, the subcommand fails with a message naming the reason."""
     code = (
@@ -50,6 +52,7 @@ def test_dali_gap_bench_without_dali_says_why(tmp_path: Path) -> None:
     assert "dali-gap needs NVIDIA DALI" in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.dali
 @pytest.mark.skipif(dali_import_error() is not None, reason="DALI not importable")
 def test_dali_gap_bench_runs_the_rows_asked_for(tmp_path: Path) -> None:

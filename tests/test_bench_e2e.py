@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--arch",
@@ -45,6 +47,7 @@ EXPECTED_ROWS = [
 ]
 
 
+@pytest.mark.slow
 def test_e2e_bench_prints_every_row_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "e2e.json"
     result = subprocess.run(
@@ -71,6 +74,7 @@ def test_e2e_bench_prints_every_row_on_cpu(tmp_path: Path) -> None:
 # -- the GPU checks' code, run on the CPU (where CUDA-only parts are left out) ---------------------
 
 
+@pytest.mark.slow
 def test_gpu_check_functions_run_on_cpu(tmp_path: Path) -> None:
     """The phase-switch timing, the decode comparison and the Trainer probe of tools/gpu_checks.sh,
     on the CPU: their code runs, and the decode comparison can tell different images apart."""

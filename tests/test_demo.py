@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_engine_run import REPO, grid_root  # noqa: F401 (fixture)
+from helpers import run_in_process
 from typer.testing import CliRunner
 
 from engine.config import build_config, load_toml, to_toml
@@ -57,11 +56,10 @@ def demo_out(grid_root: Path, tmp_path_factory) -> Path:
 
 
 def report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "tools/report.py", *args], capture_output=True, text=True, timeout=600, cwd=REPO
-    )
+    return run_in_process("tools/report.py", *args, timeout=600)
 
 
+@pytest.mark.slow
 def test_demo_table_has_every_method_the_no_model_rows_and_both_plots(demo_out: Path) -> None:
     out = demo_out
     rows = list(csv.DictReader(open(out / "table.csv")))
@@ -77,6 +75,7 @@ def test_demo_table_has_every_method_the_no_model_rows_and_both_plots(demo_out: 
     assert (out / "mile-seed1" / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_report_over_the_demos_run_folders_writes_the_demos_table(demo_out: Path, tmp_path: Path) -> None:
     result = report(str(demo_out), "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -85,6 +84,7 @@ def test_report_over_the_demos_run_folders_writes_the_demos_table(demo_out: Path
     assert (tmp_path / "report" / "f1_curve.png").is_file() and (tmp_path / "report" / "f1_vs_coverage.png").is_file()
 
 
+@pytest.mark.slow
 def test_report_lists_unfinished_runs_groups_as_asked_and_refuses_other_folders(demo_out: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     for name in ("mile", "mile-seed1", "sigmoid"):
@@ -127,6 +127,7 @@ def test_report_lists_unfinished_runs_groups_as_asked_and_refuses_other_folders(
     assert wrong_key.returncode == 2 and "--group-by rhoo: not a config key" in wrong_key.stderr
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_combination_marks_the_chosen_and_reuses_runs(grid_root: Path, tmp_path: Path) -> None:
     base = tiny_base(grid_root, tmp_path)
     sweep = tmp_path / "sweep.toml"
@@ -136,8 +137,8 @@ def test_sweep_runs_every_combination_marks_the_chosen_and_reuses_runs(grid_root
         '[grid.mile]\n"method.k_teacher_steps,method.k_student_steps" = [[2, 2], [3, 1]]\n'
     )
     out = tmp_path / "sweep"
-    command = [sys.executable, "tools/sweep.py", str(sweep), "--out", str(out)]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    command = ["tools/sweep.py", str(sweep), "--out", str(out)]
+    first = run_in_process(*command, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [(r["method"], r["run"]) for r in rows] == [
@@ -150,7 +151,7 @@ def test_sweep_runs_every_combination_marks_the_chosen_and_reuses_runs(grid_root
     saved = load_toml(out / "mile" / "k_teacher_steps=3,k_student_steps=1" / "config.toml")
     assert saved["method"]["k_teacher_steps"] == 3 and saved["method"]["k_student_steps"] == 1
     stamp = (out / "sigmoid" / "lr_per_256=0.2" / "checkpoints" / "last.pt").stat().st_mtime_ns
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    again = run_in_process(*command, timeout=600)
     assert again.returncode == 0 and "reusing the finished run" in again.stdout
     assert (out / "sigmoid" / "lr_per_256=0.2" / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
 
@@ -161,12 +162,6 @@ def test_sweep_runs_every_combination_marks_the_chosen_and_reuses_runs(grid_root
         "mile k_teacher_steps=2 k_student_steps=2",
         "mile k_teacher_steps=3 k_student_steps=1",
     ]
-    result = subprocess.run(
-        [sys.executable, "tools/report.py", str(out), "--out", str(tmp_path / "report")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
+    result = report(str(out), "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "report" / "table.md").read_text() == (out / "table.md").read_text()

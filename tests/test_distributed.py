@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_run import CPU, REPO, checkpoint_state, grid_root, tiny_config  # noqa: F401 (grid_root is a fixture)
+from helpers import CPU, REPO, checkpoint_state, tiny_config
 
 from engine.checkpoint import read_checkpoint
 from engine.cli import resolve_config
@@ -131,6 +131,7 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 # -- 1. one global batch whatever the number of processes -----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, counts", [("softmax", (2,)), ("mile", (2, 4))])
 def test_sync_bn_runs_agree_on_any_number_of_processes(
     grid_root: Path, tmp_path: Path, method: str, counts: tuple[int, ...]
@@ -150,6 +151,7 @@ def test_sync_bn_runs_agree_on_any_number_of_processes(
 # -- 2. BatchNorm statistics agree at the teacher snapshot ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_teacher_statistics_are_rank_zeros_on_every_rank(grid_root: Path, tmp_path: Path) -> None:
     """Without --sync-bn the ranks' own BatchNorm statistics differ (the control); the teacher each
     rank snapshots has rank 0's, so no rank computes other pseudo-labels."""
@@ -181,6 +183,7 @@ if sys.argv[1] == "exit_worker":
 """
 
 
+@pytest.mark.slow
 def test_a_worker_leaves_without_racing_the_process_groups_threads(tmp_path: Path) -> None:
     """The abort behind the old intermittent failure of the two-process test, made certain: a gloo
     thread that needs the GIL while the interpreter finalizes is ended by CPython with pthread_exit,
@@ -205,6 +208,7 @@ def test_a_worker_leaves_without_racing_the_process_groups_threads(tmp_path: Pat
 # -- 4. elastic restart, checkpoints ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_killed_rank_restarts_the_job_which_resumes_exactly(grid_root: Path, tmp_path: Path) -> None:
     """SIGKILL to rank 1 after step 6 (a student phase; checkpoint after step 4) under --max-restarts 1:
     the restarted group resumes by itself and ends as an uninterrupted run, metrics and weights."""
@@ -220,6 +224,7 @@ def test_a_killed_rank_restarts_the_job_which_resumes_exactly(grid_root: Path, t
     assert steps(killed) == steps(whole)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_killed_while_written_is_never_resumed_from(grid_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = run_args(grid_root, out, **{"checkpoint-every": 2, "keep-checkpoints": 2})
@@ -311,6 +316,7 @@ def one_process_reference(grid_root: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_signal_to_the_launcher_stops_every_rank_after_the_same_step(
     grid_root: Path, tmp_path: Path, one_process_reference: Path, signum: int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,77 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    CPU,
+    REPO,
+    checkpoint_step,
+    learner_weights,
+    run_cli,
+    run_cli_in_process,
+    run_in_process,
+    run_stopped_by_sigterm,
+    tiny_config,
+)
 
-from engine.checkpoint import read_checkpoint
-from engine.config import ConfigError, build_config
-from engine.distributed import DistInfo
+from engine.config import ConfigError
 from engine.run_folder import RunFolderError, read_metrics
-from engine.trainer import NonFiniteLoss, RunInterrupted, Trainer
+from engine.trainer import NonFiniteLoss, Trainer
 from shards.sources import digits_grid
 from shards.writer import WriterSettings, write_split
-
-REPO = Path(__file__).resolve().parents[1]
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def grid_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("grid")
-    config = digits_grid.GridConfig(train_size=640, val_size=160, seed=3)
-    for split, items in digits_grid.grid_items(config).items():
-        write_split(
-            root, digits_grid.grid_spec(split, config), items, WriterSettings(progress=False, max_samples_per_shard=200)
-        )
-    return root
-
-
-def tiny_config(root: Path, out: Path, **overrides):
-    values = {
-        "data.root": str(root),
-        "data.num_workers": 0,
-        "data.backend": "torch",
-        "method.name": "mile",
-        "method.k_teacher_steps": 3,
-        "method.k_student_steps": 2,
-        "num_steps": 12,
-        "global_batch_size": 32,
-        "eval_every": 6,
-        "log_every": 2,
-        "checkpoint_every": 4,
-        "out_dir": str(out),
-        "device": "cpu",
-        **overrides,
-    }
-    return build_config({}, values)
-
-
-def checkpoint_state(out: Path) -> dict:
-    """The components of a run's checkpoint, read as a user would (weights_only, digest checked)."""
-    return read_checkpoint(out / "checkpoints" / "last.pt")["components"]
-
-
-def checkpoint_step(out: Path) -> int:
-    return checkpoint_state(out)["progress"]["step"]
-
-
-def learner_weights(out: Path) -> dict[str, torch.Tensor]:
-    return checkpoint_state(out)["learner"]
-
-
-def run_stopped_by_sigterm(config, stop_at: int) -> None:
-    """Train ``config`` and send SIGTERM right after step ``stop_at``: the run checkpoints and stops."""
-    trainer = Trainer(config, CPU)
-    original_step = trainer._timed_step
-
-    def step_then_signal(batch, stats):
-        original_step(batch, stats)
-        if trainer.step == stop_at:
-            signal.raise_signal(signal.SIGTERM)
-
-    trainer._timed_step = step_then_signal  # type: ignore[method-assign]  # a signal mid-run, on purpose
-    with pytest.raises(RunInterrupted) as stopped:
-        trainer.run()
-    assert stopped.value.exit_code == 128 + signal.SIGTERM
 
 
 def assert_stop_and_resume_matches_whole_run(grid_root: Path, tmp_path: Path, stop_at: int, **overrides) -> None:
@@ -101,12 +48,14 @@ def assert_stop_and_resume_matches_whole_run(grid_root: Path, tmp_path: Path, st
     assert steps == [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("student_init", ["teacher", "previous"])
 def test_stopped_and_resumed_run_matches_uninterrupted(grid_root: Path, tmp_path: Path, student_init: str) -> None:
     # SIGTERM after step 7: inside a teacher phase (k_t=3, k_s=2)
     assert_stop_and_resume_matches_whole_run(grid_root, tmp_path, 7, **{"method.student_init": student_init})
 
 
+@pytest.mark.slow
 @pytest.mark.dali
 def test_dali_run_resumes_mid_epoch_bitwise(grid_root: Path, tmp_path: Path) -> None:
     pytest.importorskip("nvidia.dali")
@@ -160,30 +109,17 @@ def test_non_finite_loss_names_step_and_phase_and_keeps_checkpoint(
     assert checkpoint_step(out) == 4
 
 
-def test_multilabel_metrics_on_a_single_label_split_is_an_error(
-    single_label_eval: Path, grid_root: Path, tmp_path: Path
-) -> None:
-    with pytest.raises(ConfigError, match="has no multi-labels"):
-        Trainer(
-            tiny_config(grid_root, tmp_path / "x", multilabel_metrics="on", **{"data.eval_split": "val_single"}), CPU
-        )
-
-
-@pytest.fixture(scope="module")
-def single_label_eval(grid_root: Path) -> Path:
+def test_multilabel_metrics_on_a_single_label_split_is_an_error(grid_root: Path, tmp_path: Path) -> None:
     from shards.format import LabelKind
     from shards.writer import SplitSpec
 
+    root = tmp_path / "grid"  # a copy: the session's grid stays as every other test reads it
+    shutil.copytree(grid_root, root)
     config = digits_grid.GridConfig(train_size=8, val_size=64, seed=3)
     spec = SplitSpec("val_single", LabelKind.SINGLE, digits_grid.CLASS_NAMES)
-    write_split(grid_root, spec, digits_grid.grid_items(config)["val"], WriterSettings(progress=False))
-    return grid_root
-
-
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
-    )
+    write_split(root, spec, digits_grid.grid_items(config)["val"], WriterSettings(progress=False))
+    with pytest.raises(ConfigError, match="has no multi-labels"):
+        Trainer(tiny_config(root, tmp_path / "x", multilabel_metrics="on", **{"data.eval_split": "val_single"}), CPU)
 
 
 def test_cli_help_lists_the_options() -> None:
@@ -218,13 +154,14 @@ def test_cli_help_lists_the_options() -> None:
     ],
 )
 def test_cli_bad_options_fail_before_work(args: list[str], message: str, tmp_path: Path) -> None:
-    result = run_cli(*args, "--out", str(tmp_path / "out"), timeout=120)
+    result = run_cli_in_process(*args, "--out", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_sigterm_saves_checkpoint_then_resume_finishes(grid_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     args = [
@@ -264,6 +201,7 @@ def test_cli_sigterm_saves_checkpoint_then_resume_finishes(grid_root: Path, tmp_
     assert json.loads((out / "summary.json").read_text())["step"] == step + 3
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run_under_torchrun(grid_root: Path, tmp_path: Path) -> None:
     """DDP over gloo: both ranks train, eval covers the whole val split once, rank 0 writes, and both
     ranks exit 0. (This used to fail about once in ten suite runs, rank 1 aborting at exit while
@@ -327,30 +265,24 @@ def test_training_on_a_folder_converted_dataset(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     for split, lines in rows.items():
         (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
-        convert = subprocess.run(
-            [
-                sys.executable,
-                "tools/make_shards.py",
-                "folder",
-                "--images",
-                str(images),
-                "--labels",
-                str(tmp_path / f"{split}.csv"),
-                "--split",
-                split,
-                "--out",
-                str(shards),
-                "--workers",
-                "1",
-            ],
-            capture_output=True,
-            text=True,
+        convert = run_in_process(
+            "tools/make_shards.py",
+            "folder",
+            "--images",
+            str(images),
+            "--labels",
+            str(tmp_path / f"{split}.csv"),
+            "--split",
+            split,
+            "--out",
+            str(shards),
+            "--workers",
+            "1",
             timeout=120,
-            cwd=REPO,
         )
         assert convert.returncode == 0, convert.stderr
     out = tmp_path / "run"
-    result = run_cli(
+    result = run_cli_in_process(
         "--data",
         str(shards),
         "--method",

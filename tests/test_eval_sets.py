@@ -6,12 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_engine_run import CPU, REPO, grid_root, run_cli, tiny_config  # noqa: F401 (grid_root is a fixture)
+from helpers import CPU, run_cli_in_process, run_in_process, tiny_config
 from typer.testing import CliRunner
 
 from engine import evaluate, export
@@ -49,7 +47,7 @@ def test_extra_eval_sets_are_scored_at_every_eval_point_and_match_mile_eval(
     grid_root: Path, second_grid: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    result = run_cli(
+    result = run_cli_in_process(
         "--data",
         str(grid_root),
         "--out",
@@ -110,13 +108,7 @@ def test_extra_eval_sets_are_scored_at_every_eval_point_and_match_mile_eval(
             assert summary[f"grid2/{split}/{key}"] == pytest.approx(value, abs=1e-6), key
 
     # the report gives each extra set's top-1 a column of its own
-    report = subprocess.run(
-        [sys.executable, "tools/report.py", str(out), "--out", str(tmp_path / "report"), "--no-score-models"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    report = run_in_process("tools/report.py", str(out), "--out", str(tmp_path / "report"), "--no-score-models")
     assert report.returncode == 0, report.stderr[-3000:]
     row = next(csv.DictReader(open(tmp_path / "report" / "table.csv")))
     assert (
@@ -148,7 +140,7 @@ def test_an_eval_set_with_other_classes_is_refused_naming_both_manifests_and_the
 def test_a_missing_eval_folder_or_split_fails_before_any_file_is_written(
     grid_root: Path, second_grid: Path, tmp_path: Path, spec: str, message: str
 ) -> None:
-    result = run_cli(
+    result = run_cli_in_process(
         "--data",
         str(grid_root),
         "--out",

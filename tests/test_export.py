@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_run import CPU, REPO, grid_root, tiny_config  # noqa: F401 (grid_root is a fixture)
+from helpers import CPU, REPO, tiny_config
 from typer.testing import CliRunner
 
 from engine import evaluate, export, predict
@@ -157,6 +157,7 @@ def test_without_safetensors_the_export_is_a_torch_state_dict(trained, tmp_path:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_naming_the_path(trained, tmp_path: Path) -> None:
     _, model_dir, _ = trained
     (tmp_path / "bad.jpg").write_bytes(b"not an image")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_run import CPU, REPO, checkpoint_step, grid_root, run_cli, tiny_config  # noqa: F401 (grid_root is a fixture)
+from helpers import CPU, checkpoint_step, run_cli_in_process, tiny_config
 
 from engine.checkpoint import CheckpointError, read_checkpoint
 from engine.run_folder import read_metrics
@@ -24,7 +24,7 @@ def finished_run(grid_root: Path, out: Path, **overrides) -> Path:
 
 
 def test_batch_larger_than_the_split_is_refused_before_work(grid_root: Path, tmp_path: Path) -> None:
-    result = run_cli(
+    result = run_cli_in_process(
         "--data", str(grid_root), "--batch-size", "5000", "--out", str(tmp_path / "out"), "--device", "cpu", timeout=60
     )
     assert result.returncode == 2, result.stderr
@@ -47,7 +47,7 @@ def test_a_crafted_checkpoint_does_not_run_code(grid_root: Path, tmp_path: Path)
     _Payload.marker = str(tmp_path / "pwned")
     with open(path, "wb") as handle:
         torch.save({"format": 2, "components": _Payload()}, handle, pickle_module=pickle)
-    result = run_cli("--out", str(tmp_path / "run"), "--resume", timeout=120)
+    result = run_cli_in_process("--out", str(tmp_path / "run"), "--resume")
     assert result.returncode == 2, result.stderr
     assert not (tmp_path / "pwned").exists()
     assert str(path) in result.stderr and "Traceback" not in result.stderr
@@ -74,7 +74,7 @@ def test_damaged_checkpoints_are_named_not_loaded(grid_root: Path, tmp_path: Pat
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=str(path)):
         read_checkpoint(path)
-    result = run_cli("--out", str(tmp_path / "run"), "--resume", timeout=120)
+    result = run_cli_in_process("--out", str(tmp_path / "run"), "--resume")
     assert result.returncode == 2 and str(path) in result.stderr and "Traceback" not in result.stderr
 
 
@@ -112,18 +112,16 @@ def test_resume_refuses_changes_that_alter_the_run(grid_root: Path, tmp_path: Pa
     )  # folder prepared, nothing trained
     finished_run(grid_root, tmp_path / "done")
     before = (tmp_path / "done" / "config.toml").read_bytes()
-    result = run_cli("--out", str(tmp_path / "done"), "--resume", flag, value, timeout=120)
+    result = run_cli_in_process("--out", str(tmp_path / "done"), "--resume", flag, value)
     assert result.returncode == 2, result.stderr
     assert "--resume cannot change" in result.stderr and flag in result.stderr
     assert (tmp_path / "done" / "config.toml").read_bytes() == before
-    assert (
-        run_cli("--out", str(tmp_path / "done"), "--resume", timeout=120).returncode == 0
-    )  # plain --resume still works
+    assert run_cli_in_process("--out", str(tmp_path / "done"), "--resume").returncode == 0  # plain --resume still works
 
 
 def test_resume_allows_safe_changes(grid_root: Path, tmp_path: Path) -> None:
     finished_run(grid_root, tmp_path / "done")
-    result = run_cli("--out", str(tmp_path / "done"), "--resume", "--eval-every", "2", "--steps", "6", timeout=120)
+    result = run_cli_in_process("--out", str(tmp_path / "done"), "--resume", "--eval-every", "2", "--steps", "6")
     assert result.returncode == 0, result.stderr
     assert checkpoint_step(tmp_path / "done") == 6
     assert "eval_every = 2" in (tmp_path / "done" / "config.toml").read_text()
@@ -148,7 +146,7 @@ def test_resuming_a_finished_run_appends_nothing(grid_root: Path, tmp_path: Path
     finished_run(grid_root, tmp_path / "run")
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
     for _ in range(2):
-        assert run_cli("--out", str(tmp_path / "run"), "--resume", timeout=120).returncode == 0
+        assert run_cli_in_process("--out", str(tmp_path / "run"), "--resume").returncode == 0
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
@@ -245,17 +243,8 @@ def damaged_copy(grid_root: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 def test_verify_data_names_a_damaged_shard_before_training(grid_root: Path, tmp_path: Path) -> None:
     root, shard = damaged_copy(grid_root, tmp_path)
-    result = run_cli(
-        "--data",
-        str(root),
-        "--verify-data",
-        "--out",
-        str(tmp_path / "run"),
-        "--device",
-        "cpu",
-        "--loader",
-        "torch",
-        timeout=120,
+    result = run_cli_in_process(
+        "--data", str(root), "--verify-data", "--out", str(tmp_path / "run"), "--device", "cpu", "--loader", "torch"
     )
     assert result.returncode == 2 and shard.name in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
@@ -263,7 +252,7 @@ def test_verify_data_names_a_damaged_shard_before_training(grid_root: Path, tmp_
 
 def test_a_damaged_sample_mid_run_stops_cleanly_naming_the_shard(grid_root: Path, tmp_path: Path) -> None:
     root, shard = damaged_copy(grid_root, tmp_path)
-    result = run_cli(
+    result = run_cli_in_process(
         "--data",
         str(root),
         "--out",
@@ -278,7 +267,6 @@ def test_a_damaged_sample_mid_run_stops_cleanly_naming_the_shard(grid_root: Path
         "60",
         "--batch-size",
         "32",
-        timeout=300,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert shard.name in result.stderr and "make-shards verify" in result.stderr and "--resume" in result.stderr

@@ -26,6 +26,7 @@ from dataset_layouts import (
     member_bytes,
     write,
 )
+from helpers import run_in_process
 
 from pipelines import ShardDataError, build_loader, dali_import_error
 from pipelines.contract import LoaderConfig
@@ -133,6 +134,7 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_second_conversion_into_a_busy_out_stops_naming_the_first_ones_pid(tmp_path):
     root, out = tmp_path / "webvision", tmp_path / "out"
     fifo = webvision_with_fifo(root)
@@ -288,7 +290,7 @@ def test_manifest_paths_leaving_the_folder_are_refused_by_loading_and_verify(sma
     edit_manifest(small_shards, lambda split: split["shards"][0].update({field: bad}))
     with pytest.raises(ShardError, match="leaves the dataset folder"):
         validate_split(small_shards, "s")
-    result = run_cli("verify", str(small_shards), "--workers", "1")
+    result = run_in_process("shards.cli", "verify", str(small_shards), "--workers", "1")
     assert result.returncode != 0 and "OK" not in result.stdout
     assert repr(bad) in result.stderr and "Traceback" not in result.stderr
 
@@ -331,6 +333,7 @@ def alive(pids: set[int]) -> set[int]:
     return {pid for pid in pids if pid in table and table[pid][1] != "Z"}  # a zombie is dead, not yet reaped
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_killing_a_conversion_leaves_no_worker_or_resource_tracker(tmp_path, how):
@@ -386,14 +389,16 @@ def test_a_label_file_that_is_not_utf8_is_an_error_naming_file_and_line(tmp_path
         make_webvision(root, [0, 1, 2], [0])
         listing = root / "info" / "train_filelist_google.txt"
         listing.write_bytes(listing.read_bytes() + b"google/q0000/caf\xe9.jpg 0\n")
-        result = run_cli("webvision", "--root", str(root), "--out", str(tmp_path / "out"), "--workers", "1")
+        result = run_in_process(
+            "shards.cli", "webvision", "--root", str(root), "--out", str(tmp_path / "out"), "--workers", "1"
+        )
     else:
         images, _ = folder_dataset(tmp_path)
         good = "img0.jpg,dog\n" if kind == "csv" else '{"path": "img0.jpg", "label": "dog"}\n'
         bad = b"caf\xe9.jpg,cat\n" if kind == "csv" else b'{"path": "caf\xe9.jpg", "label": "cat"}\n'
         listing = tmp_path / f"labels.{kind}"
         listing.write_bytes(("path,label\n" if kind == "csv" else "").encode() + good.encode() + bad)
-        result = run_cli(*folder_args(images, listing, tmp_path / "out"))
+        result = run_in_process("shards.cli", *folder_args(images, listing, tmp_path / "out"))
     line = 4 if kind == "webvision" else (3 if kind == "csv" else 2)
     assert result.returncode == 2 and f"{listing}:{line}: not UTF-8" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
@@ -405,7 +410,7 @@ def test_a_label_file_that_is_not_utf8_is_an_error_naming_file_and_line(tmp_path
 def test_out_that_is_a_file_is_a_clear_error(tmp_path):
     images, labels = folder_dataset(tmp_path)
     (tmp_path / "taken").write_text("not a folder")
-    result = run_cli(*folder_args(images, labels, tmp_path / "taken"))
+    result = run_in_process("shards.cli", *folder_args(images, labels, tmp_path / "taken"))
     assert result.returncode == 2 and f"{tmp_path / 'taken'} exists and is not a folder" in result.stderr
     assert "Traceback" not in result.stderr and (tmp_path / "taken").read_text() == "not a folder"
 
@@ -416,7 +421,7 @@ def test_read_only_out_is_a_clear_error(tmp_path):
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o555)
     try:
-        result = run_cli(*folder_args(images, labels, tmp_path / "ro" / "out"))
+        result = run_in_process("shards.cli", *folder_args(images, labels, tmp_path / "ro" / "out"))
     finally:
         (tmp_path / "ro").chmod(0o755)
     assert result.returncode == 2 and str(tmp_path / "ro" / "out") in result.stderr
@@ -488,7 +493,7 @@ def test_skip_reasons_hold_no_addresses_and_manifests_are_reproducible(tmp_path)
     labels.write_text("path,label\nimg0.jpg,dog\nimg1.jpg,cat\ntext.jpg,cat\nhalf.jpg,dog\n")
     texts = []
     for name in ("a", "b"):
-        result = run_cli(*folder_args(images, labels, tmp_path / name))
+        result = run_in_process("shards.cli", *folder_args(images, labels, tmp_path / name))
         assert result.returncode == 0, result.stderr
         texts.append(manifest_path(tmp_path / name).read_text())
     reasons = [r.reason for r in load_split(tmp_path / "a", "train").skipped]

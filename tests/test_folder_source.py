@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from shards.format import LabelKind, Sample, decode_sample, safe_key
 from shards.manifest import SplitManifest, load_splits, manifest_path, validate_split
 from shards.sources.folder import LabelFileError, folder_items, folder_spec
 from shards.writer import WriterSettings, write_split
-
-REPO = Path(__file__).resolve().parents[1]
 
 # path -> (what should happen, a phrase the recorded reason must contain)
 EXPECTED = {
@@ -220,8 +217,10 @@ def test_rewriting_a_split_after_fixing_a_class_name_drops_the_old_class(image_f
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "tools/make_shards.py", "folder", *args, "--workers", "1"]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    """``tools/make_shards.py folder ARGS --workers 1``, run in this process."""
+    from helpers import run_in_process
+
+    return run_in_process("tools/make_shards.py", "folder", *args, "--workers", "1", timeout=120)
 
 
 def test_cli_converts_a_folder_end_to_end(image_folder, tmp_path):

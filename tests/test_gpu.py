@@ -3,8 +3,9 @@ MILe phase schedule (and a run that skips a teacher snapshot is caught), and nei
 ``Engine.train_step`` nor the real ``Trainer`` loop synchronises the host with the device.
 
 The schedule, the synthetic batches, the state comparison and the lockstep driver are those of
-``tests/test_phase_schedule.py`` (which checks the same schedule on the CPU against a float64
-reference); here the graphed engine is run in lockstep with an eager one built alike.
+``tests/phase_lockstep.py``, which ``tests/test_phase_schedule.py`` uses too (it checks the same
+schedule on the CPU against a float64 reference); here the graphed engine is run in lockstep with an
+eager one built alike.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_phase_schedule import (
+from phase_lockstep import (
     SCHEDULE,
     Lockstep,
     assert_rates_in_bounds,

@@ -519,6 +519,7 @@ def _distributed_worker(rank: int, folder: str, shares: list[tuple[int, ...]]) -
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_compute_equals_single_process(tmp_path):
     shares = [(0, 23, 200), (0, 0, 200)]  # unequal shares; a rank with no samples at all
     mp.spawn(_distributed_worker, args=(str(tmp_path), shares), nprocs=2)  # 2 processes: CI has 2 cores

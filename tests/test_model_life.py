@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_engine_run import CPU, checkpoint_state, grid_root, tiny_config  # noqa: F401 (grid_root is a fixture)
+from helpers import CPU, checkpoint_state, tiny_config
 from typer.testing import CliRunner
 
 from engine.build import EngineSpec, OptimizerInPlace, build_engine
@@ -91,6 +91,7 @@ def moco_file(backbone: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_moco_checkpoint_of_a_trained_resnet18_loads_every_backbone_key(
     grid_root: Path, tmp_path: Path, caplog
 ) -> None:

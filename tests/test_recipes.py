@@ -90,6 +90,7 @@ def test_mile_recipes_end_on_an_imitation_phase(recipe: Path) -> None:
     assert PhasePlan(config.method).position(config.num_steps - 1).phase is Phase.STUDENT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", recipe_files(), ids=lambda p: p.stem)
 def test_recipe_trains_on_data_prepared_by_its_own_command(
     recipe: Path, workspace: Path, tmp_path: Path, monkeypatch

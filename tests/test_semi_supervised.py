@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_engine_run import run_stopped_by_sigterm
+from helpers import CPU, run_cli_in_process, run_in_process, run_stopped_by_sigterm
 
 from engine.checkpoint import Progress, read_checkpoint
 from engine.config import ConfigError, build_config
-from engine.distributed import DistInfo
 from engine.phases import STUDENT, TEACHER
 from engine.run_folder import read_metrics
 from engine.trainer import Trainer
@@ -23,8 +21,6 @@ from shards.format import NO_LABEL, FormatError, LabelKind
 from shards.manifest import load_split
 from shards.verify import verify_root
 
-REPO = Path(__file__).resolve().parents[1]
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 CLASSES = ("bird", "cat", "dog")
 COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "bird": (40, 40, 200)}
 NUM_TRAIN_IMAGES = 200  # 10 % labelled (20), 90 % unlabelled (180)
@@ -32,15 +28,7 @@ BATCH = 8  # labelled: 2 batches per epoch; unlabelled: 22
 
 
 def make_shards(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "tools/make_shards.py", *args], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
-
-
-def engine_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=300, cwd=REPO
-    )
+    return run_in_process("tools/make_shards.py", *args, timeout=120)
 
 
 def write_photos(images: Path, count: int, offset: int) -> list[tuple[str, str]]:
@@ -241,7 +229,7 @@ def test_semi_supervised_run_through_the_cli_reads_each_split_in_its_phases(semi
     """The acceptance run: engine-run on the converted folder; every logged step (log_every 1) says
     which split its images came from, and the checkpoint's two data positions count the steps of each phase."""
     out = tmp_path / "run"
-    result = engine_run(
+    result = run_cli_in_process(
         "--data",
         str(semi_root),
         "--unlabelled-split",
