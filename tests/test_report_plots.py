@@ -94,6 +94,7 @@ def test_coverage_axis_ticks_are_plain_numbers(tmp_path: Path) -> None:
     assert labels and all("10^" not in label and "times" not in label for label in labels), labels
     assert {"1", "2", "5"} <= set(labels), labels
 
+    curves: dict[str, list[dict[str, float | str]]]
     curves = {"sigmoid": [{"coverage": c, "f1": 0.3 + 0.05 * math.log(c)} for c in (0.8, 1.2, 2.0, 4.0, 8.0)]}
     trivial = {"given_label": {"coverage": 1.0, "f1": 0.4}, "every_class": {"coverage": 10.0, "f1": 0.2}}
     path = plot_f1_vs_coverage(tmp_path, curves, trivial)
