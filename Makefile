@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m engine.demo  # re-running reuses finished runs and resumes interrupted ones
+	$(PY) -m engine.commands.demo  # re-running reuses finished runs and resumes interrupted ones
 
 test: $(STAMP)
 	$(PY) -m pytest -q

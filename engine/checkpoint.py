@@ -27,13 +27,14 @@ import random
 import re
 import shutil
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from shards.atomic_files import temp_sibling
 
 CHECKPOINT_FORMAT = 2
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
@@ -162,18 +163,13 @@ def host_snapshot(components: dict[str, Stateful], config: dict[str, Any]) -> di
     return {"format": CHECKPOINT_FORMAT, "config": config, "components": states}
 
 
-def save_checkpoint(path: Path, components: dict[str, Stateful], config: dict[str, Any]) -> None:
-    """Collect every component's state and write it atomically: unique temporary sibling, fsync, rename."""
-    write_payload(host_snapshot(components, config), [path])
-
-
 def write_payload(payload: dict[str, Any], paths: list[Path]) -> None:
     """Add the digest, write once to a temporary file, fsync, and publish it under every path of
     ``paths`` in order, each atomically: a crash leaves every path either its old or its new file."""
     payload = {**payload, "digest": digest({"config": payload["config"], "components": payload["components"]})}
     folder = paths[0].parent
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{paths[0].name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = temp_sibling(paths[0], ".tmp")
     try:
         with open(tmp, "wb") as handle:
             torch.save(payload, handle)
@@ -189,7 +185,7 @@ def write_payload(payload: dict[str, Any], paths: list[Path]) -> None:
 
 def _publish_copy(source: Path, path: Path) -> None:
     """``path`` becomes a second name of ``source`` (a hard link; a copy where links are refused)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_sibling(path, ".tmp")
     try:
         try:
             os.link(source, tmp)

@@ -561,6 +561,19 @@ def _plain(value: Any) -> Any:
 
 # -- building a config from TOML and flags ------------------------------------------------------
 
+DEFAULT_CONFIG = "digits_grid.toml"  # the experiment engine-run and the demo run without --config
+
+
+def packaged_config(name: str) -> Path:
+    """A config shipped in ``engine/configs/`` (``name`` relative to it, e.g. ``demo/methods.toml``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("engine") / "configs" / name))
+
+
+def default_config_path() -> Path:
+    return packaged_config(DEFAULT_CONFIG)
+
 
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML config; unknown keys are errors naming the file and key."""

@@ -5,6 +5,7 @@
     OUT/tb/                 TensorBoard event files
     OUT/checkpoints/last.pt the latest checkpoint (atomic)
     OUT/summary.json        final eval metrics, written when the run completes
+    OUT/demo_wall_s.json    seconds the training took, written by ``engine.runs.train_or_reuse`` (demo, sweeps)
 
 The metrics stream is kept consistent with the checkpoint: on resume it is cut back to the
 checkpoint's step, and a line torn by a crash is dropped with a warning.
@@ -20,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import RunConfig, build_config, load_toml, to_toml
-from shards.manifest import atomic_write_text
+from shards.atomic_files import atomic_write_text
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.toml"
+WALL_NAME = "demo_wall_s.json"
 
 
 class RunFolderError(Exception):
@@ -51,6 +53,10 @@ class RunFolder:
     @property
     def config_path(self) -> Path:
         return self.root / CONFIG_NAME
+
+    @property
+    def wall_path(self) -> Path:
+        return self.root / WALL_NAME
 
     def holds_run(self) -> bool:
         return self.checkpoint_path.exists() or self.summary_path.exists()
@@ -107,6 +113,13 @@ class RunFolder:
 
     def read_summary(self) -> dict[str, Any] | None:
         return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else None
+
+    def read_wall_s(self) -> float | None:
+        return json.loads(self.wall_path.read_text()) if self.wall_path.is_file() else None
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The metrics stream's records; none where the run wrote none."""
+        return read_metrics(self.metrics_path) if self.metrics_path.is_file() else []
 
     def close(self) -> None:
         if self._tb is not None:

@@ -237,14 +237,14 @@ def test_gpus_relaunch_drops_only_the_gpus_flag(monkeypatch) -> None:
     import sys
 
     from engine import distributed
-    from engine.cli import without_gpus_flag
+    from engine.commands.run import without_gpus_flag
 
     argv = ["--gpus", "8", "--method", "mile", "--gpus=4", "--out", "runs/x"]
     assert without_gpus_flag(argv) == ["--method", "mile", "--out", "runs/x"]
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 8)
     command = distributed.torchrun_command(8, ["--method", "mile"])
-    assert command[:3] == [sys.executable, "-m", "engine.launch"]  # torchrun, forwarding SIGUSR1 too
-    assert "--nproc_per_node=8" in command and command[-4:] == ["-m", "engine.cli", "--method", "mile"]
+    assert command[:3] == [sys.executable, "-m", "engine.commands.launch"]  # torchrun, forwarding SIGUSR1 too
+    assert "--nproc_per_node=8" in command and command[-4:] == ["-m", "engine.commands.run", "--method", "mile"]
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match="--gpus 8: only 2"):
         distributed.torchrun_command(8, [])

@@ -14,8 +14,8 @@ import pytest
 from test_engine_run import CPU, REPO, grid_root, run_cli, tiny_config  # noqa: F401 (grid_root is a fixture)
 from typer.testing import CliRunner
 
-from engine import evaluate, export
-from engine.cli import check_resume_changes
+from engine.commands import evaluate, export
+from engine.commands.run import check_resume_changes
 from engine.config import ConfigError
 from engine.run_folder import read_metrics
 from engine.trainer import Trainer

@@ -13,7 +13,7 @@ import torch
 from test_engine_run import CPU, REPO, grid_root, tiny_config  # noqa: F401 (grid_root is a fixture)
 from typer.testing import CliRunner
 
-from engine import evaluate, export, predict
+from engine.commands import evaluate, export, predict
 from engine.metrics import prediction_sets
 from engine.scoring import eval_outputs
 from engine.trainer import Trainer
@@ -162,15 +162,18 @@ def test_errors_are_one_line_naming_the_path(trained, tmp_path: Path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     cases = [
         (
-            ["engine.predict", "--model", str(tmp_path), str(tmp_path / "bad.jpg")],
+            ["engine.commands.predict", "--model", str(tmp_path), str(tmp_path / "bad.jpg")],
             "is not an exported model folder (no model.json)",
         ),
         (
-            ["engine.predict", "--model", str(model_dir), str(tmp_path / "bad.jpg"), "--device", "cpu"],
+            ["engine.commands.predict", "--model", str(model_dir), str(tmp_path / "bad.jpg"), "--device", "cpu"],
             "bad.jpg cannot be decoded",
         ),
-        (["engine.predict", "--model", str(model_dir), str(tmp_path / "nothing")], "nothing does not exist"),
-        (["engine.export", str(tmp_path / "norun"), "--out", str(tmp_path / "m")], "config.toml does not exist"),
+        (["engine.commands.predict", "--model", str(model_dir), str(tmp_path / "nothing")], "nothing does not exist"),
+        (
+            ["engine.commands.export", str(tmp_path / "norun"), "--out", str(tmp_path / "m")],
+            "config.toml does not exist",
+        ),
     ]
     for args, message in cases:
         result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=REPO)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from engine.build import EngineSpec, OptimizerInPlace, build_engine
 from engine.checkpoint import CheckpointError
-from engine.cli import app
+from engine.commands.run import app
 from engine.config import OptimConfig, build_config
 from engine.data import compute_dtype, loader_config
 from engine.init_weights import load_backbone, read_weights

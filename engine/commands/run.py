@@ -14,20 +14,24 @@ import os
 import sys
 import traceback
 import typing
-from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from engine.config import ConfigError, Key, RunConfig, build_config, changed_keys, config_keys, load_toml, to_toml
+from engine.config import (
+    ConfigError,
+    Key,
+    RunConfig,
+    build_config,
+    changed_keys,
+    config_keys,
+    default_config_path,
+    load_toml,
+    to_toml,
+)
 
-DEFAULT_CONFIG = "digits_grid.toml"
 _PANELS = {"data": "Data", "method": "Method", "optim": "Optimizer", "checkpoint": "Checkpoints"}
-
-
-def default_config_path() -> Path:
-    return Path(str(resources.files("engine") / "configs" / DEFAULT_CONFIG))
 
 
 # -- flags from the schema --------------------------------------------------------------------
@@ -211,7 +215,7 @@ _FIXED = [
         inspect.Parameter.KEYWORD_ONLY,
         annotation=int,
         default=typer.Option(
-            1, "--gpus", min=1, help="GPUs on this node; N > 1 re-launches under torchrun (engine.launch)."
+            1, "--gpus", min=1, help="GPUs on this node; N > 1 re-launches under torchrun (engine.commands.launch)."
         ),
     ),
 ]
@@ -244,8 +248,8 @@ def without_gpus_flag(argv: list[str]) -> list[str]:
 
 
 def _train(run_config: RunConfig, resume: bool) -> None:
+    from engine.commands.report import print_metrics_table
     from engine.distributed import init_distributed, shutdown_distributed
-    from engine.report import print_metrics_table
     from engine.trainer import Trainer
 
     dist = init_distributed(run_config.device, run_config.cuda_graphs)

@@ -26,13 +26,14 @@ import torch
 import typer
 from torch import nn
 
-from engine.checkpoint import CheckpointError, read_checkpoint
+from engine.checkpoint import read_checkpoint
 from engine.config import EvalPrecision, Method
 from engine.data import loader_config, resolve_data_root
 from engine.models import build_model
-from engine.run_folder import RunFolder, RunFolderError, saved_config
+from engine.run_folder import RunFolder, saved_config
+from shards.atomic_files import atomic_write_bytes, atomic_write_text
 from shards.format import LabelKind
-from shards.manifest import ShardError, atomic_write_bytes, atomic_write_text, load_split
+from shards.manifest import load_split
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +207,6 @@ def autocast_dtype(meta: ExportedModel, device: torch.device) -> torch.dtype | N
     return None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # -- command line ----------------------------------------------------------------------------
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -227,17 +222,9 @@ def export(
     typer.echo(f"wrote {weights} and {out / META_NAME}")
 
 
-def run_cli(command: typer.Typer) -> None:
-    """Run a typer app: known errors as one line on stderr with exit status 2, no traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        command()
-    except (ExportError, CheckpointError, RunFolderError, ShardError, FileNotFoundError, ValueError) as error:
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise SystemExit(2) from None
-
-
 def main() -> None:
+    from engine.commands.runner import run_cli
+
     run_cli(app)
 
 

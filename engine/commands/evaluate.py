@@ -14,13 +14,16 @@ from typing import Any, Optional
 import torch
 import typer
 
-from engine.export import ExportedModel, ExportError, autocast_dtype, load_exported, resolve_device, run_cli
+from engine.commands.export import ExportedModel, ExportError, autocast_dtype, load_exported
+from engine.commands.runner import run_cli
+from engine.distributed import resolve_device
 from engine.metrics import EvalAccumulator
 from engine.scoring import score_split
 from pipelines import build_loader
 from pipelines.contract import LoaderConfig
+from shards.atomic_files import atomic_write_text
 from shards.format import LabelKind
-from shards.manifest import atomic_write_text, load_split
+from shards.manifest import load_split
 
 
 @torch.no_grad()
