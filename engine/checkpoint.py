@@ -38,6 +38,7 @@ from shards.atomic_files import temp_sibling
 
 CHECKPOINT_FORMAT = 2
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
+LAST_NAME, BEST_NAME = "last.pt", "best.pt"  # in a run folder's checkpoints/ (``RunFolder.checkpoints_dir``)
 
 
 class CheckpointError(Exception):
@@ -242,11 +243,11 @@ class CheckpointWriter:
 
     @property
     def last_path(self) -> Path:
-        return self.folder / "last.pt"
+        return self.folder / LAST_NAME
 
     @property
     def best_path(self) -> Path:
-        return self.folder / "best.pt"
+        return self.folder / BEST_NAME
 
     def step_path(self, step: int) -> Path:
         return self.folder / f"step-{step:07d}.pt"

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoint import LAST_NAME
 from engine.config import RunConfig, build_config, load_toml, to_toml
 from shards.atomic_files import atomic_write_text
 
@@ -39,8 +40,13 @@ class RunFolder:
         self._tb = None
 
     @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
     def checkpoint_path(self) -> Path:
-        return self.root / "checkpoints" / "last.pt"
+        """The latest checkpoint: the one a resumed run, an export and a report read."""
+        return self.checkpoints_dir / LAST_NAME
 
     @property
     def summary_path(self) -> Path:

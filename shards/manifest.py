@@ -201,11 +201,16 @@ def validate_split(root: Path, split: str, check_hash: bool = True, check_index:
     """Load one split and check every shard against the manifest: presence and size, the sha256
     with ``check_hash``, and with ``check_index`` the index files (see ``check_index_file``)."""
     manifest = load_split(root, split)
+    check_shards(root, manifest, check_hash, check_index)
+    return manifest
+
+
+def check_shards(root: Path, manifest: SplitManifest, check_hash: bool = True, check_index: bool = False) -> None:
+    """``validate_split`` of a manifest already read."""
     for shard in manifest.shards:
         check_shard(root, shard, check_hash)
         if check_index:
             check_index_file(root, shard, manifest)
-    return manifest
 
 
 def check_index_file(root: Path, shard: ShardRecord, split: SplitManifest) -> list[list[Member]]:

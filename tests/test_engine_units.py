@@ -256,6 +256,8 @@ def test_loader_workers_default_to_auto_and_the_resolved_count_is_logged(tmp_pat
     import os
 
     from engine.data import build_loaders
+    from engine.distributed import DistInfo
+    from engine.plan import plan_run
     from shards.format import LabelKind
     from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
 
@@ -268,11 +270,17 @@ def test_loader_workers_default_to_auto_and_the_resolved_count_is_logged(tmp_pat
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     config = build_config(
-        {}, {"data.root": str(tmp_path), "data.backend": "torch", "global_batch_size": 2, "data.image_size_px": 8}
+        {},
+        {
+            "data.root": str(tmp_path),
+            "data.backend": "torch",
+            "global_batch_size": 2,
+            "data.image_size_px": 8,
+            "out_dir": str(tmp_path / "run"),
+        },
     )
     with caplog.at_level(logging.INFO, logger="engine.data"):
-        loaders = build_loaders(config, tmp_path, 0, 1, torch.device("cpu"))
+        loaders = build_loaders(plan_run(config, DistInfo(0, 1, 0, torch.device("cpu"))))
     assert "loader workers per process: 3 (auto: CPU affinity / local ranks)" in caplog.text
-    assert [loader.num_workers for loader in loaders] == [3, 3]
-    for loader in loaders:
-        loader.close()
+    assert [loader.num_workers for loader in (loaders.train, *loaders.evaluation)] == [3, 3]
+    loaders.close()

@@ -198,6 +198,6 @@ def test_two_sets_of_one_name_get_unique_names_and_an_added_set_may_resume(
     ],
 )
 def test_eval_data_names_a_folder_and_a_split(spec: str, folder: str, split: str) -> None:
-    from engine.data import parse_eval_data
+    from engine.plan import parse_eval_data
 
     assert parse_eval_data(spec) == (Path(folder), split)

@@ -21,7 +21,8 @@ from engine.data import compute_dtype, loader_config
 from engine.init_weights import load_backbone, read_weights
 from engine.models import build_model, classifier_of, classifier_prefix
 from engine.schedule import lr_at
-from engine.trainer import Trainer, steps_from_epochs
+from engine.plan import steps_from_epochs
+from engine.trainer import Trainer
 from pipelines.contract import Batch
 
 runner = CliRunner()

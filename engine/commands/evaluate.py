@@ -17,8 +17,7 @@ import typer
 from engine.commands.export import ExportedModel, ExportError, autocast_dtype, load_exported
 from engine.commands.runner import run_cli
 from engine.distributed import resolve_device
-from engine.metrics import EvalAccumulator
-from engine.scoring import score_split
+from engine.scoring import accumulator_for, score_split
 from pipelines import build_loader
 from pipelines.contract import LoaderConfig
 from shards.atomic_files import atomic_write_text
@@ -46,16 +45,8 @@ def evaluate_exported(
         raise ExportError(
             f"split {split!r} of {data} has {manifest.num_classes} classes; the model in {model_dir} has {meta.num_classes}"
         )
-    attributes = manifest.label_kind is LabelKind.ATTRIBUTES
-    has_targets = manifest.label_kind.has_targets
-    accumulator = EvalAccumulator(
-        num_classes=meta.num_classes,
-        thetas=thetas or tuple(meta.thetas),
-        method_kind=meta.method_kind,
-        has_targets=has_targets,
-        attributes=attributes,
-        device=device,
-    )
+    thetas = thetas or tuple(meta.thetas)
+    accumulator = accumulator_for(manifest, thetas, meta.method_kind, manifest.label_kind.has_targets, device)
     dtype = autocast_dtype(meta, device)
     loader = build_loader(data, split, _loader_config(meta, batch_size, backend, num_workers, device, dtype))
     try:

@@ -27,13 +27,12 @@ import typer
 from torch import nn
 
 from engine.checkpoint import read_checkpoint
-from engine.config import EvalPrecision, Method
-from engine.data import loader_config, resolve_data_root
+from engine.config import EvalPrecision, Method, MethodKind
+from engine.data import loader_config, train_source
 from engine.models import build_model
 from engine.run_folder import RunFolder, saved_config
 from shards.atomic_files import atomic_write_bytes, atomic_write_text
 from shards.format import LabelKind
-from shards.manifest import load_split
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +67,9 @@ class ExportedModel:
     format: int = EXPORT_FORMAT
 
     @property
-    def method_kind(self) -> str:
+    def method_kind(self) -> MethodKind:
         """How prediction sets are formed: "softmax" ({argmax}) or "sigmoid" (argmax ∪ over theta)."""
-        return "softmax" if self.method == Method.SOFTMAX.value else "sigmoid"
+        return Method(self.method).kind
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,7 +103,7 @@ def describe_run(run_dir: Path) -> tuple[ExportedModel, dict[str, torch.Tensor]]
     config = saved_config(run_dir)
     folder = RunFolder(run_dir)
     payload = read_checkpoint(folder.checkpoint_path)
-    train = load_split(resolve_data_root(config.data), config.data.train_split)
+    train = train_source(config).manifest
     preprocessing = loader_config(config, False, 0, 1, torch.device("cpu"))
     summary = folder.read_summary()
     if summary is None:
@@ -190,7 +189,7 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 def load_exported(model_dir: Path, device: torch.device) -> tuple[ExportedModel, nn.Module]:
     """An exported model's description and its network, with the weights, in eval mode on ``device``."""
     meta = read_meta(model_dir)
-    model = build_model(meta.arch, meta.num_classes, meta.method_kind == "sigmoid")
+    model = build_model(meta.arch, meta.num_classes, meta.method_kind is MethodKind.SIGMOID)
     try:
         model.load_state_dict(read_weights(model_dir))
     except RuntimeError as error:  # keys or shapes that do not fit model.json's arch

@@ -392,8 +392,7 @@ def score_final_models(groups: list[Group]) -> tuple[dict[str, list[dict[str, fl
         outputs = eval_outputs(run.folder)
         if outputs.targets is None:
             continue
-        kind = "softmax" if run.config.method.name.value == "softmax" else "sigmoid"
-        curves[group.label] = coverage_curve(outputs.logits, outputs.targets, kind, CURVE_THETAS)
+        curves[group.label] = coverage_curve(outputs.logits, outputs.targets, run.config.method.name.kind, CURVE_THETAS)
         if not trivial:
             trivial = trivial_predictor_scores(
                 outputs.labels, outputs.targets, outputs.logits.shape[1], TRIVIAL_K_RANDOM
