@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m engine.demo  # re-running reuses finished runs and resumes interrupted ones
+	$(PY) -m engine.commands.demo  # re-running reuses finished runs and resumes interrupted ones
 
 test: $(STAMP)  # the whole suite; .ci/run runs it
 	$(PYTEST)

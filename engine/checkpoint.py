@@ -27,7 +27,6 @@ import random
 import re
 import shutil
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,8 +34,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from shards.atomic_files import temp_sibling
+
 CHECKPOINT_FORMAT = 2
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
+LAST_NAME, BEST_NAME = "last.pt", "best.pt"  # in a run folder's checkpoints/ (``RunFolder.checkpoints_dir``)
 
 
 class CheckpointError(Exception):
@@ -164,18 +166,13 @@ def host_snapshot(components: dict[str, Stateful], config: dict[str, Any]) -> di
     return {"format": CHECKPOINT_FORMAT, "config": config, "components": states}
 
 
-def save_checkpoint(path: Path, components: dict[str, Stateful], config: dict[str, Any]) -> None:
-    """Collect every component's state and write it atomically: unique temporary sibling, fsync, rename."""
-    write_payload(host_snapshot(components, config), [path])
-
-
 def write_payload(payload: dict[str, Any], paths: list[Path]) -> None:
     """Add the digest, write once to a temporary file, fsync, and publish it under every path of
     ``paths`` in order, each atomically: a crash leaves every path either its old or its new file."""
     payload = {**payload, "digest": digest({"config": payload["config"], "components": payload["components"]})}
     folder = paths[0].parent
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{paths[0].name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = temp_sibling(paths[0], ".tmp")
     try:
         with open(tmp, "wb") as handle:
             torch.save(payload, handle)
@@ -191,7 +188,7 @@ def write_payload(payload: dict[str, Any], paths: list[Path]) -> None:
 
 def _publish_copy(source: Path, path: Path) -> None:
     """``path`` becomes a second name of ``source`` (a hard link; a copy where links are refused)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_sibling(path, ".tmp")
     try:
         try:
             os.link(source, tmp)
@@ -248,11 +245,11 @@ class CheckpointWriter:
 
     @property
     def last_path(self) -> Path:
-        return self.folder / "last.pt"
+        return self.folder / LAST_NAME
 
     @property
     def best_path(self) -> Path:
-        return self.folder / "best.pt"
+        return self.folder / BEST_NAME
 
     def step_path(self, step: int) -> Path:
         return self.folder / f"step-{step:07d}.pt"

@@ -46,10 +46,23 @@ class Choice(str, enum.Enum):
         return format(self.value, spec)
 
 
+class MethodKind(Choice):
+    """How a method's model scores classes and forms prediction sets: ``softmax`` (one class per
+    image, the set is {argmax}) or ``sigmoid`` (independent classes: argmax plus every class over theta)."""
+
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+
+
 class Method(Choice):
     SOFTMAX = "softmax"
     SIGMOID = "sigmoid"
     MILE = "mile"
+
+    @property
+    def kind(self) -> MethodKind:
+        """Softmax is its own kind; sigmoid and MILe (whose learner is a sigmoid model) are ``sigmoid``."""
+        return MethodKind.SOFTMAX if self is Method.SOFTMAX else MethodKind.SIGMOID
 
 
 class StudentInit(Choice):
@@ -209,7 +222,7 @@ class MethodConfig(_Component):
 
     @property
     def multi_label_head(self) -> bool:
-        return self.name is not Method.SOFTMAX
+        return self.name.kind is MethodKind.SIGMOID
 
 
 @dataclass(frozen=True)
@@ -579,6 +592,19 @@ def _plain(value: Any) -> Any:
 
 
 # -- building a config from TOML and flags ------------------------------------------------------
+
+DEFAULT_CONFIG = "digits_grid.toml"  # the experiment engine-run and the demo run without --config
+
+
+def packaged_config(name: str) -> Path:
+    """A config shipped in ``engine/configs/`` (``name`` relative to it, e.g. ``demo/methods.toml``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("engine") / "configs" / name))
+
+
+def default_config_path() -> Path:
+    return packaged_config(DEFAULT_CONFIG)
 
 
 def load_toml(path: Path) -> dict[str, Any]:

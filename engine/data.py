@@ -6,16 +6,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.config import ConfigError, DataConfig, EvalPrecision, RunConfig, Switch
+from engine.config import ConfigError, DataConfig, EvalPrecision, RunConfig
 from pipelines import build_loader, describe_backend
 from pipelines.contract import AugmentConfig, Loader, LoaderConfig
-from shards.format import LabelKind
-from shards.manifest import ShardError, SplitManifest, load_split, manifest_path
+from shards.manifest import ShardError, SplitManifest, load_split
 
-DEFAULT_EXTRA_EVAL_SPLIT = "val"
+if TYPE_CHECKING:
+    from engine.plan import RunPlan
 
 DIGITS_CACHE_ENV = "MILE_CACHE"
 log = logging.getLogger(__name__)
@@ -36,6 +37,37 @@ def resolve_data_root(data: DataConfig) -> Path:
     if not root.is_dir():
         raise ShardError(f"--data {root} {'is not a folder' if root.exists() else 'does not exist'}")
     return root
+
+
+class PlanError(ConfigError, ShardError):
+    """A run its data cannot support (a split that is missing, unlabelled where labels are needed,
+    smaller than a batch, of other classes). Both a ``ConfigError`` and a ``ShardError``, the two
+    kinds the checks raised before they met here, so every caller reports it as it did."""
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """A split a run trains on: its shard folder and its manifest."""
+
+    root: Path
+    manifest: SplitManifest
+
+
+def train_source(config: RunConfig) -> SplitSource:
+    """The train split of ``config`` (the embedded digit grid is made on first use): the part of the
+    plan that reading a finished run's model needs (its classes, its label kind)."""
+    try:
+        root = resolve_data_root(config.data)
+    except ShardError as error:
+        raise PlanError(str(error)) from None
+    return SplitSource(root, load_manifest(root, config.data.train_split))
+
+
+def load_manifest(root: Path, split: str) -> SplitManifest:
+    try:
+        return load_split(root, split)
+    except ShardError as error:
+        raise PlanError(str(error)) from None
 
 
 def resolve_unlabelled_root(data: DataConfig, train_root: Path) -> Path | None:
@@ -84,107 +116,31 @@ def loader_config(config: RunConfig, train: bool, rank: int, world_size: int, de
     )
 
 
-def build_loaders(
-    config: RunConfig, root: Path, rank: int, world_size: int, device: torch.device
-) -> tuple[Loader, Loader]:
-    if config.global_batch_size % world_size:
-        raise ValueError(f"--batch-size {config.global_batch_size} is not divisible by {world_size} processes")
-    train_config = loader_config(config, True, rank, world_size, device)
-    workers = train_config.resolved_workers
-    how = "auto: CPU affinity / local ranks" if config.data.num_workers < 0 else "--workers"
-    log.info("loader: %s", describe_backend(config.data.backend.value))
-    log.info("loader workers per process: %d (%s)", workers, how)
-    train = build_loader(root, config.data.train_split, train_config)
-    evaluation = build_loader(root, config.data.eval_split, loader_config(config, False, rank, world_size, device))
-    return train, evaluation
+@dataclass
+class RunLoaders:
+    """The loaders of a planned run on this rank, each built once: their workers and indices stay for
+    the whole run."""
+
+    train: Loader
+    evaluation: list[Loader]  # one per eval set, in the plan's order
+    unlabelled: Loader | None
+
+    def close(self) -> None:
+        for loader in (self.train, *self.evaluation, *([self.unlabelled] if self.unlabelled else [])):
+            loader.close()
 
 
-def build_unlabelled_loader(config: RunConfig, root: Path, rank: int, world_size: int, device: torch.device) -> Loader:
-    """The loader of the unlabelled split: training order, batch size and augmentation, like the train split's."""
-    return build_loader(root, config.data.unlabelled_split, loader_config(config, True, rank, world_size, device))
-
-
-# -- eval sets ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """One split scored at every eval point. The run's own eval split has the empty name and writes
-    its metrics under their plain keys (``top1``); every ``--eval-data`` set writes ``NAME/top1``."""
-
-    name: str  # "" for data.eval_split; "FOLDER/SPLIT" for an extra set
-    root: Path
-    split: str
-    manifest: SplitManifest
-    score_targets: bool  # multi-label metrics are scored (the split has targets and they are not switched off)
-
-    def key(self, metric: str) -> str:
-        return f"{self.name}/{metric}" if self.name else metric
-
-
-def parse_eval_data(spec: str) -> tuple[Path, str]:
-    """``DIR`` or ``DIR:SPLIT`` -> (folder, split); a colon followed by a path is part of the folder."""
-    folder, colon, split = spec.rpartition(":")
-    if colon and folder and split and "/" not in split and "\\" not in split:
-        return Path(folder), split
-    return Path(spec), DEFAULT_EXTRA_EVAL_SPLIT
-
-
-def extra_eval_sets(config: RunConfig, train: SplitManifest, train_root: Path) -> list[EvalSet]:
-    """The ``data.extra_eval`` sets, each checked (folder, split, classes) before anything is written;
-    names are the folder's name and the split, made unique with -2, -3."""
-    sets: list[EvalSet] = []
-    for spec in config.data.extra_eval:
-        root, split = parse_eval_data(spec)
-        if not root.is_dir():
-            raise ConfigError(
-                f"data.extra_eval (--eval-data) {spec!r}: {root} "
-                f"{'is not a folder' if root.exists() else 'does not exist'}"
-            )
-        try:
-            manifest = load_split(root, split)
-        except ShardError as error:
-            raise ConfigError(f"data.extra_eval (--eval-data) {spec!r}: {error}") from None
-        if manifest.label_kind is LabelKind.UNLABELLED:
-            raise ConfigError(
-                f"data.extra_eval (--eval-data) {spec!r}: split {split!r} is unlabelled: "
-                "no ground truth to score against"
-            )
-        check_same_classes(spec, manifest, root, train, train_root)
-        name = _unique_name(f"{root.resolve().name}/{split}", {s.name for s in sets})
-        scored = manifest.label_kind.has_targets and config.multilabel_metrics is not Switch.OFF
-        sets.append(EvalSet(name, root, split, manifest, scored))
-    return sets
-
-
-def _unique_name(name: str, taken: set[str]) -> str:
-    candidate, number = name, 1
-    while candidate in taken:
-        number += 1
-        candidate = f"{name}-{number}"
-    return candidate
-
-
-def check_same_classes(spec: str, manifest: SplitManifest, root: Path, train: SplitManifest, train_root: Path) -> None:
-    """An eval set's class index must mean the train split's class: same names, same order."""
-    ours, theirs = train.class_names, manifest.class_names
-    if ours == theirs:
-        return
-    index = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-    raise ConfigError(
-        f"data.extra_eval (--eval-data) {spec!r}: split {manifest.name!r} of {manifest_path(root)} has "
-        f"{len(theirs)} classes, split {train.name!r} of {manifest_path(train_root)} (the train split) has "
-        f"{len(ours)}; they first differ at class index {index}: {_class_at(theirs, index)} vs "
-        f"{_class_at(ours, index)}. Convert the eval set with the train split's class list, in its order: for "
-        "ImageNet val with a WebVision model, `make-shards webvision --write-class-list classes.txt ...` then "
-        "`make-shards imagenet --class-list classes.txt ...`; an image folder split written with `make-shards "
-        "folder --out` into the train split's folder reuses its classes"
+def build_loaders(plan: RunPlan) -> RunLoaders:
+    """Every loader of ``plan`` on this rank, from the plan's loader settings and manifests."""
+    how = "auto: CPU affinity / local ranks" if plan.config.data.num_workers < 0 else "--workers"
+    log.info("loader: %s", describe_backend(plan.config.data.backend.value))
+    log.info("loader workers per process: %d (%s)", plan.train_loader.resolved_workers, how)
+    train = build_loader(plan.train.root, plan.config.data.train_split, plan.train_loader, plan.train.manifest)
+    evaluation = [build_loader(s.root, s.split, plan.eval_loader, s.manifest) for s in plan.eval_sets]
+    source = plan.unlabelled
+    unlabelled = (
+        None
+        if source is None
+        else build_loader(source.root, plan.config.data.unlabelled_split, plan.train_loader, source.manifest)
     )
-
-
-def _class_at(names: list[str], index: int) -> str:
-    return repr(names[index]) if index < len(names) else "(none)"
-
-
-def build_eval_loader(config: RunConfig, eval_set: EvalSet, rank: int, world_size: int, device: torch.device) -> Loader:
-    return build_loader(eval_set.root, eval_set.split, loader_config(config, False, rank, world_size, device))
+    return RunLoaders(train, evaluation, unlabelled)

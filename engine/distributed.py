@@ -49,6 +49,14 @@ def choose_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device a single-process command (mile-predict, mile-eval) runs on: ``auto`` is CUDA where
+    there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _local_cuda_index(local_rank: int) -> int:
     """The local rank's GPU. A launcher that gives each task one GPU of its own (SLURM's
     --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES per task) leaves each process one visible device,
@@ -215,7 +223,7 @@ def gather_floats(values: list[float], device: torch.device) -> list[list[float]
 
 
 def torchrun_command(num_gpus: int, argv: list[str]) -> list[str]:
-    """The command that re-runs this invocation on ``num_gpus`` local GPUs, under ``engine.launch``
+    """The command that re-runs this invocation on ``num_gpus`` local GPUs, under ``engine.commands.launch``
     (torchrun, forwarding SIGUSR1 too and exiting with 128 + the signal that stopped the job)."""
     available = torch.cuda.device_count()
     if available < num_gpus:
@@ -223,10 +231,10 @@ def torchrun_command(num_gpus: int, argv: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "engine.launch",
+        "engine.commands.launch",
         "--standalone",
         f"--nproc_per_node={num_gpus}",
         "-m",
-        "engine.cli",
+        "engine.commands.run",
         *argv,
     ]

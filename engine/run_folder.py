@@ -5,6 +5,7 @@
     OUT/tb/                 TensorBoard event files
     OUT/checkpoints/last.pt the latest checkpoint (atomic)
     OUT/summary.json        final eval metrics, written when the run completes
+    OUT/demo_wall_s.json    seconds the training took, written by ``engine.runs.train_or_reuse`` (demo, sweeps)
 
 The metrics stream is kept consistent with the checkpoint: on resume it is cut back to the
 checkpoint's step, and a line torn by a crash is dropped with a warning.
@@ -19,14 +20,16 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.checkpoint import LAST_NAME
 from engine.config import RunConfig, build_config, load_toml, to_toml
-from shards.manifest import atomic_write_text
+from shards.atomic_files import atomic_write_text
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.toml"
+WALL_NAME = "demo_wall_s.json"
 
 
 class RunFolderError(Exception):
@@ -40,8 +43,13 @@ class RunFolder:
         self._tb: SummaryWriter | None = None
 
     @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
     def checkpoint_path(self) -> Path:
-        return self.root / "checkpoints" / "last.pt"
+        """The latest checkpoint: the one a resumed run, an export and a report read."""
+        return self.checkpoints_dir / LAST_NAME
 
     @property
     def summary_path(self) -> Path:
@@ -54,6 +62,10 @@ class RunFolder:
     @property
     def config_path(self) -> Path:
         return self.root / CONFIG_NAME
+
+    @property
+    def wall_path(self) -> Path:
+        return self.root / WALL_NAME
 
     def holds_run(self) -> bool:
         return self.checkpoint_path.exists() or self.summary_path.exists()
@@ -110,6 +122,13 @@ class RunFolder:
 
     def read_summary(self) -> dict[str, Any] | None:
         return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else None
+
+    def read_wall_s(self) -> float | None:
+        return json.loads(self.wall_path.read_text()) if self.wall_path.is_file() else None
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The metrics stream's records; none where the run wrote none."""
+        return read_metrics(self.metrics_path) if self.metrics_path.is_file() else []
 
     def close(self) -> None:
         if self._tb is not None:

@@ -12,15 +12,35 @@ import torch
 from torch import nn
 
 from engine.checkpoint import read_checkpoint
-from engine.config import RunConfig
-from engine.data import compute_dtype, loader_config, resolve_data_root
+from engine.config import MethodKind, RunConfig
+from engine.data import compute_dtype, loader_config, resolve_data_root, train_source
 from engine.metrics import EvalAccumulator
 from engine.models import build_model
 from engine.run_folder import RunFolder, saved_config
 from engine.steps import autocast_context
 from pipelines import build_loader
 from pipelines.contract import Loader
-from shards.manifest import load_split
+from shards.format import LabelKind
+from shards.manifest import SplitManifest
+
+
+def accumulator_for(
+    manifest: SplitManifest,
+    thetas: tuple[float, ...],
+    method_kind: MethodKind,
+    score_targets: bool,
+    device: torch.device,
+) -> EvalAccumulator:
+    """The accumulator of one pass over the split of ``manifest``: a run's eval point and ``mile-eval``
+    score with the same one. ``score_targets``: the split's multi-hot targets are scored."""
+    return EvalAccumulator(
+        num_classes=manifest.num_classes,
+        thetas=thetas,
+        method_kind=method_kind,
+        has_targets=score_targets,
+        attributes=manifest.label_kind is LabelKind.ATTRIBUTES,
+        device=device,
+    )
 
 
 @torch.no_grad()
@@ -48,8 +68,7 @@ class EvalOutputs:
 def load_learner(run_dir: Path, device: torch.device) -> tuple[RunConfig, nn.Module]:
     """The run's config and its learner with the weights of the last checkpoint, in eval mode."""
     config = saved_config(run_dir)
-    root = resolve_data_root(config.data)
-    num_classes = load_split(root, config.data.train_split).num_classes
+    num_classes = train_source(config).manifest.num_classes
     model = build_model(config.arch, num_classes, config.method.multi_label_head)
     state = read_checkpoint(RunFolder(run_dir).checkpoint_path, device)["components"]["learner"]
     model.load_state_dict(state)

@@ -7,10 +7,8 @@ at log, eval and checkpoint points, each marked ``# SYNC``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from engine.build import Engine, EngineSpec, build_engine
+from engine.build import Engine, build_engine
 from engine.checkpoint import (
     CheckpointTargets,
     CheckpointWriter,
@@ -32,26 +30,16 @@ from engine.checkpoint import (
     read_checkpoint,
     remove_temporaries,
 )
-from engine.config import ConfigError, Method, RunConfig, Switch
-from engine.data import (
-    EvalSet,
-    build_eval_loader,
-    build_loaders,
-    build_unlabelled_loader,
-    compute_dtype,
-    extra_eval_sets,
-    resolve_data_root,
-    resolve_unlabelled_root,
-)
+from engine.config import Method, RunConfig
+from engine.data import build_loaders, compute_dtype
 from engine.distributed import DistInfo, gather_floats
-from engine.metrics import EvalAccumulator, metric_key
+from engine.metrics import metric_key
 from engine.phases import STUDENT, PhasePosition, module_state
-from engine.run_folder import RunFolder
+from engine.plan import EvalSet, plan_run
 from engine.scoring import score_split
 from engine.steps import RunAheadLimit, StepResult
 from pipelines.contract import Batch, Loader, ShardDataError
-from shards.format import LabelKind
-from shards.manifest import ShardError, SplitManifest, load_split
+from shards.manifest import SplitManifest
 from shards.progress import on_terminal
 
 log = logging.getLogger(__name__)
@@ -188,89 +176,6 @@ class StopRequest:
             self.waiting = False
 
 
-def check_against_data(config: RunConfig, train: SplitManifest, evaluation: SplitManifest, world_size: int) -> bool:
-    """Config rules that need the data; True when the eval split's multi-hot targets are to be scored."""
-    for key, split, manifest in (
-        ("train_split (--train-split)", config.data.train_split, train),
-        ("eval_split (--eval-split)", config.data.eval_split, evaluation),
-    ):
-        if manifest.label_kind is LabelKind.UNLABELLED:
-            raise ConfigError(
-                f"data.{key}: split {split!r} is unlabelled (no ground truth to train or score on); "
-                f"use it as data.unlabelled_split (--unlabelled-split) with --method mile"
-            )
-    if train.label_kind is LabelKind.ATTRIBUTES and config.method.name is Method.SOFTMAX:
-        raise ConfigError(
-            f"--method softmax: split {config.data.train_split!r} holds independent binary attributes "
-            f"(no single label per image); use --method sigmoid or mile"
-        )
-    per_rank_samples = train.num_samples // world_size
-    if config.global_batch_size // world_size > per_rank_samples:
-        raise ConfigError(
-            f"global_batch_size (--batch-size) {config.global_batch_size} is larger than the training split "
-            f"{config.data.train_split!r}, which holds {train.num_samples} samples"
-            f"{f' ({per_rank_samples} per process)' if world_size > 1 else ''}; use a smaller --batch-size"
-        )
-    has = evaluation.label_kind.has_targets
-    if config.multilabel_metrics is Switch.ON and not has:
-        raise ConfigError(
-            f"multilabel_metrics (--multilabel-metrics) on: eval split {config.data.eval_split!r} has no multi-labels "
-            f"(label kind {evaluation.label_kind.value}); use a split with multi-label sets or auto"
-        )
-    return has and config.multilabel_metrics is not Switch.OFF
-
-
-def load_unlabelled_split(config: RunConfig, root: Path, train: SplitManifest, world_size: int) -> SplitManifest:
-    """The manifest of ``data.unlabelled_split``, checked against the train split: same classes (the
-    teacher's pseudo-labels index the train split's classes) and at least one full batch."""
-    key, name = "data.unlabelled_split (--unlabelled-split)", config.data.unlabelled_split
-    try:
-        unlabelled = load_split(root, name)
-    except ShardError as error:
-        raise ConfigError(f"{key} {name!r}: {error}") from None
-    if unlabelled.class_names != train.class_names:
-        raise ConfigError(
-            f"{key} {name!r} in {root} has {unlabelled.num_classes} classes {unlabelled.class_names[:5]}..., not the "
-            f"{train.num_classes} classes {train.class_names[:5]}... of the train split {config.data.train_split!r}: "
-            f"pseudo-labels would index other classes; convert both from one dataset"
-        )
-    if config.global_batch_size // world_size > unlabelled.num_samples // world_size:
-        raise ConfigError(
-            f"global_batch_size (--batch-size) {config.global_batch_size} is larger than {key} {name!r}, "
-            f"which holds {unlabelled.num_samples} samples; use a smaller --batch-size"
-        )
-    return unlabelled
-
-
-def steps_from_epochs(config: RunConfig, batches_per_epoch: int, is_main: bool = True) -> RunConfig:
-    """``config`` with ``num_steps`` = ``num_epochs`` x full training batches per epoch when
-    ``num_epochs`` is set (the split's size is known only here); unchanged otherwise."""
-    if config.num_epochs == 0:
-        return config
-    num_steps = config.num_epochs * batches_per_epoch
-    if is_main:
-        log.info(
-            "num_epochs %d x %d batches per epoch = %d optimizer steps", config.num_epochs, batches_per_epoch, num_steps
-        )
-    return dataclasses.replace(config, num_steps=num_steps)
-
-
-# Metric names a higher value of which is not better: refused as checkpoint.best_metric.
-NOT_A_SCORE = re.compile(r"^(num_.*|coverage@.*|matched_target|theta@matched|m@matched)$")
-
-
-def check_best_metric(name: str, available: tuple[str, ...]) -> None:
-    """``checkpoint.best_metric`` must be one of the run's eval metrics for which higher is better."""
-    if not name:
-        return
-    scores = [metric for metric in available if not NOT_A_SCORE.match(metric)]
-    if name not in scores:
-        raise ConfigError(
-            f"checkpoint.best_metric (--best-metric) {name!r} is not a score this run's evaluation reports; "
-            f"choose one of {', '.join(scores)}"
-        )
-
-
 class UnlabelledPlaceholders:
     """Labels and targets for batches of the unlabelled split, allocated once: the steps of every phase
     take one input layout (captured graphs replay on fixed buffers), and an imitation step never
@@ -310,46 +215,28 @@ def eval_line(step: int, num_steps: int, where: str, metrics: dict[str, float], 
 
 
 class Trainer:
+    """Runs the loop of a planned run: the plan (``engine.plan``) has read and checked everything; the
+    trainer builds the engine and the loaders from it, resumes, and trains."""
+
     def __init__(self, config: RunConfig, dist: DistInfo, resume: bool = False) -> None:
-        self.config, self.dist, self.device = config, dist, dist.device
-        self.folder = RunFolder(config.out_dir, is_main=dist.is_main)
-        self.folder.check_start(resume)  # refuse before any work: another run's folder, or nothing to resume
-        root = resolve_data_root(config.data)
-        self.train_split = load_split(root, config.data.train_split)
-        self.eval_split = load_split(root, config.data.eval_split)
-        self.score_targets = check_against_data(config, self.train_split, self.eval_split, dist.world_size)
-        main_set = EvalSet("", root, config.data.eval_split, self.eval_split, self.score_targets)
-        self.eval_sets = [main_set, *extra_eval_sets(config, self.train_split, root)]
-        check_best_metric(config.checkpoint.best_metric, self._eval_metric_names())
-        unlabelled_root = resolve_unlabelled_root(config.data, root)
-        if unlabelled_root is not None:  # checked before any loader starts
-            load_unlabelled_split(config, unlabelled_root, self.train_split, dist.world_size)
-        self.train_loader, self.eval_loader = build_loaders(config, root, dist.rank, dist.world_size, self.device)
-        self.unlabelled_loader = (
-            None
-            if unlabelled_root is None
-            else build_unlabelled_loader(config, unlabelled_root, dist.rank, dist.world_size, self.device)
+        self.plan = plan = plan_run(config, dist, resume)  # every check, before any work
+        self.config, self.dist, self.device = plan.config, dist, dist.device
+        self.folder = plan.folder
+        self.eval_sets = list(plan.eval_sets)
+        loaders = build_loaders(plan)
+        self.train_loader, self.unlabelled_loader = loaders.train, loaders.unlabelled
+        self.eval_loaders = loaders.evaluation
+        self.engine: Engine = build_engine(
+            plan.config, plan.engine_spec, self.device, distributed=dist.enabled, init_weights=not resume
         )
-        # one loader per extra set, built once: its workers and index stay for every eval point
-        self.eval_loaders = [
-            self.eval_loader,
-            *(build_eval_loader(config, s, dist.rank, dist.world_size, self.device) for s in self.eval_sets[1:]),
-        ]
-        self.config = config = steps_from_epochs(config, self.train_loader.batches_per_epoch, dist.is_main)
-        spec = EngineSpec(
-            self.train_split.num_classes,
-            self.train_split.label_kind is LabelKind.ATTRIBUTES,
-            batches_per_epoch=self.train_loader.batches_per_epoch,
-        )
-        self.engine: Engine = build_engine(config, spec, self.device, distributed=dist.enabled, init_weights=not resume)
         self.progress, self.rng = Progress(), RngState()
         if resume:
             self._load(self.folder.checkpoint_path)
-        self.folder.prepare(config, resume)  # only now, with everything checked, is the folder written
+        self.folder.prepare(plan.config, resume)  # only now, with everything checked, is the folder written
         self.checkpoints = (
-            CheckpointWriter(self.folder.checkpoint_path.parent, config.checkpoint.keep_last) if dist.is_main else None
+            CheckpointWriter(self.folder.checkpoints_dir, plan.config.checkpoint.keep_last) if dist.is_main else None
         )
-        if dist.is_main and remove_temporaries(self.folder.checkpoint_path.parent):
+        if dist.is_main and remove_temporaries(self.folder.checkpoints_dir):
             log.warning(
                 "removed the temporary files of a checkpoint write that was killed; %s is whole",
                 self.folder.checkpoint_path,
@@ -484,7 +371,7 @@ class Trainer:
     def _with_placeholders(self, batch: Batch) -> Batch:
         """A batch of the unlabelled split as the step reads it: its images with placeholder labels."""
         if self._placeholders is None:  # allocated once, on the device, with the first unlabelled batch
-            self._placeholders = UnlabelledPlaceholders(batch, self.train_split)
+            self._placeholders = UnlabelledPlaceholders(batch, self.plan.train.manifest)
         return self._placeholders.fit(batch)
 
     def _batches(self, loader: Any, epoch_field: str, batch_field: str) -> Iterator[Batch]:
@@ -565,20 +452,6 @@ class Trainer:
 
     # -- evaluation and checkpoints -----------------------------------------------------------
 
-    def _new_accumulator(self, eval_set: EvalSet) -> EvalAccumulator:
-        return EvalAccumulator(
-            num_classes=eval_set.manifest.num_classes,
-            thetas=self.config.eval_thetas,
-            method_kind="softmax" if self.config.method.name is Method.SOFTMAX else "sigmoid",
-            has_targets=eval_set.score_targets,
-            attributes=eval_set.manifest.label_kind is LabelKind.ATTRIBUTES,
-            device=self.device,
-        )
-
-    def _eval_metric_names(self) -> tuple[str, ...]:
-        """Every key an eval point reports: the eval split's plain names, then each extra set's NAME/metric."""
-        return tuple(s.key(name) for s in self.eval_sets for name in self._new_accumulator(s).metric_names())
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Score every eval set; one metrics record with all their keys (and each set's eval seconds)."""
@@ -602,7 +475,7 @@ class Trainer:
     def _score(self, eval_set: EvalSet, loader: Loader) -> dict[str, float]:
         dtype = compute_dtype(self.config, self.device, train=False)
         return score_split(
-            self.engine.learner, loader, self._new_accumulator(eval_set), dtype, self.device
+            self.engine.learner, loader, self.plan.new_accumulator(eval_set), dtype, self.device
         )  # SYNC: eval point
 
     def _improves_best(self, metrics: dict[str, float] | None) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines.contract import AugmentConfig, Batch, Loader, LoaderConfig, ShardDataError, rank_range
-from shards.manifest import validate_split
+from shards.manifest import SplitManifest, check_shards, load_split
 
 __all__ = [
     "AugmentConfig", "Batch", "Loader", "LoaderConfig", "ShardDataError", "build_loader", "dali_import_error",
@@ -54,12 +54,15 @@ def describe_backend(requested: str) -> str:
     return f"torch (auto: NVIDIA DALI cannot be imported here: {dali_import_error()})"
 
 
-def build_loader(root: Path, split: str, config: LoaderConfig) -> Loader:
-    """A loader over split ``split`` of the shard folder ``root``, validated against its manifest:
-    presence and sizes of the shards here (checksums too with ``config.verify_checksums``), every
-    index file by the backend (counts, offsets and sizes inside the tar). A sample that still fails
-    mid-epoch raises ``ShardDataError`` naming the shard."""
-    manifest = validate_split(Path(root), split, check_hash=config.verify_checksums)
+def build_loader(root: Path, split: str, config: LoaderConfig, manifest: SplitManifest | None = None) -> Loader:
+    """A loader over split ``split`` of the shard folder ``root``, validated against its manifest
+    (``manifest`` when the caller has read it already): presence and sizes of the shards here
+    (checksums too with ``config.verify_checksums``), every index file by the backend (counts,
+    offsets and sizes inside the tar). A sample that still fails mid-epoch raises ``ShardDataError``
+    naming the shard."""
+    if manifest is None:
+        manifest = load_split(Path(root), split)
+    check_shards(Path(root), manifest, check_hash=config.verify_checksums)
     if config.device.startswith("cuda"):
         import torch
 

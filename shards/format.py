@@ -52,11 +52,6 @@ class LabelKind(str, enum.Enum):
     def has_targets(self) -> bool:
         return self in (LabelKind.MULTI, LabelKind.ATTRIBUTES)
 
-    @property
-    def has_single_label(self) -> bool:
-        """Whether ``KEY.cls``/``KEY.lbl`` hold a class index; NO_LABEL otherwise."""
-        return self in (LabelKind.SINGLE, LabelKind.MULTI)
-
     def label_range(self, num_classes: int) -> tuple[int, int]:
         """[low, high) of the values ``KEY.lbl`` may hold in a split of this kind."""
         if self is LabelKind.UNLABELLED:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from shards.errors import ShardError, with_filename
+from shards.atomic_files import atomic_write_text
+from shards.errors import ShardError
 from shards.folder_lock import output_lock
 from shards.format import (
     FIELD_IMAGE,
@@ -181,30 +180,6 @@ def remove_split(root: Path, name: str) -> None:
             atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def temp_sibling(path: Path, suffix: str) -> Path:
-    """A hidden sibling name no other process or call uses: ``.NAME.PID-RANDOM{suffix}``."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers see the old or the new file.
-    A failed write (a full disk) removes the temporary file and raises ``OSError`` naming ``path``."""
-    tmp = temp_sibling(path, ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise with_filename(error, path) from error
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -232,11 +207,16 @@ def validate_split(root: Path, split: str, check_hash: bool = True, check_index:
     """Load one split and check every shard against the manifest: presence and size, the sha256
     with ``check_hash``, and with ``check_index`` the index files (see ``check_index_file``)."""
     manifest = load_split(root, split)
+    check_shards(root, manifest, check_hash, check_index)
+    return manifest
+
+
+def check_shards(root: Path, manifest: SplitManifest, check_hash: bool = True, check_index: bool = False) -> None:
+    """``validate_split`` of a manifest already read."""
     for shard in manifest.shards:
         check_shard(root, shard, check_hash)
         if check_index:
             check_index_file(root, shard, manifest)
-    return manifest
 
 
 def check_index_file(root: Path, shard: ShardRecord, split: SplitManifest) -> list[list[Member]]:

@@ -131,19 +131,3 @@ def read_index(path: Path) -> list[list[Member]]:
     except (ValueError, IndexError) as error:
         raise ValueError(f"malformed index file {path}: {error}") from None
     return samples
-
-
-def index_tar(path: Path) -> list[list[Member]]:
-    """Index an existing tar by scanning it (members grouped by key, in file order)."""
-    samples: list[list[Member]] = []
-    last_key = None
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            key, ext = split_name(info.name)
-            if key != last_key:
-                samples.append([])
-                last_key = key
-            samples[-1].append(Member(ext, info.offset_data, info.size, info.name))
-    return samples

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from shards.atomic_files import atomic_write_text, temp_sibling
 from shards.folder_lock import output_lock
 from shards.format import LabelKind, Sample, check_key, check_split_name, encode_sample
 from shards.images import ImagePolicy, UnreadableImage, encode_array, sanitize
@@ -30,13 +31,11 @@ from shards.manifest import (
     ShardError,
     ShardRecord,
     SplitManifest,
-    atomic_write_text,
     check_shard,
     load_splits,
     remove_split,
     save_split,
     sha256_file,
-    temp_sibling,
 )
 from shards.parallel import ordered_map
 from shards.progress import Progress

@@ -22,18 +22,22 @@ REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = Path(__file__).resolve().parent / "data" / "cli_options.json"
 
 # (command as a user types it, module or repo-relative script, attribute): a typer app, a function
-# that ``typer.run`` runs, or (engine.launch) a function returning an argparse parser.
+# that ``typer.run`` runs, or (engine.commands.launch) a function returning an argparse parser.
 COMMANDS: list[tuple[str, str, str]] = [
-    ("engine-run", "engine.cli", "app"),
+    ("engine-run", "engine.commands.run", "app"),
     ("make-shards", "shards.cli", "app"),
-    ("mile-export", "engine.export", "app"),
-    ("mile-predict", "engine.predict", "app"),
-    ("mile-eval", "engine.evaluate", "app"),
-    ("python -m engine.demo", "engine.demo", "app"),
+    ("mile-export", "engine.commands.export", "app"),
+    ("mile-predict", "engine.commands.predict", "app"),
+    ("mile-eval", "engine.commands.evaluate", "app"),
+    ("python -m engine.commands.demo", "engine.commands.demo", "app"),
     ("tools/bench.py", "tools/bench.py", "app"),
     ("tools/report.py", "tools/report.py", "app"),
     ("tools/sweep.py", "tools/sweep.py", "app"),
-    ("python -m engine.launch", "torch.distributed.run", "get_args_parser"),  # torchrun's own options, unchanged
+    (
+        "python -m engine.commands.launch",
+        "torch.distributed.run",
+        "get_args_parser",
+    ),  # torchrun's own options, unchanged
 ]
 
 

@@ -2,7 +2,7 @@
 
     python tests/dist_worker.py ENGINE-RUN-ARGS...          (or as torchrun's script)
 
-It runs ``engine.cli.main`` unchanged after installing, on the trainer it builds, the probes named by
+It runs ``engine.commands.run.main`` unchanged after installing, on the trainer it builds, the probes named by
 environment variables:
 
 - ``MILE_TEST_DIGESTS=DIR``: after every teacher snapshot, append ``step digest`` of the teacher's
@@ -123,7 +123,7 @@ def install_probes() -> None:
 
 if __name__ == "__main__":
     install_probes()
-    from engine.cli import main
+    from engine.commands.run import main
 
     sys.argv = ["engine-run", *sys.argv[1:]]
     main()

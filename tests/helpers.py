@@ -87,7 +87,7 @@ def run_stopped_by_sigterm(config: RunConfig, stop_at: int) -> None:
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``engine-run ARGS`` in a fresh process, as a user starts it."""
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [sys.executable, "-m", "engine.commands.run", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
 
 
@@ -154,4 +154,4 @@ def run_in_process(target: str, *args: str, timeout: float = 300) -> subprocess.
 
 def run_cli_in_process(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``engine-run ARGS`` in this process (``run_in_process``): what ``run_cli`` returns, seconds sooner."""
-    return run_in_process("engine.cli", *args, timeout=timeout)
+    return run_in_process("engine.commands.run", *args, timeout=timeout)

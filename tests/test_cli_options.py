@@ -31,7 +31,7 @@ def typer_commands() -> list[tuple[str, Any, list[str]]]:
     for path, source, attribute in COMMANDS:
         target = load_attribute(source, attribute)
         if not isinstance(target, typer.Typer):
-            continue  # engine.launch: torchrun's own parser
+            continue  # engine.commands.launch: torchrun's own parser
         out.append((path, target, []))
         for name in getattr(click_command(target), "commands", {}):
             out.append((f"{path} {name}", target, [name]))

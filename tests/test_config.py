@@ -13,8 +13,18 @@ import pytest
 import tomllib
 from typer.testing import CliRunner
 
-from engine.cli import app, default_config_path
-from engine.config import ConfigError, Key, RunConfig, build_config, config_keys, key_by_name, load_toml, to_toml
+from engine.commands.run import app
+from engine.config import (
+    ConfigError,
+    Key,
+    RunConfig,
+    build_config,
+    config_keys,
+    default_config_path,
+    key_by_name,
+    load_toml,
+    to_toml,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -216,7 +226,15 @@ def test_bad_toml_names_the_key(text: str, message: str, tmp_path: Path) -> None
 def test_cli_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text("num_steps = 30.5\n")
     result = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "o")],
+        [
+            sys.executable,
+            "-m",
+            "engine.commands.run",
+            "--config",
+            str(tmp_path / "bad.toml"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -79,7 +79,7 @@ def test_engine_run_log_has_one_line_per_eval_point_and_no_bar(shapes_folder: Pa
     flags = ["--data", str(shards), "--out", str(run), "--device", "cpu", "--loader", "torch", "--workers", "0"]
     flags += ["--method", "mile", "--warmup-steps", "2", "--k-teacher-steps", "2", "--k-student-steps", "2"]
     flags += ["--steps", "8", "--eval-every", "3", "--log-every", "2", "--batch-size", "4", "--arch", "grid_cnn"]
-    code, log = redirected(["-m", "engine.cli", *flags], tmp_path / "run.log")
+    code, log = redirected(["-m", "engine.commands.run", *flags], tmp_path / "run.log")
     assert code == 0, log
     assert "\r" not in log
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

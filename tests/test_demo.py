@@ -42,7 +42,7 @@ def demo_out(grid_root: Path, tmp_path_factory) -> Path:
     """The demo's --out after a tiny run: three methods, two seeds each."""
     import typer
 
-    from engine.demo import main
+    from engine.commands.demo import main
 
     tmp_path = tmp_path_factory.mktemp("demo")
     app = typer.Typer()

@@ -21,10 +21,10 @@ import torch
 from helpers import CPU, REPO, checkpoint_state, tiny_config
 
 from engine.checkpoint import read_checkpoint
-from engine.cli import resolve_config
+from engine.commands.launch import exit_status, with_forwarded_signals
+from engine.commands.run import resolve_config
 from engine.config import ConfigError
 from engine.distributed import first_host, slurm_environment
-from engine.launch import exit_status, with_forwarded_signals
 from engine.run_folder import read_metrics
 from engine.trainer import Trainer
 
@@ -42,13 +42,13 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def command(nproc: int, args: list[str], worker: bool = False, max_restarts: int = 0) -> list[str]:
-    """engine-run (or the probing worker) as one plain process (``nproc`` 0) or under engine.launch."""
-    target = [str(WORKER)] if worker else ["-m", "engine.cli"]
+    """engine-run (or the probing worker) as one plain process (``nproc`` 0) or under engine.commands.launch."""
+    target = [str(WORKER)] if worker else ["-m", "engine.commands.run"]
     if nproc == 0:
         return [sys.executable, *target, *args]
     launcher = [
         "-m",
-        "engine.launch",
+        "engine.commands.launch",
         "--standalone",
         f"--nproc_per_node={nproc}",
         f"--max-restarts={max_restarts}",
@@ -192,7 +192,7 @@ def test_a_worker_leaves_without_racing_the_process_groups_threads(tmp_path: Pat
     after flushing), so nothing is left to race."""
     script = tmp_path / "leave.py"
     script.write_text(LEAVE_WITH_A_COLLECTIVE_IN_FLIGHT)
-    launch = [sys.executable, "-m", "engine.launch", "--standalone", "--nproc_per_node=2", str(script)]
+    launch = [sys.executable, "-m", "engine.commands.launch", "--standalone", "--nproc_per_node=2", str(script)]
     finalized = subprocess.run(
         [*launch, "finalize"], capture_output=True, text=True, timeout=120, cwd=REPO, env=child_env()
     )
@@ -418,7 +418,7 @@ def test_a_task_with_one_visible_gpu_uses_it_whatever_its_local_rank(monkeypatch
 
 def test_the_launcher_forwards_sigusr1_and_reports_what_stopped_the_job() -> None:
     assert (
-        with_forwarded_signals(["--nproc_per_node=2", "-m", "engine.cli"])[0]
+        with_forwarded_signals(["--nproc_per_node=2", "-m", "engine.commands.run"])[0]
         == "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
     )
     assert with_forwarded_signals(["--signals_to_handle=SIGTERM", "x.py"]) == ["--signals_to_handle=SIGTERM", "x.py"]

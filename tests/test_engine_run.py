@@ -185,7 +185,11 @@ def test_cli_sigterm_saves_checkpoint_then_resume_finishes(grid_root: Path, tmp_
         "100000",
     ]
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+        [sys.executable, "-m", "engine.commands.run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
@@ -217,7 +221,7 @@ def test_two_process_cpu_run_under_torchrun(grid_root: Path, tmp_path: Path) -> 
         "--nproc_per_node",
         "2",
         "-m",
-        "engine.cli",
+        "engine.commands.run",
         "--data",
         str(grid_root),
         "--device",
@@ -340,12 +344,12 @@ def test_resuming_a_finished_run_reports_its_metrics(grid_root: Path, tmp_path: 
 
 
 def test_demo_reuses_finished_runs_and_never_overwrites_another_config(grid_root: Path, tmp_path: Path) -> None:
-    from engine.demo import run_method
+    from engine.runs import train_or_reuse
 
     config = tiny_config(grid_root, tmp_path / "mile", num_steps=4, eval_every=4)
-    first = run_method(config)
+    first = train_or_reuse(config)
     checkpoint = (tmp_path / "mile" / "checkpoints" / "last.pt").read_bytes()
-    assert run_method(config) == first  # reused, not retrained
+    assert train_or_reuse(config) == first  # reused, not retrained
     with pytest.raises(RunFolderError, match="another config"):
-        run_method(tiny_config(grid_root, tmp_path / "mile", num_steps=6, eval_every=6))
+        train_or_reuse(tiny_config(grid_root, tmp_path / "mile", num_steps=6, eval_every=6))
     assert (tmp_path / "mile" / "checkpoints" / "last.pt").read_bytes() == checkpoint

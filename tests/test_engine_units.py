@@ -245,14 +245,14 @@ def test_gpus_relaunch_drops_only_the_gpus_flag(monkeypatch) -> None:
     import sys
 
     from engine import distributed
-    from engine.cli import without_gpus_flag
+    from engine.commands.run import without_gpus_flag
 
     argv = ["--gpus", "8", "--method", "mile", "--gpus=4", "--out", "runs/x"]
     assert without_gpus_flag(argv) == ["--method", "mile", "--out", "runs/x"]
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 8)
     command = distributed.torchrun_command(8, ["--method", "mile"])
-    assert command[:3] == [sys.executable, "-m", "engine.launch"]  # torchrun, forwarding SIGUSR1 too
-    assert "--nproc_per_node=8" in command and command[-4:] == ["-m", "engine.cli", "--method", "mile"]
+    assert command[:3] == [sys.executable, "-m", "engine.commands.launch"]  # torchrun, forwarding SIGUSR1 too
+    assert "--nproc_per_node=8" in command and command[-4:] == ["-m", "engine.commands.run", "--method", "mile"]
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match="--gpus 8: only 2"):
         distributed.torchrun_command(8, [])
@@ -264,6 +264,8 @@ def test_loader_workers_default_to_auto_and_the_resolved_count_is_logged(tmp_pat
     import os
 
     from engine.data import build_loaders
+    from engine.distributed import DistInfo
+    from engine.plan import plan_run
     from pipelines.torch_backend import TorchLoader
     from shards.format import LabelKind
     from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
@@ -277,11 +279,19 @@ def test_loader_workers_default_to_auto_and_the_resolved_count_is_logged(tmp_pat
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     config = build_config(
-        {}, {"data.root": str(tmp_path), "data.backend": "torch", "global_batch_size": 2, "data.image_size_px": 8}
+        {},
+        {
+            "data.root": str(tmp_path),
+            "data.backend": "torch",
+            "global_batch_size": 2,
+            "data.image_size_px": 8,
+            "out_dir": str(tmp_path / "run"),
+        },
     )
     with caplog.at_level(logging.INFO, logger="engine.data"):
-        loaders = build_loaders(config, tmp_path, 0, 1, torch.device("cpu"))
+        loaders = build_loaders(plan_run(config, DistInfo(0, 1, 0, torch.device("cpu"))))
     assert "loader workers per process: 3 (auto: CPU affinity / local ranks)" in caplog.text
-    assert [loader.num_workers for loader in loaders if isinstance(loader, TorchLoader)] == [3, 3]
-    for loader in loaders:
-        loader.close()
+    assert [
+        loader.num_workers for loader in (loaders.train, *loaders.evaluation) if isinstance(loader, TorchLoader)
+    ] == [3, 3]
+    loaders.close()

@@ -12,8 +12,8 @@ import pytest
 from helpers import CPU, run_cli_in_process, run_in_process, tiny_config
 from typer.testing import CliRunner
 
-from engine import evaluate, export
-from engine.cli import check_resume_changes
+from engine.commands import evaluate, export
+from engine.commands.run import check_resume_changes
 from engine.config import ConfigError
 from engine.run_folder import read_metrics
 from engine.trainer import Trainer
@@ -190,6 +190,6 @@ def test_two_sets_of_one_name_get_unique_names_and_an_added_set_may_resume(
     ],
 )
 def test_eval_data_names_a_folder_and_a_split(spec: str, folder: str, split: str) -> None:
-    from engine.data import parse_eval_data
+    from engine.plan import parse_eval_data
 
     assert parse_eval_data(spec) == (Path(folder), split)

@@ -13,7 +13,7 @@ import torch
 from helpers import CPU, REPO, tiny_config
 from typer.testing import CliRunner
 
-from engine import evaluate, export, predict
+from engine.commands import evaluate, export, predict
 from engine.metrics import prediction_sets
 from engine.scoring import eval_outputs
 from engine.trainer import Trainer
@@ -163,11 +163,14 @@ def test_errors_are_one_line_naming_the_path(trained, tmp_path: Path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     cases = [
         (
-            ["engine.predict", "--model", str(tmp_path), str(tmp_path / "bad.jpg")],
+            ["engine.commands.predict", "--model", str(tmp_path), str(tmp_path / "bad.jpg")],
             "is not an exported model folder (no model.json)",
         ),
-        (["engine.predict", "--model", str(model_dir), str(tmp_path / "nothing")], "nothing does not exist"),
-        (["engine.export", str(tmp_path / "norun"), "--out", str(tmp_path / "m")], "config.toml does not exist"),
+        (["engine.commands.predict", "--model", str(model_dir), str(tmp_path / "nothing")], "nothing does not exist"),
+        (
+            ["engine.commands.export", str(tmp_path / "norun"), "--out", str(tmp_path / "m")],
+            "config.toml does not exist",
+        ),
     ]
     for args, message in cases:
         result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -190,7 +193,16 @@ def huge_png_header(path: Path, side_px: int = 30000) -> Path:
 
 
 def run_predict(model_dir: Path, *args: Path | str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "engine.predict", "--model", str(model_dir), "--device", "cpu", *map(str, args)]
+    command = [
+        sys.executable,
+        "-m",
+        "engine.commands.predict",
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        *map(str, args),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
 
 

@@ -32,8 +32,9 @@ from pipelines import ShardDataError, build_loader, dali_import_error
 from pipelines.contract import LoaderConfig
 from pipelines.torch_backend import TorchLoader
 from shards import cli
+from shards.atomic_files import atomic_write_text
 from shards.format import LabelKind
-from shards.manifest import ShardError, atomic_write_text, load_split, load_splits, manifest_path, validate_split
+from shards.manifest import ShardError, load_split, load_splits, manifest_path, validate_split
 from shards.tar_io import read_index
 from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 from shards_cli import main_status
 
-from engine.predict import load_image
+from engine.commands.predict import load_image
 from pipelines import build_loader, dali_import_error
 from pipelines.contract import LoaderConfig
 from pipelines.transforms import transform_image, transform_spec

@@ -16,13 +16,14 @@ from typer.testing import CliRunner
 
 from engine.build import EngineSpec, OptimizerInPlace, build_engine
 from engine.checkpoint import CheckpointError
-from engine.cli import app
+from engine.commands.run import app
 from engine.config import MilestoneUnit, OptimConfig, Schedule, build_config
 from engine.data import compute_dtype, loader_config
 from engine.init_weights import load_backbone, read_weights
 from engine.models import build_model, classifier_of, classifier_prefix
+from engine.plan import steps_from_epochs
 from engine.schedule import lr_at
-from engine.trainer import Trainer, steps_from_epochs
+from engine.trainer import Trainer
 from pipelines.contract import Batch
 
 runner = CliRunner()

@@ -19,11 +19,11 @@ import torch
 from dataset_layouts import listed_one_percent, make_celeba, make_imagenet_train, make_imagenet_val, make_webvision
 from typer.testing import CliRunner
 
+from engine.commands.sweep import load_sweep
 from engine.config import Method, build_config, load_toml
 from engine.distributed import DistInfo
 from engine.models import build_model
 from engine.phases import Phase, PhasePlan
-from engine.sweep import load_sweep
 from engine.trainer import Trainer
 from shards.cli import app as make_shards
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import resolve_config
+from engine.commands.report import metric_words, phase_spans, plain_log_ticks, plot_f1_vs_coverage
+from engine.commands.run import resolve_config
 from engine.config import to_toml
-from engine.report import metric_words, phase_spans, plain_log_ticks, plot_f1_vs_coverage
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 60

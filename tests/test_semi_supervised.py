@@ -354,8 +354,8 @@ def test_checkpoints_from_before_semi_supervised_runs_load_with_the_stream_at_it
 
 def test_mile_eval_refuses_an_unlabelled_split(semi_root: Path, tmp_path: Path) -> None:
     """Scoring placeholder labels would print numbers that mean nothing: refused before any model loads."""
-    from engine.evaluate import evaluate_exported
-    from engine.export import ExportError
+    from engine.commands.evaluate import evaluate_exported
+    from engine.commands.export import ExportError
 
     with pytest.raises(ExportError, match="'train_unlabelled' .* is unlabelled"):
         evaluate_exported(tmp_path / "no-model-needed", semi_root, "train_unlabelled", torch.device("cpu"))

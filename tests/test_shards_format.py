@@ -16,7 +16,7 @@ from PIL import Image
 
 from shards.format import NO_LABEL, FormatError, LabelKind, Sample, decode_sample, encode_sample, fields_for
 from shards.manifest import ShardError, load_split, validate_split
-from shards.tar_io import TarShardFile, format_index, index_tar, read_index
+from shards.tar_io import Member, TarShardFile, format_index, read_index, split_name
 from shards.writer import SplitSpec, WriterSettings, write_split
 
 CLASSES = ["cat", "dog", "owl", "yak"]
@@ -137,6 +137,22 @@ def test_index_files_equal_dalis_own_wds2idx(written, tmp_path):
         with wds2idx.IndexCreator(str(root / shard.path), str(theirs), verbose=False) as creator:
             creator.create_index()
         assert (root / shard.index_path).read_bytes() == theirs.read_bytes()
+
+
+def index_tar(path: Path) -> list[list[Member]]:
+    """The index by scanning the tar with the standard library (members grouped by key, in file order)."""
+    samples: list[list[Member]] = []
+    last_key = None
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, ext = split_name(info.name)
+            if key != last_key:
+                samples.append([])
+                last_key = key
+            samples[-1].append(Member(ext, info.offset_data, info.size, info.name))
+    return samples
 
 
 def test_index_offsets_point_at_member_data(written):

@@ -48,8 +48,8 @@ def main(
     """Write the comparison table and plots of finished runs; unfinished ones are listed, not fatal."""
     import logging
 
+    from engine.commands.report import find_runs, write_report
     from engine.config import ConfigError
-    from engine.report import find_runs, write_report
     from engine.run_folder import RunFolderError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

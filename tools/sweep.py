@@ -23,8 +23,8 @@ def main(
     """Run every configuration of a sweep; finished runs are reused, interrupted ones resumed."""
     import logging
 
-    from engine.report import find_runs, write_report
-    from engine.sweep import load_sweep, results_markdown, run_sweep, write_results
+    from engine.commands.report import find_runs, write_report
+    from engine.commands.sweep import load_sweep, results_markdown, run_sweep, write_results
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     runs, select_by = load_sweep(sweep, out)

@@ -15,16 +15,18 @@ from typing import Any, Optional
 import torch
 import typer
 
+from engine.commands.export import ExportedModel, ExportError, autocast_dtype, load_exported
+from engine.commands.runner import run_cli
 from engine.config import Backend
-from engine.export import ExportedModel, ExportError, autocast_dtype, load_exported, resolve_device, run_cli
-from engine.metrics import EvalAccumulator
+from engine.distributed import resolve_device
 from engine.options import BATCH_SIZE, DEVICE, LOADER, MODEL, OUT, THETA, WORKERS
-from engine.scoring import score_split
+from engine.scoring import accumulator_for, score_split
 from pipelines import build_loader, describe_backend
 from pipelines.contract import LoaderConfig
+from shards.atomic_files import atomic_write_text
 from shards.command_options import command_app
 from shards.format import LabelKind
-from shards.manifest import atomic_write_text, load_split
+from shards.manifest import load_split
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,8 @@ def evaluate_exported(
             f"split {split!r} of {data} has {manifest.num_classes} classes; the model in {model_dir} has "
             f"{meta.num_classes}"
         )
-    attributes = manifest.label_kind is LabelKind.ATTRIBUTES
-    has_targets = manifest.label_kind.has_targets
-    accumulator = EvalAccumulator(
-        num_classes=meta.num_classes,
-        thetas=thetas or tuple(meta.thetas),
-        method_kind=meta.method_kind,
-        has_targets=has_targets,
-        attributes=attributes,
-        device=device,
-    )
+    thetas = thetas or tuple(meta.thetas)
+    accumulator = accumulator_for(manifest, thetas, meta.method_kind, manifest.label_kind.has_targets, device)
     dtype = autocast_dtype(meta, device)
     log.info("loader: %s", describe_backend(backend))
     loader = build_loader(data, split, _loader_config(meta, batch_size, backend, num_workers, device, dtype))

@@ -28,7 +28,9 @@ import typer
 from torch import nn
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from engine.export import ExportedModel, ExportError, autocast_dtype, load_exported, resolve_device, run_cli
+from engine.commands.export import ExportedModel, ExportError, autocast_dtype, load_exported
+from engine.commands.runner import run_cli
+from engine.distributed import resolve_device
 from engine.metrics import prediction_sets
 from engine.options import BATCH_SIZE, DEVICE, MODEL, OUT, THETA
 from engine.steps import autocast_context

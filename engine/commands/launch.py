@@ -1,4 +1,4 @@
-"""``python -m engine.launch [torchrun options] -m engine.cli ...``: torchrun, for clusters.
+"""``python -m engine.commands.launch [torchrun options] -m engine.commands.run ...``: torchrun, for clusters.
 
 It takes torchrun's options unchanged and differs in two ways (docs/CLUSTERS.md):
 
@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except SignalException as stopped:  # the workers got the signal too and were waited for
-        print(f"engine.launch: stopped by {stopped.sigval.name}", file=sys.stderr)
+        print(f"engine.commands.launch: stopped by {stopped.sigval.name}", file=sys.stderr)
         return 128 + int(stopped.sigval)
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
-        print(f"engine.launch: rank {rank} failed with exit code {failure.exitcode}", file=sys.stderr)
+        print(f"engine.commands.launch: rank {rank} failed with exit code {failure.exitcode}", file=sys.stderr)
         return exit_status(failure.exitcode) or 1
     return 0
 

@@ -36,15 +36,15 @@ import torch
 import typer
 from torch import nn
 
-from engine.checkpoint import CheckpointError, read_checkpoint
-from engine.config import EvalPrecision, Method
-from engine.data import loader_config, resolve_data_root
+from engine.checkpoint import read_checkpoint
+from engine.config import EvalPrecision, Method, MethodKind
+from engine.data import loader_config, train_source
 from engine.models import TORCHVISION_ARCHS, build_model, classifier_prefix
 from engine.options import OUT
-from engine.run_folder import RunFolder, RunFolderError, saved_config
+from engine.run_folder import RunFolder, saved_config
+from shards.atomic_files import atomic_write_bytes, atomic_write_text
 from shards.command_options import command_app
 from shards.format import LabelKind
-from shards.manifest import ShardError, atomic_write_bytes, atomic_write_text, load_split
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,9 @@ class ExportedModel:
     format: int = EXPORT_FORMAT
 
     @property
-    def method_kind(self) -> str:
+    def method_kind(self) -> MethodKind:
         """How prediction sets are formed: "softmax" ({argmax}) or "sigmoid" (argmax ∪ over theta)."""
-        return "softmax" if self.method == Method.SOFTMAX.value else "sigmoid"
+        return Method(self.method).kind
 
     def to_json(self) -> dict[str, Any]:
         """The fields, then the descriptions for readers outside this project (derived from the
@@ -303,7 +303,7 @@ def describe_run(run_dir: Path) -> tuple[ExportedModel, dict[str, torch.Tensor]]
     config = saved_config(run_dir)
     folder = RunFolder(run_dir)
     payload = read_checkpoint(folder.checkpoint_path)
-    train = load_split(resolve_data_root(config.data), config.data.train_split)
+    train = train_source(config).manifest
     preprocessing = loader_config(config, False, 0, 1, torch.device("cpu"))
     summary = folder.read_summary()
     if summary is None:
@@ -359,7 +359,7 @@ def write_export(meta: ExportedModel, state: dict[str, torch.Tensor], out_dir: P
 def write_onnx(meta: ExportedModel, state: dict[str, torch.Tensor], out_dir: Path) -> dict[str, Any]:
     """``model.onnx``: the network with these weights as an ONNX graph (fp32; the batch size is free);
     what model.json says about it."""
-    model = build_model(meta.arch, meta.num_classes, meta.method_kind == "sigmoid")
+    model = build_model(meta.arch, meta.num_classes, meta.method_kind is MethodKind.SIGMOID)
     model.load_state_dict(state)
     size = meta.image_size_px
     example = torch.zeros(1, 3, size, size)
@@ -431,7 +431,7 @@ def load_exported(model_dir: Path, device: torch.device) -> tuple[ExportedModel,
     """An exported model's description and its network, with the weights, in eval mode on ``device``."""
     meta = read_meta(model_dir)
     try:
-        model = build_model(meta.arch, meta.num_classes, meta.method_kind == "sigmoid")
+        model = build_model(meta.arch, meta.num_classes, meta.method_kind is MethodKind.SIGMOID)
     except ValueError as error:
         raise ExportError(f"{Path(model_dir) / META_NAME}: key 'arch': {error}") from None
     state = read_weights(model_dir)
@@ -462,12 +462,6 @@ def autocast_dtype(meta: ExportedModel, device: torch.device) -> torch.dtype | N
     return None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # -- command line ----------------------------------------------------------------------------
 
 app = command_app()
@@ -487,17 +481,9 @@ def export(
     typer.echo(f"wrote {weights}{extra} and {out / META_NAME}")
 
 
-def run_cli(command: typer.Typer) -> None:
-    """Run a typer app: known errors as one line on stderr with exit status 2, no traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        command()
-    except (ExportError, CheckpointError, RunFolderError, ShardError, FileNotFoundError, ValueError) as error:
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise SystemExit(2) from None
-
-
 def main() -> None:
+    from engine.commands.runner import run_cli
+
     run_cli(app)
 
 

@@ -11,7 +11,7 @@ A sweep file names a base config, overrides applied to every run, and per method
     "method.k_teacher_steps,method.k_student_steps" = [[50, 50], [100, 100]]   # tied values
 
 Every combination of a method's grid is one run in ``OUT/METHOD/NAME``; finished runs are reused
-and interrupted ones resumed (``engine.demo.run_method``), so a sweep can be stopped and re-run.
+and interrupted ones resumed (``engine.runs.train_or_reuse``), so a sweep can be stopped and re-run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, RunConfig, build_config, flatten, load_toml
+from engine.config import ConfigError, RunConfig, build_config, flatten, load_toml, packaged_config
+from engine.runs import train_or_reuse
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,12 +38,6 @@ class SweepRun:
     name: str  # "lr_per_256=0.2,rho=0.1": the run's folder name
     overrides: dict[str, Any]
     config: RunConfig
-
-
-def _packaged(name: str) -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("engine") / "configs" / name))
 
 
 def _combinations(grid: dict[str, list[Any]], source: str) -> list[dict[str, Any]]:
@@ -64,7 +59,7 @@ def load_sweep(path: Path, out_root: Path) -> tuple[list[SweepRun], str]:
     path = Path(path)
     spec = tomllib.loads(path.read_text())
     base_name = spec.get("base", "digits_grid.toml")
-    base_path = path.parent / base_name if (path.parent / base_name).is_file() else _packaged(base_name)
+    base_path = path.parent / base_name if (path.parent / base_name).is_file() else packaged_config(base_name)
     base = load_toml(base_path)
     common = dict(spec.get("overrides", {}))
     runs = []
@@ -79,12 +74,10 @@ def load_sweep(path: Path, out_root: Path) -> tuple[list[SweepRun], str]:
 
 
 def run_sweep(runs: list[SweepRun]) -> list[dict[str, Any]]:
-    from engine.demo import run_method
-
     results = []
     for index, run in enumerate(runs, start=1):
         print(f"== {index}/{len(runs)}: {run.method} {run.name} ==")
-        results.append({"method": run.method, "run": run.name, **run.overrides, **run_method(run.config)})
+        results.append({"method": run.method, "run": run.name, **run.overrides, **train_or_reuse(run.config)})
     return results
 
 

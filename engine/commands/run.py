@@ -15,22 +15,26 @@ import sys
 import traceback
 import types
 import typing
-from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from engine.config import ConfigError, Key, RunConfig, build_config, changed_keys, config_keys, load_toml, to_toml
+from engine.config import (
+    ConfigError,
+    Key,
+    RunConfig,
+    build_config,
+    changed_keys,
+    config_keys,
+    default_config_path,
+    load_toml,
+    to_toml,
+)
 from engine.options import CONFIG
 from shards.command_options import Opt, command_app
 
-DEFAULT_CONFIG = "digits_grid.toml"
 _PANELS = {"data": "Data", "method": "Method", "optim": "Optimizer", "checkpoint": "Checkpoints"}
-
-
-def default_config_path() -> Path:
-    return Path(str(resources.files("engine") / "configs" / DEFAULT_CONFIG))
 
 
 # -- flags from the schema --------------------------------------------------------------------
@@ -189,7 +193,9 @@ _FIXED = {
         "--max-restarts does this by itself.",
         False,
     ),
-    "gpus": Opt(("--gpus",), int, "GPUs on this node; N > 1 re-launches under torchrun (engine.launch).", 1, min=1),
+    "gpus": Opt(
+        ("--gpus",), int, "GPUs on this node; N > 1 re-launches under torchrun (engine.commands.launch).", 1, min=1
+    ),
 }
 fixed = [opt.parameter(name) for name, opt in _FIXED.items()]
 run.__signature__ = inspect.Signature(fixed + config_parameters())  # type: ignore[attr-defined]
@@ -221,8 +227,8 @@ def without_gpus_flag(argv: list[str]) -> list[str]:
 
 
 def _train(run_config: RunConfig, resume: bool) -> None:
+    from engine.commands.report import print_metrics_table
     from engine.distributed import init_distributed, shutdown_distributed
-    from engine.report import print_metrics_table
     from engine.trainer import Trainer
 
     dist = init_distributed(run_config.device, run_config.cuda_graphs)

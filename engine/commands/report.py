@@ -24,10 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.config import ConfigError, RunConfig, flatten, key_by_name
-from engine.run_folder import CONFIG_NAME, RunFolderError, read_metrics, saved_config
+from engine.run_folder import CONFIG_NAME, RunFolder, RunFolderError, saved_config
 
 METHOD_ORDER = ("softmax", "sigmoid", "mile")
-WALL_FILE = "demo_wall_s.json"  # seconds the run took, written by engine.demo.run_method (demo and sweeps)
 # (column title, summary key, scale): F1-like values in %, set sizes as they are
 TABLE_COLUMNS = (
     ("F1@0.25", "f1@0.25", 100),
@@ -95,16 +94,12 @@ class RunRecord:
         return flatten(self.config.to_json(), str(self.folder / CONFIG_NAME))
 
     def last_step(self) -> int:
-        path = self.folder / "metrics.jsonl"
-        records = read_metrics(path) if path.is_file() else []
-        return max((r.get("step", 0) for r in records), default=0)
+        return max((r.get("step", 0) for r in RunFolder(self.folder).read_metrics()), default=0)
 
 
 def read_run(folder: Path) -> RunRecord:
-    summary_path, wall_path = folder / "summary.json", folder / WALL_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    wall = json.loads(wall_path.read_text()) if wall_path.is_file() else None
-    return RunRecord(folder, saved_config(folder), summary, wall)
+    run = RunFolder(folder)
+    return RunRecord(folder, saved_config(folder), run.read_summary(), run.read_wall_s())
 
 
 def find_runs(paths: list[Path]) -> list[RunRecord]:
@@ -402,12 +397,8 @@ def plot_metric_curves(out: Path, groups: list[Group], metric: str, title: str) 
     if mile is not None:
         shade_phases(axis, mile.first.config)
     for group in groups:
-        path = group.first.folder / "metrics.jsonl"
-        evals = (
-            [r for r in read_metrics(path) if r.get("kind") == "eval" and r.get(metric) is not None]
-            if path.is_file()
-            else []
-        )
+        records = RunFolder(group.first.folder).read_metrics()
+        evals = [r for r in records if r.get("kind") == "eval" and r.get(metric) is not None]
         axis.plot([r["step"] for r in evals], [scale * r[metric] for r in evals], marker="o", label=group.label)
     last_step = max([group.first.config.num_steps for group in groups] + [int(axis.get_xlim()[1]), 1])
     axis.set_xlim(0, last_step * 1.02)  # the whole run, from step 0
@@ -479,15 +470,14 @@ def score_final_models(
     trivial: dict[str, dict[str, float]] = {}
     for group in groups:
         run = next(
-            (r for r in group.runs if r.summary is not None and (r.folder / "checkpoints" / "last.pt").is_file()), None
+            (r for r in group.runs if r.summary is not None and RunFolder(r.folder).checkpoint_path.is_file()), None
         )
         if run is None:
             continue
         outputs = eval_outputs(run.folder)
         if outputs.targets is None:
             continue
-        kind = "softmax" if run.config.method.name.value == "softmax" else "sigmoid"
-        curves[group.label] = coverage_curve(outputs.logits, outputs.targets, kind, CURVE_THETAS)
+        curves[group.label] = coverage_curve(outputs.logits, outputs.targets, run.config.method.name.kind, CURVE_THETAS)
         if not trivial:
             trivial = trivial_predictor_scores(
                 outputs.labels, outputs.targets, outputs.logits.shape[1], TRIVIAL_K_RANDOM

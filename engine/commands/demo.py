@@ -7,7 +7,7 @@ split (docs/TUNING.md). Writes to ``--out``:
 label-ranking AP, secondary mAP, top-1, mean ± std over seeds; and rows for predictors that need no
 model), ``f1_curve.png`` (F1@0.25 over training) and ``f1_vs_coverage.png`` (F1 against coverage
 as the prediction set grows: whether a method is better or only predicts more labels), all made
-by ``engine.report`` from the run folders, as ``tools/report.py OUT`` makes them. Running it again
+by ``engine.commands.report`` from the run folders, as ``tools/report.py OUT`` makes them. Running it again
 reuses finished runs of the same config and resumes interrupted ones; it never deletes a run.
 """
 
@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from engine.config import RunConfig, build_config, load_toml, tomllib
+from engine.commands.report import METHOD_ORDER, find_runs, write_report
+from engine.config import RunConfig, build_config, default_config_path, load_toml, packaged_config, tomllib
 from engine.options import CONFIG, DEVICE, NUM_STEPS, OUT
-from engine.report import METHOD_ORDER, WALL_FILE, find_runs, write_report
-from engine.run_folder import CONFIG_NAME, RunFolderError, saved_config
+from engine.run_folder import RunFolderError
+from engine.runs import train_or_reuse
 from shards.command_options import command_app
 
 METHODS = METHOD_ORDER
@@ -32,10 +32,7 @@ METHODS = METHOD_ORDER
 
 def default_method_settings() -> dict[str, dict[str, Any]]:
     """Each method's own settings (chosen on the tune split, docs/TUNING.md), applied over the base config."""
-    from importlib import resources
-
-    path = Path(str(resources.files("engine") / "configs" / "demo" / "methods.toml"))
-    return tomllib.loads(path.read_text())
+    return tomllib.loads(packaged_config("demo/methods.toml").read_text())
 
 
 def method_config(
@@ -58,37 +55,6 @@ def method_config(
     return build_config(base, {**settings, "seed": config.seed + seed_index, "out_dir": str(folder)})
 
 
-def run_method(config: RunConfig) -> dict[str, Any]:
-    """Train one method, or reuse a finished run of the same config, or resume an interrupted one;
-    a folder holding a run of another config is an error (the demo never deletes a run)."""
-    from engine.distributed import init_distributed
-    from engine.trainer import Trainer
-
-    folder = Path(config.out_dir)
-    resume = _check_existing(folder, config)
-    if (folder / "summary.json").is_file():
-        print(f"reusing the finished run in {folder}")
-        wall = folder / WALL_FILE
-        return {
-            **json.loads((folder / "summary.json").read_text()),
-            "wall_s": json.loads(wall.read_text()) if wall.is_file() else None,
-        }
-    started = time.perf_counter()
-    summary = Trainer(config, init_distributed(config.device), resume=resume).run()
-    summary["wall_s"] = time.perf_counter() - started
-    (folder / WALL_FILE).write_text(json.dumps(summary["wall_s"]) + "\n")
-    return summary
-
-
-def _check_existing(folder: Path, config: RunConfig) -> bool:
-    """True when ``folder`` holds an unfinished run of this very config (so it is resumed)."""
-    if not (folder / CONFIG_NAME).is_file():
-        return False
-    if saved_config(folder) != config:
-        raise RunFolderError(f"{folder} holds a run with another config; move it away, or pass --out to the demo")
-    return (folder / "checkpoints" / "last.pt").is_file()
-
-
 # -- the command ----------------------------------------------------------------------------
 
 
@@ -105,8 +71,6 @@ def main(
     device: Optional[str] = DEVICE.option(default=None, help=f"{DEVICE.help} Default: the config's."),
 ) -> None:
     """Train softmax, sigmoid and MILe on the digit grid with one budget and print the comparison table."""
-    from engine.cli import default_config_path
-
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     base = load_toml(config or default_config_path())
     overrides = {"num_steps": steps, "device": device}
@@ -118,7 +82,7 @@ def main(
     for method, runs in configs.items():
         print(f"== {method} ==")
         for run_config in runs:
-            run_method(run_config)
+            train_or_reuse(run_config)
     # the table and plots come from the run folders alone: `tools/report.py OUT` writes the same
     report = write_report(out, find_runs([Path(c.out_dir) for runs in configs.values() for c in runs]))
     summaries = {
