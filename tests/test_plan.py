@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_run import CPU, grid_root, tiny_config  # noqa: F401 (grid_root is a fixture)
+from helpers import CPU, tiny_config
 
 import shards.manifest
 from engine.config import ConfigError, Method, MethodKind
