@@ -2,15 +2,22 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+EXTRAS ?= test,dali-cuda12
+# The declared floor (pyproject.toml: torch>=2.11): the suite again on torch 2.11 and its torchvision
+VENV_FLOOR ?= .venv-floor
+PY_FLOOR := $(VENV_FLOOR)/bin/python
+STAMP_FLOOR := $(VENV_FLOOR)/.installed
+FLOOR_PINS ?= torch==2.11.* torchvision==0.26.*
+FLOOR_TESTS ?= tests
 
-.PHONY: demo test install clean
+.PHONY: demo test test-floor install clean
 
 $(PY):
 	python3 -m venv $(VENV)
 
 # Re-install when the dependency list changes. Editable, so the checkout is what runs.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,6 +27,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+$(PY_FLOOR):
+	python3 -m venv $(VENV_FLOOR)
+
+$(STAMP_FLOOR): pyproject.toml | $(PY_FLOOR)
+	$(PY_FLOOR) -m pip install --quiet --disable-pip-version-check $(FLOOR_PINS) -e ".[$(EXTRAS)]"
+	$(PY_FLOOR) -c "import torch, torchvision; print('floor: torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $(STAMP_FLOOR)
+
+# The suite on the floor; a subset with FLOOR_TESTS="tests/test_distributed.py tests/test_gpu.py ..."
+test-floor: $(STAMP_FLOOR)
+	$(PY_FLOOR) -m pytest -q $(FLOOR_TESTS)
 
 clean:
 	rm -rf runs .cache
