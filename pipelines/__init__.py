@@ -13,8 +13,8 @@ from pipelines.contract import AugmentConfig, Batch, Loader, LoaderConfig, Shard
 from shards.manifest import validate_split
 
 __all__ = [
-    "AugmentConfig", "Batch", "Loader", "LoaderConfig", "ShardDataError", "build_loader", "dali_import_error", "rank_range",
-    "resolve_backend",
+    "AugmentConfig", "Batch", "Loader", "LoaderConfig", "ShardDataError", "build_loader", "dali_import_error",
+    "rank_range", "resolve_backend",
 ]  # fmt: skip
 
 
