@@ -178,15 +178,18 @@ class Engine:
 
     # -- running --------------------------------------------------------------------------------
 
-    def capture(self, batch: Batch) -> str | None:
-        """Capture every phase's step as a CUDA graph on ``batch``'s shapes; the reason if they stay eager."""
+    def capture(self, batch: Batch, debug: bool = False) -> str | None:
+        """Capture every phase's step as a CUDA graph on ``batch``'s shapes; the reason if they stay
+        eager. ``debug``: keep the graphs' descriptions for ``GraphedStep.dump`` (checks)."""
         if not self.config.cuda_graphs:
             return "CUDA graphs turned off (--cuda-graphs false)"
         if self.device.type != "cuda":
             return f"device is {self.device.type}: steps run eagerly"
         warmup = GRAPH_WARMUP_ITERS_DDP if self.distributed else GRAPH_WARMUP_ITERS
         try:
-            self.stepper.capture((batch.images, batch.labels, batch.targets), self.learner, self.optimizer, warmup)
+            self.stepper.capture(
+                (batch.images, batch.labels, batch.targets), self.learner, self.optimizer, warmup, debug=debug
+            )
         except RuntimeError as error:  # capture can fail on exotic ops; eager still trains
             return f"CUDA graph capture failed ({error}); running eagerly"
         return None

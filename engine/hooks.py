@@ -19,11 +19,12 @@ any error of the loop.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.phases import PhaseAction
-from engine.steps import StepResult
-from pipelines.contract import Batch
+if TYPE_CHECKING:  # this module imports nothing at run time: a check can import it whatever else is broken
+    from engine.phases import PhaseAction
+    from engine.steps import StepResult
+    from pipelines.contract import Batch
 
 
 class StepObserver:
