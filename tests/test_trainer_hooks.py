@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_engine_run import CPU, grid_root, tiny_config  # noqa: F401  (grid_root: the module's fixture)
 
 from engine.hooks import StepObserver
@@ -62,7 +63,11 @@ def test_observers_see_every_step_in_order(grid_root: Path, tmp_path: Path) -> N
     assert recorder.switch_actions, "k_t=3, k_s=2 over 12 steps switches phases"
 
 
-def test_images_per_s_counts_the_loader_wait_and_not_the_evaluation(grid_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_images_per_s_counts_the_loader_wait_and_not_the_evaluation(
+    grid_root: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     out = tmp_path / "run"
     trainer = Trainer(tiny_config(grid_root, out), CPU)  # batch 32, a log point every 2 steps, eval at 6 and 12
     epoch, evaluate = trainer.train_loader.epoch, trainer.evaluate
@@ -76,7 +81,8 @@ def test_images_per_s_counts_the_loader_wait_and_not_the_evaluation(grid_root: P
         time.sleep(EVAL_DELAY_S)
         return evaluate()
 
-    trainer.train_loader.epoch, trainer.evaluate = slow_epoch, slow_evaluate
+    monkeypatch.setattr(trainer.train_loader, "epoch", slow_epoch)
+    monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
     trainer.run()
     train = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]
