@@ -5,7 +5,8 @@
 # Here, with PyPI:     bash tools/gpu_stage.sh
 #   downloads the wheels for Python 3.12 and unpacks them into one site-packages tree, leaving out
 #   what the GPU machine has or never runs: the packages its image already holds, extension modules
-#   built for other Python versions, headers, byte code; of NVIDIA's NPP only the three libraries
+#   built for other Python versions, headers, byte code, nvCOMP (DALI dlopens it only for its LZ4
+#   inflate operator, which the trainer never uses); of NVIDIA's NPP only the three libraries
 #   DALI loads (libnppc, libnppicc, libnppig: DALI dlopens them through its RUNPATH
 #   $ORIGIN/../cu13/lib, and the torch image has no NPP). The tree is packed as one tar.xz cut into
 #   parts of at most 60 MiB, each small enough to travel in one device call:
@@ -26,6 +27,7 @@ device_python=312  # the GPU machine's Python (3.12): extension modules for othe
 # DALI's dependencies that the GPU machine's image already holds (its package list): not carried,
 # and not replaced there (installing numpy over the image's would change what torch runs with)
 on_device_already="numpy packaging six pyyaml typing_extensions wheel"
+never_loaded="nvidia_libnvcomp_cu13"  # a DALI dependency dlopened only by operators the trainer does not use
 npp_kept="libnppc.so.13 libnppicc.so.13 libnppig.so.13"  # DALI's dlopen names (libdali_operators.so)
 
 project_of() {  # wheel file name -> normalised project name
@@ -46,6 +48,8 @@ download() {
         project=$(project_of "$wheel")
         if [[ " $on_device_already " == *" $project "* ]]; then
             echo "not carried (on the GPU machine already): $(basename "$wheel")"
+        elif [[ " $never_loaded " == *" $project "* ]]; then
+            echo "not carried (never loaded by the trainer's pipelines): $(basename "$wheel")"
         elif [[ $project == nvidia_npp ]]; then
             (cd "$stage/site" && "$py" -m zipfile -e "../download/$(basename "$wheel")" npp-all)
             mkdir -p "$stage/site/nvidia/cu13/lib"
