@@ -19,6 +19,7 @@
 #   site-packages without replacing any file already there. Until then it says which parts are
 #   still to come. docs/PERFORMANCE.md ("GPU checks") gives the sequence of device calls.
 set -euo pipefail
+# GPU_STAGE_XZ: xz's options (default -9 -T0; a lower level only to try the script out: parts grow)
 stage=.gpu-stage
 part_bytes=$((60 * 1024 * 1024))
 py="${PYTHON:-python3}"
@@ -64,13 +65,13 @@ download() {
     local unpacked
     unpacked=$(du -sb "$stage/site" | cut -f1)
     start=$SECONDS
-    tar -C "$stage/site" -cf - . | xz -9 -T0 | split --bytes="$part_bytes" --numeric-suffixes --suffix-length=2 - \
+    tar -C "$stage/site" -cf - . | xz ${GPU_STAGE_XZ:--9 -T0} | split --bytes="$part_bytes" --numeric-suffixes --suffix-length=2 - \
         "$stage/parts/dali-site.tar.xz.part"
     local packed_s=$((SECONDS - start))
     (cd "$stage/parts" && sha256sum dali-site.tar.xz.part*) > "$stage/MANIFEST"
     {
         echo "date: $(date -u +%Y-%m-%d)"
-        echo "tree: $((unpacked / 1048576)) MiB unpacked; xz -9 took ${packed_s} s here"
+        echo "tree: $((unpacked / 1048576)) MiB unpacked; xz ${GPU_STAGE_XZ:--9 -T0} took ${packed_s} s here"
         (cd "$stage/parts" && ls -l dali-site.tar.xz.part*) | awk '{printf "%s %.1f MiB\n", $9, $5 / 1048576}'
     } > "$stage/SIZES"
     rm -rf "$stage/download" "$stage/site"
