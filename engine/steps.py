@@ -160,7 +160,10 @@ class RunAheadLimit:
     Memory from torch's caching allocator would be safe without this (a freed block is reused
     only by work queued later on the same stream), but a loader handing out its own buffers
     (DALI outputs shared through DLPack) may recycle them as soon as the last reference goes; a
-    copy into a persistent buffer would not help, since that copy is queued too."""
+    copy into a persistent buffer would not help, since that copy is queued too. A batch made from
+    such buffers by kernels the loader queues itself (the DALI loader's bf16 cast and int64 labels)
+    no longer references them: that loader holds its buffers itself until the work queued on them
+    has run (``pipelines.dali_backend.OutputsInUse``)."""
 
     def __init__(
         self, device: torch.device, depth: int = RUN_AHEAD_STEPS, new_event: Callable[[], object] | None = None
