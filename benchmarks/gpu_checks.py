@@ -5,22 +5,28 @@
 Each writes ``DIR/<id>-<name>.json`` and ends with one line ``RESULT <id> PASS|FAIL|SKIP <summary>``
 (exit code 1 on FAIL). Checks needing CUDA print SKIP without it; G2 and G7 print SKIP without DALI.
 
+In the order ``tools/gpu_checks.sh`` runs them (value first; docs/PERFORMANCE.md, "GPU checks"):
+
 - G0 env: versions (torch, CUDA, cuDNN, driver, torchvision, DALI), the current device, project imports.
 - G1 graph-tests: ``pytest -m gpu`` (captured steps == eager steps on the phase schedule, negative
   control, no host sync in ``Engine.train_step`` and in the real ``Trainer`` loop; metrics on device).
-- G3 hot-loop: the real ``Trainer`` on photo shards for ~30 steps: no host sync in the engine's part of
-  the step (``set_sync_debug_mode("error")``), none in the loader's (``"warn"``, counted), and the host
-  returns from each step while the device still runs it (it runs ahead, bounded by the event ring).
-- G4 e2e: ``bench.py e2e``'s matrix (ResNet-50, 224 px, bf16, batch 256), the released-code baseline included.
-- G5 switch: each phase-switch action's device time (CUDA events), host time, no allocation, no sync,
-  against a ``deepcopy`` teacher.
+- G4 e2e: ``bench.py e2e``'s matrix (ResNet-50, 224 px, bf16, batch 256, 50 timed steps per row after
+  25 untimed), the released-code baseline included.
+- G5 switch: each phase-switch action's device time (CUDA events), host time, bytes and tensors
+  copied, no allocation, no sync, against a ``deepcopy`` teacher.
+- G3 hot-loop: the real ``Trainer`` on photo shards for ~30 steps, observed through its hooks
+  (``engine.hooks``): no host sync in any step's enqueue (``set_sync_debug_mode("error")``), none
+  in any loader fetch (``"warn"``, counted), and step N queued before the device finished step N-1
+  (CUDA events) in most steps.
+- G8 ddp-graphs: one process as a DDP job of world size 1 (NCCL, init from the environment with
+  MASTER_ADDR=127.0.0.1), bf16 gradient compression on: graphs on equal graphs off step by step, the
+  compression hook inside the captured step (bf16-exact gradients after a replay), NCCL kernels in a
+  captured graph, and the captured DDP step at most 5% slower than the captured non-DDP step.
 - G6 decode: torch backend nvJPEG decode vs CPU decode (and DALI mixed vs CPU where DALI imports):
   mean absolute difference < 1/255, labels equal, channels-last strides.
-- G2 dali-lifetime: DALI output tensors held while later batches are fetched stay intact.
+- G2 dali-lifetime: bf16 and float32 DALI batches from a pass with the device stalled before every
+  fetch equal those of a synchronised pass (DALI's buffers outlive the work queued on them).
 - G7 dali-capture: CUDA-graph capture while a DALI iterator prefetches, then training on its batches.
-- G8 ddp-graphs: one process as a DDP job of world size 1 (NCCL, init from the environment with
-  MASTER_ADDR=127.0.0.1): the MILe engine with graphs on equals graphs off step by step, and the
-  captured DDP step takes at most 5% longer than the captured non-DDP step.
 
 Project modules are imported inside each check, so that G0 can report a missing dependency.
 """
