@@ -402,7 +402,7 @@ def check_hot_loop(
             f"{result.steps_checked} steps probed; engine sync: {result.engine_sync_error or 'none'}; "
             f"loader syncs: {len(result.loader_syncs)}; step N queued before step N-1 finished in "
             f"{result.run_ahead_fraction:.0%} of steps (>= {RUN_AHEAD_FRACTION_MIN:.0%} needed); trainer's log: "
-            f"{last.get('images_per_s', math.nan):.0f} images/s over {last.get('train_s', math.nan):.2f} s, "
+            f"{last.get('images_per_s', math.nan):.0f} images/s over {last.get('train_seconds', math.nan):.2f} s, "
             f"data wait {last.get('data_wait_s', math.nan):.2f} s"
         )
         return passed, summary, {"result": {**asdict(result), "run_ahead_fraction": result.run_ahead_fraction}}

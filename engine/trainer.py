@@ -152,8 +152,8 @@ def reduce_log_rows(rows: list[list[float]]) -> dict[str, Any]:
         "unlabelled_images": int(images - labelled),
         "images_per_s": images_per_s,  # wall time between log points, all processes together
         "images_per_s_per_process": images_per_s / len(rows),
-        "train_s": seconds,  # the wall time images_per_s divides by
-        "data_wait_s": by_field["data_wait_s"][0],  # this log interval, rank 0 (part of train_s)
+        "train_seconds": seconds,  # the wall time images_per_s divides by
+        "data_wait_s": by_field["data_wait_s"][0],  # this log interval, rank 0 (part of train_seconds)
         "data_wait_s_max": max(by_field["data_wait_s"]),
         "data_wait_s_by_rank": by_field["data_wait_s"],
         "signum": int(max(by_field["signum"])),

@@ -115,7 +115,7 @@ def test_gpu_check_functions_run_on_cpu(tmp_path: Path) -> None:
     assert result.steps_checked == 3 and result.engine_sync_error is None and not result.loader_syncs
     # observed through the trainer's hooks: its own log point, images/s from wall time with the data wait beside it
     [record] = result.log_records
-    assert record["step"] == 4 and record["images_per_s"] > 0 and 0 <= record["data_wait_s"] <= record["train_s"]
+    assert record["step"] == 4 and record["images_per_s"] > 0 and 0 <= record["data_wait_s"] <= record["train_seconds"]
 
 
 def test_dali_buffer_lifetime_check_on_cpu(tmp_path: Path) -> None:

@@ -91,8 +91,8 @@ def test_images_per_s_counts_the_loader_wait_and_not_the_evaluation(
         # the first interval's first fetch is the loader's start-up, left out with the graph capture
         fetches = 1 if record["step"] == 2 else 2
         assert record["data_wait_s"] >= fetches * FETCH_DELAY_S * 0.9, record
-        assert record["train_s"] >= record["data_wait_s"], record  # the wait is part of the wall time
-        assert abs(record["images_per_s"] * record["train_s"] - images) < 1e-6 * images, record
+        assert record["train_seconds"] >= record["data_wait_s"], record  # the wait is part of the wall time
+        assert abs(record["images_per_s"] * record["train_seconds"] - images) < 1e-6 * images, record
     # the evaluation after step 6 is not training time: the interval after it is no longer than the next
     by_step = {record["step"]: record for record in train}
-    assert by_step[8]["train_s"] < by_step[10]["train_s"] + EVAL_DELAY_S / 2, (by_step[8], by_step[10])
+    assert by_step[8]["train_seconds"] < by_step[10]["train_seconds"] + EVAL_DELAY_S / 2, (by_step[8], by_step[10])
