@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def test_a_spent_budget_still_reports_every_check_in_order(tmp_path: Path) -> No
         env=script_env(tmp_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    lines = (tmp_path / "kept" / "gpu-checks" / "summary.txt").read_text().splitlines()
+    lines = (tmp_path / "kept" / "summary.txt").read_text().splitlines()
     assert [line.split()[0] for line in lines] == list(CHECKS)
     assert all("FAIL not run" in line for line in lines), lines
 
@@ -78,7 +79,7 @@ def test_each_check_is_kept_as_soon_as_it_ends(tmp_path: Path) -> None:
     fake = tmp_path / "python"
     fake.write_text(f'#!/bin/bash\nif [[ " $* " == *" env "* ]]; then exec {sys.executable} "$@"; fi\nsleep 300\n')
     fake.chmod(0o755)
-    kept = tmp_path / "kept" / "gpu-checks"
+    kept = tmp_path / "kept"
     call = subprocess.Popen(
         ["bash", str(SCRIPT), "600", str(tmp_path / "work"), "G0", "G1"],
         cwd=REPO, env=script_env(tmp_path, PYTHON=str(fake)), stdout=subprocess.DEVNULL, start_new_session=True,
@@ -90,7 +91,11 @@ def test_each_check_is_kept_as_soon_as_it_ends(tmp_path: Path) -> None:
     finally:
         os.killpg(call.pid, signal.SIGKILL)  # the device call's limit cuts it short
         call.wait()
-    payload = json.loads((kept / "G0-env.json").read_text())
+    # what comes back from a device call: at most 8 files, so one tarball and the summary
+    assert sorted(p.name for p in kept.iterdir()) == ["gpu-checks.tar.gz", "summary.txt"]
+    with tarfile.open(kept / "gpu-checks.tar.gz") as tar:
+        payload = json.loads(tar.extractfile("work/G0-env.json").read())  # type: ignore[union-attr]
+        output = tar.extractfile("work/G0.txt").read().decode()  # type: ignore[union-attr]
     assert payload["result"] == "FAIL" and "CUDA not available" in payload["summary"]
-    assert "RESULT G0 FAIL" in (kept / "G0.txt").read_text()
+    assert "RESULT G0 FAIL" in output
     assert (kept / "summary.txt").read_text().startswith("G0 FAIL")

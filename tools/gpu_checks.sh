@@ -12,7 +12,8 @@
 #   limit is its weight's share of what is left when it starts, so the limits add up to the
 #   budget and time a check does not use goes to the ones after it.
 # OUT_DIR: where the checks write (default gpu-checks). When $OUT is set (a device call's folder
-#   that comes back), everything in OUT_DIR is copied to $OUT/gpu-checks after each check.
+#   that comes back: at most 8 files), OUT_DIR is packed into $OUT/gpu-checks.tar.gz (replaced
+#   whole, never half-written) and its summary copied to $OUT/summary.txt after each check.
 # CHECK: only these (G0 G1 G4 G5 G3 G8 G6 G2 G7), in the order below.
 #
 # Order (value first): G0 environment, G1 graph-correctness tests, G4 end-to-end table, G5 phase
@@ -30,7 +31,7 @@ out="${1:-gpu-checks}"
 shift || true
 wanted=("$@")
 deadline=$((SECONDS + budget_s))
-keep="${OUT:+$OUT/gpu-checks}"
+keep="${OUT:-}"
 mkdir -p "$out" ${keep:+"$keep"}
 py="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -55,9 +56,11 @@ for entry in "${checks[@]}"; do
     fi
 done
 
-save() {  # copy what the checks wrote so far to the folder that survives the call
-    if [[ -n "$keep" && "$(cd "$out" && pwd)" != "$(cd "$keep" && pwd)" ]]; then
-        cp -r "$out"/. "$keep"/ 2>/dev/null || true
+save() {  # pack what the checks wrote so far into the folder that survives the call
+    if [[ -n "$keep" ]]; then
+        tar -czf "$keep/gpu-checks.partial" -C "$(dirname "$out")" "$(basename "$out")" &&
+            mv -f "$keep/gpu-checks.partial" "$keep/gpu-checks.tar.gz"
+        if [[ -f "$out/summary.txt" ]]; then cp "$out/summary.txt" "$keep/summary.txt"; fi
     fi
 }
 
