@@ -5,22 +5,28 @@
 Each writes ``DIR/<id>-<name>.json`` and ends with one line ``RESULT <id> PASS|FAIL|SKIP <summary>``
 (exit code 1 on FAIL). Checks needing CUDA print SKIP without it; G2 and G7 print SKIP without DALI.
 
+In the order ``tools/gpu_checks.sh`` runs them (value first; docs/PERFORMANCE.md, "GPU checks"):
+
 - G0 env: versions (torch, CUDA, cuDNN, driver, torchvision, DALI), the current device, project imports.
 - G1 graph-tests: ``pytest -m gpu`` (captured steps == eager steps on the phase schedule, negative
   control, no host sync in ``Engine.train_step`` and in the real ``Trainer`` loop; metrics on device).
-- G3 hot-loop: the real ``Trainer`` on photo shards for ~30 steps: no host sync in the engine's part of
-  the step (``set_sync_debug_mode("error")``), none in the loader's (``"warn"``, counted), and the host
-  returns from each step while the device still runs it (it runs ahead, bounded by the event ring).
-- G4 e2e: ``bench.py e2e``'s matrix (ResNet-50, 224 px, bf16, batch 256), the released-code baseline included.
-- G5 switch: each phase-switch action's device time (CUDA events), host time, no allocation, no sync,
-  against a ``deepcopy`` teacher.
+- G4 e2e: ``bench.py e2e``'s matrix (ResNet-50, 224 px, bf16, batch 256, 50 timed steps per row after
+  25 untimed), the released-code baseline included.
+- G5 switch: each phase-switch action's device time (CUDA events), host time, bytes and tensors
+  copied, no allocation, no sync, against a ``deepcopy`` teacher.
+- G3 hot-loop: the real ``Trainer`` on photo shards for ~30 steps, observed through its hooks
+  (``engine.hooks``): no host sync in any step's enqueue (``set_sync_debug_mode("error")``), none
+  in any loader fetch (``"warn"``, counted), and step N queued before the device finished step N-1
+  (CUDA events) in most steps.
+- G8 ddp-graphs: one process as a DDP job of world size 1 (NCCL, init from the environment with
+  MASTER_ADDR=127.0.0.1), bf16 gradient compression on: graphs on equal graphs off step by step, the
+  compression hook inside the captured step (bf16-exact gradients after a replay), NCCL kernels in a
+  captured graph, and the captured DDP step at most 5% slower than the captured non-DDP step.
 - G6 decode: torch backend nvJPEG decode vs CPU decode (and DALI mixed vs CPU where DALI imports):
   mean absolute difference < 1/255, labels equal, channels-last strides.
-- G2 dali-lifetime: DALI output tensors held while later batches are fetched stay intact.
+- G2 dali-lifetime: bf16 and float32 DALI batches from a pass with the device stalled before every
+  fetch equal those of a synchronised pass (DALI's buffers outlive the work queued on them).
 - G7 dali-capture: CUDA-graph capture while a DALI iterator prefetches, then training on its batches.
-- G8 ddp-graphs: one process as a DDP job of world size 1 (NCCL, init from the environment with
-  MASTER_ADDR=127.0.0.1): the MILe engine with graphs on equals graphs off step by step, and the
-  captured DDP step takes at most 5% longer than the captured non-DDP step.
 
 Project modules are imported inside each check, so that G0 can report a missing dependency.
 """
@@ -28,11 +34,11 @@ Project modules are imported inside each check, so that G0 can report a missing 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
@@ -49,10 +55,16 @@ from typing import Any
 import torch
 import typer
 
+from engine.hooks import StepObserver
+
 app = typer.Typer(help="GPU checks; each prints a RESULT line and writes JSON.", no_args_is_help=True)
 OUT_OPTION = typer.Option(Path("gpu-checks"), "--out", help="Folder for the JSON results.")
 PIXEL_TOLERANCE = 1 / 255  # mean absolute difference of decoded images, in [0, 1] pixel units
-BUSY_FRACTION_MIN = 0.8  # steps after which the device was still busy when the host returned
+RUN_AHEAD_FRACTION_MIN = 0.8  # G3: steps queued while the device still ran the step before
+# G2: a sleep kernel of ~25 ms at 2 GHz before each fetch, so that the work queued on a batch runs late
+STALL_CYCLES = 50_000_000
+# G4: timed steps per row, after a warm-up longer than the deepest loader prefetch (PIL DataLoader: 12 x 2)
+E2E_TIMED_STEPS, E2E_WARMUP_STEPS = 50, 25
 # G8: graphed vs eager DDP steps, error relative to each step's movement (as G1: a quarter of a bf16
 # ulp at the median, 5e-2 at most), and the DDP step's time over the non-DDP step's
 DDP_ERROR_MEDIAN, DDP_ERROR_MAX, DDP_SLOWDOWN_MAX = 1e-3, 5e-2, 1.05
@@ -229,15 +241,74 @@ def _junit_counts(path: Path) -> dict[str, int]:
 @dataclass
 class HotLoopResult:
     steps_checked: int = 0
-    engine_sync_error: str | None = None  # the first host sync inside Engine.train_step / stats update
-    loader_syncs: list[str] = field(default_factory=list)  # sync warnings from the rest of the step (loader)
-    busy_after_step: list[bool] = field(default_factory=list)  # device still running when the host returned
-    unfinished_in_ring: list[int] = field(default_factory=list)  # queued steps not yet done, after each step
+    engine_sync_error: str | None = None  # the first host sync inside a step's enqueue (engine + statistics)
+    loader_syncs: list[str] = field(default_factory=list)  # sync warnings raised while fetching a batch
+    # per step N >= 2: whether step N was queued while the device still ran step N-1 (CUDA events)
+    queued_ahead: list[bool] = field(default_factory=list)
+    log_records: list[dict[str, Any]] = field(default_factory=list)  # the trainer's own log points
     seconds: float = 0.0
 
     @property
-    def busy_fraction(self) -> float:
-        return sum(self.busy_after_step) / max(1, len(self.busy_after_step))
+    def run_ahead_fraction(self) -> float:
+        return sum(self.queued_ahead) / max(1, len(self.queued_ahead))
+
+
+class HotLoopProbe(StepObserver):
+    """G3's observer of the real trainer (``engine.hooks``), from step 1 on (step 0 captures the graphs
+    and synchronises by design): sync debug mode "warn" around each loader fetch (warnings
+    counted), "error" around each step's enqueue, and one CUDA event after each enqueue: at step N's,
+    step N-1's event still pending means the host had queued step N before the device finished step N-1."""
+
+    def __init__(self, result: HotLoopResult, device: torch.device) -> None:
+        self.result, self.device = result, device
+        self.in_step = False  # inside a step's enqueue: a sync error raised now is the engine's
+        self._catcher: Any = None
+        self._caught: list[warnings.WarningMessage] = []
+        self._previous_event: Any = None
+
+    def before_fetch(self, step: int) -> None:
+        if step == 0:
+            return
+        self._catcher = warnings.catch_warnings(record=True)
+        self._caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        set_sync_mode(self.device, "warn")
+
+    def after_fetch(self, step: int, batch: Any) -> None:
+        if step == 0:
+            return
+        self.close()
+        self.result.loader_syncs += [
+            str(w.message).splitlines()[0] for w in self._caught if "synchroniz" in str(w.message).lower()
+        ]
+
+    def before_step(self, step: int, batch: Any) -> None:
+        if step == 0:
+            return
+        self.in_step = True
+        set_sync_mode(self.device, "error")
+
+    def after_step(self, step: int, result: Any) -> None:
+        set_sync_mode(self.device, "default")
+        self.in_step = False
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            if step >= 2 and self._previous_event is not None:
+                self.result.queued_ahead.append(not self._previous_event.query())
+            self._previous_event = event
+        if step > 0:
+            self.result.steps_checked += 1
+
+    def at_log_point(self, step: int, record: dict[str, Any]) -> None:
+        self.result.log_records.append(record)
+
+    def close(self) -> None:
+        """Sync mode back to default and warnings back as they were (also after an error mid-fetch)."""
+        set_sync_mode(self.device, "default")
+        if self._catcher is not None:
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
 
 
 def hot_loop_check(
@@ -252,8 +323,7 @@ def hot_loop_check(
     backend: str = "auto",
     device: torch.device | None = None,
 ) -> HotLoopResult:
-    """Train ``steps`` steps with the real ``Trainer`` (graphs on), probing every step after the first
-    (the first captures the graphs, which synchronises by design)."""
+    """Train ``steps`` steps with the real ``Trainer`` (graphs on), observed by ``HotLoopProbe``."""
     device = device or default_device()
     from engine.config import build_config
     from engine.distributed import DistInfo
@@ -282,62 +352,19 @@ def hot_loop_check(
     }
     trainer = Trainer(build_config({}, values), DistInfo(0, 1, 0, device))
     result = HotLoopResult()
-    _probe(trainer, result, device)
+    probe = HotLoopProbe(result, device)
+    trainer.observe(probe)
     start = time.perf_counter()
     try:
         trainer.run()
-    except RuntimeError:
-        if result.engine_sync_error is None:
+    except RuntimeError as error:
+        if not probe.in_step:
             raise
+        result.engine_sync_error = str(error).splitlines()[0]
     finally:
-        set_sync_mode(device, "default")
+        probe.close()
     result.seconds = time.perf_counter() - start
     return result
-
-
-def _probe(trainer: Any, result: HotLoopResult, device: torch.device) -> None:
-    """Wrap the trainer's step: "warn" around the whole step (loader included, warnings counted),
-    "error" around the engine's step and the statistics update."""
-    timed_step, train_step = trainer._timed_step, trainer.engine.train_step
-
-    def strict(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            set_sync_mode(device, "error")
-            try:
-                return fn(*args, **kwargs)
-            except RuntimeError as error:
-                result.engine_sync_error = result.engine_sync_error or f"{fn.__name__}: {error}"
-                raise
-            finally:
-                set_sync_mode(device, "warn")
-
-        return call
-
-    def probed_step(batches: Any, stats: Any) -> None:
-        if trainer.step == 0:
-            return timed_step(batches, stats)
-        if not getattr(stats, "_probed", False):
-            stats.update, stats._probed = strict(stats.update), True
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            set_sync_mode(device, "warn")
-            try:
-                timed_step(batches, stats)
-            finally:
-                set_sync_mode(device, "default")
-        result.loader_syncs += [
-            str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()
-        ]
-        if device.type == "cuda":
-            result.busy_after_step.append(not torch.cuda.current_stream(device).query())
-        ring = trainer._run_ahead
-        result.unfinished_in_ring.append(
-            sum(b is not None and not e.query() for e, b in zip(ring.events, ring.in_flight))
-        )
-        result.steps_checked += 1
-
-    trainer._timed_step = probed_step
-    trainer.engine.train_step = strict(train_step)
 
 
 @app.command("hot-loop")
@@ -350,7 +377,7 @@ def check_hot_loop(
     workers: int = 8,
     num_images: int = 512,
 ) -> None:
-    """G3: no host sync in the real Trainer's steps, and the host runs ahead of the device."""
+    """G3: no host sync in the real Trainer's fetches and step enqueues, and the host runs ahead of the device."""
 
     def body() -> tuple[bool | None, str, dict[str, Any]]:
         if skip := no_cuda():
@@ -370,15 +397,17 @@ def check_hot_loop(
             result.engine_sync_error is None
             and not result.loader_syncs
             and result.steps_checked == steps - 1
-            and result.busy_fraction >= BUSY_FRACTION_MIN
+            and result.run_ahead_fraction >= RUN_AHEAD_FRACTION_MIN
         )
+        last = result.log_records[-1] if result.log_records else {}
         summary = (
             f"{result.steps_checked} steps probed; engine sync: {result.engine_sync_error or 'none'}; "
-            f"loader syncs: {len(result.loader_syncs)}; device busy after {result.busy_fraction:.0%} of steps "
-            f"(>= {BUSY_FRACTION_MIN:.0%} needed); unfinished steps in the ring: max "
-            f"{max(result.unfinished_in_ring, default=0)}"
+            f"loader syncs: {len(result.loader_syncs)}; step N queued before step N-1 finished in "
+            f"{result.run_ahead_fraction:.0%} of steps (>= {RUN_AHEAD_FRACTION_MIN:.0%} needed); trainer's log: "
+            f"{last.get('images_per_s', math.nan):.0f} images/s over {last.get('train_seconds', math.nan):.2f} s, "
+            f"data wait {last.get('data_wait_s', math.nan):.2f} s"
         )
-        return passed, summary, {"result": {**asdict(result), "busy_fraction": result.busy_fraction}}
+        return passed, summary, {"result": {**asdict(result), "run_ahead_fraction": result.run_ahead_fraction}}
 
     guarded("G3", "hot-loop", out, body)
 
@@ -392,12 +421,16 @@ def check_e2e(
     arch: str = "resnet50",
     image_size: int = 224,
     batch_size: int = 256,
-    steps: int = 15,
-    warmup: int = 5,
+    steps: int = E2E_TIMED_STEPS,
+    warmup: int = E2E_WARMUP_STEPS,
     workers: int = 12,
     num_images: int = 1024,
 ) -> None:
-    """G4: ``bench.py e2e``'s rows; PASS when every row was measured (baseline included)."""
+    """G4: ``bench.py e2e``'s rows; PASS when every row was measured (baseline included).
+
+    Each row times ``E2E_TIMED_STEPS`` steps after ``E2E_WARMUP_STEPS`` untimed ones: the warm-up
+    takes more batches than any loader holds prefetched (the PIL DataLoader: 12 workers x 2), so
+    the timed steps are not served from batches made before the timer started."""
 
     def body() -> tuple[bool | None, str, dict[str, Any]]:
         if skip := no_cuda():
@@ -417,8 +450,8 @@ def check_e2e(
         missing = [g for g in (e2e.LOADER, e2e.ENGINE, e2e.SWITCH, e2e.END_TO_END, e2e.BASELINE) if g not in groups]
         graphed = any("(graphs)" in r.name for r in rows if r.group == e2e.END_TO_END and not r.error)
         summary = (
-            f"{len(rows)} rows; failed: {failed or 'none'}; groups missing: {missing or 'none'}; "
-            f"graphed end to end: {graphed}"
+            f"{len(rows)} rows of {steps} timed steps after {warmup}; failed: {failed or 'none'}; "
+            f"groups missing: {missing or 'none'}; graphed end to end: {graphed}"
         )
         return not failed and not missing and graphed, summary, {"speedups": _speedups(rows)}
 
@@ -469,13 +502,18 @@ def switch_timings(
     allocated = _allocated(device)
     results = {}
     for action in actions:
-        device_ms = [1000 * timer.seconds(functools.partial(switch.apply, (action,))) for _ in range(repeats)]
-        host_ms = [1000 * _host_seconds(functools.partial(switch.apply, (action,))) for _ in range(repeats)]
+
+        def apply(action: PhaseAction = action) -> None:
+            switch.apply((action,))
+
+        device_ms = [1000 * timer.seconds(apply) for _ in range(repeats)]
+        host_ms = [1000 * _host_seconds(apply) for _ in range(repeats)]
         tensors = switch.teacher_state if action is PhaseAction.SNAPSHOT_TEACHER else switch.student_state
         results[action.value] = {
             "device_ms": statistics.median(device_ms),
             "host_ms": statistics.median(host_ms),
             "bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "tensors": len(tensors),
         }
     growth = _allocated(device) - allocated
 
@@ -532,22 +570,22 @@ def check_switch(out: Path = OUT_OPTION, arch: str = "resnet50", repeats: int = 
             return skip
         timings = switch_timings(arch, 256, 224, repeats)
         snapshot = timings["actions"]["snapshot_teacher"]
-        gbps = snapshot["bytes"] * 2 / (snapshot["device_ms"] / 1000) / 1e9  # each byte read once and written once
         passed = (
             timings["sync_error"] is None
             and timings["allocated_bytes_growth"] == 0
             and snapshot["device_ms"] < timings["deepcopy_ms"]
         )
+        # time and bytes, no GB/s: a few hundred small tensors make the copy launch-bound, not a bandwidth
         summary = (
-            f"snapshot {snapshot['device_ms']:.3f} ms on device ({gbps:.0f} GB/s), host {snapshot['host_ms']:.3f} ms; "
+            f"snapshot {snapshot['device_ms']:.3f} ms on device for {snapshot['bytes'] / 2**20:.1f} MiB in "
+            f"{snapshot['tensors']} tensors, host {snapshot['host_ms']:.3f} ms; "
             + ", ".join(
                 f"{k} {v['device_ms']:.3f} ms" for k, v in timings["actions"].items() if k != "snapshot_teacher"
             )
-            + f"; deepcopy teacher {timings['deepcopy_ms']:.3f} ms; "
-            f"allocation growth {timings['allocated_bytes_growth']} B; "
-            f"sync: {timings['sync_error'] or 'none'}"
+            + f"; deepcopy teacher {timings['deepcopy_ms']:.3f} ms; allocation growth "
+            f"{timings['allocated_bytes_growth']} B; sync: {timings['sync_error'] or 'none'}"
         )
-        return passed, summary, {"timings": timings, "snapshot_gb_per_s": gbps}
+        return passed, summary, {"timings": timings}
 
     guarded("G5", "switch", out, body)
 
@@ -653,46 +691,70 @@ def dali_loader(
     return build_loader(shards, "bench", config)
 
 
-def dali_lifetime(shards: Path, batches: int, device: torch.device | None = None) -> tuple[int, list[int]]:
-    """Hold each DALI batch for RUN_AHEAD_STEPS + 1 further fetches (longer than the trainer holds
-    one), then check it still holds what it was handed out with: (batches checked, those changed)."""
+def dali_lifetime(shards: Path, batches: int, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Any]:
+    """Three passes over the same epoch of one DALI training loader (its batches depend on (seed,
+    epoch, rank) alone): two synchronising after every fetch (the reference, and the control that
+    the epoch repeats), and one with the device held busy by a sleep kernel queued before every
+    fetch, batches held ``RUN_AHEAD_STEPS + 1`` fetches as the trainer holds them, so that each
+    cast (bf16) or copy of DALI's buffers runs long after the fetch returned, while DALI goes on
+    producing. The stalled pass must give the reference's batches bit for bit."""
     from engine.steps import RUN_AHEAD_STEPS
 
-    loader = dali_loader(
-        shards, 16, 224, torch.float32, device
-    )  # float32: the iterator's own buffers, no conversion copy
-    held, changed, checked = [], [], 0
-    stream = loader.epoch(0)
+    device = device or default_device()
+    loader = dali_loader(shards, 16, 224, dtype, device)
+
+    def synchronised() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        taken = []
+        for _, batch in zip(range(batches), loader.epoch(0)):
+            _synchronize(device)
+            taken.append((batch.images.float().cpu(), batch.labels.cpu()))
+        return taken
+
+    def stalled() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        held: list[Any] = []
+        copies = []
+        for _, batch in zip(range(batches), loader.epoch(0)):
+            held = [*held, batch][-(RUN_AHEAD_STEPS + 1) :]
+            copies.append((batch.images.clone(), batch.labels.clone()))  # queued behind the sleep
+            if device.type == "cuda":
+                torch.cuda._sleep(STALL_CYCLES)  # the device busy for a while before the next fetch's work
+        _synchronize(device)
+        return [(images.float().cpu(), labels.cpu()) for images, labels in copies]
+
     try:
-        for index in range(batches):
-            batch = next(stream)
-            held.append((index, batch, batch.images.clone(), batch.labels.clone()))
-            if len(held) > RUN_AHEAD_STEPS + 1:
-                old_index, old, images, labels = held.pop(0)
-                _synchronize(old.images.device)  # every write queued so far has landed
-                checked += 1
-                if not (torch.equal(old.images, images) and torch.equal(old.labels, labels)):
-                    changed.append(old_index)
+        reference, control, stalled_pass = synchronised(), synchronised(), stalled()
     finally:
-        stream.close()
-    return checked, changed
+        loader.close()
+
+    def differing(a: list[Any], b: list[Any]) -> list[int]:
+        return [i for i, (x, y) in enumerate(zip(a, b)) if not (torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]))]
+
+    return {
+        "batches": min(len(reference), len(stalled_pass)),
+        "repeatable": len(reference) == len(control) and not differing(reference, control),
+        "changed": differing(reference, stalled_pass),
+    }
 
 
 @app.command("dali-lifetime")
 def check_dali_lifetime(out: Path = OUT_OPTION, batches: int = 12) -> None:
-    """G2: DALI output tensors held while later batches are fetched stay intact."""
+    """G2: DALI's buffers outlive the device work queued on them, on the bf16 path (casts) and float32."""
 
     def body() -> tuple[bool | None, str, dict[str, Any]]:
         if skip := no_cuda() or dali_missing():
             return skip
-        from engine.steps import RUN_AHEAD_STEPS
-
+        results = {}
         with tempfile.TemporaryDirectory(prefix="gpu-dali-") as tmp:
-            checked, changed = dali_lifetime(photo_shards(Path(tmp), 16 * (batches + 1), num_classes=10), batches)
-        summary = (
-            f"{checked} batches held for {RUN_AHEAD_STEPS + 1} more fetches; changed meanwhile: {changed or 'none'}"
+            shards = photo_shards(Path(tmp), 16 * (batches + 1), num_classes=10)
+            for dtype in (torch.bfloat16, torch.float32):
+                results[str(dtype).removeprefix("torch.")] = dali_lifetime(shards, batches, dtype)
+        passed = all(r["batches"] == batches and r["repeatable"] and not r["changed"] for r in results.values())
+        summary = "; ".join(
+            f"{name}: {r['batches']} batches, stalled pass vs synchronised: changed {r['changed'] or 'none'}"
+            f"{'' if r['repeatable'] else ' (two synchronised passes differ: cannot tell)'}"
+            for name, r in results.items()
         )
-        return checked > 0 and not changed, summary, {"changed": changed, "checked": checked}
+        return passed, summary, {"results": results}
 
     guarded("G2", "dali-lifetime", out, body)
 
@@ -729,10 +791,8 @@ def check_dali_capture(out: Path = OUT_OPTION, arch: str = "resnet18", steps: in
             losses = [engine.train_step(step, next(stream)).loss.float().item() for step in range(steps)]
             stream.close()
         finite = all(math.isfinite(x) for x in losses)
-        summary = (
-            f"capture: {reason or 'graphed'}; {steps} steps on DALI batches, "
-            f"losses {'finite' if finite else 'NOT finite'}"
-        )
+        losses_word = "finite" if finite else "NOT finite"
+        summary = f"capture: {reason or 'graphed'}; {steps} steps on DALI batches, losses {losses_word}"
         return reason is None and engine.stepper.graphed and finite, summary, {"losses": losses, "reason": reason}
 
     guarded("G7", "dali-capture", out, body)
@@ -782,6 +842,7 @@ def ddp_engines(arch: str, image_size: int, batch_size: int, device: torch.devic
                 "data.image_size_px": image_size,
                 "device": str(device),
                 "cuda_graphs": graphs,
+                "ddp_bf16_grads": True,  # the compression hook must be captured too
             },
         )
 
@@ -847,24 +908,92 @@ def step_ms(engine: Any, batches: list[Any], repeats: int, device: torch.device)
 
 
 def ddp_graph_comparison(
-    arch: str, image_size: int, batch_size: int, steps: int, repeats: int, device: torch.device | None = None
+    arch: str,
+    image_size: int,
+    batch_size: int,
+    steps: int,
+    repeats: int,
+    device: torch.device | None = None,
+    dump_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """G8's measurements: capture reasons, lockstep errors, and step times of the DDP and plain graphed engines."""
+    """G8's measurements: capture reasons, lockstep errors, step times of the DDP and plain graphed
+    engines, the bf16 compression hook's trace in the gradients, and NCCL kernels in captured graphs
+    (the DDP steps' graph descriptions and a one-collective probe graph, dumped into ``dump_dir``)."""
     device = device or default_device()
+    dump_dir = dump_dir or Path(tempfile.mkdtemp(prefix="gpu-ddp-graphs-"))
     with single_process_group(device):
         engines = ddp_engines(arch, image_size, batch_size, device)
         batches = synthetic_batches(
             steps, batch_size, image_size, device, torch.bfloat16 if device.type == "cuda" else torch.float32
         )
-        reasons = {name: engine.capture(batches[0]) for name, engine in engines.items()}
+        reasons = {name: engine.capture(batches[0], debug=name == "ddp graphed") for name, engine in engines.items()}
         errors = ddp_lockstep_errors(engines["ddp graphed"], engines["ddp eager"], batches)
+        engines["plain graphed"].train_step(0, batches[0])
+        inexact = {name: inexact_bf16_fraction(engines[name].learner) for name in ("ddp graphed", "plain graphed")}
         times = {name: step_ms(engines[name], batches, repeats, device) for name in ("ddp graphed", "plain graphed")}
+        world_size = torch.distributed.get_world_size()
+        nccl: dict[str, int | str | None] = {}
+        try:
+            nccl[NCCL_PROBE] = nccl_probe_kernels(device, dump_dir / "probe.dot")
+        except Exception as error:  # the other measurements still count; the verdict fails on this one
+            nccl[NCCL_PROBE] = f"{type(error).__name__}: {error}"
+        if reasons["ddp graphed"] is None and device.type == "cuda":
+            for phase, step in engines["ddp graphed"].stepper.steps.items():
+                step.dump(str(dump_dir / f"ddp-{phase}.dot"))
+                nccl[f"DDP {phase} step"] = nccl_kernel_nodes(dump_dir / f"ddp-{phase}.dot")
     return {
         "capture": reasons,
         "errors": errors,
         "step_ms": times,
         "slowdown": times["ddp graphed"] / times["plain graphed"],
+        "bf16_inexact_gradient_fraction": inexact,
+        "nccl_kernel_nodes": nccl,
+        "world_size": world_size,
     }
+
+
+@torch.no_grad()
+def inexact_bf16_fraction(module: torch.nn.Module) -> float:
+    """The share of gradient elements that bf16 cannot hold exactly. DDP's bf16 compression hook
+    rounds every gradient to bf16 on its way through the all-reduce, so after a replayed DDP step
+    that captured the hook it is 0; a step without it keeps fp32 gradients (BatchNorm's, at least)."""
+    grads = [p.grad.detach().float().reshape(-1) for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return math.nan
+    flat = torch.cat(grads)
+    return float((flat != flat.bfloat16().float()).float().mean())  # SYNC: check
+
+
+NCCL_PROBE = "probe (one all-reduce, ReduceOp.AVG)"
+# NCCL's kernels are named ncclKernel_* / ncclDevKernel_*; a one-rank reduction with a scale is oneRankReduce
+NCCL_KERNEL = re.compile(r"nccl\w*kernel|onerankreduce", re.IGNORECASE)
+
+
+def nccl_kernel_nodes(dot: Path) -> int:
+    """Lines of a graph's DOT description (``CUDAGraph.debug_dump``) that name an NCCL kernel."""
+    return sum(1 for line in dot.read_text(errors="replace").splitlines() if NCCL_KERNEL.search(line))
+
+
+def nccl_probe_kernels(device: torch.device, dot: Path) -> int | None:
+    """NCCL kernels in a graph capturing one all-reduce on this process group (None off CUDA).
+
+    At world size 1, NCCL enqueues nothing for an in-place sum (``ncclLaunchOneRank`` returns at
+    once unless the reduction scales: PreMulSum), so a DDP step's graph can show no NCCL node here
+    even when the all-reduce was captured; ``ReduceOp.AVG`` on floats is a PreMulSum, which NCCL
+    runs as a kernel even on one rank: its node in the graph shows that NCCL work is captured."""
+    if device.type != "cuda":
+        return None
+    tensor = torch.ones(1 << 16, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.AVG)  # outside capture: NCCL set-up
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    graph.enable_debug_mode()
+    with torch.cuda.graph(graph):
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.AVG)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    graph.debug_dump(str(dot))
+    return nccl_kernel_nodes(dot)
 
 
 @app.command("ddp-graphs")
@@ -876,28 +1005,38 @@ def check_ddp_graphs(
     steps: int = 20,
     repeats: int = 5,
 ) -> None:
-    """G8: DDP (world size 1, NCCL) graphed == eager, and its step within 5% of the non-DDP captured step."""
+    """G8: DDP (NCCL) graphed == eager, NCCL and the bf16 compression hook inside the captured step,
+    and the captured DDP step within 5% of the non-DDP captured step."""
 
     def body() -> tuple[bool | None, str, dict[str, Any]]:
         if skip := no_cuda():
             return skip
-        result = ddp_graph_comparison(arch, image_size, batch_size, steps, repeats)
-        errors, graphed = (
-            result["errors"],
-            result["capture"]["ddp graphed"] is None and result["capture"]["plain graphed"] is None,
-        )
+        with tempfile.TemporaryDirectory(prefix="gpu-ddp-graphs-") as tmp:
+            result = ddp_graph_comparison(arch, image_size, batch_size, steps, repeats, dump_dir=Path(tmp))
+        errors = result["errors"]
+        graphed = result["capture"]["ddp graphed"] is None and result["capture"]["plain graphed"] is None
         median_error, max_error = statistics.median(errors), max(errors)
+        inexact, nccl = result["bf16_inexact_gradient_fraction"], result["nccl_kernel_nodes"]
+        hook_captured = inexact["ddp graphed"] == 0 and inexact["plain graphed"] > 0
+        step_nodes = [count for name, count in nccl.items() if name.startswith("DDP")]
+        # world size 1: NCCL enqueues nothing for DDP's in-place sums (see nccl_probe_kernels)
+        probe = nccl[NCCL_PROBE]
+        nccl_captured = isinstance(probe, int) and probe > 0 and (result["world_size"] == 1 or all(step_nodes))
         passed = (
             graphed
             and median_error <= DDP_ERROR_MEDIAN
             and max_error <= DDP_ERROR_MAX
             and result["slowdown"] <= DDP_SLOWDOWN_MAX
+            and hook_captured
+            and nccl_captured
         )
         summary = (
             f"capture: {result['capture']}; graphed vs eager DDP over {steps} steps: median error {median_error:.2e} "
             f"(<= {DDP_ERROR_MEDIAN:g}), max {max_error:.2e} (<= {DDP_ERROR_MAX:g}); step "
             f"{result['step_ms']['ddp graphed']:.3f} ms under DDP vs {result['step_ms']['plain graphed']:.3f} ms "
-            f"without (x{result['slowdown']:.3f}, <= {DDP_SLOWDOWN_MAX})"
+            f"without (x{result['slowdown']:.3f}, <= {DDP_SLOWDOWN_MAX}); gradients bf16-inexact after a replay: "
+            f"{inexact['ddp graphed']:.2%} with the hook (0 needed), {inexact['plain graphed']:.2%} without "
+            f"(> 0 needed); NCCL kernel nodes: {nccl} at world size {result['world_size']}"
         )
         return passed, summary, {"result": result}
 

@@ -7,7 +7,9 @@ whole per-step protocol: phase actions, learning rate, then the (possibly captur
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,20 @@ class EngineSpec:
     num_classes: int
     attributes: bool = False  # supervised targets are multi-hot attributes (CelebA), not single labels
     batches_per_epoch: int = 0  # full global batches of the train split: places epoch milestones (0 = unknown)
+
+
+def ddp_options(accepted: Mapping[str, object]) -> tuple[dict[str, Any], bool]:
+    """``DistributedDataParallel``'s keyword arguments for the torch at hand (``accepted``: the names
+    its constructor takes), and whether the caller must broadcast the buffers itself.
+
+    Buffers are synchronised at construction only, never before a forward. torch >= 2.13 says so
+    with ``forward_sync_buffers=False``; older torch (2.11, the declared floor) has only
+    ``broadcast_buffers=False``, which also leaves them out of the construction sync, so the
+    engine broadcasts them once after construction instead."""
+    options: dict[str, Any] = {"gradient_as_bucket_view": True, "static_graph": True}
+    if "forward_sync_buffers" in accepted:
+        return {**options, "forward_sync_buffers": False}, False
+    return {**options, "broadcast_buffers": False}, True
 
 
 class Engine:
@@ -117,27 +133,36 @@ class Engine:
 
         - ``sync_bn``: its BatchNorm layers become SyncBatchNorm, keeping their tensors (the optimizer,
           the phase switch and the teacher copy hold them).
-        - ``forward_sync_buffers=False`` (buffers are synchronised once, at construction): BatchNorm
-          statistics are read only by the teacher snapshot and by evaluation, and the engine gives
-          every rank rank 0's statistics right before both (``sync_buffers``); a broadcast before
-          every forward would cost a collective per step for nothing. Rank 0's statistics, the ones
-          checkpointed, follow its own batches either way.
-        - ``static_graph`` and ``gradient_as_bucket_view`` (gradients are views into the all-reduce
-          buckets: no copy) and, on CUDA, construction on a side stream: what the PyTorch CUDA-graph
+        - no buffer broadcast before each forward (``ddp_options``; buffers are synchronised once, at
+          construction): BatchNorm statistics are read only by the teacher snapshot and by
+          evaluation, and the engine gives every rank rank 0's statistics right before both
+          (``sync_buffers``); a broadcast before every forward would cost a collective per step for
+          nothing. Rank 0's statistics, the ones checkpointed, follow its own batches either way.
+        - ``static_graph`` and, on CUDA, construction on a side stream: what the PyTorch CUDA-graph
           notes ask for capturing the all-reduce inside the step's graph.
+        - ``gradient_as_bucket_view``: after the all-reduce the gradients are views into the buckets,
+          so nothing is copied back out of them and no second gradient-sized buffer is kept. It does
+          not save the copy *into* the buckets: the steps call ``zero_grad(set_to_none=True)``, so
+          each backward makes fresh gradients and DDP's reducer copies every one into its bucket
+          once per step (torch's DDP docs say so under ``batched_grad_copy``). Keeping gradients
+          instead (``set_to_none=False``) would cost a zero-fill plus an accumulate, more bytes
+          than that one copy.
         - ``ddp_bf16_grads``: DDP's bf16 compression hook halves the bytes all-reduced."""
         if not self.distributed:
             return learner
         if self.config.sync_bn:
             convert_sync_batchnorm(learner, self.device.type)
-        options: dict[str, Any] = dict(forward_sync_buffers=False, gradient_as_bucket_view=True, static_graph=True)
+        options, buffers_unsynced = ddp_options(inspect.signature(nn.parallel.DistributedDataParallel).parameters)
         if self.device.type != "cuda":
-            return self._with_comm_hook(nn.parallel.DistributedDataParallel(learner, **options))
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            model = nn.parallel.DistributedDataParallel(learner, device_ids=[self.device], **options)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+            model = nn.parallel.DistributedDataParallel(learner, **options)
+        else:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                model = nn.parallel.DistributedDataParallel(learner, device_ids=[self.device], **options)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        if buffers_unsynced:
+            broadcast_buffers(learner)  # what DDP's construction does itself where it has forward_sync_buffers
         return self._with_comm_hook(model)
 
     def _with_comm_hook(self, model: nn.parallel.DistributedDataParallel) -> nn.Module:
@@ -154,15 +179,18 @@ class Engine:
 
     # -- running --------------------------------------------------------------------------------
 
-    def capture(self, batch: Batch) -> str | None:
-        """Capture every phase's step as a CUDA graph on ``batch``'s shapes; the reason if they stay eager."""
+    def capture(self, batch: Batch, debug: bool = False) -> str | None:
+        """Capture every phase's step as a CUDA graph on ``batch``'s shapes; the reason if they stay
+        eager. ``debug``: keep the graphs' descriptions for ``GraphedStep.dump`` (checks)."""
         if not self.config.cuda_graphs:
             return "CUDA graphs turned off (--cuda-graphs false)"
         if self.device.type != "cuda":
             return f"device is {self.device.type}: steps run eagerly"
         warmup = GRAPH_WARMUP_ITERS_DDP if self.distributed else GRAPH_WARMUP_ITERS
         try:
-            self.stepper.capture((batch.images, batch.labels, batch.targets), self.learner, self.optimizer, warmup)
+            self.stepper.capture(
+                (batch.images, batch.labels, batch.targets), self.learner, self.optimizer, warmup, debug=debug
+            )
         except RuntimeError as error:  # capture can fail on exotic ops; eager still trains
             return f"CUDA graph capture failed ({error}); running eagerly"
         return None

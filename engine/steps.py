@@ -128,9 +128,12 @@ class StaticInputs:
 class GraphedStep:
     """A step function captured as a CUDA graph, replayed with new inputs copied into static buffers."""
 
-    def __init__(self, fn: StepFn, inputs: StaticInputs) -> None:
+    def __init__(self, fn: StepFn, inputs: StaticInputs, debug: bool = False) -> None:
+        """``debug``: keep the captured graph for ``dump`` (a check lists its kernel nodes)."""
         self.inputs = inputs
         self.graph = torch.cuda.CUDAGraph()
+        if debug:
+            self.graph.enable_debug_mode()
         # thread_local: loader threads (DALI's workers, the DataLoader's pin-memory thread) keep
         # running during capture; their CUDA calls are legal and must not abort this capture,
         # which "global" mode would do. This thread's own unsafe calls still fail the capture.
@@ -141,6 +144,11 @@ class GraphedStep:
         self.inputs.fill(images, labels, targets)
         self.graph.replay()
         return self.result
+
+    def dump(self, path: str) -> None:
+        """Write the graph's nodes (kernels by name, copies, ...) as a Graphviz DOT file; once, and
+        only when captured with ``debug`` (CUDA frees the graph description after the dump)."""
+        self.graph.debug_dump(path)
 
 
 # Steps the host may queue ahead of the device. Two keep the device fed: while it runs step i,
@@ -167,7 +175,10 @@ class RunAheadLimit:
     Memory from torch's caching allocator would be safe without this (a freed block is reused
     only by work queued later on the same stream), but a loader handing out its own buffers
     (DALI outputs shared through DLPack) may recycle them as soon as the last reference goes; a
-    copy into a persistent buffer would not help, since that copy is queued too."""
+    copy into a persistent buffer would not help, since that copy is queued too. A batch made from
+    such buffers by kernels the loader queues itself (the DALI loader's bf16 cast and int64 labels)
+    no longer references them: that loader holds its buffers itself until the work queued on them
+    has run (``pipelines.dali_backend.OutputsInUse``)."""
 
     def __init__(
         self, device: torch.device, depth: int = RUN_AHEAD_STEPS, new_event: Callable[[], DeviceEvent] | None = None
@@ -216,8 +227,10 @@ class Stepper:
         learner: nn.Module,
         optimizer: torch.optim.Optimizer,
         warmup_iters: int = GRAPH_WARMUP_ITERS,
+        debug: bool = False,
     ) -> None:
-        """Capture every phase's step; state changed by the warm-up iterations is put back."""
+        """Capture every phase's step; state changed by the warm-up iterations is put back.
+        ``debug``: keep each graph's description for ``GraphedStep.dump``."""
         check_current_device(sample[0].device)
         saved = _snapshot(learner, optimizer)
         side = torch.cuda.Stream()
@@ -229,7 +242,7 @@ class Stepper:
         torch.cuda.current_stream().wait_stream(side)
         _restore(saved, learner, optimizer)
         # one private memory pool per graph: phases replay in any order, so their pools must not alias
-        self.steps = {phase: GraphedStep(fn, StaticInputs(*sample)) for phase, fn in self.steps.items()}
+        self.steps = {phase: GraphedStep(fn, StaticInputs(*sample), debug) for phase, fn in self.steps.items()}
         self.graphed = True
 
 

@@ -33,6 +33,7 @@ from engine.checkpoint import (
 from engine.config import Method, RunConfig
 from engine.data import build_loaders, compute_dtype
 from engine.distributed import DistInfo, gather_floats
+from engine.hooks import StepHooks, StepObserver
 from engine.metrics import metric_key
 from engine.phases import STUDENT, PhasePosition, module_state
 from engine.plan import EvalSet, plan_run
@@ -59,8 +60,22 @@ class TrainStats:
         self.num_images = 0  # host-side: batch sizes are known without asking the device
         self.num_labelled = 0  # images with ground truth: train accuracy counts only these
         self.num_steps = 0
-        self.train_seconds = 0.0  # wall time of training steps only (no eval, checkpoint or capture)
-        self.data_wait_seconds = 0.0  # wall time blocked waiting for the loader's next batch
+        # wall time of the loop since the last log point, loader waits included, up to the device's end
+        # (the trainer drains the device before reading it); eval, checkpoint and graph capture excluded
+        self.train_seconds = 0.0
+        self.data_wait_seconds = 0.0  # the part of it spent blocked waiting for the loader's next batch
+        self._clock_started: float | None = None
+
+    def start_clock(self) -> None:
+        """Training resumes: count wall time from now (no-op while the clock already runs)."""
+        if self._clock_started is None:
+            self._clock_started = time.perf_counter()
+
+    def stop_clock(self) -> None:
+        """Training pauses (device drained; eval, checkpoint or capture next): add the time since ``start_clock``."""
+        if self._clock_started is not None:
+            self.train_seconds += time.perf_counter() - self._clock_started
+            self._clock_started = None
 
     def update(self, result: StepResult, labels: torch.Tensor, step: int, labelled: bool = True) -> None:
         """``labelled`` False: a batch of an unlabelled split, whose labels are placeholders that
@@ -109,8 +124,11 @@ LOCAL_FIELDS = (
 
 def reduce_log_rows(rows: list[list[float]]) -> dict[str, Any]:
     """One log record's figures from every rank's ``LOCAL_FIELDS`` (one row per rank): loss and
-    accuracy over all ranks' images, images/s of the whole job (the slowest rank's time bounds it:
-    every step waits for every rank) and per process, and each rank's data wait."""
+    accuracy over all ranks' images, images/s of the whole job and per process, and each rank's data
+    wait. images/s is images over the wall time between log points (``TrainStats.train_seconds``,
+    loader waits included, the device drained at the log point; the slowest rank's time bounds it:
+    every step waits for every rank): on a GPU the host runs ahead of the device, so the time the
+    host spends enqueueing steps says nothing of the rate."""
     by_field = {name: [row[i] for row in rows] for i, name in enumerate(LOCAL_FIELDS)}
     images, steps, labelled = sum(by_field["num_images"]), sum(by_field["num_steps"]), sum(by_field["num_labelled"])
     seconds = max(by_field["train_seconds"])
@@ -121,9 +139,10 @@ def reduce_log_rows(rows: list[list[float]]) -> dict[str, Any]:
         "train_top1": sum(by_field["correct"]) / labelled if labelled else None,
         "labelled_images": int(labelled),  # all processes; the rest came from the unlabelled split
         "unlabelled_images": int(images - labelled),
-        "images_per_s": images_per_s,  # training steps only, all processes together
+        "images_per_s": images_per_s,  # wall time between log points, all processes together
         "images_per_s_per_process": images_per_s / len(rows),
-        "data_wait_s": by_field["data_wait_s"][0],  # this log interval, rank 0
+        "train_seconds": seconds,  # the wall time images_per_s divides by
+        "data_wait_s": by_field["data_wait_s"][0],  # this log interval, rank 0 (part of train_seconds)
         "data_wait_s_max": max(by_field["data_wait_s"]),
         "data_wait_s_by_rank": by_field["data_wait_s"],
         "signum": int(max(by_field["signum"])),
@@ -243,6 +262,11 @@ class Trainer:
             )
         self._captured = False
         self._placeholders: UnlabelledPlaceholders | None = None
+        self.hooks = StepHooks()  # named points of the loop that checks and profilers observe
+
+    def observe(self, observer: StepObserver) -> None:
+        """Call ``observer`` at the loop's named points (``engine.hooks``) from the next step on."""
+        self.hooks.add(observer)
 
     @property
     def step(self) -> int:
@@ -298,6 +322,7 @@ class Trainer:
                 self._timed_step(self._next_batch(stop, streams[self.reads_unlabelled(self.step)], stats), stats)
                 bar.update(1)
                 eval_metrics = self._step_points(stop, stats, bar) or eval_metrics
+                stats.start_clock()  # after a log, eval or checkpoint point: training resumes
         if not eval_metrics:  # resumed at its last step: nothing ran; the finished run's summary stands
             finished = self.folder.read_summary()
             if finished is not None:
@@ -311,10 +336,11 @@ class Trainer:
         return self.dist.is_main and on_terminal()
 
     def _next_batch(self, stop: StopRequest, batches: Iterator[Batch], stats: TrainStats) -> Batch:
+        self.hooks.before_fetch(self.step)
         started = time.perf_counter()
         try:
             # several processes must leave after the same step: they agree at log points instead
-            return stop.next_batch(batches, interruptible=not self.dist.enabled)
+            batch = stop.next_batch(batches, interruptible=not self.dist.enabled)
         except _StopWhileWaiting as stopped:
             self._save_checkpoint(stats, CheckpointTargets(self.step))
             self._wait_for_checkpoint()
@@ -324,6 +350,8 @@ class Trainer:
             raise ShardDataError(f"{error}\n{self._kept_message(advice)}") from None
         finally:
             stats.data_wait_seconds += time.perf_counter() - started
+        self.hooks.after_fetch(self.step, batch)
+        return batch
 
     def _step_points(self, stop: StopRequest, stats: TrainStats, bar: tqdm) -> dict[str, float] | None:
         """Log, eval and checkpoint points after a step; the eval metrics when it evaluated."""
@@ -351,8 +379,9 @@ class Trainer:
         return eval_metrics
 
     def _timed_step(self, batch: Batch, stats: TrainStats) -> None:
-        """One training step; its wall time counts towards images/s (the first batch's capture does not)."""
-        unlabelled = self.reads_unlabelled(self.step)
+        """Enqueue one training step (the first batch's graph capture is left out of the wall time)."""
+        step = self.step
+        unlabelled = self.reads_unlabelled(step)
         step_batch = self._with_placeholders(batch) if unlabelled else batch
         if not self._captured:
             self._captured = True
@@ -360,13 +389,19 @@ class Trainer:
             reason = self.engine.capture(step_batch)
             if reason and self.dist.is_main:
                 log.info(reason)
-        started = time.perf_counter()
-        self._run_ahead.wait_turn()  # the device is busy meanwhile: counted as training time, like _drain
-        result = self.engine.train_step(self.step, step_batch)
-        stats.update(result, batch.labels, self.step, labelled=not unlabelled)
+            # the clock starts here: the loader's start-up (the first fetch) and the capture are not training
+            stats.data_wait_seconds = 0.0
+            stats.start_clock()
+        self._run_ahead.wait_turn()
+        actions = self.engine.plan.transitions_before(step)
+        if actions:
+            self.hooks.at_phase_switch(step, actions)
+        self.hooks.before_step(step, step_batch)
+        result = self.engine.train_step(step, step_batch)
+        stats.update(result, batch.labels, step, labelled=not unlabelled)
         self._run_ahead.step_queued(batch)
+        self.hooks.after_step(step, result)
         self.progress.step += 1
-        stats.train_seconds += time.perf_counter() - started
 
     def _with_placeholders(self, batch: Batch) -> Batch:
         """A batch of the unlabelled split as the step reads it: its images with placeholder labels."""
@@ -390,12 +425,12 @@ class Trainer:
             setattr(progress, batch_field, 0)
 
     def _drain(self, stats: TrainStats) -> None:
-        """Wait for the queued steps, counting the wait as training time: the host runs ahead of
-        the device, so images/s is only right once the device has caught up."""
+        """Wait for the queued steps, then stop the training clock: the host runs ahead of the
+        device, so the wall time is only the steps' time once the device has caught up; what
+        follows (log, eval, checkpoint) is not training (``_loop`` restarts the clock after it)."""
         if self.device.type == "cuda":
-            started = time.perf_counter()
             torch.cuda.current_stream(self.device).synchronize()  # SYNC: log/eval/checkpoint point
-            stats.train_seconds += time.perf_counter() - started
+        stats.stop_clock()
 
     def _log_point(self, stats: TrainStats, bar: tqdm, stop: StopRequest) -> int:
         """Log the ranks' loss, accuracy, images/s and data wait (one all-gather); the signal the
@@ -408,6 +443,7 @@ class Trainer:
         record = {"kind": "train", "step": self.step, "phase": position.phase.value, "cycle": position.cycle, **reduced}
         record["lr"] = self.engine.lr_at(self.step - 1)
         self.folder.log(record)
+        self.hooks.at_log_point(self.step, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", phase=position.phase.value, img_s=f"{record['images_per_s']:.0f}")
         if self.dist.is_main and not self._on_terminal():
             top1 = "-" if record["train_top1"] is None else f"{record['train_top1']:.3f}"

@@ -6,6 +6,7 @@ this package imports and works without it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from pipelines.contract import AugmentConfig, Batch, Loader, LoaderConfig, ShardDataError, rank_range
@@ -17,29 +18,42 @@ __all__ = [
 ]  # fmt: skip
 
 
+log = logging.getLogger(__name__)
+_warned_fallback: set[str] = set()  # reasons already warned about: one line per process each
+
+
 def dali_import_error() -> str | None:
-    """None when NVIDIA DALI imports here, else why it does not."""
+    """None when the DALI backend imports here (NVIDIA DALI, its PyTorch plugin and
+    ``pipelines.dali_backend``), else why it does not. Any failure counts, not only ImportError and
+    OSError: a DALI built for another CUDA, or one that finds no driver, raises what it likes."""
     try:
         import nvidia.dali  # noqa: F401
         import nvidia.dali.plugin.pytorch  # noqa: F401
-    except (ImportError, OSError) as error:  # OSError: the wheel is there but a shared library is not
-        return f"{type(error).__name__}: {error}"
+
+        import pipelines.dali_backend  # noqa: F401
+    except Exception as error:
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     return None
 
 
 def resolve_backend(requested: str) -> str:
-    """The backend to build: "auto" means "dali" when DALI is importable, else "torch"; asking for
-    "dali" where it is not importable is an error that says why and what to do."""
+    """The backend to build: "auto" means "dali" when DALI is importable, else "torch" (with a
+    one-line warning saying why, once per reason); asking for "dali" where it is not importable
+    is an error that says why and what to do."""
     if requested == "torch":
         return "torch"
     reason = dali_import_error()
     if reason is None:
         return "dali"
     if requested == "auto":
+        if reason not in _warned_fallback:
+            _warned_fallback.add(reason)
+            log.warning("data.backend auto: NVIDIA DALI does not import (%s); using the torch loader", reason)
         return "torch"
     raise RuntimeError(
-        f"backend 'dali' was asked for but NVIDIA DALI cannot be imported ({reason}). Install it with "
-        "`pip install nvidia-dali-cuda120` (Linux x86-64 only), or use backend 'torch' (or 'auto')."
+        f"backend 'dali' was asked for but NVIDIA DALI cannot be imported ({reason}). Install the extra "
+        "matching torch's CUDA (README, 'Install'): `pip install -e '.[dali-cuda12]'` or `'.[dali-cuda13]'` "
+        "(Linux x86-64 only), or use backend 'torch' (or 'auto')."
     )
 
 

@@ -41,7 +41,8 @@ not say which sample failed).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,7 @@ class DaliLoader:
         self._outputs = ["images", "labels"] + (["targets"] if self._spec.has_targets else [])
         self.num_threads = max(1, config.resolved_workers)  # auto (-1) -> the CPU affinity per local rank
         self._eval_iterator: DALIGenericIterator | None = None
+        self._in_use = OutputsInUse(self._device)
 
     def build_pipeline(self, epoch: int) -> Pipeline:
         """The pipeline of one epoch: its shard and seed depend only on (seed, epoch, rank)."""
@@ -214,6 +216,7 @@ class DaliLoader:
                 if outputs is None:
                     break
                 if number >= start_batch:
+                    self._in_use.hand_out(outputs[0])
                     yield self._to_batch(outputs[0])
             complete = True
         finally:
@@ -274,6 +277,46 @@ class DaliLoader:
     def close(self) -> None:
         """Free the evaluation pipeline (training pipelines are freed when their epoch ends)."""
         self._eval_iterator = None
+        self._in_use.release_all()
+
+
+class OutputsInUse:
+    """DALI's output buffers, held until the device work queued on them has run (CUDA only).
+
+    With DALI's dynamic executor the iterator hands out its own buffers through DLPack, no copy
+    (``DALIGenericIterator.__next__``: ``copy = not exec_dynamic``); they go back to DALI when the
+    last reference goes, and DALI's documentation promises nothing about when it reuses them
+    relative to torch's stream. Work on a batch is only queued when ``_to_batch`` returns: the
+    bf16 cast and the int64 labels are fresh tensors written later by kernels that read DALI's
+    buffers, and a consumer's own queued reads (the trainer's step, an evaluation's forward) come
+    after. So every buffer handed out is kept here until an event recorded after the consumer
+    queued its work on it (at the next hand-out, or at ``release_all``) has completed: by
+    ``event.query()``, never a wait. At most the batches still in flight on the device are held.
+    """
+
+    def __init__(self, device: torch.device, new_event: Callable[[], Any] | None = None) -> None:
+        self.enabled = device.type == "cuda"
+        self.new_event = new_event or torch.cuda.Event
+        self.held: deque[tuple[Any, dict[str, torch.Tensor]]] = deque()  # (event or None, outputs)
+
+    def hand_out(self, outputs: dict[str, torch.Tensor]) -> None:
+        """Before ``outputs`` go to the consumer: mark the work queued on the earlier ones, drop
+        those whose work has run, hold these."""
+        if not self.enabled:
+            return
+        if self.held:
+            event = self.new_event()
+            event.record()  # after everything the consumer queued on the batches handed out so far
+            self.held = deque((event if e is None else e, o) for e, o in self.held)
+        while self.held and self.held[0][0] is not None and self.held[0][0].query():
+            self.held.popleft()
+        self.held.append((None, outputs))
+
+    def release_all(self) -> None:
+        """The loader closes: wait for the work on what is still held, then let it go."""
+        if self.enabled and self.held:
+            torch.cuda.current_stream().synchronize()  # SYNC: loader close
+        self.held.clear()
 
 
 class EpochIterator(DALIGenericIterator):
