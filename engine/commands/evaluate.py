@@ -15,14 +15,13 @@ from typing import Any, Optional
 import torch
 import typer
 
-from engine.commands.export import ExportedModel, ExportError, autocast_dtype, load_exported
+from engine.commands.export import ExportError, autocast_dtype, load_exported
 from engine.commands.runner import run_cli
 from engine.config import Backend
 from engine.distributed import resolve_device
 from engine.options import BATCH_SIZE, DEVICE, LOADER, MODEL, OUT, THETA, WORKERS
 from engine.scoring import accumulator_for, score_split
 from pipelines import build_loader, describe_backend
-from pipelines.contract import LoaderConfig
 from shards.atomic_files import atomic_write_text
 from shards.command_options import command_app
 from shards.format import LabelKind
@@ -56,39 +55,21 @@ def evaluate_exported(
     accumulator = accumulator_for(manifest, thetas, meta.method_kind, manifest.label_kind.has_targets, device)
     dtype = autocast_dtype(meta, device)
     log.info("loader: %s", describe_backend(backend))
-    loader = build_loader(data, split, _loader_config(meta, batch_size, backend, num_workers, device, dtype))
+    loader = build_loader(
+        data,
+        split,
+        meta.eval_loader_config(
+            batch_size=batch_size,
+            backend=backend,
+            num_workers=num_workers,
+            device=str(device),
+            dtype=dtype or torch.float32,
+        ),
+    )
     try:
         return score_split(model, loader, accumulator, dtype, device)  # the loop a run's evaluation runs
     finally:
         loader.close()
-
-
-def _per_channel(values: list[float], name: str) -> tuple[float, float, float]:
-    if len(values) != 3:
-        raise ExportError(f"model.json: {name} must hold 3 values (R, G, B), got {values}")
-    return values[0], values[1], values[2]
-
-
-def _loader_config(
-    meta: ExportedModel,
-    batch_size: int,
-    backend: str,
-    num_workers: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
-) -> LoaderConfig:
-    return LoaderConfig(
-        batch_size=batch_size,
-        image_size_px=meta.image_size_px,
-        train=False,
-        eval_crop_fraction=meta.eval_crop_fraction,
-        mean=_per_channel(meta.mean, "mean"),
-        std=_per_channel(meta.std, "std"),
-        backend=backend,
-        num_workers=num_workers,
-        device=str(device),
-        dtype=dtype or torch.float32,
-    )
 
 
 app = command_app()

@@ -42,6 +42,7 @@ from engine.data import loader_config, train_source
 from engine.models import TORCHVISION_ARCHS, build_model, classifier_prefix
 from engine.options import OUT
 from engine.run_folder import RunFolder, saved_config
+from pipelines.contract import LoaderConfig
 from shards.atomic_files import atomic_write_bytes, atomic_write_text
 from shards.command_options import command_app
 from shards.format import LabelKind
@@ -80,6 +81,21 @@ class ExportedModel:
     step: int  # optimizer steps behind these weights
     metrics: dict[str, Any] | None  # the run's summary metrics; None for an unfinished run
     format: int = EXPORT_FORMAT
+
+    def eval_loader_config(self, **how: Any) -> LoaderConfig:
+        """The evaluation preprocessing this card records (size, centre crop, mean/std) as loader
+        settings; ``how`` says how to run it (batch size, backend, workers, device, dtype). The one
+        place mile-eval and mile-predict turn a card into preprocessing."""
+        mean = (self.mean[0], self.mean[1], self.mean[2])  # three values: checked when read
+        std = (self.std[0], self.std[1], self.std[2])
+        return LoaderConfig(
+            image_size_px=self.image_size_px,
+            train=False,
+            eval_crop_fraction=self.eval_crop_fraction,
+            mean=mean,
+            std=std,
+            **how,
+        )
 
     @property
     def method_kind(self) -> MethodKind:

@@ -34,7 +34,6 @@ from engine.distributed import resolve_device
 from engine.metrics import prediction_sets
 from engine.options import BATCH_SIZE, DEVICE, MODEL, OUT, THETA
 from engine.steps import autocast_context
-from pipelines.contract import LoaderConfig
 from pipelines.transforms import TransformSpec, normalisation, normalise, transform_image, transform_spec
 from shards.command_options import command_app
 from shards.images import ImagePolicy, UnreadableImage, sanitize
@@ -78,8 +77,7 @@ def image_files(inputs: list[Path]) -> list[Path]:
 
 def eval_transform(meta: ExportedModel) -> TransformSpec:
     """The evaluation preprocessing of the run, from ``model.json``."""
-    config = LoaderConfig(image_size_px=meta.image_size_px, train=False, eval_crop_fraction=meta.eval_crop_fraction)
-    return transform_spec(config)
+    return transform_spec(meta.eval_loader_config())
 
 
 def load_image(path: Path, spec: TransformSpec) -> torch.Tensor:
