@@ -18,6 +18,7 @@ from PIL import Image
 import engine.steps
 from engine.config import ConfigError, build_config
 from engine.data import PlanError
+from engine.losses import label_set_targets
 from engine.plan import plan_run
 from shards.format import LabelKind
 from shards.writer import SplitSpec, WriterSettings, write_split
@@ -143,3 +144,9 @@ def test_label_sets_are_refused_for_a_split_without_them(make_items, tmp_path):
 def test_softmax_refuses_label_sets():
     with pytest.raises(ConfigError, match=r"train_targets \(--train-targets\) label_set: .*softmax"):
         build_config({}, {"method.name": "softmax", "method.train_targets": "label_set"})
+
+
+def test_label_set_targets_add_the_given_label_so_an_empty_set_trains_on_the_label_alone():
+    sets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])  # image 1 has an empty set (left out of the metrics)
+    targets = label_set_targets(torch.tensor([0, 2]), sets)
+    assert targets.tolist() == [[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]] and sets[1].sum() == 0  # out of place
