@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, run_in_process
+from helpers import REPO, run_cli_in_process, run_in_process
 from PIL import Image
 
 if sys.version_info >= (3, 11):
@@ -143,3 +143,19 @@ def test_the_readme_example_outputs_are_ignored_by_git_and_the_sources_are_not()
         text=True,
     ).stdout.split()
     assert sorted(outputs - set(ignored)) == [] and set(sources).isdisjoint(ignored)
+
+
+def test_a_saved_config_repeats_its_run_into_a_new_out_as_the_readme_says(grid_root, tmp_path):
+    first = tmp_path / "sig"
+    args = ("--method", "sigmoid", "--steps", "2", "--batch-size", "16", "--eval-every", "2", "--device", "cpu")
+    loader = ("--loader", "torch", "--workers", "0")
+    result = run_cli_in_process("--data", str(grid_root), *args, *loader, "--out", str(first))
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = str(first / "config.toml")
+    refused = run_cli_in_process("--config", saved)
+    assert refused.returncode != 0 and "choose another --out" in refused.stderr
+    again = run_cli_in_process("--config", saved, "--out", str(tmp_path / "sig-again"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "sig-again/summary.json").read_text()) == json.loads(
+        (first / "summary.json").read_text()
+    )
