@@ -65,6 +65,13 @@ class Method(Choice):
         return MethodKind.SOFTMAX if self is Method.SOFTMAX else MethodKind.SIGMOID
 
 
+class TrainTargets(Choice):
+    """What the supervised (sigmoid, MILe interaction) steps of a classification split train on."""
+
+    LABEL = "label"  # the single given label, one-hot (the paper's setting)
+    LABEL_SET = "label_set"  # the split's multi-label set (multi-hot), the given label included
+
+
 class StudentInit(Choice):
     TEACHER = "teacher"  # continue from the teacher's weights (the released code)
     PREVIOUS = "previous"  # restore the student's own weights and momentum (Algorithm 1)
@@ -213,12 +220,27 @@ class MethodConfig(_Component):
     rho: float = knob(
         0.25, "MILe: pseudo-label threshold, target = 1[sigmoid(teacher(x)) > rho].", alias="--rho", gt=0, lt=1
     )
+    train_targets: TrainTargets = knob(
+        TrainTargets.LABEL,
+        "Sigmoid and MILe's interaction (teacher) steps train BCE on: label = the single given label, one-hot "
+        "(the paper's setting); label_set = the train split's label sets, multi-hot (the given label included; "
+        "needs a split with a labels column; not with softmax). Attribute splits train on their attributes either way.",
+        alias="--train-targets",
+    )
     student_init: StudentInit = knob(
         StudentInit.TEACHER, "MILe: where each imitation phase starts.", alias="--student-init"
     )
     warmup_steps: int = knob(
         0, "MILe: teacher-only steps before the first imitation phase.", alias="--warmup-steps", ge=0
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train_targets is TrainTargets.LABEL_SET and self.name is Method.SOFTMAX:
+            raise ConfigError(
+                "method.train_targets (--train-targets) label_set: method.name (--method) softmax trains on one "
+                "class per image; use --method sigmoid or mile to train on label sets"
+            )
 
     @property
     def multi_label_head(self) -> bool:

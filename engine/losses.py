@@ -4,6 +4,8 @@ BCE with logits for a 0/1 target y is ``softplus(z) - z*y``. Summed over classes
 the batch (docs/DESIGN.md, "MILe phases"):
 
 - one-hot labels:   sum_c softplus(z_c) - z_label
+- label sets (``method.train_targets = label_set``): the split's multi-hot set with the given label
+  set as well (``label_set_targets``), then the multi-hot form sum_c softplus(z_c) - z_c*y_c
 - teacher pseudo-labels y_c = 1[sigmoid(t_c) > rho] = 1[t_c > logit(rho)]:
                     sum_c softplus(z_c) - where(t_c > logit(rho), z_c, 0)
 
@@ -39,6 +41,13 @@ def bce_multi_hot(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """BCE against given 0/1 targets (attribute datasets), summed over classes, mean over the batch."""
     z = logits.float()
     return (F.softplus(z) - z * targets).sum() / z.shape[0]
+
+
+def label_set_targets(labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The multi-hot training targets of a classification split: each image's label set, its given
+    label set too (the set always holds it; an image whose set is empty trains on its label alone).
+    Out of place and shape-preserving, so a captured step may compute it."""
+    return targets.float().scatter(1, labels[:, None], 1.0)
 
 
 def bce_pseudo_labels(logits: torch.Tensor, teacher_logits: torch.Tensor, logit_rho: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from engine.build import EngineSpec
-from engine.config import MethodKind, RunConfig, Switch
+from engine.config import MethodKind, RunConfig, Switch, TrainTargets
 from engine.data import PlanError, SplitSource, load_manifest, loader_config, resolve_unlabelled_root, train_source
 from engine.distributed import DistInfo
 from engine.metrics import EvalAccumulator
@@ -126,6 +126,7 @@ def check_against_data(config: RunConfig, train: SplitManifest, evaluation: Spli
             f"--method softmax: split {config.data.train_split!r} holds independent binary attributes "
             f"(no single label per image); use --method sigmoid or mile"
         )
+    check_train_targets(config, train)
     has = evaluation.label_kind.has_targets
     if config.multilabel_metrics is Switch.ON and not has:
         raise PlanError(
@@ -133,6 +134,18 @@ def check_against_data(config: RunConfig, train: SplitManifest, evaluation: Spli
             f"(label kind {evaluation.label_kind.value}); use a split with multi-label sets or auto"
         )
     return has and config.multilabel_metrics is not Switch.OFF
+
+
+def check_train_targets(config: RunConfig, train: SplitManifest) -> None:
+    """``method.train_targets = label_set`` needs a train split that stores label sets (label kind
+    multi: a ``folder`` label file with a ``labels`` column, ImageNet val with ReaL, the digit grid)."""
+    if config.method.train_targets is not TrainTargets.LABEL_SET or train.label_kind.has_targets:
+        return
+    raise PlanError(
+        f"method.train_targets (--train-targets) label_set: train split {config.data.train_split!r} has no label "
+        f"sets (label kind {train.label_kind.value}); convert it from a label file with a 'labels' column "
+        f"(docs/DATASETS.md, 'Your own images') or use --train-targets label"
+    )
 
 
 def unlabelled_source(config: RunConfig, train: SplitSource) -> SplitSource | None:

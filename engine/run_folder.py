@@ -90,7 +90,7 @@ class RunFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         if not resume:
             self._clear_unfinished_logs()
-        header = "# Resolved config of this run: `engine-run --config THIS_FILE` repeats it.\n"
+        header = "# Resolved config of this run: `engine-run --config THIS_FILE --out NEW_FOLDER` repeats it.\n"
         atomic_write_text(self.config_path, to_toml(config, header))
 
     def _clear_unfinished_logs(self) -> None:

@@ -17,7 +17,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from engine.losses import bce_multi_hot, bce_one_hot, bce_pseudo_labels, logit, softmax_cross_entropy
+from engine.losses import (
+    bce_multi_hot,
+    bce_one_hot,
+    bce_pseudo_labels,
+    label_set_targets,
+    logit,
+    softmax_cross_entropy,
+)
 from engine.phases import STUDENT, TEACHER, TRAIN, module_state
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,7 @@ class StepSettings:
     attributes: bool  # supervised targets are multi-hot attributes (CelebA), not single labels
     autocast_dtype: torch.dtype | None  # bf16 on CUDA, None = full precision
     device_type: str
+    label_sets: bool = False  # supervised steps train on the batch's multi-hot label sets (method.train_targets)
 
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], StepResult]
@@ -50,6 +58,8 @@ def supervised_loss(
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     if settings.attributes:
         return _attribute_loss
+    if settings.label_sets:
+        return _label_set_loss
     if settings.method == "softmax":
         return lambda logits, labels, targets: softmax_cross_entropy(logits, labels)
     return lambda logits, labels, targets: bce_one_hot(logits, labels)
@@ -58,6 +68,11 @@ def supervised_loss(
 def _attribute_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
     assert targets is not None  # attribute splits always carry their multi-hot targets
     return bce_multi_hot(logits, targets)
+
+
+def _label_set_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    assert targets is not None  # the plan admits label_set only for splits with label sets (check_train_targets)
+    return bce_multi_hot(logits, label_set_targets(labels, targets))
 
 
 def autocast_context(dtype: torch.dtype | None, device_type: str):

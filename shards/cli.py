@@ -120,7 +120,11 @@ def digits_grid_command(
 def folder_command(
     *,
     images: Path = typer.Option(..., "--images", help="Image folder; label-file paths are relative to it."),
-    labels: Path = typer.Option(..., "--labels", help="CSV (header path,label[,labels]) or JSONL label file."),
+    labels: Path = typer.Option(
+        ...,
+        "--labels",
+        help="CSV (header path,label[,labels] or path,labels: the first listed is the label) or JSONL label file.",
+    ),
     split: str = typer.Option(..., "--split", help="Split name to write (e.g. train, val)."),
     unlabelled: bool = typer.Option(
         False,

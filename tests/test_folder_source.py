@@ -130,6 +130,32 @@ def test_csv_labels_column_gives_multi_label_sets(image_folder, tmp_path):
     assert got == {"good_cat_0_jpg": (0, (0, 2)), "good_cat_1_jpg": (0, ()), "good_dog_0_jpg": (1, (0, 1))}
 
 
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("labels.csv", "path,labels\ngood/cat_0.jpg,owl;cat\ngood/cat_1.jpg,cat\ngood/dog_0.jpg,dog cat\n"),
+        (
+            "labels.jsonl",
+            '{"path": "good/cat_0.jpg", "labels": ["owl", "cat"]}\n{"path": "good/cat_1.jpg", "labels": "cat"}\n'
+            '{"path": "good/dog_0.jpg", "labels": ["dog", "cat"]}\n',
+        ),
+    ],
+)
+def test_a_file_of_label_sets_alone_gives_each_image_its_first_listed_class_as_label(
+    image_folder, tmp_path, name, text
+):
+    manifest = convert(image_folder, write_labels(tmp_path / name, text), tmp_path / "out")
+    assert manifest.label_kind is LabelKind.MULTI and manifest.class_names == ["cat", "dog", "owl"]
+    got = {key: (s.label, s.label_set) for key, s in read_samples(tmp_path / "out", manifest).items()}
+    assert got == {"good_cat_0_jpg": (2, (0, 2)), "good_cat_1_jpg": (0, (0,)), "good_dog_0_jpg": (1, (0, 1))}
+
+
+def test_a_label_set_alone_must_not_be_empty(image_folder, tmp_path):
+    labels = write_labels(tmp_path / "labels.csv", "path,labels\ngood/cat_0.jpg,cat\ngood/dog_0.jpg,\n")
+    with pytest.raises(LabelFileError, match=r"labels\.csv:3: missing 'label': .*non-empty 'labels'"):
+        convert(image_folder, labels, tmp_path / "out")
+
+
 def test_jsonl_labels_and_integer_classes(image_folder, tmp_path):
     labels = write_labels(
         tmp_path / "labels.jsonl",
@@ -156,7 +182,7 @@ def test_single_label_csv_with_a_byte_order_mark(image_folder, tmp_path):
 @pytest.mark.parametrize(
     "name, text, message",
     [
-        ("labels.csv", "path,class\ngood/cat_0.jpg,cat\n", r"labels\.csv:1: .*no 'label' column"),
+        ("labels.csv", "path,class\ngood/cat_0.jpg,cat\n", r"labels\.csv:1: .*neither a 'label' nor a 'labels' column"),
         ("labels.csv", "path,label\ngood/cat_0.jpg,cat\ngood/dog_0.jpg,\n", r"labels\.csv:3: missing 'label'"),
         (
             "labels.csv",

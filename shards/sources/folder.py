@@ -1,7 +1,10 @@
-"""Generic source: an image folder plus a CSV or JSONL label file (``path,label[,labels]``).
+"""Generic source: an image folder plus a CSV or JSONL label file (``path,label[,labels]`` or ``path,labels``).
 
-Paths are relative to the image folder. ``label`` is a class name or integer; ``labels`` (optional)
-is the multi-label set, names separated by ``;`` or spaces in CSV, a list in JSONL. Classes are the
+Paths are relative to the image folder. ``label`` is the given (single) label, a class name or
+integer; ``labels`` (optional) is the multi-label set, names separated by ``;`` or spaces in CSV, a
+list in JSONL. A file may give ``labels`` alone (a CSV without a ``label`` column, a JSONL record
+without a ``label`` key): the given label is then the first class listed in ``labels``, which must
+not be empty. Classes are the
 sorted names found (integers keep their value), or those of a split already in the output
 manifest, so every split of one dataset shares one class index.
 
@@ -34,7 +37,7 @@ from shards.sources.common import PathGuard, SourceError, read_text
 from shards.writer import SourceItem, SplitSpec
 
 COLUMNS = ("path", "label", "labels")  # every column (CSV) or key (JSONL) a label file may hold
-_LAYOUT = "expected path,label[,labels]"
+_LAYOUT = "expected path,label[,labels] or path,labels"
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
@@ -90,9 +93,10 @@ def _csv_header(path: Path, fields: list[str], unlabelled: bool) -> list[str]:
     for name in header:
         if name and header.count(name) > 1:
             raise LabelFileError(f"{path}:1: column {name!r} appears {header.count(name)} times in the header")
-    for column in ("path",) if unlabelled else ("path", "label"):
-        if column not in header:
-            raise LabelFileError(f"{path}:1: header {header} has no {column!r} column ({_LAYOUT})")
+    if "path" not in header:
+        raise LabelFileError(f"{path}:1: header {header} has no 'path' column ({_LAYOUT})")
+    if not unlabelled and "label" not in header and "labels" not in header:
+        raise LabelFileError(f"{path}:1: header {header} has neither a 'label' nor a 'labels' column ({_LAYOUT})")
     for name in header:
         if name not in COLUMNS:
             what = "an unnamed column (a trailing comma?)" if not name else f"unknown column {name!r}"
@@ -113,7 +117,18 @@ def _csv_row(path: Path, line: int, header: list[str], fields: list[str], unlabe
         return Row(line, _field(path, line, record, "path"), "", None)
     labels = record.get("labels")
     split_labels = tuple(labels.replace(";", " ").split()) if labels and labels.strip() else None
+    if "label" not in record:
+        return Row(line, _field(path, line, record, "path"), _first_listed(path, line, split_labels), split_labels)
     return Row(line, _field(path, line, record, "path"), _field(path, line, record, "label"), split_labels)
+
+
+def _first_listed(path: Path, line: int, labels: tuple[str, ...] | None) -> str:
+    """The given label of a row without one: the first class its ``labels`` set lists."""
+    if not labels:
+        raise LabelFileError(
+            f"{path}:{line}: missing 'label': give one, or a non-empty 'labels' set (its first class is then the label)"
+        )
+    return labels[0]
 
 
 class _RepeatedKey(ValueError):
@@ -150,7 +165,10 @@ def _read_jsonl(path: Path, content: str, unlabelled: bool) -> list[Row]:
             rows.append(Row(line, _json_string(path, line, record, "path"), "", None))
             continue
         labels = _jsonl_labels(path, line, record.get("labels"))
-        label = _json_label(path, line, record.get("label"), "label")
+        if "label" in record:
+            label = _json_label(path, line, record.get("label"), "label")
+        else:
+            label = _first_listed(path, line, labels)
         rows.append(Row(line, _json_string(path, line, record, "path"), label, labels))
     return rows
 
