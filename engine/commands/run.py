@@ -33,6 +33,7 @@ from engine.config import (
     config_keys,
     default_config_path,
     flatten,
+    key_by_name,
     load_toml,
     non_default_values,
     to_toml,
@@ -64,7 +65,7 @@ def _cli_type(key: Key) -> Any:
     return key.type
 
 
-def _shown(value: Any) -> str:
+def help_value(value: Any) -> str:
     if isinstance(value, enum.Enum):
         value = value.value
     elif isinstance(value, (tuple, list)):
@@ -74,8 +75,12 @@ def _shown(value: Any) -> str:
 
 def _help(key: Key, grid: dict[str, Any]) -> str:
     """The key's help, its default on your own data and, where it differs, the digit grid's value."""
-    default = _shown(key.field.default)
-    on_grid = f"; digit grid: {_shown(grid[key.name])}" if key.name in grid and _shown(grid[key.name]) != default else ""
+    default = help_value(key.field.default)
+    on_grid = (
+        f"; digit grid: {help_value(grid[key.name])}"
+        if key.name in grid and help_value(grid[key.name]) != default
+        else ""
+    )
     return f"{key.help} [key: {key.name}; default: {default}{on_grid}]"
 
 
@@ -86,7 +91,11 @@ def config_parameters() -> list[inspect.Parameter]:
     for key in config_keys():
         section = key.name.split(".")[0] if "." in key.name else ""
         option = typer.Option(
-            None, *_flag_decls(key), help=_help(key, grid), rich_help_panel=_PANELS.get(section, "Run"), show_default=False
+            None,
+            *_flag_decls(key),
+            help=_help(key, grid),
+            rich_help_panel=_PANELS.get(section, "Run"),
+            show_default=False,
         )
         params.append(
             inspect.Parameter(
@@ -148,14 +157,14 @@ def resolve_run(
         out_dir = overrides.get("out_dir") or RunConfig.out_dir  # the field's default
         saved = saved_config(out_dir)
         saved_layer = Layer(f"{out_dir}/config.toml", flatten(saved.to_json(), f"{out_dir}/config.toml"))
-        config, sources = build_layered([saved_layer, Layer("flags", overrides)])
+        config, sources = build_layered([saved_layer, Layer(FLAGS, overrides)])
         check_resume_changes(saved, config)
         return ResolvedRun(config, True, sources)
     file_values = flatten(load_toml(config_file), str(config_file)) if config_file is not None else {}
     given = {**file_values, **overrides}
     base = base_layers(str(given.get("data.root") or ""), str(given.get("data.train_split") or "train"))
     file_layer = Layer(f"--config {config_file}", file_values)
-    config, sources = build_layered([*base, file_layer, Layer("flags", overrides)])
+    config, sources = build_layered([*base, file_layer, Layer(FLAGS, overrides)])
     resuming = (resume_auto or restarted_by_torchrun()) and _has_checkpoint(config)
     return ResolvedRun(config, resuming, sources)
 
@@ -170,6 +179,7 @@ def _has_checkpoint(config: RunConfig) -> bool:
     return True
 
 
+FLAGS = "flags"  # the source of the command line's values
 GRID_SOURCE = f"digit grid (engine/configs/{DEFAULT_CONFIG})"
 
 
@@ -231,7 +241,10 @@ def log_sources(config: RunConfig, sources: dict[str, str]) -> None:
         return
     width = max(len(name) for name, _, _ in changed)
     log.info("config: values other than the general defaults (engine-run --help), and their source:")
+    keys = key_by_name()
     for name, value, source in changed:
+        if source == FLAGS:  # name the flag as given: its alias when it has one
+            source = f"flag {keys[name].alias or keys[name].flag}"
         log.info("  %s = %r  (%s)", name.ljust(width), value, source)
 
 
@@ -287,9 +300,7 @@ def run(
 
 # The flags that are not config keys, in the order --help lists them.
 _FIXED = {
-    "config": CONFIG.but(
-        help="TOML config (e.g. a run's config.toml) over the defaults; flags override it."
-    ),
+    "config": CONFIG.but(help="TOML config (e.g. a run's config.toml) over the defaults; flags override it."),
     "print_config": Opt(
         ("--print-config",), bool, "Print the resolved config as TOML and exit (nothing is built or written).", False
     ),
