@@ -174,3 +174,13 @@ def test_runs_that_end_after_an_imitation_phase_or_resume_are_not_refused(caplog
     with caplog.at_level(logging.WARNING):
         check_imitation(mile, 3, resume=True)  # a resumed run has trained already: warned, not refused
     assert "never imitates" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted((default_config_path().parent / "paper").glob("*.toml")), ids=lambda p: p.stem
+)
+def test_every_paper_recipe_ends_right_after_an_imitation_phase(recipe: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = build_config(load_toml(recipe), {})
+    with caplog.at_level(logging.WARNING):
+        check_imitation(config.method, config.num_steps)  # raises when the recipe would never imitate
+    assert caplog.records == [], caplog.text
