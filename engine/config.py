@@ -99,6 +99,10 @@ class EvalPrecision(Choice):
     FP32 = "fp32"  # autocast off and fp32 images in evaluation
 
 
+# The general (photo-sized) base of a run on a user's data: the schema's defaults (docs/DESIGN.md,
+# "Configuration"); the digit grid's own settings live in engine/configs/digits_grid.toml.
+PHOTO_IMAGE_SIZE_PX = 224
+
 # Architectures built without timm; resnet18/resnet50 are torchvision's although timm has the names too.
 BUILTIN_ARCHS = ("grid_cnn", "resnet18", "resnet50")
 
@@ -169,9 +173,15 @@ class DataConfig(_Component):
         allow_empty=True,
         resume_safe=True,
     )
-    image_size_px: int = knob(24, "Image side in pixels.", alias="--image-size", ge=8)
+    image_size_px: int = knob(
+        PHOTO_IMAGE_SIZE_PX,
+        f"Image side in pixels. Unset on your own data: {PHOTO_IMAGE_SIZE_PX}, or the data's own size (the shorter "
+        "side of its first images) when smaller.",
+        alias="--image-size",
+        ge=8,
+    )
     augment: bool = knob(
-        False,
+        True,
         "Random-resized-crop + flip in training (off for the digit grid: crops remove digits).",
         alias="--augment",
     )
@@ -317,7 +327,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     arch: str = knob(
-        "grid_cnn",
+        "resnet18",
         f"Model architecture: {' | '.join(BUILTIN_ARCHS)}, or any timm model name (timm.list_models()); never "
         "downloads weights.",
         alias="--arch",
@@ -615,7 +625,7 @@ def _plain(value: Any) -> Any:
 
 # -- building a config from TOML and flags ------------------------------------------------------
 
-DEFAULT_CONFIG = "digits_grid.toml"  # the experiment engine-run and the demo run without --config
+DEFAULT_CONFIG = "digits_grid.toml"  # the digit grid's base: engine-run on the grid, and the demo
 
 
 def packaged_config(name: str) -> Path:
@@ -695,4 +705,38 @@ def changed_keys(old: RunConfig, new: RunConfig) -> list[tuple[Key, Any, Any]]:
         (key, old_flat[key.name], new_flat[key.name])
         for key in config_keys()
         if old_flat[key.name] != new_flat[key.name]
+    ]
+
+
+# -- a config from layers, each value's source kept ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One source of config values (``{"section.key": value}``, None = not set); later layers win."""
+
+    source: str  # how the log names it: "digit grid (engine/configs/digits_grid.toml)", "--config x.toml", "flags"
+    values: dict[str, Any]
+
+
+def build_layered(layers: list[Layer]) -> tuple[RunConfig, dict[str, str]]:
+    """Schema defaults < each layer in turn; the config and, per key a layer set, that layer's source."""
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for layer in layers:
+        for name, value in layer.values.items():
+            if value is not None:
+                merged[name] = value
+                sources[name] = layer.source
+    return build_config({}, merged), sources
+
+
+def non_default_values(config: RunConfig, sources: dict[str, str]) -> list[tuple[str, Any, str]]:
+    """(key, value, source) for every key whose value is not the schema's default, in schema order."""
+    default = flatten(RunConfig().to_json(), "defaults")
+    values = flatten(config.to_json(), "config")
+    return [
+        (key.name, values[key.name], sources.get(key.name, "?"))
+        for key in config_keys()
+        if values[key.name] != default[key.name]
     ]

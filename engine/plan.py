@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from engine.build import EngineSpec
-from engine.config import MethodKind, RunConfig, Switch, TrainTargets
+from engine.config import Method, MethodConfig, MethodKind, RunConfig, Switch, TrainTargets
 from engine.data import PlanError, SplitSource, load_manifest, loader_config, resolve_unlabelled_root, train_source
 from engine.distributed import DistInfo
 from engine.metrics import EvalAccumulator
+from engine.phases import STUDENT, PhasePlan
 from engine.run_folder import RunFolder
 from engine.scoring import accumulator_for
 from pipelines.contract import LoaderConfig, batches_per_epoch
@@ -95,6 +96,7 @@ def plan_run(config: RunConfig, dist: DistInfo, resume: bool = False) -> RunPlan
     train_loader = loader_config(config, True, dist.rank, dist.world_size, dist.device)
     per_epoch = batches_per_epoch(train.manifest.num_samples, train_loader)
     config = steps_from_epochs(config, per_epoch, dist.is_main)
+    check_imitation(config.method, config.num_steps, dist.is_main, resume)
     attributes = train.manifest.label_kind is LabelKind.ATTRIBUTES
     return RunPlan(
         config=config,
@@ -204,6 +206,50 @@ def steps_from_epochs(config: RunConfig, batches_per_epoch: int, is_main: bool =
             "num_epochs %d x %d batches per epoch = %d optimizer steps", config.num_epochs, batches_per_epoch, num_steps
         )
     return dataclasses.replace(config, num_steps=num_steps)
+
+
+def check_imitation(method: MethodConfig, num_steps: int, is_main: bool = True, resume: bool = False) -> None:
+    """A MILe run must reach an imitation phase (else it is a sigmoid run under another name): a
+    PlanError at its start (a resumed run, already trained, is warned). A run that ends in an
+    interaction phase is warned about, with the step counts that would end it right after an
+    imitation phase (docs/DESIGN.md, "MILe phases")."""
+    if method.name is not Method.MILE:
+        return
+    first_teacher = method.warmup_steps + method.k_teacher_steps
+    period = method.k_teacher_steps + method.k_student_steps
+    budget = (
+        f"method.warmup_steps (--warmup-steps) {method.warmup_steps} + method.k_teacher_steps (--k-teacher-steps) "
+        f"{method.k_teacher_steps}"
+    )
+    if num_steps <= first_teacher:
+        problem = (
+            f"--method mile never imitates in num_steps (--steps) {num_steps}: the first interaction phase lasts "
+            f"{budget} = {first_teacher} steps, then method.k_student_steps (--k-student-steps) "
+            f"{method.k_student_steps} of imitation; use --steps {first_teacher + method.k_student_steps} or more, "
+            "or a shorter warm-up or teacher phase (or --method sigmoid)"
+        )
+        if not resume:
+            raise PlanError(problem)
+        if is_main:
+            log.warning("%s", problem)
+        return
+    if not is_main or PhasePlan(method).position(num_steps - 1).phase is STUDENT:
+        return
+    cycles = (num_steps - first_teacher - method.k_student_steps) // period  # whole imitation phases after the first
+    before = first_teacher + cycles * period + method.k_student_steps
+    log.warning(
+        "--method mile: the run ends in an interaction (teacher) phase at step %d, so the final model has "
+        "trained on the labels since the last imitation phase ended at step %d (%s = %d teacher steps first, "
+        "then %d student and %d teacher steps per cycle); --steps %d or %d ends it right after an imitation phase",
+        num_steps,
+        before,
+        budget,
+        first_teacher,
+        method.k_student_steps,
+        method.k_teacher_steps,
+        before,
+        before + period,
+    )
 
 
 def eval_metric_names(

@@ -38,6 +38,9 @@ def write_grid(root: Path) -> Path:
 def tiny_config(root: Path, out: Path, **overrides) -> RunConfig:
     values = {
         "data.root": str(root),
+        "arch": "grid_cnn",  # the grid's model and size, set here: the schema's defaults are photo-sized
+        "data.image_size_px": 24,
+        "data.augment": False,
         "data.num_workers": 0,
         "data.backend": "torch",
         "method.name": "mile",

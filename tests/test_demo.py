@@ -19,6 +19,9 @@ def tiny_base(grid_root: Path, tmp_path: Path) -> Path:
         {},
         {
             "data.root": str(grid_root),
+            "arch": "grid_cnn",  # the grid's model and size: the schema's defaults are photo-sized
+            "data.image_size_px": 24,
+            "data.augment": False,
             "data.backend": "torch",
             "data.num_workers": 0,
             "num_steps": 6,

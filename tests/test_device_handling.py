@@ -149,6 +149,9 @@ def test_trainer_waits_its_turn_before_each_step(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(trainer_module, "RunAheadLimit", SpyRing)
     values = {
         "data.root": str(root),
+        "arch": "grid_cnn",
+        "data.image_size_px": 24,
+        "data.augment": False,
         "data.num_workers": 0,
         "data.backend": "torch",
         "num_steps": 3,

@@ -238,6 +238,8 @@ def test_two_process_cpu_run_under_torchrun(grid_root: Path, tmp_path: Path) -> 
         "0",
         "--eval-every",
         "6",
+        "--warmup-steps",  # the grid's 400 would leave MILe no imitation phase in 6 steps
+        "2",
         "--k-teacher-steps",
         "2",
         "--k-student-steps",

@@ -66,6 +66,8 @@ def test_extra_eval_sets_are_scored_at_every_eval_point_and_match_mile_eval(
         "4",
         "--log-every",
         "4",
+        "--warmup-steps",  # the grid's 400 would leave MILe no imitation phase in 8 steps
+        "0",
         "--k-teacher-steps",
         "2",
         "--k-student-steps",

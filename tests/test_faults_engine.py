@@ -267,6 +267,12 @@ def test_a_damaged_sample_mid_run_stops_cleanly_naming_the_shard(grid_root: Path
         "60",
         "--batch-size",
         "32",
+        "--warmup-steps",  # MILe imitates within the 60 steps (the grid's warm-up is 400)
+        "0",
+        "--k-teacher-steps",
+        "20",
+        "--k-student-steps",
+        "20",
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert shard.name in result.stderr and "make-shards verify" in result.stderr and "--resume" in result.stderr

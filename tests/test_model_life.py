@@ -192,7 +192,7 @@ def test_release_layouts_load_into_the_backbone(tmp_path: Path, prefix: str, wra
 
 
 def test_the_trainers_own_checkpoint_is_a_weights_file(grid_root: Path, tmp_path: Path) -> None:
-    Trainer(tiny_config(grid_root, tmp_path / "run", num_steps=2, eval_every=2, checkpoint_every=2), CPU).run()
+    Trainer(tiny_config(grid_root, tmp_path / "run", num_steps=4, eval_every=4, checkpoint_every=4), CPU).run()
     weights = read_weights(tmp_path / "run" / "checkpoints" / "last.pt")
     assert weights.keys() == checkpoint_state(tmp_path / "run")["learner"].keys()
 
@@ -222,7 +222,14 @@ def test_a_few_missing_tensors_warn_and_bad_files_fail_clearly(tmp_path: Path, c
 
 def test_head_lr_scale_gives_the_classifier_its_own_device_lr(tmp_path: Path) -> None:
     config = build_config(
-        {}, {"device": "cpu", "method.name": "sigmoid", "optim.head_lr_scale": 0.0, "optim.warmup_lr_steps": 0}
+        {},
+        {
+            "arch": "grid_cnn",
+            "device": "cpu",
+            "method.name": "sigmoid",
+            "optim.head_lr_scale": 0.0,
+            "optim.warmup_lr_steps": 0,
+        },
     )
     engine = build_engine(config, EngineSpec(num_classes=10), torch.device("cpu"))
     backbone, head = engine.optimizer.param_groups
@@ -235,7 +242,7 @@ def test_head_lr_scale_gives_the_classifier_its_own_device_lr(tmp_path: Path) ->
     assert not torch.equal(after["features.0.0.weight"], before["features.0.0.weight"])
 
     scaled = build_engine(
-        build_config({}, {"device": "cpu", "optim.head_lr_scale": 10.0}),
+        build_config({}, {"arch": "grid_cnn", "device": "cpu", "optim.head_lr_scale": 10.0}),
         EngineSpec(num_classes=10),
         torch.device("cpu"),
     )

@@ -36,7 +36,7 @@ def test_each_manifest_is_read_once_per_run(grid_root: Path, tmp_path: Path, mon
         return original(root)
 
     monkeypatch.setattr(shards.manifest, "load_splits", counted)
-    Trainer(tiny_config(grid_root, tmp_path / "run", num_steps=2, eval_every=2), CPU).run()
+    Trainer(tiny_config(grid_root, tmp_path / "run", num_steps=4, eval_every=2), CPU).run()
     assert len(reads) == 2  # the train split's and the eval split's, by the plan; the loaders are given them
 
 

@@ -92,6 +92,7 @@ def semi_config(root: Path, out: Path, **overrides):
         "data.unlabelled_split": "train_unlabelled",
         "data.num_workers": 0,
         "data.backend": "torch",
+        "arch": "grid_cnn",
         "data.image_size_px": 16,
         "data.augment": True,
         "method.name": "mile",

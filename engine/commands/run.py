@@ -15,25 +15,33 @@ import sys
 import traceback
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from engine.config import (
+    DEFAULT_CONFIG,
+    PHOTO_IMAGE_SIZE_PX,
     ConfigError,
     Key,
+    Layer,
     RunConfig,
-    build_config,
+    build_layered,
     changed_keys,
     config_keys,
     default_config_path,
+    flatten,
+    key_by_name,
     load_toml,
+    non_default_values,
     to_toml,
 )
 from engine.options import CONFIG
 from shards.command_options import Opt, command_app
 
+log = logging.getLogger(__name__)
 _PANELS = {"data": "Data", "method": "Method", "optim": "Optimizer", "checkpoint": "Checkpoints"}
 
 
@@ -57,22 +65,37 @@ def _cli_type(key: Key) -> Any:
     return key.type
 
 
-def _help(key: Key) -> str:
-    default = key.field.default
-    if isinstance(default, enum.Enum):
-        default = default.value
-    elif isinstance(default, tuple):
-        default = ", ".join(str(v) for v in default)
-    return f"{key.help} [key: {key.name}; built-in: {default!r}]"
+def help_value(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
+    elif isinstance(value, (tuple, list)):
+        return ", ".join(str(v) for v in value)
+    return repr(value)
+
+
+def _help(key: Key, grid: dict[str, Any]) -> str:
+    """The key's help, its default on your own data and, where it differs, the digit grid's value."""
+    default = help_value(key.field.default)
+    on_grid = (
+        f"; digit grid: {help_value(grid[key.name])}"
+        if key.name in grid and help_value(grid[key.name]) != default
+        else ""
+    )
+    return f"{key.help} [key: {key.name}; default: {default}{on_grid}]"
 
 
 def config_parameters() -> list[inspect.Parameter]:
     """One keyword parameter per config key, each a typer option."""
     params = []
+    grid = flatten(load_toml(default_config_path()), GRID_SOURCE)
     for key in config_keys():
         section = key.name.split(".")[0] if "." in key.name else ""
         option = typer.Option(
-            None, *_flag_decls(key), help=_help(key), rich_help_panel=_PANELS.get(section, "Run"), show_default=False
+            None,
+            *_flag_decls(key),
+            help=_help(key, grid),
+            rich_help_panel=_PANELS.get(section, "Run"),
+            show_default=False,
         )
         params.append(
             inspect.Parameter(
@@ -95,15 +118,35 @@ def overrides_from(options: dict[str, Any]) -> dict[str, Any]:
 # -- resolving the config -------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run's config, whether it resumes, and where each key's value came from (a key no layer set
+    has the schema's default)."""
+
+    config: RunConfig
+    resuming: bool
+    sources: dict[str, str]
+
+
 def resolve_config(
     config_file: Optional[Path], resume: bool, overrides: dict[str, Any], resume_auto: bool = False
 ) -> tuple[RunConfig, bool]:
-    """The run's config and whether it resumes.
+    """The run's config and whether it resumes (``resolve_run``)."""
+    resolved = resolve_run(config_file, resume, overrides, resume_auto)
+    return resolved.config, resolved.resuming
 
-    ``--resume``: the run's saved config, with only safe changes. Otherwise ``--config FILE`` (default:
-    MILe on the digit grid), flags winning over the file; with ``--resume-auto`` (and in a worker
-    group that torchrun restarted) that config resumes the run in ``--out`` when the folder holds a
-    checkpoint, after the same check of what changed, and starts afresh when it holds none."""
+
+def resolve_run(
+    config_file: Optional[Path], resume: bool, overrides: dict[str, Any], resume_auto: bool = False
+) -> ResolvedRun:
+    """The run's config, whether it resumes, and each value's source (docs/DESIGN.md, "Configuration").
+
+    ``--resume``: the run's saved config (complete), with only safe changes. Otherwise layers, a later
+    one winning: the base the data chooses (the digit grid's config for the grid, the schema's general
+    defaults and the data's own image size for any other data), then ``--config FILE``, then the
+    flags. With ``--resume-auto`` (and in a worker group that torchrun restarted) that config resumes
+    the run in ``--out`` when the folder holds a checkpoint, after the same check of what changed,
+    and starts afresh when it holds none."""
     if resume:
         if config_file is not None:
             raise ConfigError(
@@ -113,19 +156,96 @@ def resolve_config(
 
         out_dir = overrides.get("out_dir") or RunConfig.out_dir  # the field's default
         saved = saved_config(out_dir)
-        config = build_config(saved.to_json(), overrides, source=f"{out_dir}/config.toml")
+        saved_layer = Layer(f"{out_dir}/config.toml", flatten(saved.to_json(), f"{out_dir}/config.toml"))
+        config, sources = build_layered([saved_layer, Layer(FLAGS, overrides)])
         check_resume_changes(saved, config)
-        return config, True
-    path = config_file or default_config_path()
-    config = build_config(load_toml(path), overrides, source=str(path))
-    if not (resume_auto or restarted_by_torchrun()):
-        return config, False
+        return ResolvedRun(config, True, sources)
+    file_values = flatten(load_toml(config_file), str(config_file)) if config_file is not None else {}
+    given = {**file_values, **overrides}
+    base = base_layers(str(given.get("data.root") or ""), str(given.get("data.train_split") or "train"))
+    file_layer = Layer(f"--config {config_file}", file_values)
+    config, sources = build_layered([*base, file_layer, Layer(FLAGS, overrides)])
+    resuming = (resume_auto or restarted_by_torchrun()) and _has_checkpoint(config)
+    return ResolvedRun(config, resuming, sources)
+
+
+def _has_checkpoint(config: RunConfig) -> bool:
+    """The run folder holds a checkpoint, which ``config`` may continue (else a ConfigError)."""
     from engine.run_folder import RunFolder, saved_config
 
     if not RunFolder(config.out_dir).checkpoint_path.is_file():
-        return config, False
+        return False
     check_resume_changes(saved_config(config.out_dir), config)
-    return config, True
+    return True
+
+
+FLAGS = "flags"  # the source of the command line's values
+GRID_SOURCE = f"digit grid (engine/configs/{DEFAULT_CONFIG})"
+
+
+def base_layers(root: str, train_split: str) -> list[Layer]:
+    """The base the data chooses: the digit grid's config when ``root`` is empty (the embedded grid)
+    or a folder of the grid; else the schema's general defaults, with the data's own image size
+    when it is under ``PHOTO_IMAGE_SIZE_PX``. A folder that cannot be read adds nothing (the run's
+    plan reports it)."""
+    if not root or is_digit_grid(Path(root), train_split):
+        return [Layer(GRID_SOURCE, flatten(load_toml(default_config_path()), GRID_SOURCE))]
+    size_px = data_image_size_px(Path(root), train_split)
+    if size_px is None or size_px >= PHOTO_IMAGE_SIZE_PX:
+        return []
+    return [Layer(f"data ({root}: images of {size_px} px)", {"data.image_size_px": max(size_px, 8)})]
+
+
+def is_digit_grid(root: Path, split: str) -> bool:
+    """``root`` holds the digit grid (its manifest says so)."""
+    from shards.manifest import ShardError, load_split
+
+    try:
+        return load_split(root, split).extra.get("source") == "digits-grid"
+    except (ShardError, OSError, ValueError):
+        return False
+
+
+def data_image_size_px(root: Path, split: str, images: int = 16) -> Optional[int]:
+    """The data's own size: the largest shorter side among the first ``images`` images of the split's
+    first shard; None when it cannot be read."""
+    import tarfile
+
+    from PIL import Image
+
+    from shards.format import FIELD_IMAGE
+    from shards.manifest import ShardError, load_split
+
+    try:
+        shards = load_split(root, split).shards
+        if not shards:
+            return None
+        sides = []
+        with tarfile.open(root / shards[0].path) as tar:
+            for member in tar:
+                if member.name.endswith(f".{FIELD_IMAGE}") and (file := tar.extractfile(member)) is not None:
+                    with Image.open(file) as image:
+                        sides.append(min(image.size))
+                    if len(sides) == images:
+                        break
+        return max(sides) if sides else None
+    except (ShardError, OSError, ValueError, tarfile.TarError):
+        return None
+
+
+def log_sources(config: RunConfig, sources: dict[str, str]) -> None:
+    """The log's first lines: each value that is not the schema's default and where it came from."""
+    changed = non_default_values(config, sources)
+    if not changed:
+        log.info("config: the general defaults (engine-run --help), nothing changed")
+        return
+    width = max(len(name) for name, _, _ in changed)
+    log.info("config: values other than the general defaults (engine-run --help), and their source:")
+    keys = key_by_name()
+    for name, value, source in changed:
+        if source == FLAGS:  # name the flag as given: its alias when it has one
+            source = f"flag {keys[name].alias or keys[name].flag}"
+        log.info("  %s = %r  (%s)", name.ljust(width), value, source)
 
 
 def restarted_by_torchrun() -> bool:
@@ -159,15 +279,19 @@ def run(
     """Train softmax, sigmoid or MILe (Multi-label Iterated Learning) from WebDataset shards.
 
     Every key of a TOML config is also a flag: --section.key (e.g. --optim.lr_per_256) or its alias (--lr).
-    Without --config, the digit-grid experiment (engine/configs/digits_grid.toml) sets the values first;
-    "built-in" is the schema's value for a key that no config sets. --print-config shows what a run would use.
+    Values come from, a later one winning: the defaults shown here (on the embedded digit grid, without
+    --data, its own values: "digit grid"), --config FILE, then the flags. --print-config shows what a
+    run would use; the log's first lines say where each value that is not a default came from.
     """
     if resume and resume_auto:
         raise ConfigError("give --resume or --resume-auto, not both")
-    run_config, resuming = resolve_config(config, resume, overrides_from(options), resume_auto)
+    resolved = resolve_run(config, resume, overrides_from(options), resume_auto)
+    run_config, resuming = resolved.config, resolved.resuming
     if print_config:
         typer.echo(to_toml(run_config), nl=False)
         return
+    if int(os.environ.get("RANK", "0") or 0) == 0 and not (gpus > 1 and "WORLD_SIZE" not in os.environ):
+        log_sources(run_config, resolved.sources)
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(gpus)
         return
@@ -176,9 +300,7 @@ def run(
 
 # The flags that are not config keys, in the order --help lists them.
 _FIXED = {
-    "config": CONFIG.but(
-        help="TOML config (e.g. a run's config.toml); flags override it. Default: MILe on the digit grid."
-    ),
+    "config": CONFIG.but(help="TOML config (e.g. a run's config.toml) over the defaults; flags override it."),
     "print_config": Opt(
         ("--print-config",), bool, "Print the resolved config as TOML and exit (nothing is built or written).", False
     ),
