@@ -21,8 +21,10 @@ from engine.checkpoint import read_checkpoint, write_payload
 from engine.commands.sweep import load_sweep
 from engine.trainer import Trainer
 
-TINY = ("--device", "cpu", "--steps", "4", "--eval-every", "4", "--log-every", "2", "--batch-size", "32")
-TINY += ("--data.num_workers", "0", "--data.backend", "torch")
+TINY = (
+    *("--device", "cpu", "--steps", "4", "--eval-every", "4", "--log-every", "2", "--batch-size", "32"),
+    *("--data.num_workers", "0", "--data.backend", "torch"),
+)
 
 
 def engine_run(data: Path, out: Path, *extra: str):
