@@ -160,8 +160,16 @@ class RunFolder:
         return self.checkpoint_path.exists() or self.summary_path.exists()
 
     def is_ours(self) -> bool:
-        """The folder was written by this trainer: ``run.json``, or a checkpoint or summary (older runs)."""
-        return self.record_path.is_file() or self.holds_run()
+        """The folder was written by this trainer: a ``run.json`` of this project, or a checkpoint or
+        summary (runs of older releases). A ``run.json`` of the user's own is not taken for ours."""
+        return self.holds_run() or self._marked()
+
+    def _marked(self) -> bool:
+        try:
+            data = json.loads(self.record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent, unreadable, not JSON or not UTF-8
+            return False
+        return isinstance(data, dict) and data.get("project") == PROJECT
 
     def foreign_entries(self) -> list[str]:
         """What the folder holds besides its lock file, when it is not a run of this project."""

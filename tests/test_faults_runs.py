@@ -40,7 +40,11 @@ def test_a_folder_of_the_users_own_files_is_refused_untouched(
 ) -> None:
     out = tmp_path / "mine"
     out.mkdir()
-    mine = {"metrics.jsonl": '{"step": 1, "mine": true}\n', "config.toml": "# my own notes\n"}
+    mine = {
+        "metrics.jsonl": '{"step": 1, "mine": true}\n',
+        "config.toml": "# my own notes\n",
+        "run.json": '{"project": "mine"}\n',  # a file of the same name as the run's mark is not the mark
+    }
     for name, text in mine.items():
         (out / name).write_text(text)
     result = engine_run(grid_root, out, *resume_flag)
