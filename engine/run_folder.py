@@ -26,7 +26,7 @@ import logging
 import math
 import shutil
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -205,11 +205,12 @@ class RunFolder:
             return
         if self.root.exists() and not self.root.is_dir():
             raise RunFolderError(f"--out {self.root} is a file, not a folder; choose another --out")
-        try:
-            with output_lock(self.root, lock_name=RUN_LOCK_NAME, writer="engine-run"):
-                yield
-        except FolderBusyError as error:
-            raise RunFolderError(str(error)) from None
+        with ExitStack() as held:
+            try:
+                held.enter_context(output_lock(self.root, lock_name=RUN_LOCK_NAME, writer="engine-run"))
+            except FolderBusyError as error:
+                raise RunFolderError(str(error)) from None
+            yield
 
     def read_record(self) -> ClassRecord | None:
         """The run's class record (``run.json``); None for a run of a release that wrote none."""
