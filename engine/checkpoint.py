@@ -3,7 +3,12 @@ read back with ``torch.load(weights_only=True)`` and checked against a digest of
 
 File layout (``CHECKPOINT_FORMAT`` 2; docs/DESIGN.md, "Checkpoints")::
 
-    {"format": 2, "config": {...plain run config...}, "components": {name: state_dict}, "digest": hex}
+    {"format": 2, "config": {...plain run config...}, "components": {name: state_dict},
+     "classes": {"class_names": [...], "class_names_sha256": hex, "label_kind": str}, "digest": hex}
+
+``classes`` (``engine.run_folder.ClassRecord``) is what the model's outputs mean: export takes the
+class names from it (no data needed) and resume refuses data with other classes. Checkpoints written
+before it existed have none; the digest covers it when present, so they still read.
 
 Only tensors, numbers, strings, lists and dicts are stored, so loading never runs code. The digest
 (BLAKE2b over every tensor's bytes and every value, in a fixed order) catches flipped bytes that
@@ -158,18 +163,27 @@ def host_copy(tree: Any) -> Any:
     return tree
 
 
-def host_snapshot(components: dict[str, Stateful], config: dict[str, Any]) -> dict[str, Any]:
+def host_snapshot(
+    components: dict[str, Stateful], config: dict[str, Any], classes: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Every component's state, copied to host memory now: training may go on changing the originals."""
     states = host_copy({name: component.state_dict() for name, component in components.items()})
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()  # SYNC: checkpoint point; the non-blocking copies have landed
-    return {"format": CHECKPOINT_FORMAT, "config": config, "components": states}
+    payload = {"format": CHECKPOINT_FORMAT, "config": config, "components": states}
+    return payload if classes is None else {**payload, "classes": classes}
+
+
+def _digested(payload: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a payload its digest covers (``classes`` only where present: older checkpoints)."""
+    parts = {"config": payload["config"], "components": payload["components"]}
+    return parts if "classes" not in payload else {**parts, "classes": payload["classes"]}
 
 
 def write_payload(payload: dict[str, Any], paths: list[Path]) -> None:
     """Add the digest, write once to a temporary file, fsync, and publish it under every path of
     ``paths`` in order, each atomically: a crash leaves every path either its old or its new file."""
-    payload = {**payload, "digest": digest({"config": payload["config"], "components": payload["components"]})}
+    payload = {**payload, "digest": digest(_digested(payload))}
     folder = paths[0].parent
     folder.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(paths[0], ".tmp")
@@ -238,8 +252,9 @@ class CheckpointTargets:
 class CheckpointWriter:
     """Writes checkpoints into ``folder`` on a background thread, one at a time (module docstring)."""
 
-    def __init__(self, folder: Path, keep_last: int = 0) -> None:
+    def __init__(self, folder: Path, keep_last: int = 0, classes: dict[str, Any] | None = None) -> None:
         self.folder, self.keep_last = Path(folder), keep_last
+        self.classes = classes  # the run's class record, written into every checkpoint
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -258,7 +273,7 @@ class CheckpointWriter:
         """Copy the state to host memory now; write it in the background. Raises the error of the
         previous write, if it failed (its files were left as they were before it)."""
         self.wait()
-        payload = host_snapshot(components, config)
+        payload = host_snapshot(components, config, self.classes)
         self._thread = threading.Thread(target=self._write, args=(payload, targets), name="checkpoint-writer")
         self._thread.start()
 
@@ -319,7 +334,7 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
             f"checkpoint {path} has format {payload['format']}; this release reads format {CHECKPOINT_FORMAT} only. "
             f"Finish that run with the release that wrote it, or start afresh"
         )
-    if digest({"config": payload["config"], "components": payload["components"]}) != payload.get("digest"):
+    if digest(_digested(payload)) != payload.get("digest"):
         raise CheckpointError(f"checkpoint {path} fails its digest check: {advice}")
     return payload
 

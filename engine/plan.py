@@ -26,7 +26,7 @@ from engine.data import PlanError, SplitSource, load_manifest, loader_config, re
 from engine.distributed import DistInfo
 from engine.metrics import EvalAccumulator
 from engine.phases import STUDENT, PhasePlan
-from engine.run_folder import RunFolder
+from engine.run_folder import ClassRecord, RunFolder, class_difference
 from engine.scoring import accumulator_for
 from pipelines.contract import LoaderConfig, batches_per_epoch
 from shards.format import LabelKind
@@ -68,6 +68,7 @@ class RunPlan:
     eval_loader: LoaderConfig  # this rank's, for every eval set
     engine_spec: EngineSpec
     method_kind: MethodKind
+    classes: ClassRecord  # the train split's classes: run.json's and every checkpoint's record
 
     def new_accumulator(self, eval_set: EvalSet) -> EvalAccumulator:
         """A fresh accumulator of one eval point of ``eval_set``, on this rank's device."""
@@ -85,6 +86,9 @@ def plan_run(config: RunConfig, dist: DistInfo, resume: bool = False) -> RunPlan
     folder = RunFolder(config.out_dir, is_main=dist.is_main)
     folder.check_start(resume)  # refuse before any work: another run's folder, or nothing to resume
     train = train_source(config)
+    classes = ClassRecord(tuple(train.manifest.class_names), train.manifest.label_kind.value)
+    if resume:
+        check_recorded_classes(folder.read_record(), classes, folder, config.data.train_split)
     evaluation = load_manifest(train.root, config.data.eval_split)
     score_targets = check_against_data(config, train.manifest, evaluation)
     main_set = EvalSet("", train.root, config.data.eval_split, evaluation, score_targets)
@@ -109,7 +113,30 @@ def plan_run(config: RunConfig, dist: DistInfo, resume: bool = False) -> RunPlan
         eval_loader=loader_config(config, False, dist.rank, dist.world_size, dist.device),
         engine_spec=EngineSpec(train.manifest.num_classes, attributes, batches_per_epoch=per_epoch),
         method_kind=method_kind,
+        classes=classes,
     )
+
+
+def check_recorded_classes(recorded: ClassRecord | None, data: ClassRecord, folder: RunFolder, split: str) -> None:
+    """A resumed run's outputs must keep meaning the classes they were trained on: the run's record
+    (``run.json``) and the train split's class list must agree, names and order. A run of a release
+    that wrote no record is resumed on the data's classes, with a warning (docs/DESIGN.md, "The run folder")."""
+    if recorded is None:
+        log.warning(
+            "%s has no %s (a run of an older release): resuming on the classes of split %r as they are now, "
+            "unchecked against those the run was trained on",
+            folder.root,
+            folder.record_path.name,
+            split,
+        )
+        return
+    difference = class_difference(recorded.class_names, data.class_names)
+    if difference:
+        raise PlanError(
+            f"--resume: the run in {folder.root} was trained on {len(recorded.class_names)} classes "
+            f"(per {folder.record_path}), split {split!r} now has {len(data.class_names)}; {difference}. "
+            "Its labels would be remapped: resume on the data it was trained on, or start a new run"
+        )
 
 
 def check_against_data(config: RunConfig, train: SplitManifest, evaluation: SplitManifest) -> bool:
@@ -321,19 +348,14 @@ def _unique_name(name: str, taken: set[str]) -> str:
 def check_same_classes(spec: str, manifest: SplitManifest, root: Path, train: SplitManifest, train_root: Path) -> None:
     """An eval set's class index must mean the train split's class: same names, same order."""
     ours, theirs = train.class_names, manifest.class_names
-    if ours == theirs:
+    difference = class_difference(theirs, ours)
+    if difference is None:
         return
-    index = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
     raise PlanError(
         f"data.extra_eval (--eval-data) {spec!r}: split {manifest.name!r} of {manifest_path(root)} "
         f"has {len(theirs)} classes, split {train.name!r} of {manifest_path(train_root)} (the train split) "
-        f"has {len(ours)}; they first differ at class index {index}: {_class_at(theirs, index)} vs "
-        f"{_class_at(ours, index)}. Convert the eval set with the train split's class list, in its order: "
+        f"has {len(ours)}; {difference}. Convert the eval set with the train split's class list, in its order: "
         "for ImageNet val with a WebVision model, `make-shards webvision --write-class-list classes.txt ...` "
         "then `make-shards imagenet --class-list classes.txt ...`; an image folder split written with "
         "`make-shards folder --out` into the train split's folder reuses its classes"
     )
-
-
-def _class_at(names: list[str], index: int) -> str:
-    return repr(names[index]) if index < len(names) else "(none)"

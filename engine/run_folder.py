@@ -1,5 +1,8 @@
 """The run folder: resolved config, metrics stream, TensorBoard events, checkpoints, summary.
 
+    OUT/run.json            what marks the folder as a run of this project, written first: the class list
+                            the model's outputs mean (with its sha256), and the label kind
+    OUT/.engine-run.lock    held (``flock``) by the process that trains in the folder, for the life of the run
     OUT/config.toml         the resolved run config; `engine-run --config OUT/config.toml` repeats the run
     OUT/metrics.jsonl       one JSON object per log or eval point (step, phase, losses, images/s, metrics)
     OUT/tb/                 TensorBoard event files
@@ -7,22 +10,31 @@
     OUT/summary.json        final eval metrics, written when the run completes
     OUT/demo_wall_s.json    seconds the training took, written by ``engine.runs.train_or_reuse`` (demo, sweeps)
 
+A fresh start refuses a folder holding anything but a run of this project (docs/DESIGN.md, "The run
+folder"): a folder with ``run.json``, a checkpoint or a summary (runs of releases before ``run.json``).
+Two processes never train in one folder: the second finds the lock held and stops, naming the pid.
+
 The metrics stream is kept consistent with the checkpoint: on resume it is cut back to the
 checkpoint's step, and a line torn by a crash is dropped with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.checkpoint import LAST_NAME
 from engine.config import RunConfig, build_config, load_toml, to_toml
 from shards.atomic_files import atomic_write_text
+from shards.folder_lock import FolderBusyError, output_lock
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -30,10 +42,83 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.toml"
 WALL_NAME = "demo_wall_s.json"
+RECORD_NAME = "run.json"
+RUN_LOCK_NAME = ".engine-run.lock"
+PROJECT = "mile"  # run.json's "project": a folder written by this trainer
 
 
 class RunFolderError(Exception):
     """A run folder that cannot be used as asked (e.g. it holds another run and --resume is off)."""
+
+
+@dataclass(frozen=True)
+class ClassRecord:
+    """The classes a run's outputs mean, in output order, with a fingerprint; kept in ``run.json``
+    and in every checkpoint, so that export needs no data and resume and eval can refuse other classes."""
+
+    class_names: tuple[str, ...]
+    label_kind: str  # shards.format.LabelKind's value of the train split
+
+    @property
+    def sha256(self) -> str:
+        return class_fingerprint(self.class_names)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"class_names": list(self.class_names), "class_names_sha256": self.sha256, "label_kind": self.label_kind}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> ClassRecord:
+        """The record in ``data``; a RunFolderError naming ``source`` and the key when it is malformed."""
+        if not isinstance(data, dict):
+            raise RunFolderError(f"{source}: the class record must be a JSON object, found {type(data).__name__}")
+        names, kind = data.get("class_names"), data.get("label_kind")
+        if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+            raise RunFolderError(f"{source}: key 'class_names' must be a non-empty list of strings")
+        if not isinstance(kind, str):
+            raise RunFolderError(f"{source}: key 'label_kind' must be a string")
+        record = cls(tuple(names), kind)
+        if data.get("class_names_sha256") != record.sha256:
+            raise RunFolderError(
+                f"{source}: key 'class_names_sha256' does not match its class_names (the file was edited or damaged); "
+                "restore it from the run's checkpoint or a copy"
+            )
+        return record
+
+
+def class_fingerprint(names: Sequence[str]) -> str:
+    """sha256 of the class list as compact JSON: equal exactly when the names and their order are."""
+    return hashlib.sha256(json.dumps(list(names), ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
+def class_difference(ours: Sequence[str], theirs: Sequence[str]) -> str | None:
+    """None when the lists are equal, else where they first differ: "they first differ at class index
+    2: 'cat' vs 'dog'" (``ours`` first; "(none)" past a list's end)."""
+    if list(ours) == list(theirs):
+        return None
+    index = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+
+    def at(names: Sequence[str]) -> str:
+        return repr(names[index]) if index < len(names) else "(none)"
+
+    return f"they first differ at class index {index}: {at(ours)} vs {at(theirs)}"
+
+
+def checkpoint_classes(payload: dict[str, Any], path: Path) -> ClassRecord | None:
+    """The class record of a checked checkpoint payload; None for one written before records existed."""
+    if "classes" not in payload:
+        return None
+    return ClassRecord.from_json(payload["classes"], f"checkpoint {path}")
+
+
+def check_checkpoint_classes(payload: dict[str, Any], data: ClassRecord, path: Path) -> None:
+    """Resuming: the checkpoint's weights must have been trained on the data's classes, in its order."""
+    recorded = checkpoint_classes(payload, path)
+    difference = None if recorded is None else class_difference(recorded.class_names, data.class_names)
+    if difference:
+        raise RunFolderError(
+            f"--resume: checkpoint {path} was trained on other classes than the train split's now; {difference}. "
+            "Resume on the data it was trained on, or start a new run"
+        )
 
 
 class RunFolder:
@@ -67,11 +152,33 @@ class RunFolder:
     def wall_path(self) -> Path:
         return self.root / WALL_NAME
 
+    @property
+    def record_path(self) -> Path:
+        return self.root / RECORD_NAME
+
     def holds_run(self) -> bool:
         return self.checkpoint_path.exists() or self.summary_path.exists()
 
+    def is_ours(self) -> bool:
+        """The folder was written by this trainer: a ``run.json`` of this project, or a checkpoint or
+        summary (runs of older releases). A ``run.json`` of the user's own is not taken for ours."""
+        return self.holds_run() or self._marked()
+
+    def _marked(self) -> bool:
+        try:
+            data = json.loads(self.record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent, unreadable, not JSON or not UTF-8
+            return False
+        return isinstance(data, dict) and data.get("project") == PROJECT
+
+    def foreign_entries(self) -> list[str]:
+        """What the folder holds besides its lock file, when it is not a run of this project."""
+        if not self.root.is_dir() or self.is_ours():
+            return []
+        return sorted(path.name for path in self.root.iterdir() if path.name != RUN_LOCK_NAME)
+
     def check_start(self, resume: bool) -> None:
-        """Refuse, before any work, to overwrite another run or to resume nothing."""
+        """Refuse, before any work, to overwrite another run or the user's files, or to resume nothing."""
         if self.root.exists() and not self.root.is_dir():
             raise RunFolderError(f"--out {self.root} is a file, not a folder; choose another --out")
         if resume and not self.checkpoint_path.is_file():
@@ -81,13 +188,50 @@ class RunFolder:
                 f"{self.root} already holds a run (checkpoint or summary); pass --resume to continue it "
                 f"or choose another --out"
             )
+        foreign = self.foreign_entries()
+        if not resume and foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise RunFolderError(
+                f"--out {self.root} is not empty ({shown}) and is not a run of engine-run (no {RECORD_NAME}, "
+                "checkpoint or summary): its files would be overwritten; choose a new or empty --out"
+            )
 
-    def prepare(self, config: RunConfig, resume: bool) -> None:
-        """Write the resolved config. A fresh start in a folder whose earlier run died before its
-        first checkpoint starts clean: that run's logs would otherwise interleave with this one's."""
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's lock while the ``with`` block runs (the main rank only: the others write
+        nothing); a second process gets a RunFolderError naming the holder's pid."""
+        if not self.is_main:
+            yield
+            return
+        if self.root.exists() and not self.root.is_dir():
+            raise RunFolderError(f"--out {self.root} is a file, not a folder; choose another --out")
+        with ExitStack() as held:
+            try:
+                held.enter_context(output_lock(self.root, lock_name=RUN_LOCK_NAME, writer="engine-run"))
+            except FolderBusyError as error:
+                raise RunFolderError(str(error)) from None
+            yield
+
+    def read_record(self) -> ClassRecord | None:
+        """The run's class record (``run.json``); None for a run of a release that wrote none."""
+        if not self.record_path.is_file():
+            return None
+        try:
+            data = json.loads(self.record_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RunFolderError(f"{self.record_path} is not JSON ({error}); restore it from a copy") from None
+        if not isinstance(data, dict) or data.get("project") != PROJECT:
+            raise RunFolderError(f"{self.record_path}: key 'project' must be {PROJECT!r}; this is not a run's record")
+        return ClassRecord.from_json(data, str(self.record_path))
+
+    def prepare(self, config: RunConfig, resume: bool, record: ClassRecord | None = None) -> None:
+        """Write the class record and the resolved config. A fresh start in a folder whose earlier run
+        died before its first checkpoint starts clean: that run's logs would otherwise interleave with this one's."""
         if not self.is_main:
             return
         self.root.mkdir(parents=True, exist_ok=True)
+        if record is not None:
+            atomic_write_text(self.record_path, json.dumps({"project": PROJECT, **record.to_json()}, indent=1) + "\n")
         if not resume:
             self._clear_unfinished_logs()
         header = "# Resolved config of this run: `engine-run --config THIS_FILE --out NEW_FOLDER` repeats it.\n"

@@ -22,16 +22,17 @@ def train_or_reuse(config: RunConfig) -> dict[str, Any]:
     from engine.trainer import Trainer
 
     folder = RunFolder(config.out_dir)
-    resume = _check_existing(folder, config)
-    summary = folder.read_summary()
-    if summary is not None:
-        print(f"reusing the finished run in {folder.root}")
-        return {**summary, "wall_s": folder.read_wall_s()}
-    started = time.perf_counter()
-    summary = Trainer(config, init_distributed(config.device), resume=resume).run()
-    summary["wall_s"] = time.perf_counter() - started
-    folder.wall_path.write_text(json.dumps(summary["wall_s"]) + "\n")
-    return summary
+    with folder.lock():  # one process per run folder (engine/run_folder.py)
+        resume = _check_existing(folder, config)
+        summary = folder.read_summary()
+        if summary is not None:
+            print(f"reusing the finished run in {folder.root}")
+            return {**summary, "wall_s": folder.read_wall_s()}
+        started = time.perf_counter()
+        summary = Trainer(config, init_distributed(config.device), resume=resume).run()
+        summary["wall_s"] = time.perf_counter() - started
+        folder.wall_path.write_text(json.dumps(summary["wall_s"]) + "\n")
+        return summary
 
 
 def _check_existing(folder: RunFolder, config: RunConfig) -> bool:

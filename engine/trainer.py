@@ -37,6 +37,7 @@ from engine.hooks import StepHooks, StepObserver
 from engine.metrics import metric_key
 from engine.phases import STUDENT, PhasePosition, module_state
 from engine.plan import EvalSet, plan_run
+from engine.run_folder import check_checkpoint_classes
 from engine.scoring import score_split
 from engine.steps import RunAheadLimit, StepResult
 from pipelines.contract import Batch, Loader, ShardDataError
@@ -251,9 +252,11 @@ class Trainer:
         self.progress, self.rng = Progress(), RngState()
         if resume:
             self._load(self.folder.checkpoint_path)
-        self.folder.prepare(plan.config, resume)  # only now, with everything checked, is the folder written
+        self.folder.prepare(plan.config, resume, plan.classes)  # only now, with everything checked, is it written
         self.checkpoints = (
-            CheckpointWriter(self.folder.checkpoints_dir, plan.config.checkpoint.keep_last) if dist.is_main else None
+            CheckpointWriter(self.folder.checkpoints_dir, plan.config.checkpoint.keep_last, plan.classes.to_json())
+            if dist.is_main
+            else None
         )
         if dist.is_main and remove_temporaries(self.folder.checkpoints_dir):
             log.warning(
@@ -548,6 +551,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         payload = read_checkpoint(path, self.device)
+        check_checkpoint_classes(payload, self.plan.classes, path)
         load_components(payload, self.components(), path)
         self.folder.truncate_metrics_after(self.step)
         if self.dist.is_main:

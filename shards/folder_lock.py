@@ -33,9 +33,12 @@ _registry = threading.Lock()
 
 
 @contextmanager
-def output_lock(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
+def output_lock(
+    folder: Path, wait_s: float = 0.0, lock_name: str = LOCK_NAME, writer: str = "make-shards"
+) -> Iterator[None]:
     """Hold the folder's lock for the ``with`` block; creates ``folder`` (removed again on exit
-    when this call created it and it is still empty). Raises ``FolderBusyError`` after ``wait_s``."""
+    when this call created it and it is still empty). Raises ``FolderBusyError`` after ``wait_s``.
+    ``lock_name`` and ``writer`` (the command, in the error) let another tool lock its own folders."""
     folder = Path(folder)
     key = os.path.realpath(folder)
     with _registry:
@@ -49,7 +52,7 @@ def output_lock(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
         return
     created = _prepare_folder(folder)
     try:
-        fd = _acquire(folder, wait_s)
+        fd = _acquire(folder / lock_name, wait_s, writer)
     except BaseException:
         _remove_if_empty(folder, created)
         raise
@@ -60,7 +63,7 @@ def output_lock(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
     finally:
         with _registry:
             del _held[key]
-        _release(folder, fd, created)
+        _release(folder / lock_name, fd, created)
 
 
 def _prepare_folder(folder: Path) -> bool:
@@ -75,8 +78,8 @@ def _prepare_folder(folder: Path) -> bool:
     return True
 
 
-def _acquire(folder: Path, wait_s: float) -> int:
-    path = folder / LOCK_NAME
+def _acquire(path: Path, wait_s: float, writer: str) -> int:
+    folder = path.parent
     deadline = time.monotonic() + wait_s
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -87,7 +90,7 @@ def _acquire(folder: Path, wait_s: float) -> int:
             os.close(fd)
             if time.monotonic() >= deadline:
                 raise FolderBusyError(
-                    f"output folder {folder} is being written by another make-shards process ({owner}, per {path}); "
+                    f"output folder {folder} is being written by another {writer} process ({owner}, per {path}); "
                     "wait for it to finish or choose another --out"
                 ) from None
             time.sleep(_POLL_S)
@@ -118,12 +121,12 @@ def _is_current(fd: int, path: Path) -> bool:
     return (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
 
 
-def _release(folder: Path, fd: int, created: bool) -> None:
+def _release(path: Path, fd: int, created: bool) -> None:
     try:
-        (folder / LOCK_NAME).unlink(missing_ok=True)  # while still locked: see _acquire
+        path.unlink(missing_ok=True)  # while still locked: see _acquire
     finally:
         os.close(fd)
-    _remove_if_empty(folder, created)
+    _remove_if_empty(path.parent, created)
 
 
 def _remove_if_empty(folder: Path, created: bool) -> None:

@@ -133,6 +133,7 @@ def test_resume_allows_safe_changes(grid_root: Path, tmp_path: Path) -> None:
 def test_restart_without_a_checkpoint_does_not_interleave(grid_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
+    (out / "run.json").write_text('{"project": "mile"}\n')  # an earlier start's mark: the folder is a run's
     (out / "metrics.jsonl").write_text(
         '{"kind": "train", "step": 5, "loss": 1.0}\n{"kind": "train", "step": 10, "loss": 0.9}\n'
     )

@@ -15,11 +15,12 @@ from typing import Any, Optional
 import torch
 import typer
 
-from engine.commands.export import ExportError, autocast_dtype, load_exported
+from engine.commands.export import META_NAME, ExportError, autocast_dtype, load_exported
 from engine.commands.runner import run_cli
 from engine.config import Backend
 from engine.distributed import resolve_device
 from engine.options import BATCH_SIZE, DEVICE, LOADER, MODEL, OUT, THETA, WORKERS
+from engine.run_folder import class_difference
 from engine.scoring import accumulator_for, score_split
 from pipelines import build_loader, describe_backend
 from shards.atomic_files import atomic_write_text
@@ -46,10 +47,12 @@ def evaluate_exported(
     if manifest.label_kind is LabelKind.UNLABELLED:
         raise ExportError(f"split {split!r} of {data} is unlabelled: it holds no ground truth to score a model against")
     meta, model = load_exported(model_dir, device)
-    if manifest.num_classes != meta.num_classes:
+    difference = class_difference(meta.class_names, manifest.class_names)
+    if difference:
         raise ExportError(
-            f"split {split!r} of {data} has {manifest.num_classes} classes; the model in {model_dir} has "
-            f"{meta.num_classes}"
+            f"split {split!r} of {data} has {manifest.num_classes} classes, the model in {model_dir} "
+            f"({META_NAME}) has {meta.num_classes}; {difference}. Its scores would credit other classes: "
+            "evaluate on a split converted with the model's class list, in its order"
         )
     thetas = thetas or tuple(meta.thetas)
     accumulator = accumulator_for(manifest, thetas, meta.method_kind, manifest.label_kind.has_targets, device)

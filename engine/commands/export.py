@@ -37,11 +37,11 @@ import typer
 from torch import nn
 
 from engine.checkpoint import read_checkpoint
-from engine.config import EvalPrecision, Method, MethodKind
+from engine.config import EvalPrecision, Method, MethodKind, RunConfig
 from engine.data import loader_config, train_source
 from engine.models import TORCHVISION_ARCHS, build_model, classifier_prefix
 from engine.options import OUT
-from engine.run_folder import RunFolder, saved_config
+from engine.run_folder import ClassRecord, RunFolder, checkpoint_classes, saved_config
 from pipelines.contract import LoaderConfig
 from shards.atomic_files import atomic_write_bytes, atomic_write_text
 from shards.command_options import command_app
@@ -319,17 +319,17 @@ def describe_run(run_dir: Path) -> tuple[ExportedModel, dict[str, torch.Tensor]]
     config = saved_config(run_dir)
     folder = RunFolder(run_dir)
     payload = read_checkpoint(folder.checkpoint_path)
-    train = train_source(config).manifest
+    classes = run_classes(folder, payload, config)
     preprocessing = loader_config(config, False, 0, 1, torch.device("cpu"))
     summary = folder.read_summary()
     if summary is None:
         log.warning("%s has no summary.json (the run did not finish): model.json gets no metrics", run_dir)
     meta = ExportedModel(
         arch=config.arch,
-        num_classes=train.num_classes,
-        class_names=list(train.class_names),
+        num_classes=len(classes.class_names),
+        class_names=list(classes.class_names),
         method=config.method.name.value,
-        attributes=train.label_kind is LabelKind.ATTRIBUTES,
+        attributes=classes.label_kind == LabelKind.ATTRIBUTES.value,
         image_size_px=preprocessing.image_size_px,
         eval_crop_fraction=preprocessing.eval_crop_fraction,
         mean=list(preprocessing.mean),
@@ -341,6 +341,24 @@ def describe_run(run_dir: Path) -> tuple[ExportedModel, dict[str, torch.Tensor]]
         metrics=None if summary is None else {k: v for k, v in summary.items() if k not in ("step", "method")},
     )
     return meta, payload["components"]["learner"]
+
+
+def run_classes(folder: RunFolder, payload: dict[str, Any], config: RunConfig) -> ClassRecord:
+    """The classes the run's weights were trained on: the checkpoint's record (no data needed). A
+    checkpoint of a release that wrote none takes them from the train split as it is now, with a
+    warning: a re-converted split may name other classes (docs/DESIGN.md, "The run folder")."""
+    recorded = checkpoint_classes(payload, folder.checkpoint_path)
+    if recorded is not None:
+        return recorded
+    log.warning(
+        "%s holds no class record (written by an older release): class names are read from the train split "
+        "%r of %s as it is now; check them against the data the run was trained on",
+        folder.checkpoint_path,
+        config.data.train_split,
+        config.data.root or "the digit grid",
+    )
+    train = train_source(config).manifest
+    return ClassRecord(tuple(train.class_names), train.label_kind.value)
 
 
 def write_export(meta: ExportedModel, state: dict[str, torch.Tensor], out_dir: Path, onnx: bool = False) -> Path:

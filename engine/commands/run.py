@@ -351,17 +351,23 @@ def without_gpus_flag(argv: list[str]) -> list[str]:
 def _train(run_config: RunConfig, resume: bool) -> None:
     from engine.commands.report import print_metrics_table
     from engine.distributed import init_distributed, shutdown_distributed
+    from engine.run_folder import RunFolder
     from engine.trainer import Trainer
 
-    dist = init_distributed(run_config.device, run_config.cuda_graphs)
-    completed = False
-    try:
-        summary = Trainer(run_config, dist, resume).run()
-        completed = True
-        if dist.is_main:
-            print_metrics_table(summary, title=f"{run_config.method.name} on {run_config.data.root or 'digit grid'}")
-    finally:
-        shutdown_distributed(completed)
+    # One process trains in a folder at a time: rank 0 holds its lock for the whole run (the other
+    # ranks write nothing), taken before it joins the group so that a refusal costs no collective.
+    is_main = int(os.environ.get("RANK", "0") or 0) == 0
+    with RunFolder(run_config.out_dir, is_main=is_main).lock():
+        dist = init_distributed(run_config.device, run_config.cuda_graphs)
+        completed = False
+        try:
+            summary = Trainer(run_config, dist, resume).run()
+            completed = True
+            if dist.is_main:
+                title = f"{run_config.method.name} on {run_config.data.root or 'digit grid'}"
+                print_metrics_table(summary, title=title)
+        finally:
+            shutdown_distributed(completed)
 
 
 def main() -> None:

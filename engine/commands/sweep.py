@@ -12,12 +12,17 @@ A sweep file names a base config, overrides applied to every run, and per method
 
 Every combination of a method's grid is one run in ``OUT/METHOD/NAME``; finished runs are reused
 and interrupted ones resumed (``engine.runs.train_or_reuse``), so a sweep can be stopped and re-run.
+NAME is built from the grid's values and kept inside OUT whatever they hold (``run_folder_name``):
+characters other than letters, digits and ``._=,+-`` become ``_`` (a ``/`` or ``..`` cannot climb
+out) and a name so changed, or too long, ends in a hash of the original, so that two runs never share one.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,30 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
+MAX_NAME_CHARS = 120  # well under any file system's 255-byte limit on a name
+
+
+def run_folder_name(raw: str) -> str:
+    """``raw`` as one path component that stays inside its parent (module docstring)."""
+    name = _UNSAFE.sub("_", raw)
+    if name.strip(".") == "":
+        name = name.replace(".", "_")  # "." and ".." name the folder itself or its parent
+    if name == raw and len(name) <= MAX_NAME_CHARS:
+        return name
+    tag = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{name[: MAX_NAME_CHARS - len(tag) - 1]}-{tag}"
+
+
+def _run_dir(out_root: Path, method: str, name: str, source: str) -> Path:
+    """``OUT/METHOD/NAME``, checked to lie inside ``out_root``."""
+    folder = out_root / run_folder_name(method) / name
+    root = out_root.resolve()
+    if root not in folder.resolve().parents:
+        raise ConfigError(f"{source}: the run folder of [grid.{method}] {name!r} would lie outside --out {out_root}")
+    return folder
 
 
 @dataclass(frozen=True)
@@ -62,11 +91,19 @@ def load_sweep(path: Path, out_root: Path) -> tuple[list[SweepRun], str]:
     base_path = path.parent / base_name if (path.parent / base_name).is_file() else packaged_config(base_name)
     base = load_toml(base_path)
     common = dict(spec.get("overrides", {}))
-    runs = []
+    runs: list[SweepRun] = []
+    folders: dict[Path, str] = {}
     for method, grid in spec.get("grid", {}).items():
         for combo in _combinations(grid, str(path)):
-            name = ",".join(f"{k.rpartition('.')[2]}={v}" for k, v in combo.items()) or "default"
-            overrides = {**common, **combo, "method.name": method, "out_dir": str(out_root / method / name)}
+            raw = ",".join(f"{k.rpartition('.')[2]}={v}" for k, v in combo.items()) or "default"
+            name = run_folder_name(raw)
+            out_dir = _run_dir(Path(out_root), method, name, str(path))
+            if out_dir in folders:
+                raise ConfigError(
+                    f"{path}: [grid.{method}] runs {folders[out_dir]!r} and {raw!r} would share the folder {out_dir}"
+                )
+            folders[out_dir] = raw
+            overrides = {**common, **combo, "method.name": method, "out_dir": str(out_dir)}
             runs.append(SweepRun(method, name, combo, build_config(base, overrides, source=str(path))))
     if not runs:
         raise ConfigError(f"{path}: no [grid.METHOD] table")
