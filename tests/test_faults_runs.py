@@ -24,6 +24,8 @@ from engine.trainer import Trainer
 TINY = (
     *("--device", "cpu", "--steps", "4", "--eval-every", "4", "--log-every", "2", "--batch-size", "32"),
     *("--data.num_workers", "0", "--data.backend", "torch"),
+    # MILe (the default method) with room to imitate in 4 steps: teacher steps 1-2, student 3-4
+    *("--warmup-steps", "0", "--k-teacher-steps", "2", "--k-student-steps", "2"),
 )
 
 
