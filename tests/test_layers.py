@@ -64,3 +64,15 @@ def test_the_scan_sees_an_upward_import_in_every_form() -> None:
     assert not {
         m for m in imported_modules("from engine.config import RunConfig\n", "engine") if above(m, ("engine.commands",))
     }
+
+
+def test_no_test_file_imports_another_test_file() -> None:
+    """Shared fixtures live in tests/conftest.py and helpers in tests/helpers.py: a test file that
+    imports another runs that file's module fixtures and breaks when it is reorganised."""
+    offenders = [
+        f"{path.name} imports {name}"
+        for path in sorted((REPO / "tests").glob("*.py"))
+        for name in imported_modules(path.read_text(), "tests")
+        if name.split(".")[0].startswith("test_")
+    ]
+    assert not offenders, offenders

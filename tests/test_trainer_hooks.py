@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_engine_run import CPU, grid_root, tiny_config  # noqa: F401  (grid_root: the module's fixture)
+from helpers import CPU, tiny_config
 
 from engine.hooks import StepObserver
 from engine.run_folder import read_metrics
