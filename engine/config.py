@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import sys
 import typing
@@ -231,10 +232,12 @@ class OptimConfig(_Component):
 
     SECTION: ClassVar[str] = "optim"
 
-    lr_per_256: float = knob(0.1, "Learning rate per 256 images (scaled by the global batch size).", alias="--lr", gt=0)
+    lr_per_256: float = knob(
+        0.1, "Learning rate per 256 images (scaled by the global batch size).", alias="--lr", gt=0, le=100
+    )
     momentum: float = knob(0.9, "SGD momentum.", alias="--momentum", ge=0, lt=1)
     nesterov: bool = knob(False, "Nesterov momentum.", alias="--nesterov")
-    weight_decay: float = knob(5e-4, "SGD weight decay.", alias="--weight-decay", ge=0)
+    weight_decay: float = knob(5e-4, "SGD weight decay.", alias="--weight-decay", ge=0, le=1)
     schedule: Schedule = knob(Schedule.COSINE, "Learning-rate decay after the warmup.", alias="--schedule")
     warmup_lr_steps: int = knob(0, "Linear learning-rate warmup steps.", alias="--warmup-lr-steps", ge=0)
     step_decay_every: int = knob(
@@ -261,6 +264,7 @@ class OptimConfig(_Component):
         "--init-checkpoint).",
         alias="--head-lr-scale",
         ge=0,
+        le=1000,
     )
 
 
@@ -462,6 +466,8 @@ def coerce(key: Key, value: Any) -> Any:
         raise ConfigError(f"{key.label()}: expected a whole number, got {value!r}")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # inf or nan would only show as a non-finite loss, steps later
+                raise ConfigError(f"{key.label()}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key.label()}: expected a number, got {value!r}")
     if kind is str:

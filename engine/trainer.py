@@ -26,6 +26,7 @@ from engine.checkpoint import (
     CheckpointWriter,
     Progress,
     RngState,
+    check_resumed_config,
     load_components,
     read_checkpoint,
     remove_temporaries,
@@ -512,7 +513,10 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         payload = read_checkpoint(path, self.device)
+        changes = check_resumed_config(payload, self.config, path)  # config.toml edited by hand, or flags
         load_components(payload, self.components(), path)
+        if changes and self.dist.is_main:
+            log.info("resuming with changed resume-safe keys: %s", "; ".join(changes))
         self.folder.truncate_metrics_after(self.step)
         if self.dist.is_main:
             where = describe_position(self.engine.plan.position(self.step), self.config.method.name)

@@ -36,8 +36,8 @@ import torch
 import typer
 from torch import nn
 
-from engine.checkpoint import read_checkpoint
-from engine.config import EvalPrecision, Method, MethodKind
+from engine.checkpoint import read_checkpoint, recorded_config_changes
+from engine.config import EvalPrecision, Method, MethodKind, RunConfig
 from engine.data import loader_config, train_source
 from engine.models import TORCHVISION_ARCHS, build_model, classifier_prefix
 from engine.options import OUT
@@ -303,6 +303,7 @@ def describe_run(run_dir: Path) -> tuple[ExportedModel, dict[str, torch.Tensor]]
     config = saved_config(run_dir)
     folder = RunFolder(run_dir)
     payload = read_checkpoint(folder.checkpoint_path)
+    check_config_unedited(config, payload, folder)
     train = train_source(config).manifest
     preprocessing = loader_config(config, False, 0, 1, torch.device("cpu"))
     summary = folder.read_summary()
@@ -325,6 +326,17 @@ def describe_run(run_dir: Path) -> tuple[ExportedModel, dict[str, torch.Tensor]]
         metrics=None if summary is None else {k: v for k, v in summary.items() if k not in ("step", "method")},
     )
     return meta, payload["components"]["learner"]
+
+
+def check_config_unedited(config: RunConfig, payload: dict[str, Any], folder: RunFolder) -> None:
+    """The run's ``config.toml`` must describe what its checkpoint trained (it was not edited by hand):
+    model.json names arch, method and preprocessing from it beside the checkpoint's weights."""
+    unsafe, _ = recorded_config_changes(payload, config, folder.checkpoint_path)
+    if unsafe:
+        raise ExportError(
+            f"{folder.config_path}: {unsafe[0]} since checkpoint {folder.checkpoint_path} was written (edited by "
+            f"hand?); restore the value the run trained with"
+        )
 
 
 def write_export(meta: ExportedModel, state: dict[str, torch.Tensor], out_dir: Path, onnx: bool = False) -> Path:
