@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import re
 import sys
 import typing
@@ -541,6 +542,22 @@ def _check_unlabelled(config: RunConfig) -> None:
 def device_problem(name: str) -> str | None:
     """What is wrong with a device name (the ``device`` key, or any command's --device); None if nothing."""
     return None if _DEVICE_PATTERN.match(name) else f"must be auto, cpu, cuda or cuda:N, got {name!r}"
+
+
+LOADER_WORKERS_PER_CORE = 4  # more loader processes or threads than this per core only contend (and exhaust memory)
+
+
+def check_loader_workers(num_workers: int, flag: str = "--workers") -> None:
+    """Loader workers are processes (torch) or threads (DALI): bound them by the CPU cores this
+    process may run on, so that a mistyped count is refused here rather than hanging the machine
+    (torch forking 100000 workers) or aborting the process (DALI's thread pool)."""
+    cores = len(os.sched_getaffinity(0))
+    limit = LOADER_WORKERS_PER_CORE * cores
+    if num_workers > limit:
+        raise ConfigError(
+            f"{flag} {num_workers} is more than this machine can run: at most {limit} ({LOADER_WORKERS_PER_CORE} per "
+            f"CPU core, {cores} cores available to this process); -1 = auto"
+        )
 
 
 def _check_step_schedule(optim: OptimConfig) -> None:

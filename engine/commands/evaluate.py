@@ -17,7 +17,7 @@ import typer
 
 from engine.commands.export import ExportedModel, ExportError, autocast_dtype, load_exported
 from engine.commands.runner import run_cli
-from engine.config import Backend
+from engine.config import Backend, check_loader_workers
 from engine.distributed import resolve_device
 from engine.options import BATCH_SIZE, DEVICE, LOADER, MODEL, OUT, THETA, WORKERS
 from engine.scoring import accumulator_for, score_split
@@ -107,6 +107,7 @@ def evaluate(
     workers: int = WORKERS.option(),
 ) -> None:
     """Score an exported model on a converted split with the run's metrics; prints them as JSON."""
+    check_loader_workers(workers)
     metrics = evaluate_exported(
         model, data, split, resolve_device(device), tuple(theta or ()), batch_size, loader, workers
     )

@@ -431,11 +431,24 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
             raise ExportError(
                 f"{model_dir / SAFETENSORS_NAME}: reading it needs the safetensors package (pip install safetensors)"
             )
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(model_dir / SAFETENSORS_NAME), device="cpu")
+        try:
+            return load_file(str(model_dir / SAFETENSORS_NAME), device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise ExportError(f"{model_dir / SAFETENSORS_NAME}: not a readable .safetensors file ({error})") from None
     if (model_dir / TORCH_NAME).is_file():
-        return torch.load(model_dir / TORCH_NAME, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(model_dir / TORCH_NAME, map_location="cpu", weights_only=True)
+        except Exception as error:  # unpickling and zip errors come in many types; all mean the same here
+            raise ExportError(
+                f"{model_dir / TORCH_NAME}: not a state dict torch.load(weights_only=True) can read "
+                f"({type(error).__name__})"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ExportError(f"{model_dir / TORCH_NAME}: expected a state dict of tensors")
+        return state
     raise ExportError(f"{model_dir} holds no weights ({SAFETENSORS_NAME} or {TORCH_NAME})")
 
 

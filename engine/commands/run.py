@@ -26,6 +26,7 @@ from engine.config import (
     RunConfig,
     build_config,
     changed_keys,
+    check_loader_workers,
     config_keys,
     default_config_path,
     load_toml,
@@ -168,6 +169,7 @@ def run(
     if print_config:
         typer.echo(to_toml(run_config), nl=False)
         return
+    check_loader_workers(run_config.data.num_workers, "data.num_workers (--workers)")
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(gpus)
         return
