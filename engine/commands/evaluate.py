@@ -16,7 +16,7 @@ import torch
 import typer
 
 from engine.commands.export import ExportedModel, ExportError, autocast_dtype, load_exported
-from engine.commands.runner import run_cli
+from engine.commands.runner import check_out_file, run_cli
 from engine.config import Backend, check_loader_workers
 from engine.distributed import resolve_device
 from engine.options import BATCH_SIZE, DEVICE, LOADER, MODEL, OUT, THETA, WORKERS
@@ -108,6 +108,8 @@ def evaluate(
 ) -> None:
     """Score an exported model on a converted split with the run's metrics; prints them as JSON."""
     check_loader_workers(workers)
+    if out is not None:
+        check_out_file(out)
     metrics = evaluate_exported(
         model, data, split, resolve_device(device), tuple(theta or ()), batch_size, loader, workers
     )

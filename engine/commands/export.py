@@ -501,6 +501,9 @@ def export(
     ),
 ) -> None:
     """Export a trained run's model: weights (safetensors) plus model.json for mile-predict and mile-eval."""
+    from engine.commands.runner import check_out_folder
+
+    check_out_folder(out)
     weights = export_run(run, out, onnx)
     extra = f", {out / ONNX_NAME}" if onnx else ""
     typer.echo(f"wrote {weights}{extra} and {out / META_NAME}")
