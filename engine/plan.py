@@ -278,3 +278,16 @@ def check_same_classes(spec: str, manifest: SplitManifest, root: Path, train: Sp
 
 def _class_at(names: list[str], index: int) -> str:
     return repr(names[index]) if index < len(names) else "(none)"
+
+
+def run_scores(config: RunConfig) -> tuple[str, ...]:
+    """The scores (higher is better) a run of ``config`` reports at each eval point and in its summary,
+    from its data's manifests alone: what a sweep's ``select_by`` may name, checked before any run trains."""
+    train = train_source(config)
+    evaluation = load_manifest(train.root, config.data.eval_split)
+    main_set = EvalSet(
+        "", train.root, config.data.eval_split, evaluation, check_against_data(config, train.manifest, evaluation)
+    )
+    eval_sets = (main_set, *extra_eval_sets(config, train.manifest, train.root))
+    names = eval_metric_names(eval_sets, config, config.method.name.kind, torch.device("cpu"))
+    return tuple(name for name in names if not NOT_A_SCORE.match(name))

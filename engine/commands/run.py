@@ -8,6 +8,7 @@ resolved and checked before anything is built or written.
 from __future__ import annotations
 
 import enum
+import errno
 import inspect
 import logging
 import os
@@ -170,6 +171,9 @@ def run(
         typer.echo(to_toml(run_config), nl=False)
         return
     check_loader_workers(run_config.data.num_workers, "data.num_workers (--workers)")
+    from engine.commands.runner import check_out_folder
+
+    check_out_folder(Path(run_config.out_dir), "out_dir (--out)")
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(gpus)
         return
@@ -244,6 +248,14 @@ def _train(run_config: RunConfig, resume: bool) -> None:
         shutdown_distributed(completed)
 
 
+def _os_error_advice(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "Free space or choose another --out, then continue with --resume."
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "The folder is not writable: choose another --out, or make it writable and continue with --resume."
+    return "Choose another --out, or fix the path and continue with --resume."
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     code = run_command()
@@ -278,11 +290,7 @@ def run_command() -> int:
     except (
         OSError
     ) as error:  # a full disk, a read-only --out: the message names the path; the last checkpoint is intact
-        typer.secho(
-            f"error: {error}. Free space or choose another --out, then continue with --resume.",
-            fg=typer.colors.RED,
-            err=True,
-        )
+        typer.secho(f"error: {error}. {_os_error_advice(error)}", fg=typer.colors.RED, err=True)
         return 2
     except Exception:  # a peer that died, a bug: the traceback, then the same careful exit
         if not joined_process_group():
