@@ -262,9 +262,11 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         stop = StopRequest()
         previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+        completed = False
         try:
             summary = self._loop(stop)
             self._wait_for_checkpoint()
+            completed = True
             return summary
         finally:
             for sig, handler in previous.items():
@@ -275,7 +277,18 @@ class Trainer:
                 loader.close()
             if self.unlabelled_loader is not None:
                 self.unlabelled_loader.close()
+            self._close_folder(report=completed)
+
+    def _close_folder(self, report: bool) -> None:
+        """Close the run folder's writers. When the run is failing already (a full disk: the metrics
+        write failed), the TensorBoard writer's failure from the same cause is one log line, not a
+        second error that would replace the first."""
+        try:
             self.folder.close()
+        except OSError as error:
+            if report:
+                raise
+            log.warning("TensorBoard writer of %s: %s", self.folder.root, error)
 
     def _loop(self, stop: StopRequest) -> dict[str, Any]:
         stats = TrainStats(self.device)

@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 import traceback
 import types
 import typing
@@ -256,8 +257,24 @@ def _os_error_advice(error: OSError) -> str:
     return "Choose another --out, or fix the path and continue with --resume."
 
 
+def _thread_os_errors_as_lines() -> None:
+    """A writer thread that fails on a full disk or a read-only folder (TensorBoard's) logs one line;
+    the main thread reports the same cause as the run's error. Other thread errors keep their traceback."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError):
+            name = args.thread.name if args.thread is not None else "a thread"
+            logging.getLogger(__name__).warning("%s stopped: %s", name, args.exc_value)
+        else:
+            default(args)
+
+    threading.excepthook = hook
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _thread_os_errors_as_lines()
     code = run_command()
     from engine.distributed import exit_worker, joined_process_group
 
