@@ -57,8 +57,9 @@ ONNX_OPSET = 17
 MAX_IMAGE_SIZE_PX = 4096  # model.json's image_size_px above this is refused (a typo, not a model)
 
 
-class ExportError(Exception):
-    """A run that cannot be exported, or a folder that is not an exported model; names the path."""
+class ExportError(ValueError):
+    """A run that cannot be exported, or a folder that is not an exported model; names the path. A ValueError: every
+    command reports it as one line, also where this module runs as ``__main__`` (another class object)."""
 
 
 @dataclass(frozen=True)
