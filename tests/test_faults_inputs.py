@@ -28,6 +28,8 @@ def one_error_line(result) -> str:
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
+    after = result.stderr.split(lines[0], 1)[1].splitlines()
+    assert not any(line[:1].isspace() for line in after), result.stderr  # no indented continuation (advice, frames)
     return lines[0]
 
 
@@ -160,7 +162,7 @@ def test_a_non_finite_value_in_a_config_file_is_refused(tmp_path: Path) -> None:
 def test_engine_run_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "taken").write_text("mine")
     line = one_error_line(run_cli_in_process("--out", str(tmp_path / "taken"), "--device", "cpu"))
-    assert "--out" in line and str(tmp_path / "taken") in line
+    assert "--out" in line and str(tmp_path / "taken") in line and "Free space" not in line
     assert (tmp_path / "taken").read_text() == "mine"
 
 
