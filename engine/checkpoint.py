@@ -346,7 +346,8 @@ def recorded_config_changes(payload: dict[str, Any], config: RunConfig, path: Pa
         recorded = build_config(payload["config"], {}, source=f"checkpoint {path} (its recorded config)")
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
-    unsafe, safe = [], []
+    unsafe: list[str] = []
+    safe: list[str] = []
     for key, old, new in changed_keys(recorded, config):
         (safe if key.resume_safe else unsafe).append(f"{key.label()}: {old!r} -> {new!r}")
     return unsafe, safe
