@@ -16,7 +16,6 @@ architecture, a wrong file), is an error naming them; a few missing tensors are 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,14 +84,12 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 def _load_problem(error: Exception) -> str:
     """One line for what ``torch.load(weights_only=True)`` raised (its own message spans lines of advice
     to unpickle with ``weights_only=False``, which this project never does: that runs the file's code)."""
-    if "Weights only load failed" in str(error):
+    if "Unsupported global" in str(error):  # the pickle names a class or function: objects, not tensors
         return (
             "holds Python objects besides tensors, which are never unpickled here (they can run code); "
             "save a state dict instead: torch.save(model.state_dict(), PATH)"
         )
-    first = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
-    detail = f": {first[0][:120]}" if first else ""
-    return f"is not a PyTorch weights file torch.load can read ({type(error).__name__}{detail})"
+    return f"cannot be read with torch.load(weights_only=True) ({type(error).__name__}): not a PyTorch weights file"
 
 
 def check_finite(weights: dict[str, torch.Tensor], path: Path) -> None:
