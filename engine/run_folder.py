@@ -206,12 +206,13 @@ def _is_number(value: Any) -> bool:
 
 
 def _summary_value_problem(key: str, value: Any) -> str | None:
-    """What is wrong with one entry of summary.json: ``step`` a whole number >= 0, ``method`` a name,
-    every other key a metric (a finite number, or null where it was not finite)."""
+    """What is wrong with one entry of summary.json: ``step`` a whole number >= 0, ``method`` (and the
+    record labels ``kind``, ``phase``) a name, every other key a metric (a finite number, or null where
+    it was not finite)."""
     if key == "step":
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
         return None if ok else "expected a whole number of steps >= 0"
-    if key == "method":
+    if key in ("method", "kind", "phase"):
         return None if isinstance(value, str) and value else "expected a method name"
     return None if value is None or _is_number(value) else "expected a number (or null)"
 
