@@ -34,12 +34,15 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from shards.atomic_files import temp_sibling
+
+if TYPE_CHECKING:
+    from engine.config import RunConfig
 
 CHECKPOINT_FORMAT = 2
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
@@ -347,3 +350,39 @@ def load_components(payload: dict[str, Any], components: dict[str, Stateful], pa
         raise CheckpointError(f"checkpoint {path} does not fit this run: missing {missing}, unexpected {unexpected}")
     for name, component in components.items():
         component.load_state_dict(stored[name])
+
+
+def recorded_config_changes(payload: dict[str, Any], config: RunConfig, path: Path) -> tuple[list[str], list[str]]:
+    """How ``config`` differs from the config checkpoint ``path`` recorded when it was written, as
+    ``key (flags): old -> new`` lines: (changes of keys that are not resume-safe, resume-safe changes)."""
+    from engine.config import ConfigError, build_config, changed_keys
+
+    try:
+        recorded = build_config(payload["config"], {}, source=f"checkpoint {path} (its recorded config)")
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+    unsafe: list[str] = []
+    safe: list[str] = []
+    for key, old, new in changed_keys(recorded, config):
+        (safe if key.resume_safe else unsafe).append(f"{key.label()}: {old!r} -> {new!r}")
+    return unsafe, safe
+
+
+def check_resumed_config(payload: dict[str, Any], config: RunConfig, path: Path) -> list[str]:
+    """Compare the config a resumed run is about to use (its ``config.toml``, possibly edited by hand,
+    plus flags) with the one ``path`` recorded: a change of a key that is not resume-safe, or fewer
+    steps than the checkpoint has taken, is a CheckpointError naming the key; the resume-safe
+    changes are returned for the log."""
+    unsafe, safe = recorded_config_changes(payload, config, path)
+    if unsafe:
+        raise CheckpointError(
+            f"config.toml or flags change what checkpoint {path} trained: {'; '.join(unsafe)}. Undo the change "
+            f"(a run's config.toml is its record, not a place to edit), or start a new run in another --out"
+        )
+    step = int(payload["components"].get("progress", {}).get("step", 0))
+    if config.num_steps < step:
+        raise CheckpointError(
+            f"num_steps (--steps) {config.num_steps} is below the {step} steps checkpoint {path} has already taken; "
+            f"give --steps {step} or more (or export the finished run as it is)"
+        )
+    return safe

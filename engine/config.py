@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import os
 import re
 import sys
 import typing
@@ -263,10 +265,12 @@ class OptimConfig(_Component):
 
     SECTION: ClassVar[str] = "optim"
 
-    lr_per_256: float = knob(0.1, "Learning rate per 256 images (scaled by the global batch size).", alias="--lr", gt=0)
+    lr_per_256: float = knob(
+        0.1, "Learning rate per 256 images (scaled by the global batch size).", alias="--lr", gt=0, le=100
+    )
     momentum: float = knob(0.9, "SGD momentum.", alias="--momentum", ge=0, lt=1)
     nesterov: bool = knob(False, "Nesterov momentum.", alias="--nesterov")
-    weight_decay: float = knob(5e-4, "SGD weight decay.", alias="--weight-decay", ge=0)
+    weight_decay: float = knob(5e-4, "SGD weight decay.", alias="--weight-decay", ge=0, le=1)
     schedule: Schedule = knob(Schedule.COSINE, "Learning-rate decay after the warmup.", alias="--schedule")
     warmup_lr_steps: int = knob(0, "Linear learning-rate warmup steps.", alias="--warmup-lr-steps", ge=0)
     step_decay_every: int = knob(
@@ -293,6 +297,7 @@ class OptimConfig(_Component):
         "--init-checkpoint).",
         alias="--head-lr-scale",
         ge=0,
+        le=1000,
     )
 
 
@@ -494,6 +499,8 @@ def coerce(key: Key, value: Any) -> Any:
         raise ConfigError(f"{key.label()}: expected a whole number, got {value!r}")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # inf or nan would only show as a non-finite loss, steps later
+                raise ConfigError(f"{key.label()}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key.label()}: expected a number, got {value!r}")
     if kind is str:
@@ -567,6 +574,22 @@ def _check_unlabelled(config: RunConfig) -> None:
 def device_problem(name: str) -> str | None:
     """What is wrong with a device name (the ``device`` key, or any command's --device); None if nothing."""
     return None if _DEVICE_PATTERN.match(name) else f"must be auto, cpu, cuda or cuda:N, got {name!r}"
+
+
+LOADER_WORKERS_PER_CORE = 4  # more loader processes or threads than this per core only contend (and exhaust memory)
+
+
+def check_loader_workers(num_workers: int, flag: str = "--workers") -> None:
+    """Loader workers are processes (torch) or threads (DALI): bound them by the CPU cores this
+    process may run on, so that a mistyped count is refused here rather than hanging the machine
+    (torch forking 100000 workers) or aborting the process (DALI's thread pool)."""
+    cores = len(os.sched_getaffinity(0))
+    limit = LOADER_WORKERS_PER_CORE * cores
+    if num_workers > limit:
+        raise ConfigError(
+            f"{flag} {num_workers} is more than this machine can run: at most {limit} ({LOADER_WORKERS_PER_CORE} per "
+            f"CPU core, {cores} cores available to this process); -1 = auto"
+        )
 
 
 def _check_step_schedule(optim: OptimConfig) -> None:

@@ -70,9 +70,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling and zip errors come in many types; all mean the same here
-        raise _error(
-            path, f"cannot be read with torch.load(weights_only=True) ({type(error).__name__}: {error})"
-        ) from None
+        raise _error(path, _load_problem(error)) from None
     if isinstance(payload, dict) and "format" in payload and "components" in payload:  # this trainer's checkpoint
         payload = read_checkpoint(path)["components"].get("learner")
     while isinstance(payload, dict) and any(isinstance(payload.get(key), dict) for key in WRAPPER_KEYS):
@@ -81,6 +79,28 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not tensors:
         raise _error(path, "holds no state dict (no tensors at the top level or under 'state_dict' / 'model')")
     return tensors
+
+
+def _load_problem(error: Exception) -> str:
+    """One line for what ``torch.load(weights_only=True)`` raised (its own message spans lines of advice
+    to unpickle with ``weights_only=False``, which this project never does: that runs the file's code)."""
+    if "Unsupported global" in str(error):  # the pickle names a class or function: objects, not tensors
+        return (
+            "holds Python objects besides tensors, which are never unpickled here (they can run code); "
+            "save a state dict instead: torch.save(model.state_dict(), PATH)"
+        )
+    return f"cannot be read with torch.load(weights_only=True) ({type(error).__name__}): not a PyTorch weights file"
+
+
+def check_finite(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights holding NaN or infinity: they would surface steps later as a non-finite loss."""
+    for key, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _error(
+                path,
+                f"tensor {key!r} holds non-finite values (NaN or infinity): the weights file is damaged or "
+                f"comes from a run that diverged",
+            )
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -143,6 +163,7 @@ def load_backbone(model: nn.Module, path: Path) -> LoadReport:
             f"(missing: {_first(report.missing)}{shapes}); the file's keys begin {_first(list(weights))}. "
             f"Is it a checkpoint of another architecture than --arch?",
         )
+    check_finite(report.loaded, path)
     model.load_state_dict(report.loaded, strict=False)
     log.info("init_checkpoint %s: %s; the classifier is freshly initialised", path, report.summary())
     if report.missing:

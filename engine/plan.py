@@ -359,3 +359,16 @@ def check_same_classes(spec: str, manifest: SplitManifest, root: Path, train: Sp
         "then `make-shards imagenet --class-list classes.txt ...`; an image folder split written with "
         "`make-shards folder --out` into the train split's folder reuses its classes"
     )
+
+
+def run_scores(config: RunConfig) -> tuple[str, ...]:
+    """The scores (higher is better) a run of ``config`` reports at each eval point and in its summary,
+    from its data's manifests alone: what a sweep's ``select_by`` may name, checked before any run trains."""
+    train = train_source(config)
+    evaluation = load_manifest(train.root, config.data.eval_split)
+    main_set = EvalSet(
+        "", train.root, config.data.eval_split, evaluation, check_against_data(config, train.manifest, evaluation)
+    )
+    eval_sets = (main_set, *extra_eval_sets(config, train.manifest, train.root))
+    names = eval_metric_names(eval_sets, config, config.method.name.kind, torch.device("cpu"))
+    return tuple(name for name in names if not NOT_A_SCORE.match(name))

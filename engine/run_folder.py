@@ -265,10 +265,25 @@ class RunFolder:
             atomic_write_text(self.summary_path, json.dumps(_finite_or_none(summary), indent=1) + "\n")
 
     def read_summary(self) -> dict[str, Any] | None:
-        return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else None
+        """The finished run's summary (None: it did not finish); a RunFolderError naming file and key
+        when it is not what ``write_summary`` writes."""
+        if not self.summary_path.is_file():
+            return None
+        summary = _read_json(self.summary_path)
+        if not isinstance(summary, dict):
+            raise RunFolderError(f"{self.summary_path}: expected a JSON object of metrics, got {_short(summary)}")
+        for key, value in summary.items():
+            if (problem := _summary_value_problem(key, value)) is not None:
+                raise RunFolderError(f"{self.summary_path}: key {key!r}: {problem}, got {_short(value)}")
+        return summary
 
     def read_wall_s(self) -> float | None:
-        return json.loads(self.wall_path.read_text()) if self.wall_path.is_file() else None
+        if not self.wall_path.is_file():
+            return None
+        wall_s = _read_json(self.wall_path)
+        if not _is_number(wall_s) or wall_s < 0:
+            raise RunFolderError(f"{self.wall_path}: expected a number of seconds >= 0, got {_short(wall_s)}")
+        return float(wall_s)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The metrics stream's records; none where the run wrote none."""
@@ -321,3 +336,31 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def _finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
     """JSON has no NaN/inf: write them as null."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunFolderError(f"{path} is not valid JSON ({error}); restore it or remove the run") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _summary_value_problem(key: str, value: Any) -> str | None:
+    """What is wrong with one entry of summary.json: ``step`` a whole number >= 0, ``method`` (and the
+    record labels ``kind``, ``phase``) a name, every other key a metric (a finite number, or null where
+    it was not finite)."""
+    if key == "step":
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return None if ok else "expected a whole number of steps >= 0"
+    if key in ("method", "kind", "phase"):
+        return None if isinstance(value, str) and value else "expected a method name"
+    return None if value is None or _is_number(value) else "expected a number (or null)"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

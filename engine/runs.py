@@ -10,7 +10,7 @@ import json
 import time
 from typing import Any
 
-from engine.config import RunConfig
+from engine.config import RunConfig, check_loader_workers
 from engine.run_folder import RunFolder, RunFolderError, saved_config
 
 
@@ -21,6 +21,7 @@ def train_or_reuse(config: RunConfig) -> dict[str, Any]:
     from engine.distributed import init_distributed
     from engine.trainer import Trainer
 
+    check_loader_workers(config.data.num_workers, "data.num_workers (--workers)")
     folder = RunFolder(config.out_dir)
     with folder.lock():  # one process per run folder (engine/run_folder.py)
         resume = _check_existing(folder, config)

@@ -26,6 +26,7 @@ from engine.checkpoint import (
     CheckpointWriter,
     Progress,
     RngState,
+    check_resumed_config,
     load_components,
     read_checkpoint,
     remove_temporaries,
@@ -288,9 +289,11 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         stop = StopRequest()
         previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+        completed = False
         try:
             summary = self._loop(stop)
             self._wait_for_checkpoint()
+            completed = True
             return summary
         finally:
             for sig, handler in previous.items():
@@ -301,7 +304,18 @@ class Trainer:
                 loader.close()
             if self.unlabelled_loader is not None:
                 self.unlabelled_loader.close()
+            self._close_folder(report=completed)
+
+    def _close_folder(self, report: bool) -> None:
+        """Close the run folder's writers. When the run is failing already (a full disk: the metrics
+        write failed), the TensorBoard writer's failure from the same cause is one log line, not a
+        second error that would replace the first."""
+        try:
             self.folder.close()
+        except OSError as error:
+            if report:
+                raise
+            log.warning("TensorBoard writer of %s: %s", self.folder.root, error)
 
     def _loop(self, stop: StopRequest) -> dict[str, Any]:
         stats = TrainStats(self.device)
@@ -552,7 +566,10 @@ class Trainer:
     def _load(self, path: Path) -> None:
         payload = read_checkpoint(path, self.device)
         check_checkpoint_classes(payload, self.plan.classes, path)
+        changes = check_resumed_config(payload, self.config, path)  # config.toml edited by hand, or flags
         load_components(payload, self.components(), path)
+        if changes and self.dist.is_main:
+            log.info("resuming with changed resume-safe keys: %s", "; ".join(changes))
         self.folder.truncate_metrics_after(self.step)
         if self.dist.is_main:
             where = describe_position(self.engine.plan.position(self.step), self.config.method.name)

@@ -269,10 +269,23 @@ class DaliLoader:
         if images.dtype != self.config.dtype:
             images = images.to(self.config.dtype)  # bf16 only: DALI wrote fp16 or fp32 (see dali_output_dtype)
         labels = outputs["labels"].view(-1).to(torch.int64)
+        if labels.device.type == "cpu":  # on a GPU the check would wait for the batch (a sync per step)
+            self._check_labels(labels)
         targets = outputs.get("targets")
         if targets is not None:
             targets = targets.to(torch.float32)
         return Batch(images=images, labels=labels, targets=targets)
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        """A label outside the split's classes (a damaged label member) as the torch loader reports it,
+        a ShardDataError naming the split, not an index error inside the loss."""
+        low, high = self._manifest.label_kind.label_range(self._manifest.num_classes)
+        outside = labels[(labels < low) | (labels >= high)]
+        if outside.numel():
+            raise ShardDataError(
+                f"a sample of split {self._manifest.name!r} in {self._root} has label {int(outside[0])} outside "
+                f"[{low}, {high}); {verify_advice(self._root)}"
+            )
 
     def close(self) -> None:
         """Free the evaluation pipeline (training pipelines are freed when their epoch ends)."""

@@ -49,13 +49,13 @@ def main(
     import logging
 
     from engine.commands.report import find_runs, write_report
-    from engine.config import ConfigError
-    from engine.run_folder import RunFolderError
+    from engine.commands.runner import check_out_folder, user_errors
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
+        check_out_folder(out)
         report = write_report(out, find_runs(runs), metrics or None, group_by or None, curve_metric, score_models)
-    except (RunFolderError, ConfigError) as error:
+    except user_errors() as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
     typer.echo((out / "table.md").read_text())

@@ -23,15 +23,28 @@ def main(
     """Run every configuration of a sweep; finished runs are reused, interrupted ones resumed."""
     import logging
 
-    from engine.commands.report import find_runs, write_report
-    from engine.commands.sweep import load_sweep, results_markdown, run_sweep, write_results
+    from engine.commands.runner import user_errors
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        _sweep(sweep, out, dry_run)
+    except user_errors() as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+
+
+def _sweep(sweep: Path, out: Path, dry_run: bool) -> None:
+    from engine.commands.report import find_runs, write_report
+    from engine.commands.runner import check_out_folder
+    from engine.commands.sweep import check_select_by, load_sweep, results_markdown, run_sweep, write_results
+
+    check_out_folder(out)
     runs, select_by = load_sweep(sweep, out)
     if dry_run:
         for run in runs:
             typer.echo(f"{run.method:8s} {run.name}")
         return
+    check_select_by(select_by, runs, sweep)
     out.mkdir(parents=True, exist_ok=True)
     results = run_sweep(runs)
     write_results(out, results, COLUMNS)

@@ -16,8 +16,8 @@ import torch
 import typer
 
 from engine.commands.export import META_NAME, ExportError, autocast_dtype, load_exported
-from engine.commands.runner import run_cli
-from engine.config import Backend
+from engine.commands.runner import check_out_file, run_cli
+from engine.config import Backend, check_loader_workers
 from engine.distributed import resolve_device
 from engine.options import BATCH_SIZE, DEVICE, LOADER, MODEL, OUT, THETA, WORKERS
 from engine.run_folder import class_difference
@@ -91,6 +91,9 @@ def evaluate(
     workers: int = WORKERS.option(),
 ) -> None:
     """Score an exported model on a converted split with the run's metrics; prints them as JSON."""
+    check_loader_workers(workers)
+    if out is not None:
+        check_out_file(out)
     metrics = evaluate_exported(
         model, data, split, resolve_device(device), tuple(theta or ()), batch_size, loader, workers
     )

@@ -36,7 +36,7 @@ import torch
 import typer
 from torch import nn
 
-from engine.checkpoint import read_checkpoint
+from engine.checkpoint import read_checkpoint, recorded_config_changes
 from engine.config import EvalPrecision, Method, MethodKind, RunConfig
 from engine.data import loader_config, train_source
 from engine.models import TORCHVISION_ARCHS, build_model, classifier_prefix
@@ -58,8 +58,9 @@ ONNX_OPSET = 17
 MAX_IMAGE_SIZE_PX = 4096  # model.json's image_size_px above this is refused (a typo, not a model)
 
 
-class ExportError(Exception):
-    """A run that cannot be exported, or a folder that is not an exported model; names the path."""
+class ExportError(ValueError):
+    """A run that cannot be exported, or a folder that is not an exported model; names the path. A ValueError: every
+    command reports it as one line, also where this module runs as ``__main__`` (another class object)."""
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,7 @@ def describe_run(run_dir: Path) -> tuple[ExportedModel, dict[str, torch.Tensor]]
     config = saved_config(run_dir)
     folder = RunFolder(run_dir)
     payload = read_checkpoint(folder.checkpoint_path)
+    check_config_unedited(config, payload, folder)
     classes = run_classes(folder, payload, config)
     preprocessing = loader_config(config, False, 0, 1, torch.device("cpu"))
     summary = folder.read_summary()
@@ -359,6 +361,17 @@ def run_classes(folder: RunFolder, payload: dict[str, Any], config: RunConfig) -
     )
     train = train_source(config).manifest
     return ClassRecord(tuple(train.class_names), train.label_kind.value)
+
+
+def check_config_unedited(config: RunConfig, payload: dict[str, Any], folder: RunFolder) -> None:
+    """The run's ``config.toml`` must describe what its checkpoint trained (it was not edited by hand):
+    model.json names arch, method and preprocessing from it beside the checkpoint's weights."""
+    unsafe, _ = recorded_config_changes(payload, config, folder.checkpoint_path)
+    if unsafe:
+        raise ExportError(
+            f"{folder.config_path}: {unsafe[0]} since checkpoint {folder.checkpoint_path} was written (edited by "
+            f"hand?); restore the value the run trained with"
+        )
 
 
 def write_export(meta: ExportedModel, state: dict[str, torch.Tensor], out_dir: Path, onnx: bool = False) -> Path:
@@ -453,11 +466,24 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
             raise ExportError(
                 f"{model_dir / SAFETENSORS_NAME}: reading it needs the safetensors package (pip install safetensors)"
             )
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(model_dir / SAFETENSORS_NAME), device="cpu")
+        try:
+            return load_file(str(model_dir / SAFETENSORS_NAME), device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise ExportError(f"{model_dir / SAFETENSORS_NAME}: not a readable .safetensors file ({error})") from None
     if (model_dir / TORCH_NAME).is_file():
-        return torch.load(model_dir / TORCH_NAME, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(model_dir / TORCH_NAME, map_location="cpu", weights_only=True)
+        except Exception as error:  # unpickling and zip errors come in many types; all mean the same here
+            raise ExportError(
+                f"{model_dir / TORCH_NAME}: not a state dict torch.load(weights_only=True) can read "
+                f"({type(error).__name__})"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ExportError(f"{model_dir / TORCH_NAME}: expected a state dict of tensors")
+        return state
     raise ExportError(f"{model_dir} holds no weights ({SAFETENSORS_NAME} or {TORCH_NAME})")
 
 
@@ -510,6 +536,9 @@ def export(
     ),
 ) -> None:
     """Export a trained run's model: weights (safetensors) plus model.json for mile-predict and mile-eval."""
+    from engine.commands.runner import check_out_folder
+
+    check_out_folder(out)
     weights = export_run(run, out, onnx)
     extra = f", {out / ONNX_NAME}" if onnx else ""
     typer.echo(f"wrote {weights}{extra} and {out / META_NAME}")

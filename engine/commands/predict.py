@@ -29,7 +29,7 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from engine.commands.export import ExportedModel, ExportError, autocast_dtype, load_exported
-from engine.commands.runner import run_cli
+from engine.commands.runner import check_out_file, run_cli
 from engine.distributed import resolve_device
 from engine.metrics import prediction_sets
 from engine.options import BATCH_SIZE, DEVICE, MODEL, OUT, THETA
@@ -186,6 +186,8 @@ def predict(
     batch_size: int = BATCH_SIZE.option(default=64, help="Images per forward pass."),
 ) -> None:
     """Predict top-k classes and the thresholded label set of each image with an exported model."""
+    if out is not None:
+        check_out_file(out)
     target = resolve_device(device)
     meta, network = load_exported(model, target)
     chosen = meta.default_theta if theta is None else theta

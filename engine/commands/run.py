@@ -8,10 +8,12 @@ resolved and checked before anything is built or written.
 from __future__ import annotations
 
 import enum
+import errno
 import inspect
 import logging
 import os
 import sys
+import threading
 import traceback
 import types
 import typing
@@ -30,6 +32,7 @@ from engine.config import (
     RunConfig,
     build_layered,
     changed_keys,
+    check_loader_workers,
     config_keys,
     default_config_path,
     flatten,
@@ -290,6 +293,10 @@ def run(
     if print_config:
         typer.echo(to_toml(run_config), nl=False)
         return
+    check_loader_workers(run_config.data.num_workers, "data.num_workers (--workers)")
+    from engine.commands.runner import check_out_folder
+
+    check_out_folder(Path(run_config.out_dir), "out_dir (--out)")
     if int(os.environ.get("RANK", "0") or 0) == 0 and not (gpus > 1 and "WORLD_SIZE" not in os.environ):
         log_sources(run_config, resolved.sources)
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
@@ -370,8 +377,32 @@ def _train(run_config: RunConfig, resume: bool) -> None:
             shutdown_distributed(completed)
 
 
+def _os_error_advice(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "Free space or choose another --out, then continue with --resume."
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "The folder is not writable: choose another --out, or make it writable and continue with --resume."
+    return "Choose another --out, or fix the path and continue with --resume."
+
+
+def _thread_os_errors_as_lines() -> None:
+    """A writer thread that fails on a full disk or a read-only folder (TensorBoard's) logs one line;
+    the main thread reports the same cause as the run's error. Other thread errors keep their traceback."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError):
+            name = args.thread.name if args.thread is not None else "a thread"
+            logging.getLogger(__name__).warning("%s stopped: %s", name, args.exc_value)
+        else:
+            default(args)
+
+    threading.excepthook = hook
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _thread_os_errors_as_lines()
     code = run_command()
     from engine.distributed import exit_worker, joined_process_group
 
@@ -404,11 +435,7 @@ def run_command() -> int:
     except (
         OSError
     ) as error:  # a full disk, a read-only --out: the message names the path; the last checkpoint is intact
-        typer.secho(
-            f"error: {error}. Free space or choose another --out, then continue with --resume.",
-            fg=typer.colors.RED,
-            err=True,
-        )
+        typer.secho(f"error: {error}. {_os_error_advice(error)}", fg=typer.colors.RED, err=True)
         return 2
     except Exception:  # a peer that died, a bug: the traceback, then the same careful exit
         if not joined_process_group():

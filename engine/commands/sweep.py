@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, RunConfig, build_config, flatten, load_toml, packaged_config
+from engine.config import ConfigError, Method, RunConfig, build_config, flatten, key_by_name, load_toml, packaged_config
 from engine.runs import train_or_reuse
 
 if sys.version_info >= (3, 11):
@@ -83,31 +83,94 @@ def _combinations(grid: dict[str, list[Any]], source: str) -> list[dict[str, Any
     return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
 
 
+SWEEP_KEYS = ("base", "select_by", "overrides", "grid")
+
+
 def load_sweep(path: Path, out_root: Path) -> tuple[list[SweepRun], str]:
-    """Every run of the sweep file (all configs checked before any trains) and its selection key."""
+    """Every run of the sweep file (all configs checked before any trains) and its selection key;
+    anything malformed is a ConfigError naming the file and the key."""
     path = Path(path)
-    spec = tomllib.loads(path.read_text())
+    spec = _read_spec(path)
     base_name = spec.get("base", "digits_grid.toml")
+    if not isinstance(base_name, str) or not base_name:
+        raise ConfigError(f"{path}: base must be a config file name, got {base_name!r}")
     base_path = path.parent / base_name if (path.parent / base_name).is_file() else packaged_config(base_name)
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base {base_name!r} is neither a file beside it nor a packaged config")
     base = load_toml(base_path)
-    common = dict(spec.get("overrides", {}))
+    common = flatten(_table(spec, "overrides", path), f"{path} [overrides]")
     runs: list[SweepRun] = []
     folders: dict[Path, str] = {}
-    for method, grid in spec.get("grid", {}).items():
-        for combo in _combinations(grid, str(path)):
+    for method, grid in _table(spec, "grid", path).items():
+        source = f"{path} [grid.{method}]"
+        if method not in {m.value for m in Method}:
+            raise ConfigError(f"{source}: {method!r} is not a method; one of {[m.value for m in Method]}")
+        if not isinstance(grid, dict):
+            raise ConfigError(f"{source} must be a table of key = [values], got {grid!r}")
+        _check_grid_keys(grid, source)
+        for combo in _combinations(grid, source):
             raw = ",".join(f"{k.rpartition('.')[2]}={v}" for k, v in combo.items()) or "default"
             name = run_folder_name(raw)
             out_dir = _run_dir(Path(out_root), method, name, str(path))
             if out_dir in folders:
-                raise ConfigError(
-                    f"{path}: [grid.{method}] runs {folders[out_dir]!r} and {raw!r} would share the folder {out_dir}"
-                )
+                raise ConfigError(f"{source}: runs {folders[out_dir]!r} and {raw!r} would share the folder {out_dir}")
             folders[out_dir] = raw
             overrides = {**common, **combo, "method.name": method, "out_dir": str(out_dir)}
-            runs.append(SweepRun(method, name, combo, build_config(base, overrides, source=str(path))))
+            try:
+                config = build_config(base, overrides, source=str(path))
+            except ConfigError as error:
+                raise ConfigError(f"{source} run {raw}: {error}") from None
+            runs.append(SweepRun(method, name, combo, config))
     if not runs:
         raise ConfigError(f"{path}: no [grid.METHOD] table")
-    return runs, spec.get("select_by", "lrap")
+    select_by = spec.get("select_by", "lrap")
+    if not isinstance(select_by, str) or not select_by:
+        raise ConfigError(f"{path}: select_by must be a metric name, got {select_by!r}")
+    return runs, select_by
+
+
+def _read_spec(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    try:
+        spec = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    unknown = [key for key in spec if key not in SWEEP_KEYS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; a sweep file holds {', '.join(SWEEP_KEYS)}")
+    return spec
+
+
+def _table(spec: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    value = spec.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {name} must be a table ([{name}]), got {value!r}")
+    return value
+
+
+def _check_grid_keys(grid: dict[str, Any], source: str) -> None:
+    known = key_by_name()
+    for joined in grid:
+        for name in joined.split(","):
+            if name not in known:
+                raise ConfigError(f"{source}: unknown config key {name!r} (engine-run --help lists every key)")
+            if name in ("method.name", "out_dir"):
+                raise ConfigError(f"{source}: {name!r} is set by the sweep (the grid's method, --out); not a grid key")
+
+
+def check_select_by(select_by: str, runs: list[SweepRun], path: Path) -> None:
+    """``select_by`` must be a score every run reports: checked from the data's manifests before any
+    run trains, not found missing after all of them have."""
+    from engine.plan import run_scores
+
+    for run in runs:
+        scores = run_scores(run.config)
+        if select_by not in scores:
+            raise ConfigError(
+                f"{path}: select_by {select_by!r} is not a score run {run.method}/{run.name} reports; "
+                f"one of {', '.join(scores)}"
+            )
 
 
 def run_sweep(runs: list[SweepRun]) -> list[dict[str, Any]]:
@@ -122,9 +185,14 @@ def best_per_method(results: list[dict[str, Any]], select_by: str) -> dict[str, 
     best: dict[str, dict[str, Any]] = {}
     for result in results:
         current = best.get(result["method"])
-        if current is None or result[select_by] > current[select_by]:
+        if current is None or _score(result, select_by) > _score(current, select_by):
             best[result["method"]] = result
     return best
+
+
+def _score(result: dict[str, Any], select_by: str) -> float:
+    value = result.get(select_by)  # None: the metric was not finite (summary.json writes null)
+    return float("-inf") if value is None else float(value)
 
 
 def write_results(out_root: Path, results: list[dict[str, Any]], columns: list[str]) -> None:
@@ -150,4 +218,13 @@ def results_markdown(results: list[dict[str, Any]], columns: list[str], select_b
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["SweepRun", "load_sweep", "run_sweep", "best_per_method", "write_results", "results_markdown", "flatten"]
+__all__ = [
+    "SweepRun",
+    "load_sweep",
+    "check_select_by",
+    "run_sweep",
+    "best_per_method",
+    "write_results",
+    "results_markdown",
+    "flatten",
+]
