@@ -207,7 +207,20 @@ def test_a_label_outside_the_classes_under_dali_is_one_line(grid_root: Path, tmp
     with open(root / record.path, "r+b") as handle:
         handle.seek(label.offset)
         handle.write(np.array([77], dtype="<i4").tobytes())
-    args = ["--data", str(root), "--loader", "dali", "--workers", "1", "--device", "cpu", "--steps", "20"]
+    args = [
+        "--data",
+        str(root),
+        "--loader",
+        "dali",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--steps",
+        "20",
+        "--method",
+        "sigmoid",
+    ]
     line = one_error_line(run_cli_in_process(*args, "--batch-size", "32", "--out", str(tmp_path / "o")))
     assert "label 77 outside" in line and "'train'" in line
 
@@ -258,7 +271,20 @@ def test_an_unknown_select_by_is_refused_before_any_run_trains(grid_root: Path, 
 
 
 def _init_run(grid_root: Path, tmp_path: Path, weights: Path):
-    args = ["--data", str(grid_root), "--loader", "torch", "--workers", "0", "--device", "cpu", "--steps", "2"]
+    args = [
+        "--data",
+        str(grid_root),
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--method",
+        "sigmoid",
+    ]
     return run_cli_in_process(*args, "--init-checkpoint", str(weights), "--out", str(tmp_path / "o"))
 
 
