@@ -11,8 +11,9 @@ FLOOR_PINS ?= torch==2.11.* torchvision==0.26.*
 FLOOR_TESTS ?= tests
 
 # Test processes (pytest-xdist): 0 runs the suite in this process; N > 0 starts N workers, each
-# taking whole files (module fixtures are built once) with torch limited to one thread.
-PYTEST_WORKERS ?= 0
+# taking whole files (module fixtures are built once) with torch limited to one thread. 2 by default:
+# on a 2-core machine the suite ran 1.7x faster so (docs/PERFORMANCE.md, "Test suite").
+PYTEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: demo test test-fast test-floor install clean lint
@@ -52,7 +53,7 @@ $(STAMP_FLOOR): pyproject.toml | $(PY_FLOOR)
 
 # The suite on the floor; a subset with FLOOR_TESTS="tests/test_distributed.py tests/test_gpu.py ..."
 test-floor: $(STAMP_FLOOR)
-	$(PY_FLOOR) -m pytest -q $(FLOOR_TESTS)
+	$(PY_FLOOR) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(FLOOR_TESTS)
 
 clean:
 	rm -rf runs .cache

@@ -339,8 +339,11 @@ def hot_loop_check(
         "data.num_workers": workers,
         "arch": arch,
         "method.name": "mile",
-        "method.k_teacher_steps": 10,
-        "method.k_student_steps": 5,
+        # whole teacher/student cycles within the steps (10 + 5 at the check's 30), so the probe sees
+        # both phases and their switches, and the run ends on an imitation phase as MILe runs must
+        "method.warmup_steps": 0,
+        "method.k_teacher_steps": max(1, steps // 3),
+        "method.k_student_steps": max(1, steps // 6),
         "num_steps": steps,
         "global_batch_size": batch_size,
         "log_every": steps,

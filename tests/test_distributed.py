@@ -185,24 +185,26 @@ if sys.argv[1] == "exit_worker":
 
 @pytest.mark.slow
 def test_a_worker_leaves_without_racing_the_process_groups_threads(tmp_path: Path) -> None:
-    """The abort behind the old intermittent failure of the two-process test, made certain: a gloo
-    thread that needs the GIL while the interpreter finalizes is ended by CPython with pthread_exit,
-    which aborts through a noexcept C++ frame ("terminate called without an active exception",
-    SIGABRT; sometimes a SIGSEGV instead). engine-run's workers leave by ``exit_worker`` (os._exit
-    after flushing), so nothing is left to race."""
+    """The abort behind the old intermittent failure of the two-process test: a gloo thread that needs
+    the GIL while the interpreter finalizes is ended by CPython with pthread_exit, which aborts through
+    a noexcept C++ frame ("terminate called without an active exception", SIGABRT; sometimes a SIGSEGV).
+    A plain interpreter exit with a collective in flight hits it often but not always (measured: it
+    depends on thread timing and OMP threads, so it is no assertion here); engine-run's workers leave by
+    ``exit_worker`` (os._exit after flushing), which must leave cleanly every time."""
     script = tmp_path / "leave.py"
     script.write_text(LEAVE_WITH_A_COLLECTIVE_IN_FLIGHT)
     launch = [sys.executable, "-m", "engine.commands.launch", "--standalone", "--nproc_per_node=2", str(script)]
     finalized = subprocess.run(
         [*launch, "finalize"], capture_output=True, text=True, timeout=120, cwd=REPO, env=child_env()
     )
-    assert finalized.returncode in (128 + signal.SIGABRT, 128 + signal.SIGSEGV), finalized.stderr[
-        -4000:
-    ]  # crashed, by either
-    left = subprocess.run(
-        [*launch, "exit_worker"], capture_output=True, text=True, timeout=120, cwd=REPO, env=child_env()
-    )
-    assert left.returncode == 0, left.stderr[-4000:]
+    for attempt in range(3):
+        left = subprocess.run(
+            [*launch, "exit_worker"], capture_output=True, text=True, timeout=120, cwd=REPO, env=child_env()
+        )
+        assert left.returncode == 0, (
+            f"attempt {attempt}: exit_worker rc {left.returncode} (a plain exit gave rc {finalized.returncode})\n"
+            + left.stderr[-4000:]
+        )
 
 
 # -- 4. elastic restart, checkpoints ----------------------------------------------------------------------------
