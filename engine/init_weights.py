@@ -82,8 +82,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_problem(error: Exception) -> str:
-    """One line for what ``torch.load(weights_only=True)`` raised (its own message spans lines of advice
-    to unpickle with ``weights_only=False``, which this project never does: that runs the file's code)."""
+    """One line for what ``torch.load(weights_only=True)`` raised. Torch's own message spans lines of
+    advice to turn the safe loader off; this project never does (unpickling arbitrary objects runs the
+    file's code), so that advice is not passed on."""
     if "Unsupported global" in str(error):  # the pickle names a class or function: objects, not tensors
         return (
             "holds Python objects besides tensors, which are never unpickled here (they can run code); "
