@@ -662,15 +662,21 @@ def default_config_path() -> Path:
     return packaged_config(DEFAULT_CONFIG)
 
 
-def load_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML config; unknown keys are errors naming the file and key."""
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's table; a missing or malformed file is a ConfigError naming ``what`` it is
+    ("--config file", "sweep file") and the path."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"--config {path}: not valid TOML ({error})") from None
+        raise ConfigError(f"{what} {path}: not valid TOML ({error})") from None
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config; unknown keys are errors naming the file and key."""
+    values = read_toml(path, "--config file")
     flatten(values, source=str(path))  # raises on unknown keys
     return values
 

@@ -28,13 +28,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, Method, RunConfig, build_config, flatten, key_by_name, load_toml, packaged_config
+from engine.config import (
+    ConfigError,
+    Method,
+    RunConfig,
+    build_config,
+    flatten,
+    key_by_name,
+    load_toml,
+    packaged_config,
+    read_toml,
+)
 from engine.runs import train_or_reuse
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
@@ -130,12 +140,7 @@ def load_sweep(path: Path, out_root: Path) -> tuple[list[SweepRun], str]:
 
 
 def _read_spec(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    try:
-        spec = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    spec = read_toml(path, "sweep file")
     unknown = [key for key in spec if key not in SWEEP_KEYS]
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}; a sweep file holds {', '.join(SWEEP_KEYS)}")
