@@ -99,6 +99,15 @@ def digits_grid_command(
         None, "--tune-size", min=1, help="Number of tune grids (for choosing hyperparameters); default: --val-size."
     ),
     cell_px: int = typer.Option(8, "--cell-px", min=4, max=64, help="Side of one digit cell in pixels."),
+    jitter_px: int = typer.Option(
+        0, "--jitter-px", min=0, help="Shift each digit by up to this many pixels inside its cell (< cell-px / 2)."
+    ),
+    noise_std: float = typer.Option(
+        0.0, "--noise-std", min=0.0, max=128.0, help="Gaussian pixel noise (standard deviation, 0..255 units)."
+    ),
+    pool_seed: int = typer.Option(
+        digits_grid.POOL_SEED, "--pool-seed", help="Seed of the digit images' split into train/tune/val pools."
+    ),
     writer: WriterSettings,
     overwrite: bool = OVERWRITE.option(),
 ) -> None:
@@ -106,9 +115,19 @@ def digits_grid_command(
 
     Writes splits train, tune and val, drawn from three disjoint digit-image pools that --seed never
     changes: tune on the tune split, report on val."""
-    config = digits_grid.GridConfig(
-        train_size=train_size, val_size=val_size, tune_size=tune_size, seed=writer.seed, cell_px=cell_px
-    )
+    try:
+        config = digits_grid.GridConfig(
+            train_size=train_size,
+            val_size=val_size,
+            tune_size=tune_size,
+            seed=writer.seed,
+            cell_px=cell_px,
+            jitter_px=jitter_px,
+            noise_std=noise_std,
+            pool_seed=pool_seed,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--jitter-px") from None
     with output_lock(out):
         grids = digits_grid.grid_items(config)
         planned = [PlannedSplit(digits_grid.grid_spec(split, config), items) for split, items in grids.items()]

@@ -6,6 +6,11 @@ present. The digit images are split once, independently of ``GridConfig.seed``, 
 pools: ``train`` grids draw from the train pool, ``tune`` grids (for choosing hyperparameters) from
 the tune pool, ``val`` grids from the val pool; so no seed or split choice lets tuning see a val
 digit. ``seed`` re-draws the grids, never the pools. Needs no download.
+
+A second, harder grid for checking that a setting chosen on one grid holds on another
+(docs/TUNING.md): ``jitter_px`` shifts each digit inside its cell, ``noise_std`` adds Gaussian pixel
+noise, ``pool_seed`` partitions the digit images into other pools. All three default to the
+embedded grid's values, whose grids stay what they were.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class GridConfig:
     cell_px: int = 8  # scikit-learn digits are 8×8; a larger cell upscales them (no new detail)
     val_digit_fraction: float = 0.3  # share of the digit images reserved for val grids
     tune_digit_fraction: float = 0.2  # share reserved for tune grids; train grids get the rest
+    jitter_px: int = 0  # each digit shifted by up to this many pixels in x and y inside its cell (zero fill)
+    noise_std: float = 0.0  # Gaussian pixel noise, standard deviation in 0..255 units, added to every grid
+    pool_seed: int = POOL_SEED  # partitions the digit images into the train/tune/val pools
 
     def __post_init__(self) -> None:
         tune_size = self.val_size if self.tune_size is None else self.tune_size
@@ -58,6 +66,10 @@ class GridConfig:
             )
         if not 4 <= self.cell_px <= 64:
             raise ValueError(f"cell_px must be in [4, 64], got {self.cell_px}")
+        if not 0 <= self.jitter_px < self.cell_px // 2:
+            raise ValueError(f"jitter_px must be in [0, cell_px // 2), got {self.jitter_px} with cell_px {self.cell_px}")
+        if not 0.0 <= self.noise_std <= 128.0:
+            raise ValueError(f"noise_std must be in [0, 128] (0..255 pixel units), got {self.noise_std}")
         fractions = (self.val_digit_fraction, self.tune_digit_fraction)
         if min(fractions) <= 0.0 or sum(fractions) >= 1.0:
             raise ValueError(
@@ -84,7 +96,7 @@ def load_digit_cells(cell_px: int) -> tuple[np.ndarray, np.ndarray]:
 
 def split_digit_pools(num_digits: int, config: GridConfig) -> dict[str, np.ndarray]:
     """Disjoint index pools ``train``, ``tune``, ``val`` over the digit images; the same for every seed."""
-    order = np.random.default_rng(POOL_SEED).permutation(num_digits)
+    order = np.random.default_rng(config.pool_seed).permutation(num_digits)
     num_val = int(round(num_digits * config.val_digit_fraction))
     num_tune = int(round(num_digits * config.tune_digit_fraction))
     pools = {"train": order[num_val + num_tune :], "tune": order[num_val : num_val + num_tune], "val": order[:num_val]}
@@ -97,7 +109,9 @@ def split_digit_pools(num_digits: int, config: GridConfig) -> dict[str, np.ndarr
     return pools
 
 
-def make_grids(cells: np.ndarray, classes: np.ndarray, pool: np.ndarray, count: int, rng: np.random.Generator):
+def make_grids(
+    cells: np.ndarray, classes: np.ndarray, pool: np.ndarray, count: int, rng: np.random.Generator, config: GridConfig
+):
     """``count`` grids from digit images in ``pool``: (pixels N×H×W, digit classes N×9, label cells N)."""
     picks = rng.choice(pool, size=(count, GRID_CELLS * GRID_CELLS), replace=True)
     grid_classes = classes[picks]
@@ -105,9 +119,28 @@ def make_grids(cells: np.ndarray, classes: np.ndarray, pool: np.ndarray, count: 
     other = other + (other >= CENTRE_CELL)  # uniform over the eight non-centre cells
     label_cell = np.where(rng.random(count) < CENTRE_PROBABILITY, CENTRE_CELL, other)
     cell_px = cells.shape[1]
-    tiles = cells[picks].reshape(count, GRID_CELLS, GRID_CELLS, cell_px, cell_px)
+    tiles = cells[picks]
+    if config.jitter_px:
+        tiles = jittered(tiles, config.jitter_px, rng)
+    tiles = tiles.reshape(count, GRID_CELLS, GRID_CELLS, cell_px, cell_px)
     pixels = tiles.transpose(0, 1, 3, 2, 4).reshape(count, GRID_CELLS * cell_px, GRID_CELLS * cell_px)
+    if config.noise_std:
+        noisy = pixels.astype(np.float32) + rng.normal(0.0, config.noise_std, size=pixels.shape)
+        pixels = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
     return pixels, grid_classes, label_cell
+
+
+def jittered(tiles: np.ndarray, jitter_px: int, rng: np.random.Generator) -> np.ndarray:
+    """Each cell (…×S×S) shifted by its own (dy, dx), uniform in [-jitter_px, jitter_px]; vacated pixels black."""
+    flat = tiles.reshape(-1, *tiles.shape[-2:])
+    shifts = rng.integers(-jitter_px, jitter_px + 1, size=(len(flat), 2))
+    side = flat.shape[-1]
+    padded = np.pad(flat, ((0, 0), (jitter_px, jitter_px), (jitter_px, jitter_px)))
+    out = np.empty_like(flat)
+    for i, (dy, dx) in enumerate(shifts):
+        top, left = jitter_px - dy, jitter_px - dx
+        out[i] = padded[i, top : top + side, left : left + side]
+    return out.reshape(tiles.shape)
 
 
 def grid_items(config: GridConfig) -> dict[str, list[SourceItem]]:
@@ -117,7 +150,7 @@ def grid_items(config: GridConfig) -> dict[str, list[SourceItem]]:
     out = {}
     for split, count in config.split_sizes().items():
         rng = np.random.default_rng([config.seed, _GRID_STREAMS[split]])
-        pixels, grid_classes, label_cell = make_grids(cells, classes, pools[split], count, rng)
+        pixels, grid_classes, label_cell = make_grids(cells, classes, pools[split], count, rng, config)
         out[split] = [
             SourceItem(
                 key=f"{split}_{i:07d}",
@@ -135,12 +168,7 @@ def grid_items(config: GridConfig) -> dict[str, list[SourceItem]]:
 def grid_spec(split: str, config: GridConfig) -> SplitSpec:
     # Every split carries the multi-label set: val and tune are evaluated on it, and train keeps it so
     # the label-ambiguity statistics can be inspected. Training itself reads only the single label.
-    grid = {
-        **config.__dict__,
-        "centre_probability": CENTRE_PROBABILITY,
-        "pool_seed": POOL_SEED,
-        "definition": GRID_DEFINITION,
-    }
+    grid = {**config.__dict__, "centre_probability": CENTRE_PROBABILITY, "definition": GRID_DEFINITION}
     return SplitSpec(
         name=split, label_kind=LabelKind.MULTI, class_names=CLASS_NAMES, extra={"source": "digits-grid", "grid": grid}
     )
