@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import Method, RunConfig, TrainTargets
+from engine.config import ImitationTargets, Method, RunConfig, TrainTargets
 from engine.distributed import broadcast_buffers
 from engine.init_weights import load_backbone
 from engine.models import build_model, split_parameters
@@ -96,6 +96,8 @@ class Engine:
             autocast_dtype=torch.bfloat16 if (device.type == "cuda" and config.bf16) else None,
             device_type=device.type,
             label_sets=config.method.train_targets is TrainTargets.LABEL_SET,
+            soft_imitation=config.method.imitation_targets is ImitationTargets.SOFT,
+            imitation_add_label=config.method.imitation_add_label,
         )
         self.model = self._maybe_ddp(self.learner)
         self.stepper: Stepper = build_stepper(self.plan.phases, self.model, self.teacher, self.optimizer, self.settings)

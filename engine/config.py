@@ -79,6 +79,11 @@ class StudentInit(Choice):
     PREVIOUS = "previous"  # restore the student's own weights and momentum (Algorithm 1)
 
 
+class ImitationTargets(Choice):
+    HARD = "hard"  # 1[sigmoid(teacher) > rho]: the paper and the released code
+    SOFT = "soft"  # sigmoid(teacher) itself: an extension, in neither (docs/TUNING.md, "Two grids")
+
+
 class Schedule(Choice):
     COSINE = "cosine"
     STEP = "step"
@@ -245,6 +250,19 @@ class MethodConfig(_Component):
     warmup_steps: int = knob(
         0, "MILe: teacher-only steps before the first imitation phase.", alias="--warmup-steps", ge=0
     )
+    imitation_targets: ImitationTargets = knob(
+        ImitationTargets.HARD,
+        "MILe: the student's BCE targets: hard = 1[sigmoid(teacher) > rho] (the paper); soft = the teacher's "
+        "sigmoid probabilities (an extension, not in the paper or the released code; rho then only sets the "
+        "pseudo-label statistics).",
+        alias="--imitation-targets",
+    )
+    imitation_add_label: bool = knob(
+        False,
+        "MILe: add the given label to the teacher's pseudo-labels in imitation steps (an option of the released "
+        "code, off there by default; not in the paper).",
+        alias="--imitation-add-label",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -363,6 +381,13 @@ class RunConfig:
     )
     eval_every: int = knob(
         500, "Evaluate every N steps (and at the end).", alias="--eval-every", ge=1, resume_safe=True
+    )
+    eval_phase_ends: bool = knob(
+        True,
+        "MILe: also score the learner on the eval split at the end of every teacher and student phase "
+        "('phase_eval' records in metrics.jsonl, with the pseudo-labels it would pass on at rho).",
+        alias="--eval-phase-ends",
+        resume_safe=True,
     )
     log_every: int = knob(50, "Log train loss and images/s every N steps.", alias="--log-every", ge=1, resume_safe=True)
     checkpoint_every: int = knob(

@@ -50,6 +50,20 @@ def label_set_targets(labels: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return targets.float().scatter(1, labels[:, None], 1.0)
 
 
+def imitation_targets(
+    teacher_logits: torch.Tensor, logit_rho: float, labels: torch.Tensor, soft: bool, add_label: bool
+) -> torch.Tensor:
+    """The student's float targets of MILe's variants (``bce_pseudo_labels`` is the faithful rule, fused):
+    the teacher's sigmoid (``soft``) or its thresholded sigmoid, with the given label set to 1 when
+    ``add_label`` (images without a label, -1, keep the teacher's targets). Shape-preserving, no host sync."""
+    t = teacher_logits.float()
+    targets = torch.sigmoid(t) if soft else (t > logit_rho).float()
+    if add_label:
+        classes = torch.arange(t.shape[1], device=t.device)
+        targets = torch.maximum(targets, (classes == labels[:, None]).float())
+    return targets
+
+
 def bce_pseudo_labels(logits: torch.Tensor, teacher_logits: torch.Tensor, logit_rho: float) -> torch.Tensor:
     """BCE of the student against the teacher's thresholded sigmoid, fused (no targets tensor)."""
     z = logits.float()

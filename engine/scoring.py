@@ -14,7 +14,7 @@ from torch import nn
 from engine.checkpoint import read_checkpoint
 from engine.config import MethodKind, RunConfig
 from engine.data import compute_dtype, loader_config, resolve_data_root, train_source
-from engine.metrics import EvalAccumulator
+from engine.metrics import EvalAccumulator, PseudoLabelStats
 from engine.models import build_model
 from engine.run_folder import RunFolder, saved_config
 from engine.steps import autocast_context
@@ -45,15 +45,27 @@ def accumulator_for(
 
 @torch.no_grad()
 def score_split(
-    model: nn.Module, loader: Loader, accumulator: EvalAccumulator, dtype: torch.dtype | None, device: torch.device
+    model: nn.Module,
+    loader: Loader,
+    accumulator: EvalAccumulator,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    pseudo: PseudoLabelStats | None = None,
 ) -> dict[str, float]:
     """``accumulator``'s metrics of ``model`` over one pass of ``loader`` (targets scored when the
-    accumulator has them); the model must already be in eval mode."""
+    accumulator has them), with ``pseudo``'s pseudo-label statistics when given; the model must
+    already be in eval mode."""
     for batch in loader.epoch(0):
         with autocast_context(dtype, device.type):
-            logits = model(batch.images)
-        accumulator.update(logits.float(), batch.labels, batch.targets if accumulator.has_targets else None)
-    return accumulator.compute()
+            logits = model(batch.images).float()
+        targets = batch.targets if accumulator.has_targets else None
+        accumulator.update(logits, batch.labels, targets)
+        if pseudo is not None:
+            pseudo.update(logits, targets)
+    metrics = accumulator.compute()
+    if pseudo is not None:
+        metrics.update(pseudo.compute(has_targets=accumulator.has_targets and not accumulator.attributes))
+    return metrics
 
 
 @dataclass

@@ -21,6 +21,7 @@ from engine.losses import (
     bce_multi_hot,
     bce_one_hot,
     bce_pseudo_labels,
+    imitation_targets,
     label_set_targets,
     logit,
     softmax_cross_entropy,
@@ -48,6 +49,8 @@ class StepSettings:
     autocast_dtype: torch.dtype | None  # bf16 on CUDA, None = full precision
     device_type: str
     label_sets: bool = False  # supervised steps train on the batch's multi-hot label sets (method.train_targets)
+    soft_imitation: bool = False  # method.imitation_targets = soft (an extension)
+    imitation_add_label: bool = False  # method.imitation_add_label (a released-code option)
 
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], StepResult]
@@ -63,6 +66,21 @@ def supervised_loss(
     if settings.method == "softmax":
         return lambda logits, labels, targets: softmax_cross_entropy(logits, labels)
     return lambda logits, labels, targets: bce_one_hot(logits, labels)
+
+
+def pseudo_label_loss(settings: StepSettings) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """MILe's imitation loss (logits, teacher logits, labels): the paper's fused rule, or a variant's targets."""
+    logit_rho = logit(settings.rho)
+    if not (settings.soft_imitation or settings.imitation_add_label):
+        return lambda logits, teacher_logits, labels: bce_pseudo_labels(logits, teacher_logits, logit_rho)
+
+    def variant(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = imitation_targets(
+            teacher_logits, logit_rho, labels, settings.soft_imitation, settings.imitation_add_label
+        )
+        return bce_multi_hot(logits, targets)
+
+    return variant
 
 
 def _attribute_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
@@ -88,7 +106,7 @@ def make_step(
 ) -> StepFn:
     """The step function of one phase; the loop calls it the same way for every method."""
     loss_on_labels = supervised_loss(settings)
-    logit_rho = logit(settings.rho)
+    imitation_loss = pseudo_label_loss(settings)
 
     def step(images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> StepResult:
         optimizer.zero_grad(set_to_none=True)
@@ -98,7 +116,7 @@ def make_step(
                 assert teacher is not None  # build_engine gives every MILe stepper a teacher
                 with torch.no_grad():
                     teacher_logits = teacher(images)  # same augmented batch, teacher in eval mode
-                loss = bce_pseudo_labels(logits, teacher_logits, logit_rho)
+                loss = imitation_loss(logits, teacher_logits, labels)
             else:
                 loss = loss_on_labels(logits, labels, targets)
         loss.backward()

@@ -35,7 +35,7 @@ from engine.config import Method, RunConfig
 from engine.data import build_loaders, compute_dtype
 from engine.distributed import DistInfo, gather_floats
 from engine.hooks import StepHooks, StepObserver
-from engine.metrics import metric_key
+from engine.metrics import PseudoLabelStats, metric_key
 from engine.phases import STUDENT, PhasePosition, module_state
 from engine.plan import EvalSet, plan_run
 from engine.run_folder import check_checkpoint_classes
@@ -376,7 +376,8 @@ class Trainer:
         done = self.step == config.num_steps
         log_point = self.step % config.log_every == 0 or done
         eval_point = self.step % config.eval_every == 0 or done
-        if log_point or eval_point:
+        phase_end = self._ends_phase()
+        if log_point or eval_point or phase_end:
             self._drain(stats)
         # one process stops at once; several agree at log points, so that all leave after the same
         # step (a rank that ran one more step would wait in its gradient all-reduce forever)
@@ -385,6 +386,8 @@ class Trainer:
             signum = self._log_point(stats, bar, stop)
         if eval_point:
             eval_metrics = self.evaluate()
+        if phase_end:
+            self._phase_eval()
         best = self._improves_best(eval_metrics)
         if self.step % config.checkpoint_every == 0 or done or signum or best:
             last = self.step % config.checkpoint_every == 0 or done or bool(signum)
@@ -525,10 +528,34 @@ class Trainer:
             log.info(eval_line(self.step, self.config.num_steps, where, metrics, self.config.eval_thetas))
         return metrics
 
-    def _score(self, eval_set: EvalSet, loader: Loader) -> dict[str, float]:
+    def _ends_phase(self) -> bool:
+        """Whether the step just taken ended a MILe phase (the run's last step included)."""
+        if not self.config.eval_phase_ends or self.config.method.name is not Method.MILE or self.step == 0:
+            return False
+        plan = self.engine.plan
+        return (
+            self.step == self.config.num_steps or plan.position(self.step).phase != plan.position(self.step - 1).phase
+        )
+
+    @torch.no_grad()
+    def _phase_eval(self) -> None:
+        """The learner at the end of a MILe phase (the teacher about to be snapshotted, or the student
+        that imitated it) scored on the eval split, with the pseudo-labels it would pass on at rho: a
+        ``phase_eval`` record (docs/METRICS.md), so a reader sees in which phase ranking is won or lost."""
+        ended = self.engine.plan.position(self.step - 1)
+        self.engine.sync_buffers()
+        self.engine.learner.eval()
+        pseudo = PseudoLabelStats(self.config.method.rho, self.device)
+        metrics = self._score(self.eval_sets[0], self.eval_loaders[0], pseudo)
+        self.engine.learner.train()
+        self.folder.log(
+            {"kind": "phase_eval", "step": self.step, "role": ended.phase.value, "cycle": ended.cycle, **metrics}
+        )
+
+    def _score(self, eval_set: EvalSet, loader: Loader, pseudo: PseudoLabelStats | None = None) -> dict[str, float]:
         dtype = compute_dtype(self.config, self.device, train=False)
         return score_split(
-            self.engine.learner, loader, self.plan.new_accumulator(eval_set), dtype, self.device
+            self.engine.learner, loader, self.plan.new_accumulator(eval_set), dtype, self.device, pseudo
         )  # SYNC: eval point
 
     def _improves_best(self, metrics: dict[str, float] | None) -> bool:

@@ -67,7 +67,9 @@ class GridConfig:
         if not 4 <= self.cell_px <= 64:
             raise ValueError(f"cell_px must be in [4, 64], got {self.cell_px}")
         if not 0 <= self.jitter_px < self.cell_px // 2:
-            raise ValueError(f"jitter_px must be in [0, cell_px // 2), got {self.jitter_px} with cell_px {self.cell_px}")
+            raise ValueError(
+                f"jitter_px must be in [0, cell_px // 2), got {self.jitter_px} with cell_px {self.cell_px}"
+            )
         if not 0.0 <= self.noise_std <= 128.0:
             raise ValueError(f"noise_std must be in [0, 128] (0..255 pixel units), got {self.noise_std}")
         fractions = (self.val_digit_fraction, self.tune_digit_fraction)
