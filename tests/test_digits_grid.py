@@ -205,3 +205,74 @@ def test_cli_writes_a_manifest_with_train_tune_and_val(tmp_path):
         members = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()[:5]}
     sample = decode_sample("first", members)
     assert sample.label in sample.label_set and Image.open(io.BytesIO(sample.jpeg)).size == (48, 48)
+
+
+def _grid_digest(config: GridConfig) -> str:
+    """sha256 over every split's pixels, labels and label sets."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for split, items in grid_items(config).items():
+        for item in items:
+            digest.update(split.encode() + item.pixels.tobytes() + bytes([item.label]) + bytes(item.label_set))
+    return digest.hexdigest()
+
+
+def test_the_embedded_grid_is_unchanged_by_the_second_grids_options():
+    # Pinned from the code before --jitter-px/--noise-std/--pool-seed existed: the demo's grids and
+    # every setting chosen on them stay valid.
+    expected = "0ab14de5e26a684f0b733a9fd2fe580deef10cc9d1dfb14ab8368e78b707cc29"
+    assert _grid_digest(GridConfig(train_size=50, val_size=40, tune_size=30, seed=7)) == expected
+
+
+def test_jitter_noise_and_pool_seed_make_another_grid_with_the_same_label_rule():
+    base = small_config(cell_px=8, train_size=40, val_size=40)
+    hard = small_config(cell_px=8, train_size=40, val_size=40, jitter_px=2, noise_std=24.0, pool_seed=1)
+    plain, other = grid_items(base)["val"], grid_items(hard)["val"]
+    assert not np.array_equal(plain[0].pixels, other[0].pixels)
+    for item in other:  # the rule holds: label among the nine digits, label set = the digits present
+        assert item.label == item.meta["grid"][item.meta["label_cell"]]
+        assert item.label_set == tuple(sorted(set(item.meta["grid"])))
+    noisy = np.stack([item.pixels for item in other]).astype(float)
+    clean = np.stack([item.pixels for item in plain]).astype(float)
+    assert (noisy == 0).mean() < (clean == 0).mean()  # noise lifts the black background
+    # another pool seed: other digit images in each pool, still disjoint
+    num_digits = len(load_digit_cells(4)[1])
+    pools_0, pools_1 = split_digit_pools(num_digits, base), split_digit_pools(num_digits, hard)
+    assert not np.array_equal(pools_0["val"], pools_1["val"])
+    assert not set(pools_1["val"]) & set(pools_1["tune"]) and not set(pools_1["tune"]) & set(pools_1["train"])
+
+
+def test_jitter_shifts_each_digit_inside_its_cell_only():
+    rng = np.random.default_rng(0)
+    tiles = np.zeros((50, 8, 8), np.uint8)
+    tiles[:, 3:5, 3:5] = 255  # a 2×2 blob in the middle of each cell
+    shifted = digits_grid.jittered(tiles, 2, rng)
+    assert (shifted.reshape(50, -1).sum(axis=1) == 4 * 255).all()  # nothing falls off an 8 px cell at ±2
+    offsets = {tuple(np.argwhere(s)[0] - (3, 3)) for s in shifted}
+    assert len(offsets) > 5 and all(max(abs(dy), abs(dx)) <= 2 for dy, dx in offsets)
+
+
+def test_the_cli_refuses_a_jitter_that_could_push_a_digit_out(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "make_shards.py"),
+            "digits-grid",
+            "--out",
+            str(tmp_path / "g"),
+            "--cell-px",
+            "8",
+            "--jitter-px",
+            "4",
+            "--train-size",
+            "4",
+            "--val-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2 and "jitter_px" in result.stderr and "--jitter-px" in result.stderr
+    assert not (tmp_path / "g").exists()

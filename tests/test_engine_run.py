@@ -355,3 +355,29 @@ def test_demo_reuses_finished_runs_and_never_overwrites_another_config(grid_root
     with pytest.raises(RunFolderError, match="another config"):
         train_or_reuse(tiny_config(grid_root, tmp_path / "mile", num_steps=6, eval_every=6))
     assert (tmp_path / "mile" / "checkpoints" / "last.pt").read_bytes() == checkpoint
+
+
+@pytest.mark.parametrize(
+    ("flags", "soft", "add_label"),
+    [
+        ({}, None, None),
+        ({"method.imitation_targets": "soft"}, True, False),
+        ({"method.imitation_add_label": True}, False, True),
+    ],
+)
+def test_imitation_variants_reach_the_student_steps(
+    grid_root: Path, tmp_path: Path, monkeypatch, flags, soft, add_label
+) -> None:
+    import engine.steps
+
+    seen = []
+    real = engine.steps.imitation_targets
+
+    def spy(teacher_logits, logit_rho, labels, soft, add_label):
+        seen.append((soft, add_label))
+        return real(teacher_logits, logit_rho, labels, soft, add_label)
+
+    monkeypatch.setattr(engine.steps, "imitation_targets", spy)
+    Trainer(tiny_config(grid_root, tmp_path / "run", num_steps=6, **flags), CPU).run()
+    # steps 3-4 imitate (k_t 3, k_s 2); the faithful rule never builds a targets tensor
+    assert seen == ([] if soft is None else [(soft, add_label)] * 2)

@@ -295,3 +295,38 @@ def test_loader_workers_default_to_auto_and_the_resolved_count_is_logged(tmp_pat
         loader.num_workers for loader in (loaders.train, *loaders.evaluation) if isinstance(loader, TorchLoader)
     ] == [3, 3]
     loaders.close()
+
+
+def test_imitation_variant_targets() -> None:
+    from engine.losses import imitation_targets
+
+    teacher = torch.tensor([[2.0, -2.0, 0.0, -3.0], [-1.2, -1.5, -4.0, 0.5]])
+    labels = torch.tensor([3, -1])  # the second image has no given label (unlabelled data)
+    hard = imitation_targets(teacher, logit(0.25), labels, soft=False, add_label=False)
+    assert hard.tolist() == [[1, 0, 1, 0], [0, 0, 0, 1]]  # sigmoid > 0.25 <=> logit > -1.0986
+    with_label = imitation_targets(teacher, logit(0.25), labels, soft=False, add_label=True)
+    assert with_label.tolist() == [[1, 0, 1, 1], [0, 0, 0, 1]]  # the label joins; -1 adds nothing
+    soft = imitation_targets(teacher, logit(0.25), labels, soft=True, add_label=False)
+    assert torch.allclose(soft, torch.sigmoid(teacher))
+    soft_with_label = imitation_targets(teacher, logit(0.25), labels, soft=True, add_label=True)
+    assert soft_with_label[0, 3] == 1.0 and torch.allclose(soft_with_label[1], torch.sigmoid(teacher[1]))
+
+
+def test_the_faithful_imitation_loss_is_the_fused_one_and_variants_are_bce_on_their_targets() -> None:
+    from engine.steps import StepSettings, pseudo_label_loss
+
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(16, 10, generator=generator) * 3, torch.randn(16, 10, generator=generator) * 3
+    labels = torch.randint(0, 10, (16,), generator=generator)
+
+    def loss(**variant: bool) -> torch.Tensor:
+        settings = StepSettings("mile", 0.25, False, None, "cpu", **variant)
+        return pseudo_label_loss(settings)(student, teacher, labels).double()
+
+    assert torch.equal(loss(), bce_pseudo_labels(student, teacher, logit(0.25)).double())
+    soft = F.binary_cross_entropy_with_logits(student.double(), torch.sigmoid(teacher.double()), reduction="none")
+    assert torch.allclose(loss(soft_imitation=True), soft.sum(dim=1).mean(), atol=1e-5)
+    hard = (torch.sigmoid(teacher.double()) > 0.25).double()
+    hard[torch.arange(16), labels] = 1.0
+    added = F.binary_cross_entropy_with_logits(student.double(), hard, reduction="none").sum(dim=1).mean()
+    assert torch.allclose(loss(imitation_add_label=True), added, atol=1e-5)
