@@ -543,7 +543,7 @@ def plot_phases(out: Path, rows: list[dict[str, Any]], title: str) -> Path:
     figure.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(0.75, 0.95), borderaxespad=0)
     figure.suptitle(title, fontsize=11)
     figure.tight_layout(rect=(0, 0, 0.74, 0.97))
-    figure.savefig(out / "phases.png", dpi=120)
+    figure.savefig(out / "phases.png", dpi=120, bbox_inches="tight")  # a long group label is never cut off
     plt.close(figure)
     return out / "phases.png"
 
