@@ -22,6 +22,7 @@ from sklearn.metrics import (
 
 from engine.metrics import (
     EvalAccumulator,
+    PseudoLabelStats,
     average_precision_per_class,
     metric_key,
     ranking_metric_names,
@@ -411,6 +412,36 @@ def test_trivial_predictors_reject_bad_inputs():
         trivial_predictor_scores(np.array([0, -1, 2]), targets, 3)
     with pytest.raises(ValueError, match="N×4"):
         trivial_predictor_scores(np.arange(3), targets, 4)
+
+
+# -- MILe's pseudo-labels -------------------------------------------------------------------------------------
+
+
+def test_pseudo_label_stats_on_a_hand_worked_split():
+    # rho 0.25: class c is a pseudo-label where sigmoid(z_c) > 0.25, i.e. z_c > log(1/3) = -1.0986.
+    # Image 0: {0, 1, 3} (sigmoid(-1) = 0.269), argmax 0 in it, T = {0, 1}: 2 true pseudo-labels.
+    # Image 1: nothing above rho (an empty set: its argmax 0 is not in it), T = {2}.
+    # Image 2: {1}, argmax 1 in it, T = {1, 2, 3}: 1 true pseudo-label.
+    logits = torch.tensor([[2.0, 0.0, -3.0, -1.0], [-2.0, -4.0, -1.5, -3.0], [-5.0, 1.0, -2.0, -2.0]])
+    targets = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 0], [0, 1, 1, 1]], dtype=torch.float32)
+    stats = PseudoLabelStats(0.25, "cpu")
+    stats.update(logits[:2], targets[:2])  # two batches add up
+    stats.update(logits[2:], targets[2:])
+    got = stats.compute(has_targets=True)
+    assert got == pytest.approx(
+        {
+            "pseudo_set_size": (3 + 0 + 1) / 3,
+            "pseudo_empty_fraction": 1 / 3,
+            "pseudo_argmax_in_set": 2 / 3,
+            "pseudo_precision": (2 + 0 + 1) / (3 + 0 + 1),
+            "pseudo_recall": (2 + 0 + 1) / (2 + 1 + 3),
+        }
+    )
+    unlabelled = PseudoLabelStats(0.25, "cpu")
+    unlabelled.update(logits, None)
+    assert unlabelled.compute(has_targets=False) == {k: got[k] for k in list(got)[:3]}
+    with pytest.raises(ValueError, match="rho"):
+        PseudoLabelStats(1.0, "cpu")
 
 
 # -- average precision -------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """``tools/report.py RUNS... --out DIR``: the comparison table (``table.md``, ``table.csv``) and plots
-(an eval metric over training, F1 against coverage) of finished runs, from their run folders alone.
+(an eval metric over training, F1 against coverage; for MILe, ``phases.png`` / ``phases.csv``: the
+teacher and the student at the end of every phase) of finished runs, from their run folders alone.
 
 RUNS are run folders, or folders holding run folders (a demo's or a sweep's ``--out``). Runs are
 grouped by the config keys that tell experiments apart (or ``--group-by``); each cell is the mean ±

@@ -5,8 +5,9 @@ learning rate (and MILe's rho) come from ``engine/configs/demo/methods.toml``, c
 split (docs/TUNING.md). Writes to ``--out``:
 ``table.md`` / ``table.csv`` (per method: F1@theta, coverage, F1 at matched coverage, top-|T| F1,
 label-ranking AP, secondary mAP, top-1, mean ± std over seeds; and rows for predictors that need no
-model), ``f1_curve.png`` (F1@0.25 over training) and ``f1_vs_coverage.png`` (F1 against coverage
-as the prediction set grows: whether a method is better or only predicts more labels), all made
+model), ``f1_curve.png`` (F1@0.25 over training), ``f1_vs_coverage.png`` (F1 against coverage
+as the prediction set grows: whether a method is better or only predicts more labels) and
+``phases.png`` / ``phases.csv`` (MILe's teacher and student at the end of every phase), all made
 by ``engine.commands.report`` from the run folders, as ``tools/report.py OUT`` makes them. Running it again
 reuses finished runs of the same config and resumes interrupted ones; it never deletes a run.
 """

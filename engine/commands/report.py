@@ -5,8 +5,10 @@ folders only: ``config.toml``, ``summary.json``, ``metrics.jsonl``, ``demo_wall_
 F1-vs-coverage curve and the no-model rows, the last checkpoint scored on the run's eval split. It
 writes ``table.md`` and ``table.csv`` (one row per group of runs, each cell the mean ± std over the
 group's seeds), ``f1_curve.png`` (or ``METRIC_curve.png``: an eval metric over training) and
-``f1_vs_coverage.png``. Runs are grouped by every config key that tells experiments apart (not the
-seed, the folder, the device or logging intervals), or by the keys ``--group-by`` names.
+``f1_vs_coverage.png``, and for MILe runs with ``phase_eval`` records ``phases.png`` / ``phases.csv``
+(the learner at the end of every teacher and student phase). Runs are grouped by every config key
+that tells experiments apart (not the seed, the folder, the device or logging intervals), or by the
+keys ``--group-by`` names.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.table import Table
@@ -61,7 +63,7 @@ NOT_GROUPED = frozenset(
 )
 # Set sizes, thresholds and counts are shown as they are; every other metric in %.
 _UNSCALED = re.compile(
-    r"(^|/)(num_.*|coverage@.*|theta@matched|m@matched|threshold@matched|matched_target|eval_seconds)$"
+    r"(^|/)(num_.*|coverage@.*|theta@matched|m@matched|threshold@matched|matched_target|eval_seconds|pseudo_set_size)$"
 )
 
 
@@ -347,6 +349,11 @@ _METRIC_WORDS = {
     "theta@matched": "threshold giving the matched set size",
     "m@matched": "top-m giving the matched set size",
     "num_images": "images evaluated",
+    "pseudo_set_size": "pseudo-labels per image",
+    "pseudo_empty_fraction": "images with no pseudo-label",
+    "pseudo_argmax_in_set": "images whose argmax is a pseudo-label",
+    "pseudo_precision": "pseudo-labels that are true",
+    "pseudo_recall": "true labels that are pseudo-labels",
 }
 
 
@@ -458,6 +465,124 @@ def plot_f1_vs_coverage(
     return out / "f1_vs_coverage.png"
 
 
+# -- MILe's phases: the learner at every phase end -----------------------------------------------
+
+# phases.png's panels, in order; a panel whose metric no record has is left out (pseudo_precision
+# needs an eval split with label sets)
+PHASE_PANELS = ("top1", "lrap", "f1@top|T|", "f1@matched", "pseudo_set_size", "pseudo_precision")
+PHASE_FIELDS = ("group", "step", "role", "cycle", "seeds")
+_NOT_METRICS = frozenset({"kind", "step", "role", "cycle"})
+# role -> (line style, marker, legend words)
+_ROLE_STYLE: dict[str, tuple[Literal["-", "--"], str, str]] = {
+    "teacher": ("-", "o", "teacher: end of an interaction phase"),
+    "student": ("--", "s", "student: end of an imitation phase"),
+}
+
+
+def _phase_records(run: RunRecord) -> dict[tuple[int, str, int], dict[str, Any]]:
+    """A run's ``phase_eval`` records (docs/METRICS.md) by (step, role, cycle); none for other runs."""
+    records = RunFolder(run.folder).read_metrics()
+    return {(r["step"], r["role"], r["cycle"]): r for r in records if r.get("kind") == "phase_eval"}
+
+
+def _mean_or_none(values: list[Any]) -> float | int | None:
+    """The mean of the finite numbers in ``values``; a count stays an integer where it is one."""
+    present = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not present:
+        return None
+    mean = statistics.fmean(present)
+    return int(mean) if all(isinstance(v, int) for v in present) and mean.is_integer() else mean
+
+
+def phase_rows(groups: list[Group]) -> list[dict[str, Any]]:
+    """One row per MILe group and phase end: group, step, role, cycle, seeds (the group's runs that
+    reached it) and every metric of its ``phase_eval`` records, averaged over those runs (None where
+    no run has a finite value). Groups without such records (baselines, older runs) give no row."""
+    rows: list[dict[str, Any]] = []
+    for group in groups:
+        if group.method != "mile":
+            continue
+        ends: dict[tuple[int, str, int], list[dict[str, Any]]] = {}
+        for run in group.runs:
+            for key, record in _phase_records(run).items():
+                ends.setdefault(key, []).append(record)
+        for (step, role, cycle), records in sorted(ends.items()):
+            names = dict.fromkeys(name for record in records for name in record if name not in _NOT_METRICS)
+            row: dict[str, Any] = {"group": group.label, "step": step, "role": role, "cycle": cycle}
+            row["seeds"] = len(records)
+            rows.append(row | {name: _mean_or_none([r.get(name) for r in records]) for name in names})
+    return rows
+
+
+def write_phase_csv(out: Path, rows: list[dict[str, Any]]) -> Path:
+    """``phases.csv``: ``phase_rows`` as they are (fractions, not %), an empty cell for None."""
+    fields = list(dict.fromkeys(name for row in rows for name in row))
+    with open(out / "phases.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
+    return out / "phases.csv"
+
+
+def plot_phases(out: Path, rows: list[dict[str, Any]], title: str) -> Path:
+    """``phases.png``: one panel per metric of PHASE_PANELS over training steps; teacher and student
+    points in two line styles, one colour per MILe group; the legend beside the panels."""
+    plt = _pyplot()
+    panels = [m for m in PHASE_PANELS if any(row.get(m) is not None for row in rows)]
+    columns = 2
+    figure, axes = plt.subplots(
+        math.ceil(len(panels) / columns), columns, figsize=(12.5, 2.9 * math.ceil(len(panels) / columns)), squeeze=False
+    )
+    labels = list(dict.fromkeys(row["group"] for row in rows))
+    colours = {label: f"C{index % 10}" for index, label in enumerate(labels)}
+    for axis, metric in zip(axes.flat, panels):
+        _phase_panel(axis, rows, metric, colours)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
+    handles = _phase_legend(plt, colours)
+    figure.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(0.75, 0.95), borderaxespad=0)
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout(rect=(0, 0, 0.74, 0.97))
+    figure.savefig(out / "phases.png", dpi=120, bbox_inches="tight")  # a long group label is never cut off
+    plt.close(figure)
+    return out / "phases.png"
+
+
+def _phase_panel(axis: Any, rows: list[dict[str, Any]], metric: str, colours: dict[str, str]) -> None:
+    scale = 1 if _UNSCALED.search(metric) else 100
+    for label, colour in colours.items():
+        for role, (line, marker, _) in _ROLE_STYLE.items():
+            points = [r for r in rows if r["group"] == label and r["role"] == role and r.get(metric) is not None]
+            steps, values = [r["step"] for r in points], [scale * r[metric] for r in points]
+            axis.plot(steps, values, linestyle=line, marker=marker, color=colour, markersize=4)
+    axis.set_title(f"{metric_words(metric)}{' (%)' if scale == 100 else ''}", fontsize=9)
+    axis.set_xlabel("training step", fontsize=8)
+    axis.ticklabel_format(style="plain", useOffset=False)
+    axis.tick_params(labelsize=8)
+    axis.grid(alpha=0.3)
+
+
+def _phase_legend(plt: Any, colours: dict[str, str]) -> list[Any]:
+    """One entry per group (its colour) and one per role (its line style and marker, in grey)."""
+    from matplotlib.lines import Line2D
+
+    groups = [Line2D([], [], color=colour, linewidth=2, label=label) for label, colour in colours.items()]
+    roles = [
+        Line2D([], [], color="0.35", linestyle=line, marker=marker, markersize=4, label=words)
+        for line, marker, words in _ROLE_STYLE.values()
+    ]
+    return groups + roles
+
+
+def write_phase_report(out: Path, groups: list[Group], data: str) -> list[Path]:
+    """``phases.png`` and ``phases.csv`` of the MILe groups with ``phase_eval`` records; nothing when none has."""
+    rows = phase_rows(groups)
+    if not rows:
+        return []
+    title = f"{data}: MILe's learner at the end of every phase (mean over seeds)"
+    return [plot_phases(out, rows, title), write_phase_csv(out, rows)]
+
+
 def score_final_models(
     groups: list[Group],
 ) -> tuple[dict[str, list[dict[str, float | str]]], dict[str, dict[str, float]]]:
@@ -525,4 +650,5 @@ def write_report(
     files.append(plot_metric_curves(out, groups, metric, f"{data}: {metric_words(metric)} over training"))
     if curves:
         files.append(plot_f1_vs_coverage(out, curves, trivial))
+    files += write_phase_report(out, groups, data)
     return Report(groups, table_rows, curves, trivial, files)
