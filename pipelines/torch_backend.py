@@ -95,18 +95,21 @@ class BatchReader(Dataset):
         if not self.decode:  # decoded on the GPU by the main process
             out["encoded"], out["encoded_sizes"] = self._packed_bytes(indices)
             return out
-        encoded = [torch.frombuffer(self.reader.image_bytes(i), dtype=torch.uint8) for i in indices]
-        out["images"] = self._images(encoded, request.epoch, indices)
+        out["images"] = self._images(self._encoded(indices), request.epoch, indices)
         return out
 
     def _packed_bytes(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's JPEG bytes in one buffer, and their sizes: one shared-memory block (and one
         pinned one on CUDA) per batch rather than one per image."""
         sizes = self.reader.table.image_size[indices]
-        packed = batch_tensor((int(sizes.sum()),), torch.uint8)
+        packed = self._new_batch((int(sizes.sum()),), torch.uint8)
         for data, image in zip(torch.split(packed, sizes.tolist()), indices):
             self.reader.read_into(image, data.numpy().data, int(self.reader.table.image_offset[image]))
         return packed, torch.from_numpy(sizes)
+
+    def _encoded(self, indices: list[int]) -> list[torch.Tensor]:
+        """Each sample's JPEG bytes, as a uint8 1-D tensor."""
+        return [torch.frombuffer(self.reader.image_bytes(i), dtype=torch.uint8) for i in indices]
 
     def _images(self, encoded: list[torch.Tensor], epoch: int, indices: list[int]) -> torch.Tensor:
         """Decoded, augmented (and normalised) N×S×S×C, each image written into the batch as it is made."""
@@ -115,13 +118,16 @@ class BatchReader(Dataset):
             image = self._decode_one(data, epoch, index)
             if batch is None:
                 dtype = self.spec.normalize.dtype if self.normalise else torch.uint8
-                batch = batch_tensor((len(indices), *image.shape), dtype)
+                batch = self._new_batch((len(indices), *image.shape), dtype)
             if self.normalise:
                 self._normalise_into(image[None], out_nhwc=batch[slot : slot + 1])
             else:
                 batch[slot].copy_(image)
         assert batch is not None, "a planned batch has at least one sample"
         return batch
+
+    def _new_batch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return batch_tensor(shape, dtype)
 
     def _decode_one(self, data: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
         """One JPEG -> uint8 H×W×C (the batch is stacked N×H×W×C: channels-last once viewed as NCHW)."""
@@ -165,6 +171,8 @@ def _worker_message(error: ShardDataError) -> str:
 class TorchLoader:
     """``Loader`` over one split with DataLoader workers; see the module docstring."""
 
+    reader_class: type[BatchReader] = BatchReader  # what the workers run (a subclass may run its own)
+
     def __init__(
         self, root: Path, manifest: SplitManifest, config: LoaderConfig, decode_on_device: bool | None = None
     ) -> None:
@@ -184,7 +192,7 @@ class TorchLoader:
         # On the CPU the workers normalise too (module docstring); on CUDA uint8 crosses to the device.
         self._normalise_in_workers = not self._decode_on_device and self._device.type == "cpu"
         self._plan = _EpochPlan()
-        self._reader = BatchReader(
+        self._reader = self.reader_class(
             self.table, self._spec, config.seed, decode=not self._decode_on_device, normalise=self._normalise_in_workers
         )
         self._workers_started = False
@@ -240,12 +248,16 @@ class TorchLoader:
         """Decode the batch in one call (nvJPEG on CUDA), then augment image by image on the device:
         sizes differ until resized, so this loop is per-sample Python; DALI is the fast GPU path."""
         try:
-            images = self._spec.decode.apply_torch_batch(encoded, self._device)
+            images = self._decode_images(encoded)
         except (RuntimeError, ValueError) as error:
             self._raise_for_batch(encoded, indices, error)
         random = self._spec.random
         rngs = [sample_rng(self.config.seed, epoch, int(i)) if random else None for i in indices.tolist()]
         return torch.stack([self._spec.torch_image(image, rng) for image, rng in zip(images, rngs)])
+
+    def _decode_images(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The device's decoder on the whole batch: uint8 3×H×W each."""
+        return self._spec.decode.apply_torch_batch(encoded, self._device)
 
     def _raise_for_batch(self, encoded: list[torch.Tensor], indices: torch.Tensor, error: BaseException) -> NoReturn:
         """A batch decode failed: find the damaged sample by decoding each on the CPU, else name the
