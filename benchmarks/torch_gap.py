@@ -17,10 +17,14 @@ these switched:
   row reads it.
 
 The last row is the host side of the GPU-decode path (``decode_on_device``, what the loader does
-on CUDA): workers read bytes only, the main process splits the packed batch, parses each JPEG's
-size, plans crops and flips and dispatches every per-image operation and the normalisation, but on
-``meta`` tensors, so no pixel is decoded or computed. Its CPU ms per image is what the host spends
-per image on a GPU machine, less nvJPEG's own host work and the CUDA launch latency (no GPU here).
+on CUDA) without any device work: workers read the bytes only and pack them, the main process
+splits the packed batch, reads each JPEG's size from its header (as a device decoder does first),
+draws each sample's crop window and flip from its generator, and hands out an empty ``meta`` batch.
+Not in it: nvJPEG's own host work and the dispatch of the per-image device operations (crop,
+resize, flip: torchvision's Python and the CUDA launches; no GPU here, and ``meta`` tensors would
+time torch's Python shape functions instead, ~0.3 ms per image). The row records beside it the
+project's per-image transform run on 16×16 stand-ins to 8×8 (``stand_in_transform_us``): the
+generator, its draws and the dispatch of every per-image operation, with almost no pixel work.
 
 Data and timing as ``benchmarks.loaders``: the same synthetic ~500x375 photo JPEGs, same workers,
 batch and image size for every row, one warm-up round, then rounds in which every row times one
@@ -59,12 +63,13 @@ from benchmarks.loaders import (
 )
 from pipelines.contract import Batch, LoaderConfig
 from pipelines.torch_backend import BatchReader, TorchLoader, decode_or_raise
+from pipelines.transforms import RandomResizedCrop, sample_rng, transform_spec
 from shards.manifest import load_split
 from shards.tar_io import read_index, split_name
 
 PROJECT = "project torch backend"
 PLAIN = PLAIN_TORCHVISION
-HOST_SIDE = "host side of GPU decode (device work on meta)"
+HOST_SIDE = "host side of GPU decode (no device work)"
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ class TorchVariant:
     batch_outside_shared_memory: bool = False  # the batch is copied into shared memory when handed over
     generator_per_worker: bool = False  # one generator per worker instead of one per (seed, epoch, index)
     read_files: bool = False  # JPEG bytes from the image folder's files instead of pread from the tar
-    host_side_only: bool = False  # the GPU-decode path, device work on meta tensors
+    host_side_only: bool = False  # the GPU-decode path without its device work
 
 
 def variants() -> list[TorchVariant]:
@@ -164,11 +169,19 @@ class VariantTorchLoader(TorchLoader):
             gc.collect()  # what TorchLoader.epoch did before every epoch
         return super().epoch(epoch, start_batch)
 
-    def _decode_images(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Empty ``meta`` images of each JPEG's size: the device's decode, without its work."""
+    def _decode_batch(self, encoded: list[torch.Tensor], indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The host's share of ``TorchLoader._decode_batch`` for the bench's random crop and flip:
+        each JPEG's size, then the sample's generator and its draws; an empty batch out."""
         if not self.variant.host_side_only:
-            return super()._decode_images(encoded)
-        return [torch.empty((3, *jpeg_size(data)), dtype=torch.uint8, device="meta") for data in encoded]
+            return super()._decode_batch(encoded, indices, epoch)
+        crop = self._spec.steps[0]
+        assert isinstance(crop, RandomResizedCrop), "the bench trains with a random-resized crop and a flip"
+        for data, index in zip(encoded, indices.tolist()):
+            rng = sample_rng(self.config.seed, epoch, index)
+            crop.box(*jpeg_size(data), rng)
+            rng.random()  # the flip's draw
+        size = crop.size_px
+        return torch.empty((len(encoded), size, size, 3), dtype=torch.uint8, device="meta")
 
 
 def folder_paths(root: Path, index_paths: tuple[str, ...]) -> list[str]:
@@ -199,6 +212,7 @@ class TorchGapRow:
     cpu_ms_per_image: list[float] = field(default_factory=list)  # the process tree
     main_cpu_ms_per_image: list[float] = field(default_factory=list)  # the main process alone
     ratio_to_plain: list[float] = field(default_factory=list)  # within each round
+    stand_in_transform_us: float | None = None  # the host-side row only (module docstring)
 
     def median(self, values: list[float]) -> float | None:
         return statistics.median(values) if values else None
@@ -228,7 +242,21 @@ def run_torch_gap(bench: LoaderBenchConfig, rows_named: tuple[str, ...] = ()) ->
         finally:
             for loader in loaders:
                 loader.close()
+        for row in rows:
+            if row.name == HOST_SIDE:
+                row.stand_in_transform_us = stand_in_transform_us(bench.seed)
         return rows
+
+
+def stand_in_transform_us(seed: int, count: int = 2000) -> float:
+    """CPU microseconds per image of the training transform (random-resized crop to 8 px and flip)
+    on a 16×16 image: the host's per-image work and dispatch, with almost nothing to compute."""
+    spec = transform_spec(LoaderConfig(batch_size=1, image_size_px=8, train=True, backend="torch", device="cpu"))
+    stand_in = torch.zeros((3, 16, 16), dtype=torch.uint8)
+    start = time.process_time()
+    for index in range(count):
+        spec.torch_image(stand_in, sample_rng(seed, 0, index))
+    return 1e6 * (time.process_time() - start) / count
 
 
 def _time(loader: TimedLoader, epoch: int, images_per_epoch: int) -> tuple[float, float, float]:
@@ -260,6 +288,10 @@ def format_table(rows: list[TorchGapRow]) -> str:
             f"{r.median(r.ratio_to_plain):>8.3f} {r.median(r.cpu_ms_per_image):>10.2f} "
             f"{r.median(r.main_cpu_ms_per_image):>11.2f}"
         )
+        if r.stand_in_transform_us is not None:
+            lines.append(
+                f"  + per-image transform on 16x16 stand-ins (draws, dispatch): {r.stand_in_transform_us:.1f} us"
+            )
     return "\n".join(lines)
 
 
