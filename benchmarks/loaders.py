@@ -231,8 +231,13 @@ def backend_loader(root: Path, config: LoaderBenchConfig, backend: str, device: 
     return build_loader(root / "shards", SPLIT, loader_config)
 
 
+SETTLE_POLL_S = 0.02  # how often ``settle`` looks at the process tree's CPU time
+SETTLE_IDLE_CPU_S = 0.002  # CPU time per poll below which the tree counts as idle (polling itself costs some)
+
+
 def time_epoch(loader: TimedLoader, epoch: int, device: str) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of one whole epoch, first batch request to last batch ready.
+    """(images/s, CPU ms per image) of one whole epoch, first batch request to last batch ready,
+    and on until the work the loader queued meanwhile is done (``settle``).
 
     CPU time counts this process's threads (DALI's among them) and its worker processes; unlike
     wall time it barely moves when other jobs share the machine."""
@@ -240,7 +245,22 @@ def time_epoch(loader: TimedLoader, epoch: int, device: str) -> tuple[float, flo
     count = sum(_batch_size(batch) for batch in loader.epoch(epoch))
     if device.startswith("cuda"):
         torch.cuda.synchronize()  # sync point: the last batch's device work belongs to this epoch
-    return count / (time.perf_counter() - start), 1000.0 * (cpu_seconds_tree() - cpu_start) / count
+    end, cpu_end = settle()
+    return count / (end - start), 1000.0 * (cpu_end - cpu_start) / count
+
+
+def settle() -> tuple[float, float]:
+    """(wall clock, process-tree CPU seconds) once the tree is idle: the time of the last poll that
+    still found work. A loader that keeps working after its last batch (a long-lived DALI pipeline
+    runs its next epoch's first batches ahead) is charged for that work here, not the row timed
+    after it (which it would also slow down)."""
+    end, cpu_end = time.perf_counter(), cpu_seconds_tree()
+    while True:
+        time.sleep(SETTLE_POLL_S)
+        now, cpu_now = time.perf_counter(), cpu_seconds_tree()
+        if cpu_now - cpu_end < SETTLE_IDLE_CPU_S:
+            return end, cpu_end
+        end, cpu_end = now, cpu_now
 
 
 def cpu_seconds_tree() -> float:
