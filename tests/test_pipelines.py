@@ -586,7 +586,12 @@ def test_torch_collects_garbage_only_before_its_workers_fork(root: Path, monkeyp
     import gc
 
     calls: list[int] = []
-    monkeypatch.setattr(gc, "collect", lambda *args: calls.append(1) or 0)
+
+    def counting_collect(*args: int) -> int:
+        calls.append(1)
+        return 0
+
+    monkeypatch.setattr(gc, "collect", counting_collect)
     loader = build_loader(root, "multi", config("torch", train=True, num_workers=2))
     for epoch in range(3):
         assert len(list(loader.epoch(epoch))) > 0
