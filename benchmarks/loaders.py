@@ -233,6 +233,7 @@ def backend_loader(root: Path, config: LoaderBenchConfig, backend: str, device: 
 
 SETTLE_POLL_S = 0.02  # how often ``settle`` looks at the process tree's CPU time
 SETTLE_IDLE_CPU_S = 0.002  # CPU time per poll below which the tree counts as idle (polling itself costs some)
+SETTLE_MAX_S = 10.0  # a tree that never idles (a thread polling busily) is measured up to here
 
 
 def time_epoch(loader: TimedLoader, epoch: int, device: str) -> tuple[float, float]:
@@ -255,12 +256,14 @@ def settle() -> tuple[float, float]:
     runs its next epoch's first batches ahead) is charged for that work here, not the row timed
     after it (which it would also slow down)."""
     end, cpu_end = time.perf_counter(), cpu_seconds_tree()
-    while True:
+    deadline = end + SETTLE_MAX_S
+    while end < deadline:
         time.sleep(SETTLE_POLL_S)
         now, cpu_now = time.perf_counter(), cpu_seconds_tree()
         if cpu_now - cpu_end < SETTLE_IDLE_CPU_S:
-            return end, cpu_end
+            break
         end, cpu_end = now, cpu_now
+    return end, cpu_end
 
 
 def cpu_seconds_tree() -> float:
