@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from benchmarks.loaders import (
+    PLAIN_DALI,
     SPLIT,
     LoaderBenchConfig,
     TimedLoader,
@@ -48,7 +49,7 @@ from shards.format import FIELD_IMAGE, FIELD_LABEL
 from shards.manifest import load_split
 
 PROJECT = "project DALI CPU backend"
-PLAIN = "plain DALI CPU pipeline"
+PLAIN = PLAIN_DALI  # also the DALI backend's reference row in tools/bench.py loaders
 DALI_DEFAULT_FILL = 1024  # fn.readers.webdataset's initial_fill default
 
 

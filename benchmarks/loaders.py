@@ -1,14 +1,26 @@
-"""Loader benchmark: train-mode decode+augment images/s of each backend and of a plain PIL DataLoader, side by side.
+"""Loader benchmark: train-mode decode+augment images/s of each backend, of the plain pipeline of
+each backend's library, and of a plain PIL DataLoader, side by side in one run.
 
 Data: ``num_images`` photo-like JPEGs (~500×375, landscape and portrait) made from the two real
 photos scikit-learn bundles, by random crops, resizing and colour jitter. The same JPEG bytes go
-into WebDataset shards (for the DALI and torch backends) and into an ``ImageFolder`` tree (for the
-baseline: PIL open, RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize in a torch
-``DataLoader``, the way the released MILe code loads data). Every loader runs with the same batch
-size, worker count and image size; one warm-up epoch first, then ``repeats`` timed epochs, of
-which the median and the spread (min, max) are reported, with the CPU time the loader's process
-tree spent per image. Timed epochs of the loaders are interleaved round by round, so background
-load on a shared machine hits them alike.
+into WebDataset shards (for the DALI and torch backends and the plain DALI pipeline) and into an
+``ImageFolder`` tree (for the plain torchvision DataLoader and the PIL one). Rows:
+
+- the project's backends (``build_loader``): DALI on the CPU, torch on the CPU (and, with CUDA,
+  their GPU-decode forms);
+- the reference of each library, what a user of that library alone would write: the plain DALI
+  CPU pipeline of ``benchmarks.dali_gap`` (reference of the DALI backend) and a plain
+  ``torchvision.io.decode_jpeg`` + ``torchvision.transforms.v2`` ``ImageFolder`` DataLoader,
+  normalising in its workers (reference of the torch backend);
+- the released MILe code's way: PIL open, RandomResizedCrop, RandomHorizontalFlip, ToTensor,
+  Normalize in a DataLoader.
+
+Every loader runs with the same batch size, worker count (DataLoader processes or DALI threads)
+and image size; one warm-up epoch first, then ``repeats`` rounds in which every loader times one
+epoch, so background load on a shared machine hits them alike. Per row: the median and spread
+(min, max) of images/s, the CPU time the loader's process tree spent per image, and for each
+project row its ratio to its library's reference, taken within each round (median and min-max
+over rounds).
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
 
 SPLIT = "bench"
 PHOTO_SIDES_PX = (500, 375)
+PLAIN_DALI = "plain DALI CPU pipeline"  # benchmarks.dali_gap.PLAIN, its row name there too
 JPEG_QUALITY = 90  # ImageNet's own files are mostly quality 75-96
 
 
@@ -53,12 +66,22 @@ class LoaderBenchConfig:
     seed: int = 0
 
 
+DALI_BACKEND = "DALI CPU backend"
+TORCH_BACKEND = "torch backend"
+PLAIN_TORCHVISION = "plain torchvision.io + v2 DataLoader"
+PIL_LOADER = "PIL + torchvision.transforms DataLoader"
+
+
 @dataclass
 class LoaderResult:
     name: str
     device: str
+    reference: str | None = None  # the row this one is compared with (its library's plain pipeline)
     images_per_s: list[float] = field(default_factory=list)  # one per timed epoch
     cpu_ms_per_image: list[float] = field(default_factory=list)  # CPU time of the process tree per image
+    # per round: images/s over the reference's, and the reference's CPU ms per image over this row's
+    ratio_to_reference: list[float] = field(default_factory=list)
+    cpu_ratio_to_reference: list[float] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -143,11 +166,55 @@ class PilFolderLoader:
 
     def epoch(self, epoch: int) -> Iterable[Any]:
         if self.loader is None:
-            raise RuntimeError("PilFolderLoader.epoch after close()")
+            raise RuntimeError(f"{type(self).__name__}.epoch after close()")
         return self.loader
 
     def close(self) -> None:
         self.loader = None
+
+
+def read_jpeg(path: str) -> torch.Tensor:
+    """``ImageFolder``'s loader for the plain torchvision row: file bytes -> uint8 3×H×W RGB."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+
+
+class TorchvisionFolderLoader(PilFolderLoader):
+    """The torch backend's reference: what a torchvision user writes with its fast tensor path.
+    ``ImageFolder`` reading the JPEG files, ``decode_jpeg``, v2 ``RandomResizedCrop`` (antialiased),
+    ``RandomHorizontalFlip``, ``ToDtype(float32, scale=True)`` and ``Normalize`` in the workers,
+    default collation (float32 N×C×H×W)."""
+
+    def __init__(self, root: Path, config: LoaderBenchConfig) -> None:
+        from torchvision import datasets
+        from torchvision.transforms import v2
+
+        transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(config.image_size_px, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+        dataset = datasets.ImageFolder(str(root / "folder"), transform=transform, loader=read_jpeg)
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=config.workers,
+            persistent_workers=config.workers > 0,
+        )
+
+
+def plain_dali_loader(root: Path, config: LoaderBenchConfig) -> TimedLoader:
+    """The DALI backend's reference: ``benchmarks.dali_gap``'s plain DALI CPU pipeline."""
+    from benchmarks.dali_gap import PLAIN, VariantLoader, variants
+
+    (plain,) = [v for v in variants() if v.name == PLAIN]
+    return VariantLoader(root / "shards", plain, config)
 
 
 def backend_loader(root: Path, config: LoaderBenchConfig, backend: str, device: str) -> Loader:
@@ -164,8 +231,14 @@ def backend_loader(root: Path, config: LoaderBenchConfig, backend: str, device: 
     return build_loader(root / "shards", SPLIT, loader_config)
 
 
+SETTLE_POLL_S = 0.02  # how often ``settle`` looks at the process tree's CPU time
+SETTLE_IDLE_CPU_S = 0.002  # CPU time per poll below which the tree counts as idle (polling itself costs some)
+SETTLE_MAX_S = 10.0  # a tree that never idles (a thread polling busily) is measured up to here
+
+
 def time_epoch(loader: TimedLoader, epoch: int, device: str) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of one whole epoch, first batch request to last batch ready.
+    """(images/s, CPU ms per image) of one whole epoch, first batch request to last batch ready,
+    and on until the work the loader queued meanwhile is done (``settle``).
 
     CPU time counts this process's threads (DALI's among them) and its worker processes; unlike
     wall time it barely moves when other jobs share the machine."""
@@ -173,7 +246,24 @@ def time_epoch(loader: TimedLoader, epoch: int, device: str) -> tuple[float, flo
     count = sum(_batch_size(batch) for batch in loader.epoch(epoch))
     if device.startswith("cuda"):
         torch.cuda.synchronize()  # sync point: the last batch's device work belongs to this epoch
-    return count / (time.perf_counter() - start), 1000.0 * (cpu_seconds_tree() - cpu_start) / count
+    end, cpu_end = settle()
+    return count / (end - start), 1000.0 * (cpu_end - cpu_start) / count
+
+
+def settle() -> tuple[float, float]:
+    """(wall clock, process-tree CPU seconds) once the tree is idle: the time of the last poll that
+    still found work. A loader that keeps working after its last batch (a long-lived DALI pipeline
+    runs its next epoch's first batches ahead) is charged for that work here, not the row timed
+    after it (which it would also slow down)."""
+    end, cpu_end = time.perf_counter(), cpu_seconds_tree()
+    deadline = end + SETTLE_MAX_S
+    while end < deadline:
+        time.sleep(SETTLE_POLL_S)
+        now, cpu_now = time.perf_counter(), cpu_seconds_tree()
+        if cpu_now - cpu_end < SETTLE_IDLE_CPU_S:
+            break
+        end, cpu_end = now, cpu_now
+    return end, cpu_end
 
 
 def cpu_seconds_tree() -> float:
@@ -206,17 +296,23 @@ def _batch_size(batch: Any) -> int:
     return int(images.shape[0])
 
 
-def candidates(root: Path, config: LoaderBenchConfig) -> Iterator[tuple[str, str, Callable[[], Any]]]:
-    """(name, device, loader factory) of every loader this machine can run."""
+def candidates(root: Path, config: LoaderBenchConfig) -> Iterator[tuple[LoaderResult, Callable[[], Any]]]:
+    """(empty result naming the row, loader factory) of every loader this machine can run."""
     has_dali = dali_import_error() is None
     if has_dali:
-        yield "DALI CPU backend", "cpu", lambda: backend_loader(root, config, "dali", "cpu")
-    yield "torch backend", "cpu", lambda: backend_loader(root, config, "torch", "cpu")
-    yield "PIL + torchvision.transforms DataLoader", "cpu", lambda: PilFolderLoader(root, config)
+        yield (
+            LoaderResult(DALI_BACKEND, "cpu", reference=PLAIN_DALI),
+            lambda: backend_loader(root, config, "dali", "cpu"),
+        )
+        yield LoaderResult(PLAIN_DALI, "cpu"), lambda: plain_dali_loader(root, config)
+    torch_backend = functools.partial(backend_loader, root, config, "torch", "cpu")
+    yield LoaderResult(TORCH_BACKEND, "cpu", reference=PLAIN_TORCHVISION), torch_backend
+    yield LoaderResult(PLAIN_TORCHVISION, "cpu"), lambda: TorchvisionFolderLoader(root, config)
+    yield LoaderResult(PIL_LOADER, "cpu"), lambda: PilFolderLoader(root, config)
     if torch.cuda.is_available():
-        yield "torch backend, GPU decode", "cuda", lambda: backend_loader(root, config, "torch", "cuda")
+        yield LoaderResult("torch backend, GPU decode", "cuda"), lambda: backend_loader(root, config, "torch", "cuda")
         if has_dali:
-            yield "DALI GPU backend", "cuda", lambda: backend_loader(root, config, "dali", "cuda")
+            yield LoaderResult("DALI GPU backend", "cuda"), lambda: backend_loader(root, config, "dali", "cuda")
 
 
 def run_loader_bench(config: LoaderBenchConfig) -> list[LoaderResult]:
@@ -226,22 +322,36 @@ def run_loader_bench(config: LoaderBenchConfig) -> list[LoaderResult]:
     with tempfile.TemporaryDirectory(prefix="bench-loaders-") as tmp:
         root = Path(tmp)
         write_bench_data(root, photo_jpegs(config.num_images, config.seed))
-        running = []
-        for name, device, factory in candidates(root, config):
-            result = LoaderResult(name, device)
-            running.append((result, _attempt(result, factory)))
+        running = [(result, _attempt(result, factory)) for result, factory in candidates(root, config)]
         for epoch in range(config.warmup_epochs + config.repeats):
+            timings = {}
             for result, loader in running:
                 if loader is None or result.error is not None:
                     continue
                 timing = _attempt(result, functools.partial(time_epoch, loader, epoch, result.device))
-                if timing is not None and epoch >= config.warmup_epochs:
-                    result.images_per_s.append(timing[0])
-                    result.cpu_ms_per_image.append(timing[1])
+                if timing is not None:
+                    timings[result.name] = timing
+            if epoch >= config.warmup_epochs:
+                record_round([result for result, _ in running], timings)
         for _, loader in running:
             if loader is not None:
                 loader.close()
         return [result for result, _ in running]
+
+
+def record_round(results: list[LoaderResult], timings: dict[str, tuple[float, float]]) -> None:
+    """Append one round's (images/s, CPU ms per image) to each row, and each row's ratios to its
+    reference measured in the same round (none when either failed)."""
+    for result in results:
+        if result.name not in timings:
+            continue
+        rate, cpu_ms = timings[result.name]
+        result.images_per_s.append(rate)
+        result.cpu_ms_per_image.append(cpu_ms)
+        if result.reference in timings:
+            reference_rate, reference_cpu_ms = timings[result.reference]
+            result.ratio_to_reference.append(rate / reference_rate)
+            result.cpu_ratio_to_reference.append(reference_cpu_ms / cpu_ms)
 
 
 def _attempt(result: LoaderResult, action: Callable[[], Any]) -> Any:
@@ -254,17 +364,34 @@ def _attempt(result: LoaderResult, action: Callable[[], Any]) -> Any:
 
 
 def format_table(results: list[LoaderResult]) -> str:
-    lines = [f"{'loader':<40} {'device':<6} {'median img/s':>12} {'min':>7} {'max':>7} {'CPU ms/img':>10}"]
+    lines = [
+        f"{'loader':<40} {'device':<6} {'median img/s':>12} {'min':>7} {'max':>7} {'CPU ms/img':>10} "
+        f"{'x reference (min-max)':>22} {'CPU x ref':>9}"
+    ]
     for r in results:
         if r.error:
             lines.append(f"{r.name:<40} {r.device:<6} failed: {r.error}")
-        else:
+        elif r.images_per_s:
             rates = r.images_per_s
             lines.append(
                 f"{r.name:<40} {r.device:<6} {r.median:>12.1f} {min(rates):>7.1f} {max(rates):>7.1f} "
-                f"{r.median_cpu_ms:>10.2f}"
+                f"{r.median_cpu_ms:>10.2f} {_ratio_cell(r.ratio_to_reference):>22} "
+                f"{_ratio_cell(r.cpu_ratio_to_reference, spread=False):>9}"
             )
+    references = sorted({f"{r.name} -> {r.reference}" for r in results if r.reference})
+    lines.append(
+        "x reference: images/s over the reference's in the same round; CPU x ref: its CPU ms/img over this row's"
+    )
+    lines += [f"  {pair}" for pair in references]
     return "\n".join(lines)
+
+
+def _ratio_cell(ratios: list[float], spread: bool = True) -> str:
+    """``median (min-max)`` of per-round ratios, or ``-`` for a row without a reference."""
+    if not ratios:
+        return "-"
+    median = f"{statistics.median(ratios):.3f}"
+    return f"{median} ({min(ratios):.2f}-{max(ratios):.2f})" if spread else median
 
 
 def environment() -> dict[str, Any]:
@@ -289,6 +416,10 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def _median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def write_json(path: Path, config: LoaderBenchConfig, results: list[LoaderResult], env: dict[str, Any]) -> None:
     """``env``: ``environment()`` taken before the run (its load average is the one that matters)."""
     report = {
@@ -297,7 +428,14 @@ def write_json(path: Path, config: LoaderBenchConfig, results: list[LoaderResult
         "config": asdict(config),
         "environment": {**env, "load_average_1min_after": os.getloadavg()[0]},
         "results": [
-            {**asdict(r), "median_images_per_s": r.median, "median_cpu_ms_per_image": r.median_cpu_ms} for r in results
+            {
+                **asdict(r),
+                "median_images_per_s": r.median,
+                "median_cpu_ms_per_image": r.median_cpu_ms,
+                "median_ratio_to_reference": _median_or_none(r.ratio_to_reference),
+                "median_cpu_ratio_to_reference": _median_or_none(r.cpu_ratio_to_reference),
+            }
+            for r in results
         ],
     }
     path.write_text(json.dumps(report, indent=1) + "\n")

@@ -98,20 +98,26 @@ class ShardReader:
     def read(self, index: int, offset: int, size: int) -> bytearray:
         """``size`` bytes at ``offset`` in sample ``index``'s shard, in a writable buffer
         (torch.frombuffer needs one, without a copy); ``ShardDataError`` when they cannot be read."""
+        data = bytearray(size)
+        self.read_into(index, data, offset)
+        return data
+
+    def read_into(self, index: int, buffer: bytearray | memoryview, offset: int) -> None:
+        """Fill ``buffer`` (writable, contiguous) with the bytes at ``offset`` in sample ``index``'s
+        shard; ``ShardDataError`` when they cannot be read."""
         if self._pid != os.getpid():
             self._fds, self._pid = {}, os.getpid()
         shard = int(self.table.shard[index])
-        data = bytearray(size)
+        size = len(buffer)
         try:
             fd = self._fds.get(shard)
             if fd is None:
                 fd = self._fds[shard] = os.open(self.table.shard_paths[shard], os.O_RDONLY)
-            got = os.preadv(fd, [data], offset)
+            got = os.preadv(fd, [buffer], offset)
         except OSError as error:
             raise self.data_error(index, f"read failed ({error.strerror or error})") from None
         if got != size:
             raise self.data_error(index, f"short read at byte {offset} (truncated?)")
-        return data
 
     def data_error(self, index: int, problem: str) -> ShardDataError:
         return ShardDataError(f"{self.table.sample_name(index)}: {problem}; {verify_advice(self.table.root)}")

@@ -10,14 +10,19 @@ How it works:
   partial. ``epoch(e, start_batch=k)`` simply starts at batch k.
 - DataLoader worker processes (persistent across epochs) turn a planned batch into tensors: they
   read member bytes with ``pread`` through the ``.idx`` offsets and, when the device is the CPU,
-  decode and augment each image, returning a uint8 N×S×S×C batch. Decoding and augmentation are the
-  torch side of the loader's one ``TransformSpec`` (``pipelines/transforms.py``, which the DALI
-  backend builds its graph from too). Augmentation draws from a generator seeded by (seed, epoch,
-  sample index): the images do not depend on ``num_workers``.
-- When the device is CUDA, workers return the raw JPEG bytes only; the main process decodes the
-  whole batch with nvJPEG (``decode_jpeg(list, device=...)``) and augments on the GPU.
-- The main process moves the batch to the device and converts it to a normalised, channels-last
-  tensor of the configured dtype (the spec's ``Normalize``).
+  decode, augment and normalise each image, writing it into the batch's N×S×S×C tensor, which is
+  allocated in shared memory so that handing it to the main process copies nothing. Decoding,
+  augmentation and normalisation are the torch side of the loader's one ``TransformSpec``
+  (``pipelines/transforms.py``, which the DALI backend builds its graph from too). Augmentation
+  draws from a generator seeded by (seed, epoch, sample index): the images do not depend on
+  ``num_workers``. Normalising image by image in the workers, while the image is still in the
+  cache, costs less than normalising the whole batch in the main process, and spreads over the
+  workers (docs/PERFORMANCE.md, "Where the torch backend's CPU time goes").
+- When the device is CUDA, the batch crosses to the device as uint8 (a quarter of float32's bytes)
+  and is normalised there; with nvJPEG (the default there) workers return the batch's JPEG bytes
+  only, packed in one buffer, and the main process decodes the whole batch
+  (``decode_jpeg(list, device=...)``) and augments on the GPU.
+- The main process moves the batch to the device (normalising it there when the workers did not).
 - A sample that cannot be read or decoded raises ``ShardDataError`` naming the shard and the
   sample's key (a worker's error reaches the main process with the same type and message).
 """
@@ -25,6 +30,7 @@ How it works:
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +71,15 @@ class _EpochPlan:
 
 
 class BatchReader(Dataset):
-    """Runs in DataLoader workers: a ``BatchRequest`` -> dict of batch tensors (CPU)."""
+    """Runs in DataLoader workers: a ``BatchRequest`` -> dict of batch tensors (CPU).
 
-    def __init__(self, table: SampleTable, spec: TransformSpec, seed: int, decode: bool) -> None:
+    ``decode``: decode and augment (else return the JPEG bytes: ``encoded`` and ``encoded_sizes``);
+    ``normalise``: normalise too, into ``spec.normalize.dtype`` (else the batch stays uint8)."""
+
+    def __init__(self, table: SampleTable, spec: TransformSpec, seed: int, decode: bool, normalise: bool) -> None:
         self.reader = ShardReader(table)
-        self.spec, self.seed, self.decode = spec, seed, decode
+        self.spec, self.seed, self.decode, self.normalise = spec, seed, decode, normalise
+        self._normalise_into = spec.normalize.torch_normaliser(torch.device("cpu"))
 
     def __len__(self) -> int:
         return len(self.reader.table)
@@ -82,18 +92,58 @@ class BatchReader(Dataset):
         }
         if self.reader.table.targets_offset is not None:
             out["targets"] = torch.from_numpy(np.stack([self.reader.targets(i) for i in indices]))
-        encoded = [torch.frombuffer(self.reader.image_bytes(i), dtype=torch.uint8) for i in indices]
-        if not self.decode:
-            out["images"] = encoded  # decoded on the GPU by the main process
+        if not self.decode:  # decoded on the GPU by the main process
+            out["encoded"], out["encoded_sizes"] = self._packed_bytes(indices)
             return out
-        out["images"] = torch.stack([self._decode_one(data, request.epoch, i) for data, i in zip(encoded, indices)])
+        out["images"] = self._images(self._encoded(indices), request.epoch, indices)
         return out
+
+    def _packed_bytes(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's JPEG bytes in one buffer, and their sizes: one shared-memory block (and one
+        pinned one on CUDA) per batch rather than one per image."""
+        sizes = self.reader.table.image_size[indices]
+        packed = self._new_batch((int(sizes.sum()),), torch.uint8)
+        for data, image in zip(torch.split(packed, sizes.tolist()), indices):
+            self.reader.read_into(image, data.numpy().data, int(self.reader.table.image_offset[image]))
+        return packed, torch.from_numpy(sizes)
+
+    def _encoded(self, indices: list[int]) -> list[torch.Tensor]:
+        """Each sample's JPEG bytes, as a uint8 1-D tensor."""
+        return [torch.frombuffer(self.reader.image_bytes(i), dtype=torch.uint8) for i in indices]
+
+    def _images(self, encoded: list[torch.Tensor], epoch: int, indices: list[int]) -> torch.Tensor:
+        """Decoded, augmented (and normalised) N×S×S×C, each image written into the batch as it is made."""
+        batch: torch.Tensor | None = None
+        for slot, (data, index) in enumerate(zip(encoded, indices)):
+            image = self._decode_one(data, epoch, index)
+            if batch is None:
+                dtype = self.spec.normalize.dtype if self.normalise else torch.uint8
+                batch = self._new_batch((len(indices), *image.shape), dtype)
+            if self.normalise:
+                self._normalise_into(image[None], out_nhwc=batch[slot : slot + 1])
+            else:
+                batch[slot].copy_(image)
+        assert batch is not None, "a planned batch has at least one sample"
+        return batch
+
+    def _new_batch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return batch_tensor(shape, dtype)
 
     def _decode_one(self, data: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
         """One JPEG -> uint8 H×W×C (the batch is stacked N×H×W×C: channels-last once viewed as NCHW)."""
         image = decode_or_raise(self.spec.decode, data, index, self.reader)
         rng = sample_rng(self.seed, epoch, index) if self.spec.random else None
         return self.spec.torch_image(image, rng)
+
+
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch being assembled, in shared memory when in a DataLoader
+    worker, as DataLoader's own ``default_collate`` allocates: sending it to the main process then
+    passes a handle instead of copying the batch into shared memory."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 def decode_or_raise(decode: Decode, data: torch.Tensor, index: int, reader: ShardReader) -> torch.Tensor:
@@ -121,6 +171,8 @@ def _worker_message(error: ShardDataError) -> str:
 class TorchLoader:
     """``Loader`` over one split with DataLoader workers; see the module docstring."""
 
+    reader_class: type[BatchReader] = BatchReader  # what the workers run (a subclass may run its own)
+
     def __init__(
         self, root: Path, manifest: SplitManifest, config: LoaderConfig, decode_on_device: bool | None = None
     ) -> None:
@@ -137,8 +189,13 @@ class TorchLoader:
         self._decode_on_device = self._device.type == "cuda" if decode_on_device is None else decode_on_device
         self._spec = transform_spec(config)
         self._normalise = self._spec.normalize.torch_normaliser(self._device)
+        # On the CPU the workers normalise too (module docstring); on CUDA uint8 crosses to the device.
+        self._normalise_in_workers = not self._decode_on_device and self._device.type == "cpu"
         self._plan = _EpochPlan()
-        self._reader = BatchReader(self.table, self._spec, config.seed, decode=not self._decode_on_device)
+        self._reader = self.reader_class(
+            self.table, self._spec, config.seed, decode=not self._decode_on_device, normalise=self._normalise_in_workers
+        )
+        self._workers_started = False
         self._dataloader: DataLoader | None = _make_dataloader(
             self._reader, self._plan, self.num_workers, pin=self._device.type == "cuda"
         )
@@ -158,11 +215,14 @@ class TorchLoader:
         if self._dataloader is None:
             raise RuntimeError("loader is closed")
         self._plan.requests = [BatchRequest(epoch, idx) for idx in self.batch_indices(epoch)[start_batch:]]
-        if self.num_workers > 0:
+        if self.num_workers > 0 and not self._workers_started:
             # Collect unreachable objects before the DataLoader forks its workers: one that owns
             # threads (a DALI pipeline no longer referenced) would otherwise be finalised inside a
             # forked worker, where its threads do not exist, and hang it (seen in the test suite).
+            # Persistent workers fork on the first pass only; a collection every epoch took ~0.2 s
+            # each time (docs/PERFORMANCE.md, "Where the torch backend's CPU time goes").
             gc.collect()
+            self._workers_started = True
         try:
             for raw in self._dataloader:
                 yield self._to_batch(raw, epoch)
@@ -171,26 +231,33 @@ class TorchLoader:
 
     def _to_batch(self, raw: dict[str, Any], epoch: int) -> Batch:
         # non_blocking: the DataLoader pinned these tensors when the device is CUDA.
-        if self._decode_on_device:
-            images = self._decode_batch(raw["images"], raw["indices"], epoch)
+        if self._normalise_in_workers:
+            images = raw["images"].permute(0, 3, 1, 2)  # N×C×H×W view of N×H×W×C: channels-last
+        elif self._decode_on_device:
+            encoded = torch.split(raw["encoded"], raw["encoded_sizes"].tolist())
+            images = self._normalise(self._decode_batch(list(encoded), raw["indices"], epoch))
         else:
-            images = raw["images"].to(self._device, non_blocking=True)
+            images = self._normalise(raw["images"].to(self._device, non_blocking=True))
         labels = raw["labels"].to(self._device, non_blocking=True)
         targets = raw.get("targets")
         if targets is not None:
             targets = targets.to(self._device, non_blocking=True).to(torch.float32)
-        return Batch(images=self._normalise(images), labels=labels, targets=targets)
+        return Batch(images=images, labels=labels, targets=targets)
 
     def _decode_batch(self, encoded: list[torch.Tensor], indices: torch.Tensor, epoch: int) -> torch.Tensor:
         """Decode the batch in one call (nvJPEG on CUDA), then augment image by image on the device:
         sizes differ until resized, so this loop is per-sample Python; DALI is the fast GPU path."""
         try:
-            images = self._spec.decode.apply_torch_batch(encoded, self._device)
+            images = self._decode_images(encoded)
         except (RuntimeError, ValueError) as error:
             self._raise_for_batch(encoded, indices, error)
         random = self._spec.random
         rngs = [sample_rng(self.config.seed, epoch, int(i)) if random else None for i in indices.tolist()]
         return torch.stack([self._spec.torch_image(image, rng) for image, rng in zip(images, rngs)])
+
+    def _decode_images(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The device's decoder on the whole batch: uint8 3×H×W each."""
+        return self._spec.decode.apply_torch_batch(encoded, self._device)
 
     def _raise_for_batch(self, encoded: list[torch.Tensor], indices: torch.Tensor, error: BaseException) -> NoReturn:
         """A batch decode failed: find the damaged sample by decoding each on the CPU, else name the

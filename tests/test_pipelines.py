@@ -578,3 +578,22 @@ def test_dali_training_epoch_runs_no_batch_past_its_end(root: Path, monkeypatch:
             assert len(runs) == 11  # resume: the skipped batches are run too, and no more
     finally:
         loader.close()
+
+
+def test_torch_collects_garbage_only_before_its_workers_fork(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full collection took ~0.2 s per epoch in a large process (docs/PERFORMANCE.md, "Where the
+    torch backend's CPU time goes"); persistent workers fork once, so one collection is enough."""
+    import gc
+
+    calls: list[int] = []
+
+    def counting_collect(*args: int) -> int:
+        calls.append(1)
+        return 0
+
+    monkeypatch.setattr(gc, "collect", counting_collect)
+    loader = build_loader(root, "multi", config("torch", train=True, num_workers=2))
+    for epoch in range(3):
+        assert len(list(loader.epoch(epoch))) > 0
+    loader.close()
+    assert len(calls) == 1

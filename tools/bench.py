@@ -60,17 +60,21 @@ DALI_GAP_BENCH = LOADER_BENCH.but(
     seed=SEED.but(help="Seed of the synthetic photos and the pipelines."),
 )
 
+TORCH_GAP_BENCH = DALI_GAP_BENCH.but(workers=WORKERS.but(default=2, min=0, help="DataLoader processes (every row)."))
+
 
 @app.callback()
 def main() -> None:
     """Subcommands: loaders (input pipelines), dali-gap (DALI CPU backend vs a plain DALI pipeline),
-    convert (shard conversion), engine (training steps), e2e (all together)."""
+    torch-gap (torch backend vs a plain torchvision DataLoader), convert (shard conversion), engine
+    (training steps), e2e (all together)."""
 
 
 @app.command("loaders")
 @with_options(config=LOADER_BENCH)
 def loaders(*, out: Path | None = RESULTS.option(), config: LoaderBenchConfig) -> None:
-    """Train-mode decode+augment images/s: DALI CPU, torch backend, PIL DataLoader (and GPU decode with CUDA)."""
+    """Train-mode decode+augment images/s: DALI CPU and torch backends beside their libraries' plain
+    pipelines, the PIL DataLoader (and GPU decode with CUDA)."""
     from benchmarks import loaders as bench_loaders
 
     env = bench_loaders.environment()
@@ -99,6 +103,29 @@ def dali_gap(
         raise typer.BadParameter(f"dali-gap needs NVIDIA DALI, which does not import here ({reason})")
     env = bench_loaders.environment()
     results = bench_gap.run_dali_gap(config, tuple(part.strip() for part in rows.split(",") if part.strip()))
+    typer.echo(bench_gap.format_table(results))
+    if out is not None:
+        bench_gap.write_json(out, config, results, env)
+        typer.echo(f"wrote {out}")
+
+
+@app.command("torch-gap")
+@with_options(config=TORCH_GAP_BENCH)
+def torch_gap(
+    *,
+    out: Path | None = RESULTS.option(),
+    config: LoaderBenchConfig,
+    rows: str = typer.Option(
+        "", "--rows", help="Comma-separated parts of row names to run (default: all; the plain row always)."
+    ),
+) -> None:
+    """torch backend (CPU): the project's loader vs a plain torchvision.io + v2 DataLoader, variants
+    changing one difference each, and the host side of the GPU-decode path."""
+    from benchmarks import loaders as bench_loaders
+    from benchmarks import torch_gap as bench_gap
+
+    env = bench_loaders.environment()
+    results = bench_gap.run_torch_gap(config, tuple(part.strip() for part in rows.split(",") if part.strip()))
     typer.echo(bench_gap.format_table(results))
     if out is not None:
         bench_gap.write_json(out, config, results, env)
