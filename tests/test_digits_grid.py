@@ -214,6 +214,7 @@ def _grid_digest(config: GridConfig) -> str:
     digest = hashlib.sha256()
     for split, items in grid_items(config).items():
         for item in items:
+            assert item.pixels is not None and item.label_set is not None  # grid items carry both
             digest.update(split.encode() + item.pixels.tobytes() + bytes([item.label]) + bytes(item.label_set))
     return digest.hexdigest()
 
