@@ -154,15 +154,7 @@ class PilFolderLoader:
             ]
         )
         dataset = datasets.ImageFolder(str(root / "folder"), transform=transform)
-        self.loader: torch.utils.data.DataLoader | None = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=config.workers,
-            persistent_workers=config.workers > 0,
-            pin_memory=pin_memory,
-        )
+        self.loader: torch.utils.data.DataLoader | None = folder_dataloader(dataset, config, pin_memory)
 
     def epoch(self, epoch: int) -> Iterable[Any]:
         if self.loader is None:
@@ -171,6 +163,21 @@ class PilFolderLoader:
 
     def close(self) -> None:
         self.loader = None
+
+
+def folder_dataloader(
+    dataset: torch.utils.data.Dataset, config: LoaderBenchConfig, pin_memory: bool
+) -> torch.utils.data.DataLoader:
+    """The reference rows' DataLoader: shuffled, last partial batch dropped, persistent workers."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=config.workers,
+        persistent_workers=config.workers > 0,
+        pin_memory=pin_memory,
+    )
 
 
 def read_jpeg(path: str) -> torch.Tensor:
@@ -199,14 +206,7 @@ class TorchvisionFolderLoader(PilFolderLoader):
             ]
         )
         dataset = datasets.ImageFolder(str(root / "folder"), transform=transform, loader=read_jpeg)
-        self.loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=config.workers,
-            persistent_workers=config.workers > 0,
-        )
+        self.loader = folder_dataloader(dataset, config, pin_memory=False)
 
 
 def plain_dali_loader(root: Path, config: LoaderBenchConfig) -> TimedLoader:
