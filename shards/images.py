@@ -93,16 +93,27 @@ class RgbImage:
     changes: tuple[str, ...]
 
 
+# Raster formats a dataset of photos comes in. Pillow would otherwise open every format it knows,
+# some through external programs (EPS and PDF through Ghostscript): those are refused unread.
+RASTER_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "TGA", "ICO", "JPEG2000")
+
+
+def _raster_formats() -> list[str]:
+    """``RASTER_FORMATS`` that this Pillow has a plugin for (all plugins registered first)."""
+    Image.init()
+    return [name for name in RASTER_FORMATS if name in Image.OPEN]
+
+
 def open_image(data: bytes) -> Image.Image:
     """Open and decode every pixel, so truncation is caught here and not in a training run. The
     decompression-bomb guard: an image whose header claims more than Pillow's ``MAX_IMAGE_PIXELS``
-    (about 89 million) is refused before any pixel buffer is allocated."""
+    (about 89 million) is refused before any pixel buffer is allocated. Only ``RASTER_FORMATS`` open."""
     if not data:
         raise UnreadableImage("zero-byte file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=_raster_formats())
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UnreadableImage(f"too many pixels, refused as a possible decompression bomb ({error})") from None

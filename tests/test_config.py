@@ -10,7 +10,6 @@ import typing
 from pathlib import Path
 
 import pytest
-import tomllib
 from typer.testing import CliRunner
 
 from engine.commands.run import app
@@ -24,6 +23,7 @@ from engine.config import (
     key_by_name,
     load_toml,
     to_toml,
+    tomllib,
 )
 
 REPO = Path(__file__).resolve().parents[1]

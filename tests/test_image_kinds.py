@@ -263,3 +263,14 @@ def test_the_decompression_bomb_guard_is_shared_by_converter_and_predict(tmp_pat
         open_image(path.read_bytes())
     with pytest.raises(UnreadableImage, match=r"too many pixels"):
         load_image(path, transform_spec(loader_config("torch")))
+
+
+def test_vector_formats_are_refused_unread(tmp_path):
+    # A minimal EPS: Pillow would hand it to Ghostscript (an external program) when installed.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+    path = tmp_path / "drawing.jpg"
+    path.write_bytes(eps)
+    with pytest.raises(UnreadableImage, match="cannot identify image file"):  # not "Ghostscript ..."
+        open_image(eps)
+    with pytest.raises(UnreadableImage, match="cannot identify image file"):
+        load_image(path, transform_spec(loader_config("torch")))

@@ -23,7 +23,6 @@ import csv
 import hashlib
 import itertools
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +39,6 @@ from engine.config import (
     read_toml,
 )
 from engine.runs import train_or_reuse
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
-
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 MAX_NAME_CHARS = 120  # well under any file system's 255-byte limit on a name
