@@ -16,7 +16,7 @@ from engine.config import MethodKind, RunConfig
 from engine.data import compute_dtype, loader_config, resolve_data_root, train_source
 from engine.metrics import EvalAccumulator, PseudoLabelStats
 from engine.models import build_model
-from engine.run_folder import RunFolder, saved_config
+from engine.run_folder import RunFolder, checkpoint_classes, saved_config
 from engine.steps import autocast_context
 from pipelines import build_loader
 from pipelines.contract import Loader
@@ -78,12 +78,16 @@ class EvalOutputs:
 
 
 def load_learner(run_dir: Path, device: torch.device) -> tuple[RunConfig, nn.Module]:
-    """The run's config and its learner with the weights of the last checkpoint, in eval mode."""
+    """The run's config and its learner with the weights of the last checkpoint, in eval mode. The
+    number of outputs comes from the checkpoint's class record (the train split is read only for a
+    checkpoint written before records existed)."""
     config = saved_config(run_dir)
-    num_classes = train_source(config).manifest.num_classes
+    path = RunFolder(run_dir).checkpoint_path
+    payload = read_checkpoint(path, device)
+    recorded = checkpoint_classes(payload, path)
+    num_classes = len(recorded.class_names) if recorded is not None else train_source(config).manifest.num_classes
     model = build_model(config.arch, num_classes, config.method.multi_label_head)
-    state = read_checkpoint(RunFolder(run_dir).checkpoint_path, device)["components"]["learner"]
-    model.load_state_dict(state)
+    model.load_state_dict(payload["components"]["learner"])
     return config, model.to(device).eval()
 
 

@@ -4,6 +4,7 @@ as the run's evaluation would, mile-eval reproduces the run's summary metrics.""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -341,3 +342,18 @@ def test_an_edited_model_json_is_refused_naming_the_key(trained, tmp_path: Path,
         (tmp_path / "one.jpg").write_bytes(b"")  # never read: model.json is checked first
         result = run_predict(tmp_path / "model", tmp_path / "one.jpg")
         assert result.returncode == 2 and result.stderr.strip() == f"error: {message}", result.stderr
+
+
+def test_rescoring_a_run_needs_only_its_eval_split(grid_root: Path, tmp_path: Path) -> None:
+    # The report re-scores a finished run on its eval split (eval_outputs); the outputs' classes come
+    # from the checkpoint's class record, so a train split deleted after training is not needed.
+    data = tmp_path / "grid"
+    shutil.copytree(grid_root, data)
+    run = tmp_path / "run"
+    Trainer(tiny_config(data, run, num_steps=6, eval_every=6), CPU).run()
+    shutil.rmtree(data / "train")
+    manifest = json.loads((data / "manifest.json").read_text())
+    del manifest["splits"]["train"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    outputs = eval_outputs(run)
+    assert outputs.logits.shape == (load_split(data, "val").num_samples, 10)
