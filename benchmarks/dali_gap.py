@@ -22,13 +22,10 @@ plain pipeline is taken within a round, and the median over rounds is reported.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +40,7 @@ from benchmarks.loaders import (
     photo_jpegs,
     time_epoch,
     write_bench_data,
+    write_report,
 )
 from pipelines.contract import IMAGENET_MEAN, IMAGENET_STD, Batch
 from shards.format import FIELD_IMAGE, FIELD_LABEL
@@ -268,19 +266,4 @@ def format_table(rows: list[GapRow]) -> str:
 
 
 def write_json(path: Path, bench: LoaderBenchConfig, rows: list[GapRow], env: dict[str, Any]) -> None:
-    report = {
-        "benchmark": "dali-gap",
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": asdict(bench),
-        "environment": {**env, "load_average_1min_after": os.getloadavg()[0]},
-        "rows": [
-            {
-                **asdict(r),
-                "median_images_per_s": r.median(r.images_per_s),
-                "median_ratio_to_plain": r.median(r.ratio_to_plain),
-                "median_cpu_ms_per_image": r.median(r.cpu_ms_per_image),
-            }
-            for r in rows
-        ],
-    }
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(path, "dali-gap", bench, "rows", rows, env)

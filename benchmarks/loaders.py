@@ -422,20 +422,26 @@ def _median_or_none(values: list[float]) -> float | None:
 
 def write_json(path: Path, config: LoaderBenchConfig, results: list[LoaderResult], env: dict[str, Any]) -> None:
     """``env``: ``environment()`` taken before the run (its load average is the one that matters)."""
+    write_report(path, "loaders", config, "results", results, env)
+
+
+def write_report(
+    path: Path, benchmark: str, config: LoaderBenchConfig, rows_key: str, rows: list[Any], env: dict[str, Any]
+) -> None:
+    """The JSON of a loader benchmark (``loaders``, ``dali-gap``, ``torch-gap``): config, environment
+    with the load average before and after, and each row (a dataclass) with the median of every
+    per-round list it holds (``median_images_per_s``, ``median_ratio_to_plain``, ...)."""
     report = {
-        "benchmark": "loaders",
+        "benchmark": benchmark,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(config),
         "environment": {**env, "load_average_1min_after": os.getloadavg()[0]},
-        "results": [
-            {
-                **asdict(r),
-                "median_images_per_s": r.median,
-                "median_cpu_ms_per_image": r.median_cpu_ms,
-                "median_ratio_to_reference": _median_or_none(r.ratio_to_reference),
-                "median_cpu_ratio_to_reference": _median_or_none(r.cpu_ratio_to_reference),
-            }
-            for r in results
-        ],
+        rows_key: [with_medians(row) for row in rows],
     }
     path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def with_medians(row: Any) -> dict[str, Any]:
+    """A row dataclass as a dict, with ``median_NAME`` beside every list field ``NAME`` (None when empty)."""
+    fields = asdict(row)
+    return {**fields, **{f"median_{name}": _median_or_none(v) for name, v in fields.items() if isinstance(v, list)}}

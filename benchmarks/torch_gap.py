@@ -36,14 +36,12 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +58,7 @@ from benchmarks.loaders import (
     photo_jpegs,
     time_epoch,
     write_bench_data,
+    write_report,
 )
 from pipelines.contract import Batch, LoaderConfig
 from pipelines.torch_backend import BatchReader, TorchLoader, decode_or_raise
@@ -290,20 +289,4 @@ def format_table(rows: list[TorchGapRow]) -> str:
 
 
 def write_json(path: Path, bench: LoaderBenchConfig, rows: list[TorchGapRow], env: dict[str, Any]) -> None:
-    report = {
-        "benchmark": "torch-gap",
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": asdict(bench),
-        "environment": {**env, "load_average_1min_after": os.getloadavg()[0]},
-        "rows": [
-            {
-                **asdict(r),
-                "median_images_per_s": r.median(r.images_per_s),
-                "median_ratio_to_plain": r.median(r.ratio_to_plain),
-                "median_cpu_ms_per_image": r.median(r.cpu_ms_per_image),
-                "median_main_cpu_ms_per_image": r.median(r.main_cpu_ms_per_image),
-            }
-            for r in rows
-        ],
-    }
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(path, "torch-gap", bench, "rows", rows, env)
