@@ -158,3 +158,19 @@ def run_in_process(target: str, *args: str, timeout: float = 300) -> subprocess.
 def run_cli_in_process(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``engine-run ARGS`` in this process (``run_in_process``): what ``run_cli`` returns, seconds sooner."""
     return run_in_process("engine.commands.run", *args, timeout=timeout)
+
+
+def run_bench(subcommand: str, args: list[str], out: Path) -> tuple[dict, str]:
+    """``tools/bench.py SUBCOMMAND ARGS --out OUT`` in a subprocess (it forks loader workers): the
+    JSON it wrote and its stdout; a failure shows the end of its stderr."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "tools/bench.py", subcommand, *args, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout

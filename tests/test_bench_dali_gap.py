@@ -3,16 +3,15 @@ each row's ratio to the plain DALI pipeline (the full run is documented in docs/
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, run_bench
 
 from pipelines import dali_import_error
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--num-images", "16", "--batch-size", "4", "--image-size", "32", "--repeats", "2", "--warmup", "0"]
 
 
@@ -23,20 +22,13 @@ def test_dali_gap_bench_measures_every_row(tmp_path: Path) -> None:
     from benchmarks.dali_gap import PLAIN, PROJECT, variants
 
     out = tmp_path / "gap.json"
-    result = subprocess.run(
-        [sys.executable, "tools/bench.py", "dali-gap", *TINY, "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    report, stdout = run_bench("dali-gap", TINY, out)
+    rows = {row["name"]: row for row in report["rows"]}
     assert list(rows) == [PROJECT] + [v.name for v in variants()]
     for name, row in rows.items():
         assert len(row["images_per_s"]) == 2 and min(row["images_per_s"]) > 0, row
         assert row["median_ratio_to_plain"] > 0
-        assert name in result.stdout
+        assert name in stdout
     assert rows[PLAIN]["ratio_to_plain"] == [1.0, 1.0]
 
 
@@ -59,15 +51,8 @@ def test_dali_gap_bench_runs_the_rows_asked_for(tmp_path: Path) -> None:
     from benchmarks.dali_gap import PLAIN, PROJECT
 
     out = tmp_path / "gap.json"
-    result = subprocess.run(
-        [sys.executable, "tools/bench.py", "dali-gap", *TINY, "--rows", "backend, rebuild", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [row["name"] for row in json.loads(out.read_text())["rows"]] == [
+    report, _ = run_bench("dali-gap", [*TINY, "--rows", "backend, rebuild"], out)
+    assert [row["name"] for row in report["rows"]] == [
         PROJECT,
         PLAIN,
         "project - per-epoch rebuild",

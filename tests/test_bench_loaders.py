@@ -4,16 +4,13 @@ is documented in docs/PERFORMANCE.md; no timing is asserted here)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_bench
 
 from pipelines import dali_import_error
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--num-images", "16", "--repeats", "1", "--warmup", "0", "--batch-size", "8", "--image-size", "32"]
 
 
@@ -22,15 +19,8 @@ def test_loader_bench_has_reference_rows_and_ratios(tmp_path: Path) -> None:
     from benchmarks.loaders import DALI_BACKEND, PIL_LOADER, PLAIN_DALI, PLAIN_TORCHVISION, TORCH_BACKEND
 
     out = tmp_path / "loaders.json"
-    result = subprocess.run(
-        [sys.executable, "tools/bench.py", "loaders", *TINY, "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = {row["name"]: row for row in json.loads(out.read_text())["results"]}
+    report, stdout = run_bench("loaders", TINY, out)
+    rows = {row["name"]: row for row in report["results"]}
     expected = {TORCH_BACKEND: PLAIN_TORCHVISION, PLAIN_TORCHVISION: None, PIL_LOADER: None}
     if dali_import_error() is None:
         expected |= {DALI_BACKEND: PLAIN_DALI, PLAIN_DALI: None}
@@ -39,7 +29,7 @@ def test_loader_bench_has_reference_rows_and_ratios(tmp_path: Path) -> None:
         row = rows[name]
         assert row["error"] is None and len(row["images_per_s"]) == 1 and row["median_cpu_ms_per_image"] > 0, row
         assert row["reference"] == reference
-        assert name in result.stdout
+        assert name in stdout
         if reference is None:
             assert row["ratio_to_reference"] == [] and row["median_ratio_to_reference"] is None
         else:

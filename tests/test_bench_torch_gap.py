@@ -4,14 +4,11 @@ docs/PERFORMANCE.md; no timing is asserted here)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_bench
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--num-images", "16", "--repeats", "1", "--warmup", "0", "--batch-size", "8", "--image-size", "32"]
 
 
@@ -20,19 +17,12 @@ def test_torch_gap_bench_measures_every_row(tmp_path: Path) -> None:
     from benchmarks.torch_gap import HOST_SIDE, PLAIN, PROJECT, variants
 
     out = tmp_path / "gap.json"
-    result = subprocess.run(
-        [sys.executable, "tools/bench.py", "torch-gap", *TINY, "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    report, stdout = run_bench("torch-gap", TINY, out)
+    rows = {row["name"]: row for row in report["rows"]}
     assert list(rows) == [PROJECT, PLAIN] + [v.name for v in variants()]
     for name, row in rows.items():
         assert len(row["images_per_s"]) == 1 and min(row["images_per_s"]) > 0, row
         assert row["median_ratio_to_plain"] > 0 and row["median_main_cpu_ms_per_image"] >= 0
-        assert name in result.stdout
+        assert name in stdout
     assert rows[PLAIN]["ratio_to_plain"] == [1.0]
     assert rows[HOST_SIDE]["stand_in_transform_us"] > 0
