@@ -392,7 +392,6 @@ def _average_precision_columns(scores: torch.Tensor, positives: torch.Tensor) ->
 PSEUDO_LABEL_NAMES = (
     "pseudo_set_size",
     "pseudo_empty_fraction",
-    "pseudo_argmax_in_set",
     "pseudo_precision",
     "pseudo_recall",
 )
@@ -400,30 +399,29 @@ PSEUDO_LABEL_NAMES = (
 
 class PseudoLabelStats:
     """The pseudo-labels a model would pass on as MILe's teacher, ``{c : sigmoid(z_c) > rho}``, over an
-    eval split (docs/METRICS.md): mean set size, fraction of empty sets, fraction whose set holds the
-    argmax, and, against the split's label sets, the share of pseudo-labels that are true (precision)
-    and of true labels that are pseudo-labels (recall). Device-side sums; one host copy in ``compute``."""
+    eval split (docs/METRICS.md): mean set size, fraction of empty sets (a non-empty set always holds
+    the argmax, the first class over rho), and, against the split's label sets, the share of
+    pseudo-labels that are true (precision) and of true labels that are pseudo-labels (recall).
+    Device-side sums; one host copy in ``compute``."""
 
     def __init__(self, rho: float, device: torch.device | str) -> None:
         if not 0.0 < rho < 1.0:
             raise ValueError(f"rho must be in (0, 1), got {rho}")
         self.logit_rho = math.log(rho) - math.log1p(-rho)
-        # images, set sizes, empty sets, argmax in set, pseudo-labels that are true, true labels
-        self._sums = torch.zeros(6, dtype=torch.float64, device=device)
+        # images, set sizes, empty sets, pseudo-labels that are true, true labels
+        self._sums = torch.zeros(5, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, targets: torch.Tensor | None) -> None:
         z = logits.float()
         pseudo = z > self.logit_rho
         size = pseudo.sum(dim=1)
-        argmax_in = pseudo.gather(1, z.argmax(dim=1, keepdim=True)).squeeze(1)
         truth = targets > 0.5 if targets is not None else torch.zeros_like(pseudo)
         batch = torch.stack(
             [
                 torch.tensor(float(z.shape[0]), device=z.device, dtype=torch.float64),
                 size.sum().double(),
                 (size == 0).sum().double(),
-                argmax_in.sum().double(),
                 (pseudo & truth).sum().double(),
                 truth.sum().double(),
             ]
@@ -435,11 +433,10 @@ class PseudoLabelStats:
         sums = self._sums.clone()
         if _distributed():
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        images, sizes, empty, argmax_in, true_pseudo, true_labels = sums.cpu().tolist()  # one host copy
+        images, sizes, empty, true_pseudo, true_labels = sums.cpu().tolist()  # one host copy
         out = {
             "pseudo_set_size": _ratio(sizes, images),
             "pseudo_empty_fraction": _ratio(empty, images),
-            "pseudo_argmax_in_set": _ratio(argmax_in, images),
         }
         if has_targets:
             out.update(pseudo_precision=_ratio(true_pseudo, sizes), pseudo_recall=_ratio(true_pseudo, true_labels))

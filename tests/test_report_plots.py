@@ -142,7 +142,7 @@ def test_mile_scores_the_learner_at_every_phase_end(mile_run: Path) -> None:
     for record in records:
         assert record["num_images"] == 160 and 0 <= record["top1"] <= 1 and 0 <= record["lrap"] <= 1, record
         assert record["pseudo_set_size"] >= 0 and 0 <= record["pseudo_recall"] <= 1, record
-        assert record["pseudo_empty_fraction"] + record["pseudo_argmax_in_set"] <= 1 + 1e-9, record
+        assert 0 <= record["pseudo_empty_fraction"] <= 1, record
 
 
 def test_no_phase_records_for_baselines_or_when_turned_off(grid_root: Path, tmp_path: Path) -> None:

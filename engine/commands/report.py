@@ -351,7 +351,6 @@ _METRIC_WORDS = {
     "num_images": "images evaluated",
     "pseudo_set_size": "pseudo-labels per image",
     "pseudo_empty_fraction": "images with no pseudo-label",
-    "pseudo_argmax_in_set": "images whose argmax is a pseudo-label",
     "pseudo_precision": "pseudo-labels that are true",
     "pseudo_recall": "true labels that are pseudo-labels",
 }
