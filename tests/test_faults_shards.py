@@ -27,11 +27,11 @@ from dataset_layouts import (
     write,
 )
 from helpers import run_in_process
+from shards_cli import run_main
 
 from pipelines import ShardDataError, build_loader, dali_import_error
 from pipelines.contract import LoaderConfig
 from pipelines.torch_backend import TorchLoader
-from shards import cli
 from shards.atomic_files import atomic_write_text
 from shards.format import LabelKind
 from shards.manifest import ShardError, load_split, load_splits, manifest_path, validate_split
@@ -58,21 +58,6 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def cli_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
-def run_main(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str
-) -> tuple[int | str | None, str]:
-    """``make-shards ARGS`` in this process (so a test can patch what it calls): (status, stdout + stderr)."""
-    monkeypatch.setattr(sys, "argv", ["make-shards", *args])
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out + captured.err
 
 
 def folder_dataset(root: Path, count: int = 6) -> tuple[Path, Path]:
