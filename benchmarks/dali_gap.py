@@ -38,6 +38,7 @@ from benchmarks.loaders import (
     TimedLoader,
     backend_loader,
     photo_jpegs,
+    select_rows,
     time_epoch,
     write_bench_data,
     write_report,
@@ -230,9 +231,7 @@ def run_dali_gap(bench: LoaderBenchConfig, rows_named: tuple[str, ...] = ()) -> 
             (PROJECT, lambda: backend_loader(root, bench, "dali", "cpu"))
         ]
         factories += [(v.name, functools.partial(VariantLoader, root / "shards", v, bench)) for v in variants()]
-        factories = [
-            (name, f) for name, f in factories if name == PLAIN or not rows_named or any(n in name for n in rows_named)
-        ]
+        factories = select_rows(factories, rows_named, PLAIN)
         rows, loaders = [GapRow(name) for name, _ in factories], [factory() for _, factory in factories]
         try:
             for epoch in range(bench.warmup_epochs + bench.repeats):

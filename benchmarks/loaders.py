@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from shards.format import LabelKind
 from shards.images import encode_jpeg
 from shards.writer import SourceItem, SplitSpec, WriterSettings, write_split
 
+Factory = TypeVar("Factory")  # what builds one row's loader
 SPLIT = "bench"
 PHOTO_SIDES_PX = (500, 375)
 PLAIN_DALI = "plain DALI CPU pipeline"  # benchmarks.dali_gap.PLAIN, its row name there too
@@ -423,6 +424,16 @@ def _median_or_none(values: list[float]) -> float | None:
 def write_json(path: Path, config: LoaderBenchConfig, results: list[LoaderResult], env: dict[str, Any]) -> None:
     """``env``: ``environment()`` taken before the run (its load average is the one that matters)."""
     write_report(path, "loaders", config, "results", results, env)
+
+
+def select_rows(factories: list[tuple[str, Factory]], parts: tuple[str, ...], always: str) -> list[tuple[str, Factory]]:
+    """The rows whose names contain one of ``parts`` (all when none), and the ``always`` row; a part
+    that names no row is a ValueError listing the rows (a typo must not silently measure nothing)."""
+    unmatched = [part for part in parts if not any(part in name for name, _ in factories)]
+    if unmatched:
+        names = "; ".join(name for name, _ in factories)
+        raise ValueError(f"--rows {', '.join(map(repr, unmatched))} names no row; the rows: {names}")
+    return [(name, f) for name, f in factories if name == always or not parts or any(p in name for p in parts)]
 
 
 def write_report(

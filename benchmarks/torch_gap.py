@@ -56,6 +56,7 @@ from benchmarks.loaders import (
     TorchvisionFolderLoader,
     backend_loader,
     photo_jpegs,
+    select_rows,
     time_epoch,
     write_bench_data,
     write_report,
@@ -222,9 +223,7 @@ def run_torch_gap(bench: LoaderBenchConfig, rows_named: tuple[str, ...] = ()) ->
             (PLAIN, lambda: TorchvisionFolderLoader(root, bench)),
         ]
         factories += [(v.name, functools.partial(VariantTorchLoader, root, v, bench)) for v in variants()]
-        factories = [
-            (name, f) for name, f in factories if name == PLAIN or not rows_named or any(n in name for n in rows_named)
-        ]
+        factories = select_rows(factories, rows_named, PLAIN)
         rows, loaders = [TorchGapRow(name) for name, _ in factories], [factory() for _, factory in factories]
         images_per_epoch = bench.num_images // bench.batch_size * bench.batch_size
         try:

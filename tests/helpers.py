@@ -174,3 +174,7 @@ def run_bench(subcommand: str, args: list[str], out: Path) -> tuple[dict, str]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text()), result.stdout
+
+
+# The flags of every CLI run in the tests: CPU, the torch loader, no worker processes.
+CPU_FLAGS = ("--device", "cpu", "--loader", "torch", "--workers", "0")

@@ -26,3 +26,16 @@ def test_torch_gap_bench_measures_every_row(tmp_path: Path) -> None:
         assert name in stdout
     assert rows[PLAIN]["ratio_to_plain"] == [1.0]
     assert rows[HOST_SIDE]["stand_in_transform_us"] > 0
+
+
+def test_rows_that_name_no_row_are_refused() -> None:
+    from benchmarks.loaders import select_rows
+
+    factories = [("project torch backend", list), ("plain row", list), ("project, gc every epoch", list)]
+    assert [name for name, _ in select_rows(factories, ("gc",), "plain row")] == [
+        "plain row",
+        "project, gc every epoch",
+    ]
+    assert len(select_rows(factories, (), "plain row")) == 3
+    with pytest.raises(ValueError, match=r"--rows 'gx' names no row; the rows: project torch backend; plain row"):
+        select_rows(factories, ("gc", "gx"), "plain row")

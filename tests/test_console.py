@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import image_bytes
+from helpers import CPU_FLAGS
 
 from engine.config import Method
 from engine.phases import Phase, PhasePosition
@@ -76,7 +77,7 @@ def test_engine_run_log_has_one_line_per_eval_point_and_no_bar(shapes_folder: Pa
         )
         assert code == 0, log
     run = tmp_path / "run"
-    flags = ["--data", str(shards), "--out", str(run), "--device", "cpu", "--loader", "torch", "--workers", "0"]
+    flags = ["--data", str(shards), "--out", str(run), *CPU_FLAGS]
     flags += ["--method", "mile", "--warmup-steps", "2", "--k-teacher-steps", "2", "--k-student-steps", "2"]
     flags += ["--steps", "8", "--eval-every", "3", "--log-every", "2", "--batch-size", "4", "--arch", "grid_cnn"]
     code, log = redirected(["-m", "engine.commands.run", *flags], tmp_path / "run.log")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import image_bytes
-from helpers import run_cli_in_process, run_in_process
+from helpers import CPU_FLAGS, run_cli_in_process, run_in_process
 from typer.testing import CliRunner
 
 from engine.commands.run import app, help_value
@@ -116,7 +116,7 @@ def test_the_log_first_says_where_each_non_default_value_came_from(
     (tmp_path / "mine.toml").write_text("[optim]\nlr_per_256 = 0.05\n")
     flags = ["--data", str(small_photos), "--config", str(tmp_path / "mine.toml"), "--method", "sigmoid"]
     flags += ["--steps", "1", "--batch-size", "4", "--eval-every", "1", "--out", str(tmp_path / "run")]
-    flags += ["--device", "cpu", "--loader", "torch", "--workers", "0"]
+    flags += CPU_FLAGS
     with caplog.at_level(logging.INFO):
         result = run_cli_in_process(*flags)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -135,7 +135,7 @@ def test_the_log_first_says_where_each_non_default_value_came_from(
 
 def test_mile_that_never_reaches_an_imitation_phase_is_refused_at_start(grid_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    flags = ["--device", "cpu", "--loader", "torch", "--workers", "0", "--out", str(out)]
+    flags = [*CPU_FLAGS, "--out", str(out)]
     result = run_cli_in_process("--data", str(grid_root), "--method", "mile", "--steps", "300", *flags)
     assert result.returncode == 2, result.stderr
     message = result.stderr
@@ -148,7 +148,7 @@ def test_mile_that_never_reaches_an_imitation_phase_is_refused_at_start(grid_roo
 def test_a_mile_run_that_ends_in_a_teacher_phase_is_warned_with_the_steps_that_would_not(
     grid_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    flags = ["--device", "cpu", "--loader", "torch", "--workers", "0", "--out", str(tmp_path / "run")]
+    flags = [*CPU_FLAGS, "--out", str(tmp_path / "run")]
     flags += ["--warmup-steps", "0", "--k-teacher-steps", "3", "--k-student-steps", "2", "--batch-size", "32"]
     with caplog.at_level(logging.WARNING):
         result = run_cli_in_process("--data", str(grid_root), "--steps", "7", "--eval-every", "7", *flags)

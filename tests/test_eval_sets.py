@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import CPU, run_cli_in_process, run_in_process, tiny_config
+from helpers import CPU, CPU_FLAGS, run_cli_in_process, run_in_process, tiny_config
 from typer.testing import CliRunner
 
 from engine.commands import evaluate, export
@@ -52,12 +52,7 @@ def test_extra_eval_sets_are_scored_at_every_eval_point_and_match_mile_eval(
         str(grid_root),
         "--out",
         str(out),
-        "--device",
-        "cpu",
-        "--loader",
-        "torch",
-        "--workers",
-        "0",
+        *CPU_FLAGS,
         "--steps",
         "8",
         "--batch-size",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CPU, REPO, tiny_config
+from helpers import CPU, CPU_FLAGS, REPO, tiny_config
 from typer.testing import CliRunner
 
 from engine.commands import evaluate, export, predict
@@ -114,12 +114,7 @@ def test_mile_eval_reproduces_the_runs_summary(trained, grid_root: Path, tmp_pat
         grid_root,
         "--split",
         "val",
-        "--loader",
-        "torch",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
+        *CPU_FLAGS,
         "--batch-size",
         "32",
         "--out",

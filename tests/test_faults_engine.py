@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CPU, checkpoint_step, run_cli_in_process, tiny_config
+from helpers import CPU, CPU_FLAGS, checkpoint_step, run_cli_in_process, tiny_config
 
 from engine.checkpoint import CheckpointError, read_checkpoint
 from engine.run_folder import read_metrics
@@ -258,12 +258,7 @@ def test_a_damaged_sample_mid_run_stops_cleanly_naming_the_shard(grid_root: Path
         str(root),
         "--out",
         str(tmp_path / "run"),
-        "--device",
-        "cpu",
-        "--loader",
-        "torch",
-        "--workers",
-        "0",
+        *CPU_FLAGS,
         "--steps",
         "60",
         "--batch-size",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tomli_w
 import torch
-from helpers import CPU, learner_weights, run_cli_in_process, run_in_process, tiny_config
+from helpers import CPU, CPU_FLAGS, learner_weights, run_cli_in_process, run_in_process, tiny_config
 
 from engine.config import tomllib
 from engine.trainer import Trainer
@@ -274,12 +274,7 @@ def _init_run(grid_root: Path, tmp_path: Path, weights: Path):
     args = [
         "--data",
         str(grid_root),
-        "--loader",
-        "torch",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
+        *CPU_FLAGS,
         "--steps",
         "2",
         "--method",

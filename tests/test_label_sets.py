@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CPU, run_cli_in_process, run_in_process, tiny_config
+from helpers import CPU, CPU_FLAGS, run_cli_in_process, run_in_process, tiny_config
 from PIL import Image
 
 import engine.steps
@@ -85,7 +85,7 @@ def record_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[torch.Tenso
 
 def train(shards: Path, out: Path, *args: str) -> None:
     result = run_cli_in_process(
-        *("--data", str(shards), "--out", str(out), "--device", "cpu", "--loader", "torch", "--workers", "0"),
+        *("--data", str(shards), "--out", str(out), *CPU_FLAGS),
         *("--arch", "grid_cnn", "--image-size", "24", "--batch-size", str(TRAIN_IMAGES), "--eval-every", "100"),
         *args,
     )

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import CPU, checkpoint_state, tiny_config
+from helpers import CPU, CPU_FLAGS, checkpoint_state, tiny_config
 from typer.testing import CliRunner
 
 from engine.build import EngineSpec, OptimizerInPlace, build_engine
@@ -112,12 +112,7 @@ def test_moco_checkpoint_of_a_trained_resnet18_loads_every_backbone_key(
     config = config_from_flags(
         "--data",
         str(grid_root),
-        "--loader",
-        "torch",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
+        *CPU_FLAGS,
         "--out",
         str(tmp_path / "fine"),
         "--arch",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CPU, run_cli_in_process, run_in_process, run_stopped_by_sigterm
+from helpers import CPU, CPU_FLAGS, run_cli_in_process, run_in_process, run_stopped_by_sigterm
 
 from engine.checkpoint import Progress, read_checkpoint
 from engine.config import ConfigError, build_config
@@ -256,12 +256,7 @@ def test_semi_supervised_run_through_the_cli_reads_each_split_in_its_phases(semi
         "13",
         "--out",
         str(out),
-        "--device",
-        "cpu",
-        "--loader",
-        "torch",
-        "--workers",
-        "0",
+        *CPU_FLAGS,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     train = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]

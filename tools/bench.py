@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,10 +80,7 @@ def loaders(*, out: Path | None = RESULTS.option(), config: LoaderBenchConfig) -
 
     env = bench_loaders.environment()
     results = bench_loaders.run_loader_bench(config)
-    typer.echo(bench_loaders.format_table(results))
-    if out is not None:
-        bench_loaders.write_json(out, config, results, env)
-        typer.echo(f"wrote {out}")
+    _show(bench_loaders.format_table(results), out, lambda path: bench_loaders.write_json(path, config, results, env))
 
 
 @app.command("dali-gap")
@@ -102,11 +100,11 @@ def dali_gap(
     if (reason := _dali_missing()) is not None:
         raise typer.BadParameter(f"dali-gap needs NVIDIA DALI, which does not import here ({reason})")
     env = bench_loaders.environment()
-    results = bench_gap.run_dali_gap(config, tuple(part.strip() for part in rows.split(",") if part.strip()))
-    typer.echo(bench_gap.format_table(results))
-    if out is not None:
-        bench_gap.write_json(out, config, results, env)
-        typer.echo(f"wrote {out}")
+    try:
+        results = bench_gap.run_dali_gap(config, _row_parts(rows))
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--rows") from None
+    _show(bench_gap.format_table(results), out, lambda path: bench_gap.write_json(path, config, results, env))
 
 
 @app.command("torch-gap")
@@ -125,11 +123,24 @@ def torch_gap(
     from benchmarks import torch_gap as bench_gap
 
     env = bench_loaders.environment()
-    results = bench_gap.run_torch_gap(config, tuple(part.strip() for part in rows.split(",") if part.strip()))
-    typer.echo(bench_gap.format_table(results))
+    try:
+        results = bench_gap.run_torch_gap(config, _row_parts(rows))
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--rows") from None
+    _show(bench_gap.format_table(results), out, lambda path: bench_gap.write_json(path, config, results, env))
+
+
+def _show(table: str, out: Path | None, write: Callable[[Path], None]) -> None:
+    """Every subcommand's ending: the table on stdout, the JSON in ``out`` when given."""
+    typer.echo(table)
     if out is not None:
-        bench_gap.write_json(out, config, results, env)
+        write(out)
         typer.echo(f"wrote {out}")
+
+
+def _row_parts(rows: str) -> tuple[str, ...]:
+    """``--rows "a, b"`` -> ("a", "b")."""
+    return tuple(part.strip() for part in rows.split(",") if part.strip())
 
 
 def _dali_missing() -> str | None:
@@ -155,10 +166,11 @@ def convert(
     config = bench_convert.ConvertBenchConfig(num_images, large_fraction, max_side, worker_counts, repeats, seed)
     results, num_large = bench_convert.run_convert_bench(config)
     typer.echo(f"{num_images} images, {num_large} of them 800x600")
-    typer.echo(bench_convert.format_table(results))
-    if out is not None:
-        bench_convert.write_json(out, config, results, num_large)
-        typer.echo(f"wrote {out}")
+    _show(
+        bench_convert.format_table(results),
+        out,
+        lambda path: bench_convert.write_json(path, config, results, num_large),
+    )
 
 
 @app.command("engine")
@@ -181,10 +193,7 @@ def engine(
     _use_device(device)
     env = environment()
     rows = bench_engine.run_engine_bench(config)
-    typer.echo(bench_engine.format_table(rows))
-    if out is not None:
-        bench_engine.write_json(out, config, rows, env)
-        typer.echo(f"wrote {out}")
+    _show(bench_engine.format_table(rows), out, lambda path: bench_engine.write_json(path, config, rows, env))
 
 
 def _use_device(device: str) -> None:
@@ -227,10 +236,7 @@ def e2e(
     _use_device(device)
     env = environment()
     rows = bench_e2e.run_e2e_bench(config)
-    typer.echo(bench_e2e.format_table(rows))
-    if out is not None:
-        bench_e2e.write_json(out, config, rows, env)
-        typer.echo(f"wrote {out}")
+    _show(bench_e2e.format_table(rows), out, lambda path: bench_e2e.write_json(path, config, rows, env))
 
 
 if __name__ == "__main__":
