@@ -419,7 +419,7 @@ class PseudoLabelStats:
         truth = targets > 0.5 if targets is not None else torch.zeros_like(pseudo)
         batch = torch.stack(
             [
-                torch.tensor(float(z.shape[0]), device=z.device, dtype=torch.float64),
+                torch.full((), float(z.shape[0]), dtype=torch.float64, device=z.device),  # a fill, no host copy
                 size.sum().double(),
                 (size == 0).sum().double(),
                 (pseudo & truth).sum().double(),
